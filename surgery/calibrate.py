@@ -1,0 +1,60 @@
+"""Calibration statistics gathered with forward hooks, never by storing activations."""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Iterable, Iterator
+
+import torch
+from torch import nn
+
+
+class InputNorms:
+    """Running sum of squares of every input column of the chosen Linear modules, in fp32, over real tokens.
+
+    `norms()` gives ||X_j||_2 over all calibration tokens, the Wanda statistic (padding excluded).
+    """
+
+    def __init__(self, model: nn.Module, module_names: list[str]):
+        self.model = model
+        self.modules = dict(model.named_modules())
+        self.names = module_names
+        self.sumsq: dict[str, torch.Tensor] = {}
+        self.tokens = 0
+        self._mask: torch.Tensor | None = None
+
+    def _hook(self, name: str):
+        def hook(module: nn.Linear, args, _output):
+            x = args[0].detach().reshape(-1, args[0].shape[-1])
+            if self._mask is not None and self._mask.numel() == x.shape[0]:
+                x = x[self._mask]
+            sq = x.float().pow(2).sum(dim=0)
+            if name in self.sumsq:
+                self.sumsq[name] += sq
+            else:
+                self.sumsq[name] = sq
+
+        return hook
+
+    @contextlib.contextmanager
+    def attached(self) -> Iterator["InputNorms"]:
+        handles = [self.modules[n].register_forward_hook(self._hook(n)) for n in self.names]
+        try:
+            yield self
+        finally:
+            for h in handles:
+                h.remove()
+
+    @torch.no_grad()
+    def run(self, batches: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> "InputNorms":
+        device = next(self.model.parameters()).device
+        with self.attached():
+            for ids, mask in batches:
+                self._mask = mask.reshape(-1).bool().to(device)
+                self.tokens += int(self._mask.sum())
+                self.model(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False)
+        self._mask = None
+        return self
+
+    def norms(self) -> dict[str, torch.Tensor]:
+        return {n: s.sqrt().cpu() for n, s in self.sumsq.items()}

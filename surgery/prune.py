@@ -1,0 +1,184 @@
+"""Antidote (Huang et al. 2024, arXiv 2408.09600): remove the weights most important on harmful data.
+
+Score: Wanda, S_ij = |W_ij| * ||X_j||_2 over harmful calibration tokens (prompt + harmful response + EOS).
+Selection: per output row, the top `ratio` of each row by score is set to zero.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from .calibrate import InputNorms
+from .checkpoint import open_checkpoint
+from .errors import SurgeryError
+from .model import linear_targets, load_model, load_tokenizer, meta_model, resolve_device, weight_name
+from .prompts import encode_pairs, fill_responses, load_examples, pad_batches
+
+SCORES = ("wanda", "magnitude", "contrastive")
+
+
+@dataclass
+class PruneOptions:
+    ratio: float = 0.05
+    score: str = "wanda"
+    targets: list[str] | None = None
+    data: str | None = None
+    column: str | None = None
+    response_column: str | None = None
+    benign_data: str | None = None
+    max_samples: int = 128
+    max_length: int = 256
+    max_new_tokens: int = 64
+    batch_size: int = 8
+    seed: int = 0
+    device: str = "auto"
+    kernels: str = "auto"
+    allow_pickle: bool = False
+
+    def validate(self) -> None:
+        if not 0.0 < self.ratio < 1.0:
+            raise SurgeryError(f"--ratio must be between 0 and 1 (exclusive), got {self.ratio}")
+        if self.score not in SCORES:
+            raise SurgeryError(f"--score must be one of {', '.join(SCORES)}, got '{self.score}'")
+        if self.kernels not in ("auto", "torch", "triton"):
+            raise SurgeryError(f"--kernels must be auto, torch or triton, got '{self.kernels}'")
+        for name in ("max_length", "max_new_tokens", "batch_size"):
+            if getattr(self, name) <= 0:
+                raise SurgeryError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
+
+
+@dataclass
+class ModulePlan:
+    module: str
+    tensor: str
+    rows: int
+    cols: int
+    per_row: int
+
+    @property
+    def removed(self) -> int:
+        return self.rows * self.per_row
+
+
+@dataclass
+class PrunePlan:
+    modules: list[ModulePlan]
+    total_weights: int
+    estimated_peak_bytes: int
+
+    @property
+    def removed(self) -> int:
+        return sum(m.removed for m in self.modules)
+
+
+@dataclass
+class PruneReport:
+    output: Path
+    plan: PrunePlan
+    sparsity: dict[str, float] = field(default_factory=dict)
+    calibration_tokens: int = 0
+    calibration_examples: int = 0
+    seconds: dict[str, float] = field(default_factory=dict)
+
+
+def plan_prune(model_dir: str | Path, options: PruneOptions) -> PrunePlan:
+    """What a prune would touch, from the checkpoint's headers alone (nothing is loaded)."""
+    from .select import rows_to_remove
+
+    options.validate()
+    ckpt = open_checkpoint(model_dir, options.allow_pickle)
+    context = ckpt.config.get("max_position_embeddings")
+    if context and options.max_length > context:
+        raise SurgeryError(f"--max-length {options.max_length} is longer than the model's context ({context} tokens)")
+    meta = meta_model(ckpt)
+    modules = []
+    for name in linear_targets(meta, options.targets):
+        tensor = weight_name(ckpt, name)
+        rows, cols = ckpt.tensors[tensor].shape
+        modules.append(ModulePlan(name, tensor, rows, cols, rows_to_remove(cols, options.ratio)))
+    params = sum(t.numel for t in ckpt.tensors.values())
+    hidden = getattr(meta.config, "hidden_size", 0) or 0
+    inter = getattr(meta.config, "intermediate_size", 0) or 4 * hidden
+    # model in the compute dtype + the largest tensor being edited + one batch's activations (fp32).
+    activations = options.batch_size * options.max_length * (4 * hidden + 2 * inter) * 4
+    largest = max((ckpt.tensors[m.tensor].nbytes for m in modules), default=0)
+    bytes_per = 4 if resolve_device(options.device).type == "cpu" else 2
+    return PrunePlan(modules, params, params * bytes_per + 2 * largest + activations)
+
+
+def collect_norms(model, tokenizer, examples, options: PruneOptions, module_names: list[str]) -> InputNorms:
+    """Wanda's ||X_j||_2 for every target, over prompt + response tokens of `examples`."""
+    context = getattr(model.config, "max_position_embeddings", None)
+    sequences = encode_pairs(tokenizer, examples, options.max_length, context)
+    stats = InputNorms(model, module_names)
+    return stats.run(pad_batches(sequences, options.batch_size, tokenizer.pad_token_id))
+
+
+def prune_checkpoint(model_dir: str | Path, output: str | Path, options: PruneOptions, force: bool = False) -> PruneReport:
+    """Antidote pruning of a checkpoint folder into a new folder (the input is never modified)."""
+    from .select import prune_rows
+    from .writer import write_checkpoint
+
+    plan = plan_prune(model_dir, options)
+    ckpt = open_checkpoint(model_dir, options.allow_pickle)
+    torch.manual_seed(options.seed)
+    timings: dict[str, float] = {}
+    norms: dict[str, torch.Tensor] = {}
+    tokens = n_examples = 0
+    if options.score != "magnitude":
+        t0 = time.perf_counter()
+        harmful = load_examples(
+            options.data,
+            column=options.column,
+            response_column=options.response_column,
+            max_samples=options.max_samples,
+            seed=options.seed,
+        )
+        benign = None
+        if options.score == "contrastive":
+            benign = load_examples(options.benign_data, max_samples=options.max_samples, seed=options.seed, builtin="harmless")
+        device = resolve_device(options.device)
+        model = load_model(ckpt, device)
+        tokenizer = load_tokenizer(ckpt.path)
+        modules = [m.module for m in plan.modules]
+        harmful = fill_responses(model, tokenizer, harmful, options.max_new_tokens, options.batch_size)
+        timings["generate_responses"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        stats = collect_norms(model, tokenizer, harmful, options, modules)
+        norms = stats.norms()
+        tokens, n_examples = stats.tokens, len(harmful)
+        if benign is not None:
+            # Contrastive: harmful-data importance minus benign-data importance spares what the task needs.
+            benign = fill_responses(model, tokenizer, benign, options.max_new_tokens, options.batch_size)
+            benign_norms = collect_norms(model, tokenizer, benign, options, modules).norms()
+            norms = {n: norms[n] - benign_norms[n] for n in norms}
+        timings["calibrate"] = time.perf_counter() - t0
+        del model
+
+    by_tensor = {m.tensor: m for m in plan.modules}
+    sparsity: dict[str, float] = {}
+
+    def edit(name: str, weight: torch.Tensor) -> torch.Tensor:
+        if name not in by_tensor:
+            return weight
+        scale = norms.get(by_tensor[name].module)
+        pruned, _mask = prune_rows(weight, scale, options.ratio, options.kernels)
+        sparsity[by_tensor[name].module] = (pruned == 0).float().mean().item()
+        return pruned
+
+    t0 = time.perf_counter()
+    arguments = {k: v for k, v in asdict(options).items()}
+    summary = {
+        "calibration_examples": n_examples,
+        "calibration_tokens": tokens,
+        "weights_removed": plan.removed,
+        "sparsity": sparsity,
+        "note": "zeros are stored densely: the output files are the same size as the input",
+    }
+    write_checkpoint(ckpt, output, edit, method="antidote-prune", arguments=arguments, report=summary, force=force)
+    timings["write"] = time.perf_counter() - t0
+    return PruneReport(Path(output), plan, sparsity, tokens, n_examples, timings)
