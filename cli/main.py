@@ -19,7 +19,9 @@ app = typer.Typer(
     add_completion=False,
 )
 
-from . import checkpoint_commands, prune_command  # noqa: E402,F401  (register commands on `app`)
+# Each command module registers itself on `app`; one import per line.
+from . import checkpoint_commands  # noqa: E402,F401
+from . import prune_command  # noqa: E402,F401
 
 
 def main(argv: list[str] | None = None) -> None:
