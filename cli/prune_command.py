@@ -66,6 +66,8 @@ def prune_command(
     device: str = typer.Option("auto", help="cpu, cuda or auto."),
     kernels: str = typer.Option("auto", help="triton, torch or auto (triton on CUDA)."),
     allow_pickle: bool = typer.Option(False, "--allow-pickle", help="Accept .bin/.pt weights (they can run code)."),
+    stream: bool = typer.Option(None, "--stream/--no-stream", help="Calibrate one decoder layer at a time (default: when the fp32 model exceeds --memory-budget)."),
+    memory_budget: float = typer.Option(None, help="GiB for the in-memory path (default: half the machine's memory)."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Show what would be pruned and write nothing."),
     force: bool = typer.Option(False, "--force", help="Replace an existing output folder."),
 ) -> None:
@@ -75,6 +77,7 @@ def prune_command(
         response_column=response_column, benign_data=str(benign_data) if benign_data else None,
         max_samples=max_samples, max_length=max_length, max_new_tokens=max_new_tokens, batch_size=batch_size,
         seed=seed, device=device, kernels=kernels, allow_pickle=allow_pickle,
+        stream=stream, memory_budget_gb=memory_budget,
     )
     if dry_run:
         show_plan(plan_prune(model, options))
@@ -87,6 +90,6 @@ def prune_command(
     out.print(
         f"pruned {len(report.sparsity)} modules, {report.plan.removed:,} weights zeroed, calibrated on "
         f"{report.calibration_examples} examples / {report.calibration_tokens:,} tokens "
-        f"({', '.join(f'{k} {v:.1f}s' for k, v in report.seconds.items())})"
+        f"({', '.join(f'{k} {v:.1f}s' for k, v in report.seconds.items())}{', streamed layer by layer' if report.streamed else ''})"
     )
     out.print(f"wrote {report.output}; zeros are stored densely, so the files are the same size as the input")

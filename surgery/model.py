@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import fnmatch
 import logging
+import os
 import re
 import warnings
 from pathlib import Path
@@ -38,6 +39,7 @@ def compute_dtype(device: torch.device, stored: torch.dtype | None = None) -> to
 def _quiet_transformers():
     from transformers.utils import logging as hf_logging
 
+    os.environ.setdefault("TQDM_DISABLE", "1")  # the GGUF loader uses tqdm directly
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
     logging.getLogger("transformers").setLevel(logging.ERROR)

@@ -38,6 +38,8 @@ class PruneOptions:
     device: str = "auto"
     kernels: str = "auto"
     allow_pickle: bool = False
+    stream: bool | None = None  # None: stream when the fp32 model exceeds the memory budget
+    memory_budget_gb: float | None = None  # None: half the machine's memory
 
     def validate(self) -> None:
         if not 0.0 < self.ratio < 1.0:
@@ -83,6 +85,7 @@ class PruneReport:
     calibration_tokens: int = 0
     calibration_examples: int = 0
     seconds: dict[str, float] = field(default_factory=dict)
+    streamed: bool = False
 
 
 def plan_prune(model_dir: str | Path, options: PruneOptions) -> PrunePlan:
@@ -118,6 +121,20 @@ def collect_norms(model, tokenizer, examples, options: PruneOptions, module_name
     return stats.run(pad_batches(sequences, options.batch_size, tokenizer.pad_token_id))
 
 
+def should_stream(ckpt, options: PruneOptions) -> bool:
+    """Stream when asked, or (auto) when the model in fp32 would not fit the memory budget."""
+    if options.stream is not None:
+        return options.stream
+    budget = options.memory_budget_gb * 2**30 if options.memory_budget_gb else 0.5 * _physical_memory()
+    return sum(t.numel for t in ckpt.tensors.values()) * 4 > budget
+
+
+def _physical_memory() -> int:
+    import os
+
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
 def prune_checkpoint(model_dir: str | Path, output: str | Path, options: PruneOptions, force: bool = False) -> PruneReport:
     """Antidote pruning of a checkpoint folder into a new folder (the input is never modified)."""
     from .select import prune_rows
@@ -127,37 +144,44 @@ def prune_checkpoint(model_dir: str | Path, output: str | Path, options: PruneOp
     ckpt = open_checkpoint(model_dir, options.allow_pickle)
     torch.manual_seed(options.seed)
     timings: dict[str, float] = {}
-    norms: dict[str, torch.Tensor] = {}
+    modules = [m.module for m in plan.modules]
+    norm_of = None  # module name -> ||X_j||_2 (None: magnitude score)
+    order = None
     tokens = n_examples = 0
+    streamed = should_stream(ckpt, options)
     if options.score != "magnitude":
         t0 = time.perf_counter()
         harmful = load_examples(
-            options.data,
-            column=options.column,
-            response_column=options.response_column,
-            max_samples=options.max_samples,
-            seed=options.seed,
+            options.data, column=options.column, response_column=options.response_column,
+            max_samples=options.max_samples, seed=options.seed,
         )
         benign = None
         if options.score == "contrastive":
             benign = load_examples(options.benign_data, max_samples=options.max_samples, seed=options.seed, builtin="harmless")
         device = resolve_device(options.device)
-        model = load_model(ckpt, device)
         tokenizer = load_tokenizer(ckpt.path)
-        modules = [m.module for m in plan.modules]
-        harmful = fill_responses(model, tokenizer, harmful, options.max_new_tokens, options.batch_size)
-        timings["generate_responses"] = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        stats = collect_norms(model, tokenizer, harmful, options, modules)
-        norms = stats.norms()
-        tokens, n_examples = stats.tokens, len(harmful)
-        if benign is not None:
-            # Contrastive: harmful-data importance minus benign-data importance spares what the task needs.
-            benign = fill_responses(model, tokenizer, benign, options.max_new_tokens, options.batch_size)
-            benign_norms = collect_norms(model, tokenizer, benign, options, modules).norms()
-            norms = {n: norms[n] - benign_norms[n] for n in norms}
-        timings["calibrate"] = time.perf_counter() - t0
-        del model
+        if streamed:
+            sources = [_layerwise(ckpt, tokenizer, ex, options, modules, device) for ex in filter(None, (harmful, benign))]
+            order = sources[0].write_order()
+            tokens = sources[0].tokens
+            norm_of = sources[0].get if len(sources) == 1 else (lambda m: sources[0].get(m) - sources[1].get(m))
+        else:
+            model = load_model(ckpt, device)
+            harmful = fill_responses(model, tokenizer, harmful, options.max_new_tokens, options.batch_size)
+            timings["generate_responses"] = time.perf_counter() - t0
+            t0 = time.perf_counter()
+            stats = collect_norms(model, tokenizer, harmful, options, modules)
+            norms = stats.norms()
+            tokens = stats.tokens
+            if benign is not None:
+                # Contrastive: harmful-data importance minus benign-data importance spares what the task needs.
+                benign = fill_responses(model, tokenizer, benign, options.max_new_tokens, options.batch_size)
+                benign_norms = collect_norms(model, tokenizer, benign, options, modules).norms()
+                norms = {n: norms[n] - benign_norms[n] for n in norms}
+            norm_of = norms.__getitem__
+            timings["calibrate"] = time.perf_counter() - t0
+            del model
+        n_examples = len(harmful)
 
     by_tensor = {m.tensor: m for m in plan.modules}
     sparsity: dict[str, float] = {}
@@ -165,13 +189,13 @@ def prune_checkpoint(model_dir: str | Path, output: str | Path, options: PruneOp
     def edit(name: str, weight: torch.Tensor) -> torch.Tensor:
         if name not in by_tensor:
             return weight
-        scale = norms.get(by_tensor[name].module)
-        pruned, _mask = prune_rows(weight, scale, options.ratio, options.kernels)
-        sparsity[by_tensor[name].module] = (pruned == 0).float().mean().item()
+        module = by_tensor[name].module
+        pruned, _mask = prune_rows(weight, norm_of(module) if norm_of else None, options.ratio, options.kernels)
+        sparsity[module] = (pruned == 0).float().mean().item()
         return pruned
 
     t0 = time.perf_counter()
-    arguments = {k: v for k, v in asdict(options).items()}
+    arguments = dict(asdict(options), streamed=streamed)
     summary = {
         "calibration_examples": n_examples,
         "calibration_tokens": tokens,
@@ -179,6 +203,19 @@ def prune_checkpoint(model_dir: str | Path, output: str | Path, options: PruneOp
         "sparsity": sparsity,
         "note": "zeros are stored densely: the output files are the same size as the input",
     }
-    write_checkpoint(ckpt, output, edit, method="antidote-prune", arguments=arguments, report=summary, force=force)
-    timings["write"] = time.perf_counter() - t0
-    return PruneReport(Path(output), plan, sparsity, tokens, n_examples, timings)
+    write_checkpoint(ckpt, output, edit, method="antidote-prune", arguments=arguments, report=summary, force=force, order=order)
+    timings["calibrate_and_write" if streamed else "write"] = time.perf_counter() - t0
+    return PruneReport(Path(output), plan, sparsity, tokens, n_examples, timings, streamed)
+
+
+def _layerwise(ckpt, tokenizer, examples, options: PruneOptions, modules, device):
+    from .stream import LayerwiseNorms
+
+    if any(ex.response is None for ex in examples):
+        raise SurgeryError(
+            "streamed pruning calibrates on the data's own responses: give --data with a response column "
+            "(prompts alone would need the whole model in memory to generate answers), or use --no-stream"
+        )
+    context = ckpt.config.get("max_position_embeddings")
+    sequences = encode_pairs(tokenizer, examples, options.max_length, context)
+    return LayerwiseNorms(ckpt, pad_batches(sequences, options.batch_size, tokenizer.pad_token_id), modules, device)

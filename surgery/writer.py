@@ -113,8 +113,9 @@ def staged_output(output: Path, source: Path, force: bool = False) -> Iterator[P
         raise SurgeryError(f"output {output} already exists: pass --force to replace it")
     if output.exists() and not output.is_dir():
         raise SurgeryError(f"output {output} exists and is not a folder")
-    if not output.parent.is_dir():
-        raise SurgeryError(f"the parent folder of {output} does not exist")
+    if output.parent.exists() and not output.parent.is_dir():
+        raise SurgeryError(f"the parent of {output} is not a folder")
+    output.parent.mkdir(parents=True, exist_ok=True)
     tmp = output.parent / f".{output.name}.surgery-tmp-{os.getpid()}-{time.time_ns()}"
     tmp.mkdir()
     try:

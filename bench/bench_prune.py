@@ -1,0 +1,59 @@
+"""End-to-end `surgery prune` on a real checkpoint: wall time and peak resident memory.
+
+    python bench/bench_prune.py --model lab/models/base            # SmolLM2-135M-Instruct, default calibration
+    python bench/bench_prune.py --model M --extra "--score magnitude"
+
+Runs the CLI in a child process so its peak RSS (ru_maxrss) is the tool's alone, and prints one
+markdown table row per run to paste into docs/prune.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import resource
+import shlex
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+
+def checkpoint_bytes(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.glob("*.safetensors"))
+
+
+def run_prune(model: Path, extra: list[str]) -> tuple[float, int, str]:
+    out = Path(tempfile.mkdtemp(prefix="bench-prune-")) / "out"
+    cmd = [sys.executable, "-m", "cli.main", "prune", str(model), "-o", str(out), *extra]
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    wall = time.perf_counter() - t0
+    shutil.rmtree(out.parent, ignore_errors=True)
+    if proc.returncode != 0:
+        sys.exit(f"prune failed ({proc.returncode}): {proc.stderr.strip()[-500:]}")
+    peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024  # Linux reports KiB
+    return wall, peak, proc.stdout
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", type=Path, required=True, help="checkpoint folder (e.g. from `surgery import-gguf smollm2`)")
+    ap.add_argument("--extra", default="", help="extra `surgery prune` arguments, quoted")
+    args = ap.parse_args()
+    extra = shlex.split(args.extra)
+    size = checkpoint_bytes(args.model)
+    wall, peak, stdout = run_prune(args.model, extra)
+    summary = [line for line in stdout.splitlines() if line.startswith("pruned")]
+    print(summary[0] if summary else stdout[-400:])
+    print("| command | checkpoint | wall time | peak RSS | peak / checkpoint |")
+    print("|---|---|---|---|---|")
+    print(
+        f"| `surgery prune {args.model.name} {' '.join(extra)}` | {size / 2**20:.0f} MiB | {wall:.1f} s "
+        f"| {peak / 2**20:.0f} MiB | {peak / size:.2f}x |"
+    )
+
+
+if __name__ == "__main__":
+    main()

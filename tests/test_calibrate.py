@@ -1,0 +1,29 @@
+import torch
+
+from surgery.calibrate import InputNorms
+from surgery.prompts import pad_batches
+from surgery.tiny_model import tiny_llama
+
+
+def test_input_norms_equal_direct_norm_over_real_tokens():
+    model = tiny_llama()
+    name = "model.layers.1.mlp.down_proj"
+    seqs = [[5, 6, 7, 8, 9], [10, 11]]
+    stats = InputNorms(model, [name]).run(pad_batches(seqs, 2, pad_id=0))
+
+    captured = []
+    handle = dict(model.named_modules())[name].register_forward_hook(lambda m, a, o: captured.append(a[0]))
+    with torch.no_grad():
+        for seq in seqs:  # one unpadded sequence at a time: the ground truth
+            model(input_ids=torch.tensor([seq]))
+    handle.remove()
+    x = torch.cat([c.reshape(-1, c.shape[-1]) for c in captured])
+    assert stats.tokens == 7
+    torch.testing.assert_close(stats.norms()[name], x.float().norm(dim=0), rtol=1e-4, atol=1e-5)
+
+
+def test_hooks_are_removed_after_run():
+    model = tiny_llama()
+    names = ["model.layers.0.self_attn.q_proj"]
+    InputNorms(model, names).run(pad_batches([[5, 6]], 1, 0))
+    assert not dict(model.named_modules())[names[0]]._forward_hooks
