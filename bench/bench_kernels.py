@@ -94,7 +94,7 @@ def prune_kthvalue(w: torch.Tensor, scale: torch.Tensor, k: int) -> torch.Tensor
 
 def row_table(args, device: torch.device, copy_bw: float) -> list[str]:
     lines = [
-        f"| model | weight | shape | dtype | ratio | method | median time | effective GB/s | of copy BW | peak extra memory |",
+        "| model | weight | shape | dtype | ratio | method | median time | effective GB/s | of copy BW | peak extra memory |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     dtype = getattr(torch, args.dtype)
@@ -129,14 +129,13 @@ def row_table(args, device: torch.device, copy_bw: float) -> list[str]:
                         f"| {bw / 1e9:.1f} | {bw / copy_bw:.0%} | {peak_s} |"
                     )
                     print(lines[-1], flush=True)
-            del w
     return lines
 
 
 def global_table(args, device: torch.device, copy_bw: float) -> list[str]:
     n = args.global_elements
     lines = [
-        f"| scores | ratio | method | median time | effective GB/s | of copy BW | peak extra memory |",
+        "| scores | ratio | method | median time | effective GB/s | of copy BW | peak extra memory |",
         "|---|---|---|---|---|---|---|",
     ]
     scores = torch.empty(n, dtype=torch.float32, device=device)

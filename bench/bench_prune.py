@@ -3,21 +3,21 @@
     python bench/bench_prune.py --model lab/models/base            # SmolLM2-135M-Instruct, default calibration
     python bench/bench_prune.py --model M --extra "--score magnitude"
 
-Runs the CLI in a child process so its peak RSS (ru_maxrss) is the tool's alone, and prints one
+Runs the CLI in a child process (bench/child.py) so its peak RSS is the tool's alone, and prints one
 markdown table row per run to paste into docs/prune.md.
 """
 
 from __future__ import annotations
 
 import argparse
-import resource
 import shlex
 import shutil
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from child import run_cli  # noqa: E402
 
 
 def checkpoint_bytes(path: Path) -> int:
@@ -26,15 +26,10 @@ def checkpoint_bytes(path: Path) -> int:
 
 def run_prune(model: Path, extra: list[str]) -> tuple[float, int, str]:
     out = Path(tempfile.mkdtemp(prefix="bench-prune-")) / "out"
-    cmd = [sys.executable, "-m", "cli.main", "prune", str(model), "-o", str(out), *extra]
-    t0 = time.perf_counter()
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    wall = time.perf_counter() - t0
-    shutil.rmtree(out.parent, ignore_errors=True)
-    if proc.returncode != 0:
-        sys.exit(f"prune failed ({proc.returncode}): {proc.stderr.strip()[-500:]}")
-    peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024  # Linux reports KiB
-    return wall, peak, proc.stdout
+    try:
+        return run_cli(["prune", str(model), "-o", str(out), *extra])
+    finally:
+        shutil.rmtree(out.parent, ignore_errors=True)
 
 
 def main() -> None:

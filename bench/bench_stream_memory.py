@@ -4,7 +4,7 @@
 
 Each checkpoint is a Llama with hidden 1024 / intermediate 2816 and as many layers as the size needs,
 random weights (std 0.02) in fp32, sharded at 1 GB. Each prune runs in its own child process
-(`python -m cli.main prune ...`), so ru_maxrss of that child is the tool's peak alone.
+(bench/child.py), which reports its own peak RSS: the tool's alone.
 """
 
 from __future__ import annotations
@@ -12,12 +12,13 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from child import run_cli  # noqa: E402
 
 
 def make_checkpoint(folder: Path, gigabytes: float, hidden: int = 1024, inter: int = 2816, vocab: int = 32000) -> int:
@@ -73,21 +74,11 @@ def calibration_file(path: Path, n: int = 16) -> Path:
 
 
 def peak_of_prune(model: Path, data: Path, out: Path, stream: bool) -> tuple[float, float]:
-    code = (
-        "import resource, sys; from cli.main import main\n"
-        "try:\n    main(sys.argv[1:])\nexcept SystemExit as e:\n    assert not e.code, e.code\n"
-        "print('PEAK', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)\n"
-    )
     args = ["prune", str(model), "-o", str(out), "--data", str(data), "--max-length", "64", "--batch-size", "4",
             "--device", "cpu", "--stream" if stream else "--no-stream", "--force"]
-    t0 = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True)
-    wall = time.perf_counter() - t0
-    if proc.returncode != 0:
-        sys.exit(proc.stderr[-800:])
-    peak_kib = int(proc.stdout.rsplit("PEAK", 1)[1].split()[0])
+    wall, peak, _ = run_cli(args)
     shutil.rmtree(out, ignore_errors=True)
-    return peak_kib / 2**20, wall
+    return peak / 2**30, wall
 
 
 def main() -> None:

@@ -38,7 +38,7 @@ def by_layer(values: dict[str, float]) -> Table:
 def show_plan(plan: PrunePlan) -> None:
     table = Table("module", "rows", "cols", "removed/row", "removed", title="dry run: nothing is written")
     for m in plan.modules:
-        table.add_row(m.module, str(m.rows), str(m.cols), str(m.per_row), f"{m.removed:,}")
+        table.add_row(m.module, str(m.rows), str(m.cols), "-" if m.per_row is None else str(m.per_row), f"{m.removed:,}")
     out.print(table)
     out.print(
         f"{len(plan.modules)} modules, {plan.removed:,} of {plan.total_weights:,} weights would be zeroed "
@@ -53,6 +53,7 @@ def prune_command(
     output: Path = typer.Option(None, "--output", "-o", help="Folder for the pruned checkpoint."),
     ratio: float = typer.Option(0.05, help="Fraction of each row to remove (Antidote default 0.05)."),
     score: str = typer.Option("wanda", help="wanda (|W|·‖X‖ on harmful data), magnitude, or contrastive (harmful minus benign)."),
+    granularity: str = typer.Option("row", help="row (the paper: top RATIO of each output row) or matrix (top RATIO of each whole matrix)."),
     targets: str = typer.Option(None, help="Comma-separated globs of Linear modules (default: every Linear in the decoder blocks)."),
     data: Path = typer.Option(None, help="Harmful calibration data (.jsonl, .csv, .tsv or .txt); default: the built-in set."),
     column: str = typer.Option(None, help="Prompt column/field in --data."),
@@ -73,7 +74,7 @@ def prune_command(
 ) -> None:
     """Antidote: zero the weights most important on harmful data (Wanda score, top RATIO of each row)."""
     options = PruneOptions(
-        ratio=ratio, score=score, targets=split_patterns(targets), data=str(data) if data else None, column=column,
+        ratio=ratio, score=score, granularity=granularity, targets=split_patterns(targets), data=str(data) if data else None, column=column,
         response_column=response_column, benign_data=str(benign_data) if benign_data else None,
         max_samples=max_samples, max_length=max_length, max_new_tokens=max_new_tokens, batch_size=batch_size,
         seed=seed, device=device, kernels=kernels, allow_pickle=allow_pickle,

@@ -1,7 +1,8 @@
 """Antidote (Huang et al. 2024, arXiv 2408.09600): remove the weights most important on harmful data.
 
 Score: Wanda, S_ij = |W_ij| * ||X_j||_2 over harmful calibration tokens (prompt + harmful response + EOS).
-Selection: per output row, the top `ratio` of each row by score is set to zero.
+Selection: per output row, the top `ratio` of each row by score is set to zero (the paper's rule;
+`granularity="matrix"` instead takes the top `ratio` of each whole matrix, an option beyond the paper).
 """
 
 from __future__ import annotations
@@ -19,12 +20,14 @@ from .model import linear_targets, load_model, load_tokenizer, meta_model, resol
 from .prompts import encode_pairs, fill_responses, load_examples, pad_batches
 
 SCORES = ("wanda", "magnitude", "contrastive")
+GRANULARITIES = ("row", "matrix")
 
 
 @dataclass
 class PruneOptions:
     ratio: float = 0.05
     score: str = "wanda"
+    granularity: str = "row"
     targets: list[str] | None = None
     data: str | None = None
     column: str | None = None
@@ -46,6 +49,8 @@ class PruneOptions:
             raise SurgeryError(f"--ratio must be between 0 and 1 (exclusive), got {self.ratio}")
         if self.score not in SCORES:
             raise SurgeryError(f"--score must be one of {', '.join(SCORES)}, got '{self.score}'")
+        if self.granularity not in GRANULARITIES:
+            raise SurgeryError(f"--granularity must be one of {', '.join(GRANULARITIES)}, got '{self.granularity}'")
         if self.kernels not in ("auto", "torch", "triton"):
             raise SurgeryError(f"--kernels must be auto, torch or triton, got '{self.kernels}'")
         for name in ("max_length", "max_new_tokens", "batch_size"):
@@ -59,11 +64,8 @@ class ModulePlan:
     tensor: str
     rows: int
     cols: int
-    per_row: int
-
-    @property
-    def removed(self) -> int:
-        return self.rows * self.per_row
+    per_row: int | None  # weights removed from every row (None: matrix granularity, rows differ)
+    removed: int
 
 
 @dataclass
@@ -102,7 +104,11 @@ def plan_prune(model_dir: str | Path, options: PruneOptions) -> PrunePlan:
     for name in linear_targets(meta, options.targets):
         tensor = weight_name(ckpt, name)
         rows, cols = ckpt.tensors[tensor].shape
-        modules.append(ModulePlan(name, tensor, rows, cols, rows_to_remove(cols, options.ratio)))
+        if options.granularity == "row":
+            k = rows_to_remove(cols, options.ratio)
+            modules.append(ModulePlan(name, tensor, rows, cols, k, rows * k))
+        else:
+            modules.append(ModulePlan(name, tensor, rows, cols, None, rows_to_remove(rows * cols, options.ratio)))
     params = sum(t.numel for t in ckpt.tensors.values())
     hidden = getattr(meta.config, "hidden_size", 0) or 0
     inter = getattr(meta.config, "intermediate_size", 0) or 4 * hidden
@@ -137,7 +143,7 @@ def _physical_memory() -> int:
 
 def prune_checkpoint(model_dir: str | Path, output: str | Path, options: PruneOptions, force: bool = False) -> PruneReport:
     """Antidote pruning of a checkpoint folder into a new folder (the input is never modified)."""
-    from .select import prune_rows
+    from .select import prune_matrix, prune_rows
     from .writer import write_checkpoint
 
     plan = plan_prune(model_dir, options)
@@ -149,6 +155,10 @@ def prune_checkpoint(model_dir: str | Path, output: str | Path, options: PruneOp
     order = None
     tokens = n_examples = 0
     streamed = should_stream(ckpt, options)
+    if streamed:
+        from .stream import return_freed_memory
+
+        return_freed_memory()  # otherwise the heap grows with the number of layers streamed
     if options.score != "magnitude":
         t0 = time.perf_counter()
         harmful = load_examples(
@@ -190,7 +200,8 @@ def prune_checkpoint(model_dir: str | Path, output: str | Path, options: PruneOp
         if name not in by_tensor:
             return weight
         module = by_tensor[name].module
-        pruned, _mask = prune_rows(weight, norm_of(module) if norm_of else None, options.ratio, options.kernels)
+        prune = prune_rows if options.granularity == "row" else prune_matrix
+        pruned, _mask = prune(weight, norm_of(module) if norm_of else None, options.ratio, options.kernels)
         sparsity[module] = (pruned == 0).float().mean().item()
         return pruned
 

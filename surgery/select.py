@@ -153,6 +153,21 @@ def prune_rows(
     return new, mask
 
 
+def prune_matrix(
+    weight: torch.Tensor, col_scale: torch.Tensor | None, ratio: float, kernels: str = "auto"
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Like `prune_rows`, but the top k = floor(numel * ratio) scores of the whole matrix are zeroed.
+
+    The threshold is `global_threshold` (the radix-select kernel on CUDA); ties by lowest flat index.
+    """
+    if weight.dim() != 2:
+        raise ValueError(f"prune_matrix expects a 2-D weight, got shape {tuple(weight.shape)}")
+    scores = _wanda_scores(weight, _column_scale(col_scale, weight))
+    mask = select_global(scores, ratio, kernels)
+    del scores
+    return weight.masked_fill(mask, 0), mask
+
+
 # ---- global selection ------------------------------------------------------------------------------
 
 

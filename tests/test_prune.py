@@ -121,3 +121,15 @@ def test_ratio_outside_unit_interval_refused(tiny_ckpt, tmp_path, ratio):
     with pytest.raises(SurgeryError, match="--ratio must be between 0 and 1"):
         prune_checkpoint(tiny_ckpt, tmp_path / "out", opts(ratio=ratio))
     assert not (tmp_path / "out").exists()
+
+
+def test_matrix_granularity_removes_ratio_of_each_matrix(tiny_ckpt, tmp_path, harmful_file):
+    report = prune_checkpoint(tiny_ckpt, tmp_path / "out", opts(data=str(harmful_file), granularity="matrix"))
+    old, new = tensors(tiny_ckpt), tensors(tmp_path / "out")
+    for m in report.plan.modules:
+        w = old[m.tensor]
+        assert m.per_row is None and m.removed == rows_to_remove(w.numel(), 0.25)
+        assert int((new[m.tensor] != w).sum()) == m.removed, m.module
+    # rows lose different counts: the selection is not per row
+    down = new["model.layers.1.mlp.down_proj.weight"] == 0
+    assert len(set(down.sum(dim=1).tolist())) > 1

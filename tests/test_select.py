@@ -10,6 +10,7 @@ from surgery.select import (
     global_threshold,
     key_to_float,
     order_keys,
+    prune_matrix,
     prune_rows,
     rows_to_remove,
     select_global,
@@ -202,3 +203,15 @@ def test_global_threshold_beyond_int32_elements():
     assert (t, n_eq) == (2.0, 2)
     t, n_eq = global_threshold(scores, 0.75)
     assert t == 0.0 and n_eq == rows_to_remove(n, 0.75) - 5
+
+
+def test_prune_matrix_removes_exact_share_of_whole_matrix():
+    gen = torch.Generator().manual_seed(3)
+    weight = torch.randn(12, 20, generator=gen)
+    norms = torch.rand(20, generator=gen) + 0.1
+    pruned, mask = prune_matrix(weight, norms, 0.3, kernels="torch")
+    assert int(mask.sum()) == rows_to_remove(240, 0.3) == 72
+    scores = weight.abs() * norms
+    # every zeroed weight scores at least as high as every kept one, and only zeroed weights changed
+    assert scores[mask].min() >= scores[~mask].max()
+    assert torch.equal(pruned[~mask], weight[~mask]) and bool((pruned[mask] == 0).all())
