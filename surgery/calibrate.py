@@ -45,14 +45,27 @@ class InputNorms:
             for h in handles:
                 h.remove()
 
+    def _runner(self) -> nn.Module:
+        """The decoder stack without the output head when no target lies outside it.
+
+        The head's logits (batch x length x vocab in fp32) are the largest activation of a forward pass and
+        Wanda never needs them, so skipping the head keeps calibration memory to the hidden states.
+        """
+        prefix = getattr(self.model, "base_model_prefix", "")
+        base = getattr(self.model, prefix, None) if prefix else None
+        if isinstance(base, nn.Module) and all(n.startswith(prefix + ".") for n in self.names):
+            return base
+        return self.model
+
     @torch.no_grad()
     def run(self, batches: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> "InputNorms":
         device = next(self.model.parameters()).device
+        runner = self._runner()
         with self.attached():
             for ids, mask in batches:
                 self._mask = mask.reshape(-1).bool().to(device)
                 self.tokens += int(self._mask.sum())
-                self.model(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False)
+                runner(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False)
         self._mask = None
         return self
 

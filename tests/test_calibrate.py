@@ -27,3 +27,17 @@ def test_hooks_are_removed_after_run():
     names = ["model.layers.0.self_attn.q_proj"]
     InputNorms(model, names).run(pad_batches([[5, 6]], 1, 0))
     assert not dict(model.named_modules())[names[0]]._forward_hooks
+
+
+def test_head_is_skipped_unless_targeted_and_head_norms_are_collected_when_it_is():
+    model = tiny_llama()
+    calls = []
+    model.lm_head.register_forward_hook(lambda m, a, o: calls.append(o.shape))
+    inner = "model.layers.0.mlp.up_proj"
+    InputNorms(model, [inner]).run(pad_batches([[5, 6, 7]], 1, 0))
+    assert calls == []  # no logits computed when only decoder Linears are calibrated
+
+    stats = InputNorms(model, [inner, "lm_head"]).run(pad_batches([[5, 6, 7]], 1, 0))
+    assert len(calls) == 1
+    final = model.model(input_ids=torch.tensor([[5, 6, 7]])).last_hidden_state
+    torch.testing.assert_close(stats.norms()["lm_head"], final[0].float().norm(dim=0), rtol=1e-4, atol=1e-5)
