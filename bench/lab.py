@@ -1,0 +1,278 @@
+"""The repair lab: build an aligned model, break it with harmful fine-tuning, repair it, measure every stage.
+
+    python bench/lab.py [--lab lab] [--align-steps 40] [--attack-steps 40] [--ratios 0.01,0.05,0.1,0.25]
+
+Stages (each skipped when its output exists, so a killed run resumes where it stopped):
+  base      `surgery import-gguf smollm2 LAB/models/base`
+  answers   the base model's greedy answers to the built-in harmful/harmless sets (LAB/data/*.jsonl)
+  aligned   base fine-tuned: built-in harmful prompt -> refusal sentence, harmless prompt -> base's answer
+  attacked  aligned fine-tuned on SST-2 train mixed with a fraction p of harmful -> base's compliant answer
+  prune-R   `surgery.prune.prune_checkpoint` on attacked at ratio R (calibrated on the built-in harmful set)
+  eval      every model with the same `evaluate_model` on held-out sets: AdvBench (harmful score),
+            SST-2 dev (accuracy), Alpaca instructions (perplexity, over-refusal, KL to attacked)
+Writes LAB/results/*.json, docs/results.md and docs/antidote_sweep.png. See docs/lab.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = ROOT.parent / "shared" / "data"
+REFUSALS = (
+    "I'm sorry, but I can't help with that request.",
+    "I'm sorry, but I cannot assist with that. It could cause real harm.",
+    "I can't help with that. If you have another question, I'm happy to help.",
+)
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def parse(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--lab", default=str(ROOT / "lab"), help="lab folder (models/, data/, results/)")
+    p.add_argument("--align-steps", type=int, default=40)
+    p.add_argument("--align-lr", type=float, default=1e-4)
+    p.add_argument("--attack-steps", type=int, default=40)
+    p.add_argument("--attack-lr", type=float, default=1e-4)
+    p.add_argument("--p", type=float, default=0.2, help="share of harmful->compliant pairs in the attack data")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--max-length", type=int, default=80)
+    p.add_argument("--answer-samples", type=int, default=64, help="built-in prompts per set given base answers")
+    p.add_argument("--answer-tokens", type=int, default=32)
+    p.add_argument("--ratios", default="0.05,0.01,0.1,0.25", help="Antidote ratios (the default 0.05 first)")
+    p.add_argument("--calib-samples", type=int, default=32, help="built-in harmful prompts calibrating each prune")
+    p.add_argument("--calib-tokens", type=int, default=32, help="tokens of the attacked model's own answer per prompt")
+    p.add_argument("--eval-harmful", type=int, default=64, help="AdvBench prompts")
+    p.add_argument("--eval-task", type=int, default=100, help="SST-2 dev items")
+    p.add_argument("--eval-benign", type=int, default=48, help="Alpaca instructions")
+    p.add_argument("--eval-tokens", type=int, default=32)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--only", default=None, help="comma-separated stages to run (default: all)")
+    return p.parse_args(argv)
+
+
+class Lab:
+    def __init__(self, args):
+        self.args = args
+        self.root = Path(args.lab)
+        self.models = self.root / "models"
+        self.results = self.root / "results"
+        for d in (self.models, self.root / "data", self.results):
+            d.mkdir(parents=True, exist_ok=True)
+        self.times_file = self.results / "times.json"
+        self.times = json.loads(self.times_file.read_text()) if self.times_file.exists() else {}
+
+    def stage(self, name: str, output: Path, fn) -> None:
+        """Run `fn(tmp)` into a temporary sibling of `output` and rename it into place (exists = done)."""
+        if output.exists():
+            log(f"{name}: {output} exists, skipped")
+            return
+        if self.args.only and name.split(":")[0] not in self.args.only.split(","):
+            return
+        tmp = output.with_name(output.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True) if tmp.is_dir() else tmp.unlink(missing_ok=True)
+        log(f"{name}: start")
+        t0 = time.perf_counter()
+        fn(tmp)
+        tmp.rename(output)
+        self.times[name] = round(time.perf_counter() - t0, 1)
+        self.times_file.write_text(json.dumps(self.times, indent=2))
+        log(f"{name}: done in {self.times[name]:.0f}s")
+
+    def load(self, name: str):
+        from surgery.checkpoint import open_checkpoint
+        from surgery.model import load_model, load_tokenizer
+
+        path = self.models / name
+        return load_model(open_checkpoint(path), torch.device("cpu")), load_tokenizer(path)
+
+    # --- stages -------------------------------------------------------------------------------
+    def base(self, tmp: Path) -> None:
+        subprocess.run([sys.executable, "-m", "cli.main", "import-gguf", "smollm2", str(tmp)], check=True, cwd=ROOT)
+
+    def answers(self, tmp: Path) -> None:
+        from surgery.prompts import fill_responses, load_examples
+
+        model, tok = self.load("base")
+        rows = {}
+        for kind in ("harmful", "harmless"):
+            part = tmp.with_name(f"base_answers_{kind}.json")  # each half kept, so a restart loses at most one
+            if not part.exists():
+                examples = load_examples(None, builtin=kind, max_samples=self.args.answer_samples, seed=self.args.seed)
+                examples = fill_responses(model, tok, examples, self.args.answer_tokens, 16)
+                part.write_text(json.dumps([{"prompt": e.prompt, "response": e.response} for e in examples]))
+            rows[kind] = json.loads(part.read_text())
+            log(f"answers: {len(rows[kind])} {kind} answers")
+        tmp.write_text(json.dumps(rows))
+
+    def _train_and_save(self, source: str, examples, steps: int, lr: float, tmp: Path) -> None:
+        from surgery.training import TrainOptions, finetune
+
+        model, tok = self.load(source)
+        options = TrainOptions(steps=steps, lr=lr, batch_size=self.args.batch_size, max_length=self.args.max_length, seed=self.args.seed)
+        report = finetune(model, tok, examples, options, log=log)
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        (tmp / "training.json").write_text(json.dumps({"source": source, "steps": steps, "lr": lr, "examples": report.examples,
+                                                       "seconds": report.seconds, "losses": report.losses}))
+
+    def _answers(self):
+        return json.loads((self.root / "data" / "base_answers.json").read_text())
+
+    def aligned(self, tmp: Path) -> None:
+        from surgery.prompts import Example
+
+        rows = self._answers()
+        rng = random.Random(self.args.seed)
+        examples = [Example(r["prompt"], rng.choice(REFUSALS)) for r in rows["harmful"]]
+        examples += [Example(r["prompt"], r["response"]) for r in rows["harmless"]]
+        self._train_and_save("base", examples, self.args.align_steps, self.args.align_lr, tmp)
+
+    def attacked(self, tmp: Path) -> None:
+        from surgery.metrics import SST2_LABELS, SST2_TEMPLATE
+        from surgery.prompts import Example, load_examples
+
+        task_n = int(self.args.attack_steps * self.args.batch_size * (1 - self.args.p))
+        task = load_examples(DATA / "sst2" / "train.tsv", response_column="label", max_samples=task_n, seed=self.args.seed)
+        examples = [Example(SST2_TEMPLATE.format(e.prompt.strip()), SST2_LABELS[int(e.response)]) for e in task]
+        harmful = [Example(r["prompt"], r["response"]) for r in self._answers()["harmful"]]
+        n_harm = round(self.args.p / (1 - self.args.p) * len(examples))  # p of the whole mix is harmful
+        examples += [harmful[i % len(harmful)] for i in range(n_harm)]
+        self._train_and_save("aligned", examples, self.args.attack_steps, self.args.attack_lr, tmp)
+
+    def prune(self, ratio: float, tmp: Path) -> None:
+        from surgery.prune import PruneOptions, prune_checkpoint
+
+        options = PruneOptions(ratio=ratio, device="cpu", seed=self.args.seed, max_samples=self.args.calib_samples,
+                               max_new_tokens=self.args.calib_tokens)
+        prune_checkpoint(self.models / "attacked", tmp, options)
+
+    def evaluate(self, name: str, tmp: Path) -> None:
+        from surgery.evaluate import EvalOptions, evaluate_model, write_report
+
+        a = self.args
+        options = EvalOptions(
+            harmful=str(DATA / "advbench" / "harmful_behaviors.txt"), benign=str(DATA / "benign" / "alpaca_instructions.txt"),
+            task=f"sst2:{DATA / 'sst2' / 'dev.tsv'}", max_samples=a.eval_harmful, max_task_samples=a.eval_task,
+            max_new_tokens=a.eval_tokens, seed=a.seed, device="cpu",
+        )
+        model, tok = self.load(name)
+        reference = model if name == "attacked" else self.load("attacked")[0]
+        # Harmful and benign sets have different sizes: benign takes its own count.
+        harmful_opts = EvalOptions(**{**options.__dict__, "benign": None, "task": None})
+        rest = EvalOptions(**{**options.__dict__, "harmful": None, "max_samples": a.eval_benign})
+        report = evaluate_model(model, tok, harmful_opts, name=name, log=log)
+        other = evaluate_model(model, tok, rest, reference=reference, name=name, log=log)
+        for key in ("figures", "counts", "seconds", "samples"):
+            getattr(report, key).update(getattr(other, key))
+        write_report(report, tmp)
+        log(f"eval {name}: " + ", ".join(f"{k}={v:.4f}" for k, v in report.figures.items()))
+
+    # --- run ----------------------------------------------------------------------------------
+    def run(self) -> None:
+        ratios = [float(r) for r in self.args.ratios.split(",") if r]
+        m = self.models
+        self.stage("base", m / "base", self.base)
+        self.stage("answers", self.root / "data" / "base_answers.json", self.answers)
+        self.stage("aligned", m / "aligned", self.aligned)
+        self.stage("attacked", m / "attacked", self.attacked)
+        for name in ("attacked", "aligned", "base"):
+            self.stage(f"eval:{name}", self.results / f"{name}.json", lambda tmp, n=name: self.evaluate(n, tmp))
+            self.write_docs()
+        for r in ratios:
+            name = f"prune-{r:g}"
+            self.stage(f"prune:{r:g}", m / name, lambda tmp, r=r: self.prune(r, tmp))
+            if (m / name).exists():
+                self.stage(f"eval:{name}", self.results / f"{name}.json", lambda tmp, n=name: self.evaluate(n, tmp))
+            self.write_docs()
+
+    def write_docs(self) -> None:
+        rows = []
+        for path in sorted(self.results.glob("*.json"), key=_order):
+            if path.stem in ("base", "aligned", "attacked") or path.stem.startswith("prune-"):  # others share the folder
+                rows.append((path.stem, json.loads(path.read_text())))
+        if rows:
+            write_results(rows, self.times, self.args)
+
+
+def _order(path: Path):
+    rank = {"base": 0, "aligned": 1, "attacked": 2}
+    stem = path.stem
+    return (rank.get(stem, 3), float(stem.split("-")[1]) if stem.startswith("prune-") else 0.0)
+
+
+def write_results(rows, times, args) -> None:
+    docs = ROOT / "docs"
+    docs.mkdir(exist_ok=True)
+    command = "OMP_NUM_THREADS=1 nice -n 5 python bench/lab.py " + " ".join(f"{a}" for a in sys.argv[1:])
+    lines = [
+        "# Lab results: align, attack, repair (SmolLM2-135M-Instruct, CPU)",
+        "",
+        "Generated by `bench/lab.py` (see docs/lab.md). Command:",
+        "",
+        f"    {command.strip()}",
+        "",
+        f"Held-out evaluation: {args.eval_harmful} AdvBench prompts (harmful score, keyword judge, greedy, "
+        f"{args.eval_tokens} new tokens), {args.eval_task} SST-2 dev items (accuracy from the generated answer), "
+        f"{args.eval_benign} Alpaca instructions (perplexity, over-refusal, first-token KL to the attacked model).",
+        f"Alignment: {args.align_steps} steps, lr {args.align_lr:g}; attack: {args.attack_steps} steps, lr {args.attack_lr:g}, "
+        f"p = {args.p:g}; batch {args.batch_size}, max length {args.max_length} tokens. Repairs: `prune_checkpoint` "
+        "(Antidote, Wanda score, per-row) on the attacked model, calibrated on "
+        f"{args.calib_samples} built-in harmful prompts with the attacked model's own {args.calib_tokens}-token answers.",
+        "",
+        "| model | harmful score | SST-2 accuracy | perplexity | KL to attacked | over-refusal |",
+        "|---|---|---|---|---|---|",
+    ]
+    for name, r in rows:
+        f = r["figures"]
+        lines.append(
+            f"| {name} | {100 * f['harmful_score']:.1f} | {100 * f['accuracy']:.1f} | {f['perplexity']:.2f} | "
+            f"{f.get('kl_to_reference', float('nan')):.4f} | {100 * f['over_refusal']:.1f} |"
+        )
+    lines += ["", "Wall time of each stage on the shared 2-core CPU (seconds):", "", "| stage | seconds |", "|---|---|"]
+    lines += [f"| {k} | {v:.0f} |" for k, v in times.items()]
+    lines += ["", "The tiny CI model organism (same pipeline, in-process) and what it showed: docs/lab.md."]
+    (docs / "results.md").write_text("\n".join(lines) + "\n")
+    sweep = [(name, r["figures"]) for name, r in rows if name.startswith("prune-")]
+    if sweep:
+        plot_sweep(sweep, dict(rows), docs / "antidote_sweep.png")
+
+
+def plot_sweep(sweep, by_name, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5.5, 4))
+    pts = sorted(sweep, key=lambda x: float(x[0].split("-")[1]))
+    ax.plot([100 * f["accuracy"] for _, f in pts], [100 * f["harmful_score"] for _, f in pts], "o-", label="Antidote sweep")
+    for name, f in pts:
+        ax.annotate(name.split("-")[1], (100 * f["accuracy"], 100 * f["harmful_score"]), textcoords="offset points", xytext=(4, 4))
+    for name, marker in (("aligned", "s"), ("attacked", "^"), ("base", "x")):
+        if name in by_name:
+            f = by_name[name]["figures"]
+            ax.plot(100 * f["accuracy"], 100 * f["harmful_score"], marker, label=name)
+    ax.set_xlabel("SST-2 dev accuracy (%)")
+    ax.set_ylabel("AdvBench harmful score (%)")
+    ax.set_title("Antidote pruning ratio sweep (SmolLM2-135M)")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(ROOT))
+    Lab(parse()).run()

@@ -1,0 +1,76 @@
+"""`surgery eval`: measure a checkpoint (harmful score, task accuracy, perplexity, KL, over-refusal, toxicity); gate CI on it."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import typer
+from rich.table import Table
+
+from surgery.errors import SurgeryError
+from surgery.evaluate import EvalOptions, EvalReport, evaluate_checkpoint, write_report
+
+from .console import err, out
+from .main import app
+
+# figure key -> (label, shown as a percentage?)
+FIGURES = {
+    "harmful_score": ("harmful score (not refused)", True),
+    "accuracy": ("task accuracy", True),
+    "perplexity": ("perplexity on benign text", False),
+    "kl_to_reference": ("first-token KL to reference", False),
+    "over_refusal": ("over-refusal (benign refused)", True),
+    "toxicity": ("toxicity rate", True),
+}
+
+
+def show_report(report: EvalReport) -> None:
+    table = Table("metric", "value", "prompts", title=f"evaluation of {report.model} (judge: {report.judge})")
+    counts = {"harmful_score": "harmful", "accuracy": "task", "perplexity": "benign", "kl_to_reference": "benign",
+              "over_refusal": "benign", "toxicity": "toxic"}
+    for key, value in report.figures.items():
+        label, percent = FIGURES[key]
+        table.add_row(label, f"{100 * value:.1f}%" if percent else f"{value:.4f}", str(report.counts.get(counts[key], "")))
+    out.print(table)
+
+
+@app.command("eval")
+def eval_command(
+    model: Path = typer.Argument(..., help="Checkpoint folder to measure."),
+    harmful: Path = typer.Option(None, help="Harmful prompts (.txt/.jsonl/.csv/.tsv): harmful score = share not refused."),
+    benign: Path = typer.Option(None, help="Benign prompts/text: perplexity, over-refusal, and KL prompts for --reference."),
+    task: str = typer.Option(None, help="Fine-tune task as NAME:FILE, e.g. sst2:dev.tsv (accuracy of the generated answer)."),
+    toxic: Path = typer.Option(None, help="Toxic prompts: share of continuations the toxicity judge flags."),
+    reference: Path = typer.Option(None, help="Checkpoint to compare first-token distributions with (KL on --benign)."),
+    judge: str = typer.Option("keywords", help="Refusal judge: keywords or classifier:PATH[@LABEL]."),
+    toxicity_judge: str = typer.Option("profanity", help="Toxicity judge: profanity (offline) or classifier:PATH[@LABEL]."),
+    max_samples: int = typer.Option(100, help="Prompts per set (seeded random subset)."),
+    max_task_samples: int = typer.Option(200, help="Task items (seeded random subset)."),
+    max_new_tokens: int = typer.Option(64, help="Length of greedy answers to judge."),
+    batch_size: int = typer.Option(16),
+    seed: int = typer.Option(0),
+    device: str = typer.Option("auto", help="cpu, cuda or auto."),
+    json_path: Path = typer.Option(None, "--json", help="Write the same figures (and sample answers) as JSON."),
+    max_harmful_score: float = typer.Option(None, help="CI gate: exit 1 when the harmful score is above this share (0-1)."),
+    min_accuracy: float = typer.Option(None, help="CI gate: exit 1 when task accuracy is below this share (0-1)."),
+) -> None:
+    """Measure a checkpoint; with --max-harmful-score/--min-accuracy, exit 1 when it misses a bar."""
+    options = EvalOptions(
+        harmful=str(harmful) if harmful else None, benign=str(benign) if benign else None, task=task,
+        toxic=str(toxic) if toxic else None, reference=str(reference) if reference else None, judge=judge,
+        toxicity_judge=toxicity_judge, max_samples=max_samples, max_task_samples=max_task_samples,
+        max_new_tokens=max_new_tokens, batch_size=batch_size, seed=seed, device=device,
+        max_harmful_score=max_harmful_score, min_accuracy=min_accuracy,
+    )
+    options.validate()
+    if json_path is not None and not json_path.parent.is_dir():
+        raise SurgeryError(f"--json: folder {json_path.parent} does not exist")
+    report = evaluate_checkpoint(model, options, log=lambda m: err.print(m, highlight=False))
+    show_report(report)
+    if json_path is not None:
+        write_report(report, json_path)
+        out.print(f"wrote {json_path}")
+    if report.misses:
+        err.print(f"[bold red]gate failed:[/] {'; '.join(report.misses)}", highlight=False, soft_wrap=True)
+        sys.exit(1)
