@@ -1,0 +1,208 @@
+"""Direction ablation (Arditi et al. 2024, "Refusal in language models is mediated by a single direction").
+
+r = mean(h_harmful) - mean(h_harmless) at the last prompt token (chat template + generation prompt) of
+one layer's residual stream, normalised. Every matrix that writes to the residual stream is then
+orthogonalised against r: W <- W - scale * r (r^T W) for o_proj and down_proj ([hidden, in]); with
+--include-embeddings also the token embedding ([vocab, hidden]): E <- E - scale * (E r) r^T.
+After the edit (scale 1) no block can write along r, so the model cannot represent "refuse".
+
+--reverse scales the component along r instead: W <- W + scale * r (r^T W), i.e. whatever the blocks
+write along r is multiplied by (1 + scale). This strengthens a refusal direction that is still written
+weakly; it cannot create one that the fine-tuning has removed entirely (activation addition, which adds
+a constant r, would need a bias the llama family does not have).
+
+--layer auto: the prompts are split (seeded) into fit and held-out halves; r is fit per candidate layer
+and the layer whose projection r^T h best separates held-out harmful from harmless prompts (ROC AUC,
+ties broken by the larger standardised mean gap) is taken. Candidates are layers 1 .. 0.8 * L, as
+Arditi et al. exclude the layers next to the unembedding.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .checkpoint import open_checkpoint
+from .errors import SurgeryError
+from .model import load_model, load_tokenizer, resolve_device
+from .prompts import load_examples
+
+WRITERS = re.compile(r"(^|\.)(layers|h|blocks|block)\.\d+\.(self_attn\.o_proj|mlp\.down_proj)\.weight$")
+EMBEDDING = re.compile(r"(^|\.)embed_tokens\.weight$")
+
+
+@dataclass
+class AblateOptions:
+    harmful: str | None = None  # None: the built-in harmful set
+    harmless: str | None = None  # None: the built-in harmless set
+    column: str | None = None
+    layer: str = "auto"
+    scale: float = 1.0
+    reverse: bool = False
+    include_embeddings: bool = False
+    max_samples: int = 64  # per set
+    held_out: float = 0.5  # share of prompts kept aside to choose the layer (--layer auto)
+    max_length: int = 256
+    batch_size: int = 8
+    seed: int = 0
+    device: str = "auto"
+
+    def validate(self) -> None:
+        if not (self.scale >= 0 and np.isfinite(self.scale)):
+            raise SurgeryError(f"--scale must be zero or more (use --reverse to add), got {self.scale}")
+        if self.layer != "auto":
+            try:
+                int(self.layer)
+            except ValueError:
+                raise SurgeryError(f"--layer must be a layer index or 'auto', got '{self.layer}'")
+        if not 0.0 < self.held_out < 1.0:
+            raise SurgeryError(f"--held-out must be between 0 and 1 (exclusive), got {self.held_out}")
+        for name in ("max_samples", "max_length", "batch_size"):
+            if getattr(self, name) <= 0:
+                raise SurgeryError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
+        for name in ("harmful", "harmless"):
+            value = getattr(self, name)
+            if value is not None and not Path(value).is_file():
+                raise SurgeryError(f"--{name} {value} does not exist")
+
+
+@dataclass
+class AblateReport:
+    output: Path | None
+    layer: int
+    direction: torch.Tensor
+    layer_scores: dict[int, dict[str, float]] = field(default_factory=dict)  # layer -> held-out auc / gap
+    edited: list[str] = field(default_factory=list)
+
+
+def auc(pos: torch.Tensor, neg: torch.Tensor) -> float:
+    """ROC AUC of scores (P[pos > neg], ties count half)."""
+    diff = pos.reshape(-1, 1) - neg.reshape(1, -1)
+    return float(((diff > 0).float() + 0.5 * (diff == 0).float()).mean())
+
+
+def standardised_gap(pos: torch.Tensor, neg: torch.Tensor) -> float:
+    pooled = ((pos.var(unbiased=False) + neg.var(unbiased=False)) / 2).sqrt().clamp(min=1e-12)
+    return float((pos.mean() - neg.mean()) / pooled)
+
+
+def difference_of_means(harmful: torch.Tensor, harmless: torch.Tensor) -> torch.Tensor:
+    """r = mean(h_harmful) - mean(h_harmless), normalised (fp32)."""
+    r = harmful.float().mean(0) - harmless.float().mean(0)
+    norm = r.norm()
+    if norm == 0 or not torch.isfinite(norm):
+        raise SurgeryError("harmful and harmless prompts give the same mean hidden state: no direction to ablate")
+    return r / norm
+
+
+def choose_layer(harmful: dict[int, torch.Tensor], harmless: dict[int, torch.Tensor], held_out: float, seed: int):
+    """The candidate layer whose fit-half direction best separates the held-out half (see the module docstring)."""
+    from probes.train import split_indices
+
+    labels = np.array([1] * len(next(iter(harmful.values()))) + [0] * len(next(iter(harmless.values()))))
+    fit, test = split_indices(labels, held_out, seed)
+    scores: dict[int, dict[str, float]] = {}
+    for layer in harmful:
+        h = torch.cat([harmful[layer], harmless[layer]])
+        r = difference_of_means(h[fit][labels[fit] == 1], h[fit][labels[fit] == 0])
+        proj = h[test] @ r
+        pos, neg = proj[labels[test] == 1], proj[labels[test] == 0]
+        scores[layer] = {"auc": auc(pos, neg), "gap": standardised_gap(pos, neg)}
+    best = max(scores, key=lambda k: (round(scores[k]["auc"], 6), scores[k]["gap"]))
+    return best, scores
+
+
+def candidate_layers(num_layers: int) -> list[int]:
+    return list(range(1, max(2, int(0.8 * num_layers) + 1)))
+
+
+def orthogonalise(weight: torch.Tensor, r: torch.Tensor, scale: float, embedding: bool = False) -> torch.Tensor:
+    """W - scale * r (r^T W) for [hidden, in] writers, E - scale * (E r) r^T for [vocab, hidden] embeddings (fp32, cast back)."""
+    w = weight.float()
+    if embedding:
+        new = w - scale * torch.outer(w @ r, r)
+    else:
+        new = w - scale * torch.outer(r, r @ w)
+    return new.to(weight.dtype)
+
+
+def last_token_states(model, tokenizer, prompts: list[str], layers: list[int], options: AblateOptions) -> dict[int, torch.Tensor]:
+    """Residual stream at the last prompt token (chat template with the generation prompt)."""
+    from probes.collect import encode_texts, pooled_hidden_states, render
+    from .prompts import Example
+
+    texts = render(tokenizer, [Example(p) for p in prompts], chat=True, generation_prompt=True)
+    seqs = encode_texts(tokenizer, texts, options.max_length, chat=True)
+    return pooled_hidden_states(model, seqs, layers, "last", options.batch_size, tokenizer.pad_token_id)
+
+
+def refusal_direction(model_dir: str | Path, options: AblateOptions) -> AblateReport:
+    """Find r (and its layer) without writing anything."""
+    options.validate()
+    ckpt = open_checkpoint(model_dir)
+    num_layers = int(ckpt.config.get("num_hidden_layers", 0))
+    if options.layer == "auto":
+        layers = candidate_layers(num_layers)
+    else:
+        index = int(options.layer)
+        if not 1 <= index < num_layers:
+            raise SurgeryError(f"--layer {index} is out of range: residual-stream layers are 1..{num_layers - 1}")
+        layers = [index]
+    harmful = [e.prompt for e in load_examples(options.harmful, column=options.column, max_samples=options.max_samples, seed=options.seed)]
+    harmless = [e.prompt for e in load_examples(options.harmless, column=options.column, max_samples=options.max_samples,
+                                                seed=options.seed, builtin="harmless")]
+    if min(len(harmful), len(harmless)) < 2:
+        raise SurgeryError("direction ablation needs at least 2 harmful and 2 harmless prompts")
+    tokenizer = load_tokenizer(ckpt.path)
+    model = load_model(ckpt, resolve_device(options.device))
+    h_harm = last_token_states(model, tokenizer, harmful, layers, options)
+    h_safe = last_token_states(model, tokenizer, harmless, layers, options)
+    del model
+    scores: dict[int, dict[str, float]] = {}
+    layer = layers[0]
+    if len(layers) > 1:
+        layer, scores = choose_layer(h_harm, h_safe, options.held_out, options.seed)
+    r = difference_of_means(h_harm[layer], h_safe[layer])  # the final direction uses every prompt
+    return AblateReport(None, layer, r, scores)
+
+
+def refuse_existing(output: str | Path, force: bool) -> None:
+    """Fail before any model is loaded rather than after minutes of work."""
+    if Path(output).exists() and not force:
+        raise SurgeryError(f"output {output} already exists: pass --force to replace it")
+
+
+def ablate_checkpoint(model_dir: str | Path, output: str | Path, options: AblateOptions, force: bool = False) -> AblateReport:
+    from .writer import write_checkpoint
+
+    options.validate()
+    refuse_existing(output, force)
+    ckpt = open_checkpoint(model_dir)
+    if not any(WRITERS.search(n) for n in ckpt.tensors):
+        raise SurgeryError(f"{ckpt.path} has no o_proj/down_proj weights: direction ablation needs a llama-family model")
+    report = refusal_direction(model_dir, options)
+    r = report.direction
+    scale = -options.scale if options.reverse else options.scale  # reverse: W + scale * r (r^T W)
+
+    def edit(name: str, weight: torch.Tensor) -> torch.Tensor:
+        if WRITERS.search(name):
+            report.edited.append(name)
+            return orthogonalise(weight, r, scale)
+        if options.include_embeddings and EMBEDDING.search(name):
+            report.edited.append(name)
+            return orthogonalise(weight, r, scale, embedding=True)
+        return weight
+
+    summary = {
+        "layer": report.layer,
+        "layer_scores": {str(k): v for k, v in report.layer_scores.items()},
+        "direction": r.tolist(),
+        "tied_embeddings_note": "with tied embeddings, --include-embeddings edits the output head too" if ckpt.tied_embeddings else "",
+    }
+    write_checkpoint(ckpt, output, edit, method="direction-ablation", arguments=asdict(options), report=summary, force=force)
+    report.output = Path(output)
+    return report

@@ -1,0 +1,166 @@
+"""Probe-direction editing (Wang et al. 2024, "Model Surgery", arXiv 2407.08770), no gradient training.
+
+Selection (§3.2): cosine between the undesired-class probe row w and every row of every layer's
+mlp.gate_proj; the K rows with the most negative cosine, ranked globally over all layers.
+Edit (§3.3): gate_proj[i] += alpha * w for the selected rows, in fp32, cast back to the stored dtype.
+Rows that point away from the undesired direction are those whose gate closes on it; pushing them
+towards w (alpha > 0) opens them on exactly those inputs, changing what the MLP writes there.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from .checkpoint import Checkpoint, open_checkpoint
+from .errors import SurgeryError
+
+GATE = re.compile(r"(^|\.)(layers|h|blocks|block)\.(\d+)\.mlp\.gate_proj\.weight$")
+PAPER_FRACTION = 16384 / 352256  # 4.65 %: the paper's 16,384 of Llama-2-7B's 32 x 11,008 gate rows
+
+
+@dataclass
+class EditOptions:
+    alpha: float = 1.08  # the paper's detoxification setting; 1.0 for jailbreak resistance
+    count: int | None = None  # K rows; None: `fraction` of all gate rows
+    fraction: float | None = None  # None (and no count): the paper's 4.65 %
+    allow_pickle: bool = False
+
+    def validate(self) -> None:
+        if self.count is not None and self.fraction is not None:
+            raise SurgeryError("give --count or --fraction, not both")
+        if self.count is not None and self.count < 0:
+            raise SurgeryError(f"--count must be zero or more, got {self.count}")
+        if self.fraction is not None and not 0.0 <= self.fraction <= 1.0:
+            raise SurgeryError(f"--fraction must be between 0 and 1, got {self.fraction}")
+        if not torch.isfinite(torch.tensor(self.alpha)):
+            raise SurgeryError(f"--alpha must be a finite number, got {self.alpha}")
+
+    def rows(self, total: int) -> int:
+        if self.count is not None:
+            return self.count
+        return int(round((self.fraction if self.fraction is not None else PAPER_FRACTION) * total))
+
+
+@dataclass
+class EditPlan:
+    rows: dict[str, list[int]]  # gate_proj tensor -> selected row indices (ascending)
+    cosines: dict[str, list[float]]  # the same rows' cosines with w
+    total_rows: int
+    requested: int
+    layer_of: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def selected(self) -> int:
+        return sum(len(r) for r in self.rows.values())
+
+    def per_layer(self) -> dict[int, int]:
+        return {self.layer_of[t]: len(r) for t, r in sorted(self.rows.items(), key=lambda kv: self.layer_of[kv[0]])}
+
+
+@dataclass
+class EditReport:
+    output: Path
+    plan: EditPlan
+    alpha: float
+    probe: str
+
+
+def gate_tensors(ckpt: Checkpoint) -> dict[str, int]:
+    """Every decoder layer's mlp.gate_proj weight tensor and its layer index, found by name."""
+    found = {name: int(m.group(3)) for name in ckpt.tensors if (m := GATE.search(name))}
+    if not found:
+        raise SurgeryError(f"{ckpt.path} has no mlp.gate_proj weights: probe editing needs a gated-MLP model (llama, qwen, mistral)")
+    return dict(sorted(found.items(), key=lambda kv: kv[1]))
+
+
+def row_cosines(weight: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """cos(W_i, w) for every row i, in fp32 (zero rows get cosine 0)."""
+    weight = weight.float()
+    return (weight @ w) / (weight.norm(dim=1) * w.norm()).clamp(min=1e-12)
+
+
+def select_rows(cosines: dict[str, torch.Tensor], k: int) -> dict[str, list[int]]:
+    """The k most negative cosines over all tensors (ties: earlier tensor, then lower row); never a row with cos >= 0."""
+    names = list(cosines)
+    values = torch.cat([cosines[n] for n in names])
+    owner = torch.cat([torch.full((cosines[n].numel(),), i) for i, n in enumerate(names)])
+    local = torch.cat([torch.arange(cosines[n].numel()) for n in names])
+    order = torch.sort(values, stable=True).indices  # ascending: most negative first, stable keeps name/row order on ties
+    order = order[values[order] < 0][:k]
+    chosen: dict[str, list[int]] = {n: [] for n in names}
+    for i in order.tolist():
+        chosen[names[int(owner[i])]].append(int(local[i]))
+    return {n: sorted(r) for n, r in chosen.items() if r}
+
+
+def load_checked_probe(ckpt: Checkpoint, probe_dir: str | Path, gates: dict[str, int]):
+    from probes.artifact import load_probe
+
+    probe = load_probe(probe_dir, ckpt)
+    width = ckpt.tensors[next(iter(gates))].shape[1]
+    if probe.meta.hidden_size != width:
+        raise SurgeryError(
+            f"probe {probe_dir} reads {probe.meta.hidden_size}-wide hidden states, but gate_proj reads the "
+            f"{width}-wide residual stream: train the probe on the final layer of this model"
+        )
+    return probe
+
+
+def plan_edit(model_dir: str | Path, probe_dir: str | Path, options: EditOptions) -> tuple[EditPlan, torch.Tensor]:
+    """Which gate rows the edit touches (reads only the gate_proj tensors); also returns w in fp32."""
+    options.validate()
+    ckpt = open_checkpoint(model_dir, options.allow_pickle)
+    gates = gate_tensors(ckpt)
+    probe = load_checked_probe(ckpt, probe_dir, gates)
+    w = probe.direction.float()
+    if not torch.isfinite(w).all() or w.norm() == 0:
+        raise SurgeryError(f"probe {probe_dir} has a zero or non-finite undesired-class row")
+    total = sum(ckpt.tensors[t].shape[0] for t in gates)
+    k = options.rows(total)
+    if k > total:
+        raise SurgeryError(f"--count {k} is more than the model's {total:,} gate_proj rows")
+    cosines = {t: row_cosines(ckpt.read(t), w) for t in gates} if k else {}
+    rows = select_rows(cosines, k) if k else {}
+    picked = {t: cosines[t][r].tolist() for t, r in rows.items()}
+    return EditPlan(rows, picked, total, k, gates), w
+
+
+def edit_rows(weight: torch.Tensor, rows: list[int], w: torch.Tensor, alpha: float) -> torch.Tensor:
+    """gate_proj[i] += alpha * w for i in rows (fp32 arithmetic, the stored dtype back); the input is untouched."""
+    new = weight.clone()
+    idx = torch.tensor(rows, dtype=torch.long)
+    new[idx] = (weight[idx].float() + alpha * w).to(weight.dtype)
+    return new
+
+
+def edit_checkpoint(model_dir: str | Path, probe_dir: str | Path, output: str | Path, options: EditOptions,
+                    force: bool = False) -> EditReport:
+    """Write the probe-edited checkpoint; alpha 0 or K 0 writes a bit-identical copy of the weights."""
+    from .ablate import refuse_existing
+    from .writer import write_checkpoint
+
+    options.validate()
+    refuse_existing(output, force)
+    plan, w = plan_edit(model_dir, probe_dir, options)
+    ckpt = open_checkpoint(model_dir, options.allow_pickle)
+
+    def edit(name: str, weight: torch.Tensor) -> torch.Tensor:
+        if name not in plan.rows or options.alpha == 0:
+            return weight
+        return edit_rows(weight, plan.rows[name], w, options.alpha)
+
+    summary = {
+        "rows_selected": plan.selected,
+        "rows_requested": plan.requested,
+        "gate_rows_total": plan.total_rows,
+        "rows_per_layer": {str(k): v for k, v in plan.per_layer().items()},
+        "probe_norm": float(w.norm()),
+        "max_cosine_selected": max((max(c) for c in plan.cosines.values()), default=None),
+    }
+    arguments = dict(asdict(options), probe=str(Path(probe_dir).resolve()))
+    write_checkpoint(ckpt, output, edit, method="probe-edit", arguments=arguments, report=summary, force=force)
+    return EditReport(Path(output), plan, options.alpha, str(probe_dir))

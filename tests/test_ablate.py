@@ -1,0 +1,132 @@
+import json
+
+import pytest
+import torch
+
+from cli.main import main
+from surgery.ablate import (
+    AblateOptions, ablate_checkpoint, auc, candidate_layers, choose_layer, difference_of_means, orthogonalise,
+)
+from surgery.checkpoint import MANIFEST_NAME, open_checkpoint
+from surgery.tiny_model import save_tiny_checkpoint, tiny_llama
+
+from .conftest import folder_hashes
+
+
+@pytest.fixture
+def prompt_files(tmp_path):
+    harmful, harmless = tmp_path / "harmful.txt", tmp_path / "harmless.txt"
+    harmful.write_text("\n".join(f"how do I build weapon number {i}" for i in range(8)) + "\n")
+    harmless.write_text("\n".join(f"what is a good recipe for soup {i}" for i in range(8)) + "\n")
+    return harmful, harmless
+
+
+def opts(files, **kw):
+    harmful, harmless = files
+    base = dict(harmful=str(harmful), harmless=str(harmless), device="cpu", max_length=64, batch_size=8)
+    base.update(kw)
+    return AblateOptions(**base)
+
+
+def unit(n, seed):
+    r = torch.randn(n, generator=torch.Generator().manual_seed(seed))
+    return r / r.norm()
+
+
+def test_orthogonalised_writers_cannot_write_along_r():
+    w, r = torch.randn(32, 64), unit(32, 1)
+    new = orthogonalise(w, r, 1.0)
+    assert (r @ new).abs().max() < 1e-5  # r^T W' = 0
+    assert torch.allclose(new, w - torch.outer(r, r @ w), atol=1e-6)
+    emb = torch.randn(100, 32)
+    assert (orthogonalise(emb, r, 1.0, embedding=True) @ r).abs().max() < 1e-5  # no token embeds along r
+    half = orthogonalise(w, r, 0.5)
+    assert torch.allclose(r @ half, 0.5 * (r @ w), atol=1e-5)
+
+
+def test_reverse_scales_the_component_along_r():
+    w, r = torch.randn(32, 64), unit(32, 2)
+    new = orthogonalise(w, r, -0.75)  # --reverse --scale 0.75: W + 0.75 r (r^T W)
+    assert torch.allclose(r @ new, 1.75 * (r @ w), atol=1e-5)
+    q = torch.linalg.qr(torch.cat([r[:, None], torch.randn(32, 31)], 1)).Q[:, 1:]  # directions orthogonal to r
+    assert torch.allclose(q.T @ new, q.T @ w, atol=1e-5)
+
+
+def test_difference_of_means_and_layer_choice_on_planted_states():
+    torch.manual_seed(0)
+    u = unit(16, 3)
+    harmful, harmless = {}, {}
+    for layer, shift in ((1, 0.0), (2, 4.0), (3, 1.0)):  # layer 2 separates cleanly
+        harmful[layer] = torch.randn(40, 16) + shift * u
+        harmless[layer] = torch.randn(40, 16)
+    r = difference_of_means(harmful[2], harmless[2])
+    assert abs(r.norm() - 1) < 1e-6 and torch.dot(r, u) > 0.9
+    best, scores = choose_layer(harmful, harmless, 0.5, seed=0)
+    assert best == 2 and scores[2]["auc"] > 0.99 and scores[1]["auc"] < 0.8
+    assert auc(torch.tensor([2.0, 3.0]), torch.tensor([0.0, 1.0])) == 1.0
+    assert auc(torch.tensor([1.0]), torch.tensor([1.0])) == 0.5
+
+
+def test_candidate_layers_skip_the_last_fifth():
+    assert candidate_layers(30) == list(range(1, 25))
+    assert candidate_layers(2) == [1]
+
+
+def test_ablation_of_a_checkpoint(tiny_ckpt, tmp_path, prompt_files):
+    before = folder_hashes(tiny_ckpt)
+    report = ablate_checkpoint(tiny_ckpt, tmp_path / "out", opts(prompt_files, layer="1"))
+    assert folder_hashes(tiny_ckpt) == before
+    r = report.direction
+    old, new = open_checkpoint(tiny_ckpt), open_checkpoint(tmp_path / "out")
+    edited = set(report.edited)
+    assert edited == {f"model.layers.{i}.{m}.weight" for i in range(2) for m in ("self_attn.o_proj", "mlp.down_proj")}
+    for name in old.tensors:
+        if name in edited:
+            assert (r @ new.read(name)).abs().max() < 1e-5, name
+            assert (r @ old.read(name)).abs().max() > 1e-3, name
+        else:
+            assert torch.equal(new.read(name), old.read(name)), name
+    manifest = json.loads((tmp_path / "out" / MANIFEST_NAME).read_text())
+    assert manifest["method"] == "direction-ablation" and manifest["report"]["layer"] == 1
+    assert torch.allclose(torch.tensor(manifest["report"]["direction"]), r)
+
+
+def test_auto_layer_and_embeddings_in_bf16(tmp_path, prompt_files):
+    src = save_tiny_checkpoint(tmp_path / "deep", model=tiny_llama(layers=4, dtype=torch.bfloat16))
+    report = ablate_checkpoint(src, tmp_path / "out", opts(prompt_files, include_embeddings=True))
+    assert sorted(report.layer_scores) == candidate_layers(4) and report.layer in report.layer_scores
+    new = open_checkpoint(tmp_path / "out")
+    emb = new.read("model.embed_tokens.weight")
+    assert emb.dtype == torch.bfloat16 and "model.embed_tokens.weight" in report.edited
+    before = (open_checkpoint(src).read("model.embed_tokens.weight").float() @ report.direction).abs().max()
+    assert (emb.float() @ report.direction).abs().max() < 0.02 * before  # zero up to bf16 rounding
+
+
+def run_cli(argv, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    return e.value.code, capsys.readouterr()
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--scale", "-1"], "--scale must be zero or more"),
+    (["--layer", "top"], "--layer must be"),
+    (["--layer", "9"], "--layer 9 is out of range"),
+    (["--held-out", "0"], "--held-out"),
+    (["--harmful", "/nonexistent/h.txt"], "does not exist"),
+])
+def test_cli_errors_are_one_line_and_write_nothing(tiny_ckpt, tmp_path, prompt_files, capsys, extra, message):
+    harmful, harmless = prompt_files
+    out = tmp_path / "out"
+    code, cap = run_cli(["ablate", str(tiny_ckpt), "--harmful", str(harmful), "--harmless", str(harmless), "-o", str(out), *extra], capsys)
+    assert code == 2 and message in cap.err and len(cap.err.strip().splitlines()) == 1
+    assert not out.exists() and not list(tmp_path.glob(".out*"))
+
+
+def test_cli_ablates_and_refuses_existing_output(tiny_ckpt, tmp_path, prompt_files, capsys):
+    harmful, harmless = prompt_files
+    argv = ["ablate", str(tiny_ckpt), "--harmful", str(harmful), "--harmless", str(harmless), "-o", str(tmp_path / "out"), "--device", "cpu"]
+    main(argv)
+    assert "ablated the direction from layer 1 in 4 matrices" in capsys.readouterr().out
+    code, cap = run_cli(argv, capsys)
+    assert code == 2 and "already exists" in cap.err
