@@ -22,6 +22,9 @@ app = typer.Typer(
 # Each command module registers itself on `app`; one import per line.
 from . import checkpoint_commands  # noqa: E402,F401
 from . import prune_command  # noqa: E402,F401
+from . import probe_commands  # noqa: E402,F401
+from . import eval_command  # noqa: E402,F401
+from . import eigenshift_command  # noqa: E402,F401
 
 
 def main(argv: list[str] | None = None) -> None:
