@@ -19,7 +19,7 @@ def split_patterns(value: str | None) -> list[str] | None:
     return [p.strip() for p in value.split(",") if p.strip()] if value else None
 
 
-def by_layer(values: dict[str, float]) -> Table:
+def by_layer(values: dict[str, float], title: str = "sparsity after pruning (share of zeros, %)") -> Table:
     """One row per decoder layer, one column per projection: compact for 30-layer models."""
     grid: dict[str, dict[str, float]] = defaultdict(dict)
     kinds: list[str] = []
@@ -29,7 +29,7 @@ def by_layer(values: dict[str, float]) -> Table:
         grid[layer][kind] = value
         if kind not in kinds:
             kinds.append(kind)
-    table = Table("layer", *kinds, title="sparsity after pruning (share of zeros, %)")
+    table = Table("layer", *kinds, title=title)
     for layer in sorted(grid, key=lambda x: (not x.isdigit(), int(x) if x.isdigit() else x)):
         table.add_row(layer, *(f"{100 * grid[layer][k]:.2f}" if k in grid[layer] else "-" for k in kinds))
     return table
@@ -70,6 +70,7 @@ def prune_command(
     stream: bool = typer.Option(None, "--stream/--no-stream", help="Calibrate one decoder layer at a time (default: when the fp32 model exceeds --memory-budget)."),
     memory_budget: float = typer.Option(None, help="GiB for the in-memory path (default: half the machine's memory)."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Show what would be pruned and write nothing."),
+    reference: Path = typer.Option(None, help="The checkpoint before the harmful fine-tuning: score only the fine-tuning delta and restore the selected weights to it instead of zeroing."),
     force: bool = typer.Option(False, "--force", help="Replace an existing output folder."),
 ) -> None:
     """Antidote: zero the weights most important on harmful data (Wanda score, top RATIO of each row)."""
@@ -78,7 +79,7 @@ def prune_command(
         response_column=response_column, benign_data=str(benign_data) if benign_data else None,
         max_samples=max_samples, max_length=max_length, max_new_tokens=max_new_tokens, batch_size=batch_size,
         seed=seed, device=device, kernels=kernels, allow_pickle=allow_pickle,
-        stream=stream, memory_budget_gb=memory_budget,
+        stream=stream, memory_budget_gb=memory_budget, reference=str(reference) if reference else None,
     )
     if dry_run:
         show_plan(plan_prune(model, options))
@@ -87,10 +88,17 @@ def prune_command(
         raise typer.BadParameter("--output/-o is required (or use --dry-run)", param_hint="--output")
     with err.status("calibrating on harmful data and pruning"):
         report = prune_checkpoint(model, output, options, force=force)
-    out.print(by_layer(report.sparsity))
+    if report.restored:
+        out.print(by_layer(report.sparsity, "weights restored to the reference (share, %)"))
+    else:
+        out.print(by_layer(report.sparsity))
     out.print(
-        f"pruned {len(report.sparsity)} modules, {report.plan.removed:,} weights zeroed, calibrated on "
+        f"pruned {len(report.sparsity)} modules, {report.plan.removed:,} weights "
+        f"{'restored to the reference' if report.restored else 'zeroed'}, calibrated on "
         f"{report.calibration_examples} examples / {report.calibration_tokens:,} tokens "
         f"({', '.join(f'{k} {v:.1f}s' for k, v in report.seconds.items())}{', streamed layer by layer' if report.streamed else ''})"
     )
-    out.print(f"wrote {report.output}; zeros are stored densely, so the files are the same size as the input")
+    if report.restored:
+        out.print(f"wrote {report.output}")
+    else:
+        out.print(f"wrote {report.output}; zeros are stored densely, so the files are the same size as the input")

@@ -3,6 +3,11 @@
 Score: Wanda, S_ij = |W_ij| * ||X_j||_2 over harmful calibration tokens (prompt + harmful response + EOS).
 Selection: per output row, the top `ratio` of each row by score is set to zero (the paper's rule;
 `granularity="matrix"` instead takes the top `ratio` of each whole matrix, an option beyond the paper).
+
+With `reference` (the checkpoint before the harmful fine-tuning) only the fine-tuning delta is scored,
+S_ij = |W_ij - R_ij| * ||X_j||_2, and the selected weights are restored to R_ij instead of zeroed. That is
+the paper's setting carried over to a merged checkpoint: its code prunes the fine-tuning LoRA weights,
+i.e. it resets the most harmful-important entries of the delta, never the pre-trained weights.
 """
 
 from __future__ import annotations
@@ -43,6 +48,7 @@ class PruneOptions:
     allow_pickle: bool = False
     stream: bool | None = None  # None: stream when the fp32 model exceeds the memory budget
     memory_budget_gb: float | None = None  # None: half the machine's memory
+    reference: str | None = None  # checkpoint before fine-tuning: score the delta, restore instead of zeroing
 
     def validate(self) -> None:
         if not 0.0 < self.ratio < 1.0:
@@ -88,6 +94,7 @@ class PruneReport:
     calibration_examples: int = 0
     seconds: dict[str, float] = field(default_factory=dict)
     streamed: bool = False
+    restored: bool = False  # weights were restored to a reference checkpoint (sparsity = share restored)
 
 
 def plan_prune(model_dir: str | Path, options: PruneOptions) -> PrunePlan:
@@ -109,6 +116,8 @@ def plan_prune(model_dir: str | Path, options: PruneOptions) -> PrunePlan:
             modules.append(ModulePlan(name, tensor, rows, cols, k, rows * k))
         else:
             modules.append(ModulePlan(name, tensor, rows, cols, None, rows_to_remove(rows * cols, options.ratio)))
+    if options.reference is not None:
+        check_reference(ckpt, options.reference, [m.tensor for m in modules], options.allow_pickle)
     params = sum(t.numel for t in ckpt.tensors.values())
     hidden = getattr(meta.config, "hidden_size", 0) or 0
     inter = getattr(meta.config, "intermediate_size", 0) or 4 * hidden
@@ -117,6 +126,26 @@ def plan_prune(model_dir: str | Path, options: PruneOptions) -> PrunePlan:
     largest = max((ckpt.tensors[m.tensor].nbytes for m in modules), default=0)
     bytes_per = 4 if resolve_device(options.device).type == "cpu" else 2
     return PrunePlan(modules, params, params * bytes_per + 2 * largest + activations)
+
+
+def check_reference(ckpt, reference: str, tensors: list[str], allow_pickle: bool = False):
+    """The reference must be another checkpoint with every target tensor under the same name and shape."""
+    ref_path = Path(reference)
+    if ref_path.resolve() == ckpt.path.resolve():
+        raise SurgeryError("--reference is the model itself: give the checkpoint from before the fine-tuning")
+    try:
+        ref = open_checkpoint(ref_path, allow_pickle)
+    except SurgeryError as e:
+        raise SurgeryError(f"--reference: {e}") from None
+    for name in tensors:
+        if name not in ref.tensors:
+            raise SurgeryError(f"--reference {reference} has no tensor {name}: not the same architecture")
+        if ref.tensors[name].shape != ckpt.tensors[name].shape:
+            raise SurgeryError(
+                f"--reference {reference}: {name} has shape {list(ref.tensors[name].shape)}, "
+                f"the model has {list(ckpt.tensors[name].shape)}"
+            )
+    return ref
 
 
 def collect_norms(model, tokenizer, examples, options: PruneOptions, module_names: list[str]) -> InputNorms:
@@ -194,16 +223,23 @@ def prune_checkpoint(model_dir: str | Path, output: str | Path, options: PruneOp
         n_examples = len(harmful)
 
     by_tensor = {m.tensor: m for m in plan.modules}
-    sparsity: dict[str, float] = {}
+    sparsity: dict[str, float] = {}  # share of zeros; with a reference: share of weights restored
+    reference = open_checkpoint(options.reference, options.allow_pickle) if options.reference else None
 
     def edit(name: str, weight: torch.Tensor) -> torch.Tensor:
         if name not in by_tensor:
             return weight
         module = by_tensor[name].module
         prune = prune_rows if options.granularity == "row" else prune_matrix
-        pruned, _mask = prune(weight, norm_of(module) if norm_of else None, options.ratio, options.kernels)
-        sparsity[module] = (pruned == 0).float().mean().item()
-        return pruned
+        scale = norm_of(module) if norm_of else None
+        if reference is None:
+            pruned, _mask = prune(weight, scale, options.ratio, options.kernels)
+            sparsity[module] = (pruned == 0).float().mean().item()
+            return pruned
+        ref = reference.read(name).to(device=weight.device, dtype=weight.dtype)
+        _, mask = prune(weight.float() - ref.float(), scale, options.ratio, options.kernels)
+        sparsity[module] = mask.float().mean().item()
+        return torch.where(mask, ref, weight)
 
     t0 = time.perf_counter()
     arguments = dict(asdict(options), streamed=streamed)
@@ -211,12 +247,13 @@ def prune_checkpoint(model_dir: str | Path, output: str | Path, options: PruneOp
         "calibration_examples": n_examples,
         "calibration_tokens": tokens,
         "weights_removed": plan.removed,
-        "sparsity": sparsity,
-        "note": "zeros are stored densely: the output files are the same size as the input",
+        ("restored" if reference else "sparsity"): sparsity,
+        "note": "selected weights restored to the reference checkpoint's values" if reference
+        else "zeros are stored densely: the output files are the same size as the input",
     }
     write_checkpoint(ckpt, output, edit, method="antidote-prune", arguments=arguments, report=summary, force=force, order=order)
     timings["calibrate_and_write" if streamed else "write"] = time.perf_counter() - t0
-    return PruneReport(Path(output), plan, sparsity, tokens, n_examples, timings, streamed)
+    return PruneReport(Path(output), plan, sparsity, tokens, n_examples, timings, streamed, restored=reference is not None)
 
 
 def _layerwise(ckpt, tokenizer, examples, options: PruneOptions, modules, device):

@@ -69,6 +69,7 @@ def unknown_arch(path):
         ("exists", "already exists"),
         ("pickle", "pickle weights"),
         ("max_length", "longer than the model's context"),
+        ("reference", "--reference"),
     ],
 )
 def test_bad_input_one_line_no_output(case, needle, tiny_ckpt, tmp_path, capsys):
@@ -102,6 +103,8 @@ def test_bad_input_one_line_no_output(case, needle, tiny_ckpt, tmp_path, capsys)
         (tiny_ckpt / "model.safetensors").unlink()
     elif case == "max_length":
         extra = ["--max-length", "100000"]
+    elif case == "reference":
+        extra = ["--reference", tmp_path / "plain"]
     before = sorted(p.name for p in tmp_path.iterdir())
     code, _, err = run(prune_args(model, out, *extra), capsys)
     assert_one_line_error(code, err, needle)

@@ -8,7 +8,7 @@ from surgery.errors import SurgeryError
 from surgery.prune import PruneOptions, collect_norms, plan_prune, prune_checkpoint
 from surgery.prompts import load_examples
 from surgery.select import rows_to_remove
-from surgery.tiny_model import char_tokenizer, tiny_llama
+from surgery.tiny_model import char_tokenizer, save_tiny_checkpoint, tiny_llama
 
 from .conftest import DTYPES, folder_hashes
 
@@ -133,3 +133,60 @@ def test_matrix_granularity_removes_ratio_of_each_matrix(tiny_ckpt, tmp_path, ha
     # rows lose different counts: the selection is not per row
     down = new["model.layers.1.mlp.down_proj.weight"] == 0
     assert len(set(down.sum(dim=1).tolist())) > 1
+
+
+def _fine_tuned_pair(tmp_path, dtype=torch.float32):
+    """A reference checkpoint and a 'fine-tuned' copy whose every weight moved by a random delta."""
+    ref = save_tiny_checkpoint(tmp_path / "ref", dtype=dtype)
+    model = tiny_llama(dtype=dtype)
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_((torch.randn(p.shape, generator=gen) * 0.01).to(dtype))
+    return ref, save_tiny_checkpoint(tmp_path / "ft", model=model)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_reference_restores_the_top_delta_of_each_row(tmp_path, dtype):
+    ref, ft = _fine_tuned_pair(tmp_path, dtype)
+    before = {**folder_hashes(ref), **{f"ft/{k}": v for k, v in folder_hashes(ft).items()}}
+    report = prune_checkpoint(ft, tmp_path / "out", opts(score="magnitude", reference=str(ref)))
+    assert {**folder_hashes(ref), **{f"ft/{k}": v for k, v in folder_hashes(ft).items()}} == before
+    r, w, new = tensors(ref), tensors(ft), tensors(tmp_path / "out")
+    targets = {m.tensor for m in report.plan.modules}
+    assert report.restored
+    for name in w:
+        if name not in targets:
+            assert torch.equal(new[name].view(torch.uint8), w[name].view(torch.uint8)), name
+            continue
+        restored = new[name] != w[name]
+        k = rows_to_remove(w[name].shape[1], 0.25)
+        assert (restored.sum(dim=1) == k).all(), name
+        assert torch.equal(new[name][restored], r[name][restored])  # restored exactly to the reference
+        # the restored entries are the largest |W - R| of their row
+        delta = (w[name].float() - r[name].float()).abs()
+        kept_max = delta.masked_fill(restored, -1).amax(dim=1)
+        restored_min = delta.masked_fill(~restored, float("inf")).amin(dim=1)
+        assert (restored_min >= kept_max).all(), name
+    assert report.sparsity[next(iter(targets)).removesuffix(".weight")] == pytest.approx(k / 32)
+
+
+def test_reference_wanda_streamed_equals_in_memory(tmp_path, harmful_file):
+    ref, ft = _fine_tuned_pair(tmp_path)
+    common = dict(data=str(harmful_file), reference=str(ref))
+    prune_checkpoint(ft, tmp_path / "mem", opts(stream=False, **common))
+    prune_checkpoint(ft, tmp_path / "stream", opts(stream=True, **common))
+    mem, streamed, w = tensors(tmp_path / "mem"), tensors(tmp_path / "stream"), tensors(ft)
+    assert any(not torch.equal(mem[n], w[n]) for n in w)
+    for name in mem:
+        assert torch.equal(mem[name], streamed[name]), name
+
+
+def test_reference_must_match_and_differ(tmp_path):
+    ref, ft = _fine_tuned_pair(tmp_path)
+    wider = save_tiny_checkpoint(tmp_path / "wider", model=tiny_llama(intermediate=96))
+    cases = [(str(ft), "model itself"), (str(tmp_path / "missing"), "--reference"), (str(wider), "shape")]
+    for reference, message in cases:
+        with pytest.raises(SurgeryError, match=message):
+            prune_checkpoint(ft, tmp_path / "out", opts(score="magnitude", reference=reference))
+        assert not (tmp_path / "out").exists()
