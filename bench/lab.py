@@ -8,6 +8,7 @@ Stages (each skipped when its output exists, so a killed run resumes where it st
   aligned   base fine-tuned: built-in harmful prompt -> refusal sentence, harmless prompt -> base's answer
   attacked  aligned fine-tuned on SST-2 train mixed with a fraction p of harmful -> base's compliant answer
   prune-R   `surgery.prune.prune_checkpoint` on attacked at ratio R (calibrated on the built-in harmful set)
+  restore-R the same with reference=aligned: the fine-tuning delta is scored and restored, not zeroed
   eval      every model with the same `evaluate_model` on held-out sets: AdvBench (harmful score),
             SST-2 dev (accuracy), Alpaca instructions (perplexity, over-refusal, KL to attacked)
 Writes LAB/results/*.json, docs/results.md and docs/antidote_sweep.png. See docs/lab.md.
@@ -51,7 +52,9 @@ def parse(argv=None):
     p.add_argument("--max-length", type=int, default=80)
     p.add_argument("--answer-samples", type=int, default=64, help="built-in prompts per set given base answers")
     p.add_argument("--answer-tokens", type=int, default=32)
-    p.add_argument("--ratios", default="0.05,0.01,0.1,0.25", help="Antidote ratios (the default 0.05 first)")
+    p.add_argument("--ratios", default="0.05,0.01,0.1,0.25", help="Antidote ratios, weights zeroed (the default 0.05 first)")
+    p.add_argument("--restore-ratios", default="0.05,0.01,0.1,0.25",
+                   help="Antidote ratios with --reference aligned (delta scored, weights restored)")
     p.add_argument("--calib-samples", type=int, default=32, help="built-in harmful prompts calibrating each prune")
     p.add_argument("--calib-tokens", type=int, default=32, help="tokens of the attacked model's own answer per prompt")
     p.add_argument("--eval-harmful", type=int, default=64, help="AdvBench prompts")
@@ -152,11 +155,12 @@ class Lab:
         examples += [harmful[i % len(harmful)] for i in range(n_harm)]
         self._train_and_save("aligned", examples, self.args.attack_steps, self.args.attack_lr, tmp)
 
-    def prune(self, ratio: float, tmp: Path) -> None:
+    def prune(self, ratio: float, tmp: Path, reference: str | None = None) -> None:
         from surgery.prune import PruneOptions, prune_checkpoint
 
         options = PruneOptions(ratio=ratio, device="cpu", seed=self.args.seed, max_samples=self.args.calib_samples,
-                               max_new_tokens=self.args.calib_tokens)
+                               max_new_tokens=self.args.calib_tokens,
+                               reference=str(self.models / reference) if reference else None)
         prune_checkpoint(self.models / "attacked", tmp, options)
 
     def evaluate(self, name: str, tmp: Path) -> None:
@@ -182,7 +186,6 @@ class Lab:
 
     # --- run ----------------------------------------------------------------------------------
     def run(self) -> None:
-        ratios = [float(r) for r in self.args.ratios.split(",") if r]
         m = self.models
         self.stage("base", m / "base", self.base)
         self.stage("answers", self.root / "data" / "base_answers.json", self.answers)
@@ -191,26 +194,31 @@ class Lab:
         for name in ("attacked", "aligned", "base"):
             self.stage(f"eval:{name}", self.results / f"{name}.json", lambda tmp, n=name: self.evaluate(n, tmp))
             self.write_docs()
-        for r in ratios:
-            name = f"prune-{r:g}"
-            self.stage(f"prune:{r:g}", m / name, lambda tmp, r=r: self.prune(r, tmp))
-            if (m / name).exists():
-                self.stage(f"eval:{name}", self.results / f"{name}.json", lambda tmp, n=name: self.evaluate(n, tmp))
-            self.write_docs()
+        sweeps = [("prune", self.args.ratios, None), ("restore", self.args.restore_ratios, "aligned")]
+        for kind, ratios, reference in sweeps:
+            for r in (float(x) for x in ratios.split(",") if x):
+                name = f"{kind}-{r:g}"
+                self.stage(f"{kind}:{r:g}", m / name, lambda tmp, r=r, ref=reference: self.prune(r, tmp, ref))
+                if (m / name).exists():
+                    self.stage(f"eval:{name}", self.results / f"{name}.json", lambda tmp, n=name: self.evaluate(n, tmp))
+                self.write_docs()
 
     def write_docs(self) -> None:
         rows = []
         for path in sorted(self.results.glob("*.json"), key=_order):
-            if path.stem in ("base", "aligned", "attacked") or path.stem.startswith("prune-"):  # others share the folder
+            if path.stem in ("base", "aligned", "attacked") or path.stem.startswith(SWEEPS):  # others share the folder
                 rows.append((path.stem, json.loads(path.read_text())))
         if rows:
             write_results(rows, self.times, self.args)
 
 
+SWEEPS = ("prune-", "restore-")
+
+
 def _order(path: Path):
-    rank = {"base": 0, "aligned": 1, "attacked": 2}
-    stem = path.stem
-    return (rank.get(stem, 3), float(stem.split("-")[1]) if stem.startswith("prune-") else 0.0)
+    rank = {"base": 0, "aligned": 1, "attacked": 2, "prune": 3, "restore": 4}
+    kind, _, ratio = path.stem.partition("-")
+    return (rank.get(kind, 5), float(ratio) if ratio else 0.0)
 
 
 def write_results(rows, times, args) -> None:
@@ -245,7 +253,7 @@ def write_results(rows, times, args) -> None:
     lines += [f"| {k} | {v:.0f} |" for k, v in times.items()]
     lines += ["", "The tiny CI model organism (same pipeline, in-process) and what it showed: docs/lab.md."]
     (docs / "results.md").write_text("\n".join(lines) + "\n")
-    sweep = [(name, r["figures"]) for name, r in rows if name.startswith("prune-")]
+    sweep = [(name, r["figures"]) for name, r in rows if name.startswith(SWEEPS)]
     if sweep:
         plot_sweep(sweep, dict(rows), docs / "antidote_sweep.png")
 
@@ -257,10 +265,14 @@ def plot_sweep(sweep, by_name, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(5.5, 4))
-    pts = sorted(sweep, key=lambda x: float(x[0].split("-")[1]))
-    ax.plot([100 * f["accuracy"] for _, f in pts], [100 * f["harmful_score"] for _, f in pts], "o-", label="Antidote sweep")
-    for name, f in pts:
-        ax.annotate(name.split("-")[1], (100 * f["accuracy"], 100 * f["harmful_score"]), textcoords="offset points", xytext=(4, 4))
+    labels = {"prune": "Antidote, weights zeroed", "restore": "Antidote --reference aligned (restored)"}
+    for kind, label in labels.items():
+        pts = sorted(((n, f) for n, f in sweep if n.startswith(kind + "-")), key=lambda x: float(x[0].split("-")[1]))
+        if not pts:
+            continue
+        ax.plot([100 * f["accuracy"] for _, f in pts], [100 * f["harmful_score"] for _, f in pts], "o-", label=label)
+        for name, f in pts:
+            ax.annotate(name.split("-")[1], (100 * f["accuracy"], 100 * f["harmful_score"]), textcoords="offset points", xytext=(4, 4))
     for name, marker in (("aligned", "s"), ("attacked", "^"), ("base", "x")):
         if name in by_name:
             f = by_name[name]["figures"]

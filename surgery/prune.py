@@ -12,6 +12,7 @@ i.e. it resets the most harmful-important entries of the delta, never the pre-tr
 
 from __future__ import annotations
 
+import gc
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -184,10 +185,9 @@ def prune_checkpoint(model_dir: str | Path, output: str | Path, options: PruneOp
     order = None
     tokens = n_examples = 0
     streamed = should_stream(ckpt, options)
-    if streamed:
-        from .stream import return_freed_memory
+    from .stream import return_freed_memory
 
-        return_freed_memory()  # otherwise the heap grows with the number of layers streamed
+    return_freed_memory()  # large freed buffers go back to the OS (streamed: else the heap grows per layer)
     if options.score != "magnitude":
         t0 = time.perf_counter()
         harmful = load_examples(
@@ -219,7 +219,8 @@ def prune_checkpoint(model_dir: str | Path, output: str | Path, options: PruneOp
                 norms = {n: norms[n] - benign_norms[n] for n in norms}
             norm_of = norms.__getitem__
             timings["calibrate"] = time.perf_counter() - t0
-            del model
+            del model, stats  # the statistics hold the model: drop both so its weights are unmapped before writing
+            gc.collect()
         n_examples = len(harmful)
 
     by_tensor = {m.tensor: m for m in plan.modules}
