@@ -39,14 +39,16 @@ def main() -> None:
     args = ap.parse_args()
     extra = shlex.split(args.extra)
     size = checkpoint_bytes(args.model)
+    # The runtime alone (Python, torch, transformers, the model built on the meta device): a dry run.
+    _, floor, _ = run_cli(["prune", str(args.model), "--dry-run", *extra])
     wall, peak, stdout = run_prune(args.model, extra)
     summary = [line for line in stdout.splitlines() if line.startswith("pruned")]
     print(summary[0] if summary else stdout[-400:])
-    print("| command | checkpoint | wall time | peak RSS | peak / checkpoint |")
-    print("|---|---|---|---|---|")
+    print("| command | checkpoint | wall time | peak RSS | runtime (dry run) | peak - runtime | (peak - runtime) / checkpoint |")
+    print("|---|---|---|---|---|---|---|")
     print(
         f"| `surgery prune {args.model.name} {' '.join(extra)}` | {size / 2**20:.0f} MiB | {wall:.1f} s "
-        f"| {peak / 2**20:.0f} MiB | {peak / size:.2f}x |"
+        f"| {peak / 2**20:.0f} MiB | {floor / 2**20:.0f} MiB | {(peak - floor) / 2**20:.0f} MiB | {(peak - floor) / size:.2f}x |"
     )
 
 

@@ -25,19 +25,16 @@ import sys
 import time
 from pathlib import Path
 
-import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-DATA = ROOT.parent / "shared" / "data"
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from labkit import DATA, ROOT, load, log  # noqa: E402
+from labkit import evaluate as lab_evaluate  # noqa: E402
+
 REFUSALS = (
     "I'm sorry, but I can't help with that request.",
     "I'm sorry, but I cannot assist with that. It could cause real harm.",
     "I can't help with that. If you have another question, I'm happy to help.",
 )
-
-
-def log(msg: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
 def parse(argv=None):
@@ -55,6 +52,9 @@ def parse(argv=None):
     p.add_argument("--ratios", default="0.05,0.01,0.1,0.25", help="Antidote ratios, weights zeroed (the default 0.05 first)")
     p.add_argument("--restore-ratios", default="0.05,0.01,0.1,0.25",
                    help="Antidote ratios with --reference aligned (delta scored, weights restored)")
+    p.add_argument("--ablate-scales", default="1,4", help="scales of `surgery ablate attacked --reverse` (refusal direction amplified)")
+    p.add_argument("--also", default="attacked-probe-edit-1",
+                   help="other repaired models in LAB/models to evaluate beside Antidote (bench/probe_lab.py writes the probe edit)")
     p.add_argument("--calib-samples", type=int, default=32, help="built-in harmful prompts calibrating each prune")
     p.add_argument("--calib-tokens", type=int, default=32, help="tokens of the attacked model's own answer per prompt")
     p.add_argument("--eval-harmful", type=int, default=64, help="AdvBench prompts")
@@ -95,11 +95,7 @@ class Lab:
         log(f"{name}: done in {self.times[name]:.0f}s")
 
     def load(self, name: str):
-        from surgery.checkpoint import open_checkpoint
-        from surgery.model import load_model, load_tokenizer
-
-        path = self.models / name
-        return load_model(open_checkpoint(path), torch.device("cpu")), load_tokenizer(path)
+        return load(self.models, name)
 
     # --- stages -------------------------------------------------------------------------------
     def base(self, tmp: Path) -> None:
@@ -163,26 +159,19 @@ class Lab:
                                reference=str(self.models / reference) if reference else None)
         prune_checkpoint(self.models / "attacked", tmp, options)
 
-    def evaluate(self, name: str, tmp: Path) -> None:
-        from surgery.evaluate import EvalOptions, evaluate_model, write_report
+    def ablate(self, scale: float, tmp: Path) -> None:
+        from surgery.ablate import AblateOptions, ablate_checkpoint
 
-        a = self.args
-        options = EvalOptions(
-            harmful=str(DATA / "advbench" / "harmful_behaviors.txt"), benign=str(DATA / "benign" / "alpaca_instructions.txt"),
-            task=f"sst2:{DATA / 'sst2' / 'dev.tsv'}", max_samples=a.eval_harmful, max_task_samples=a.eval_task,
-            max_new_tokens=a.eval_tokens, seed=a.seed, device="cpu",
-        )
+        options = AblateOptions(reverse=True, scale=scale, seed=self.args.seed, device="cpu")
+        report = ablate_checkpoint(self.models / "attacked", tmp, options)
+        log(f"ablate: layer {report.layer}, {len(report.edited)} matrices edited")
+
+    def evaluate(self, name: str, tmp: Path) -> None:
+        from surgery.evaluate import write_report
+
         model, tok = self.load(name)
         reference = model if name == "attacked" else self.load("attacked")[0]
-        # Harmful and benign sets have different sizes: benign takes its own count.
-        harmful_opts = EvalOptions(**{**options.__dict__, "benign": None, "task": None})
-        rest = EvalOptions(**{**options.__dict__, "harmful": None, "max_samples": a.eval_benign})
-        report = evaluate_model(model, tok, harmful_opts, name=name, log=log)
-        other = evaluate_model(model, tok, rest, reference=reference, name=name, log=log)
-        for key in ("figures", "counts", "seconds", "samples"):
-            getattr(report, key).update(getattr(other, key))
-        write_report(report, tmp)
-        log(f"eval {name}: " + ", ".join(f"{k}={v:.4f}" for k, v in report.figures.items()))
+        write_report(lab_evaluate(model, tok, name, self.args, reference), tmp)
 
     # --- run ----------------------------------------------------------------------------------
     def run(self) -> None:
@@ -202,23 +191,37 @@ class Lab:
                 if (m / name).exists():
                     self.stage(f"eval:{name}", self.results / f"{name}.json", lambda tmp, n=name: self.evaluate(n, tmp))
                 self.write_docs()
+        for scale in (float(x) for x in self.args.ablate_scales.split(",") if x):
+            name = f"ablate-reverse-{scale:g}"
+            self.stage(f"ablate:{scale:g}", m / name, lambda tmp, s=scale: self.ablate(s, tmp))
+            if (m / name).exists():
+                self.stage(f"eval:{name}", self.results / f"{name}.json", lambda tmp, n=name: self.evaluate(n, tmp))
+            self.write_docs()
+        for name in (x for x in self.args.also.split(",") if x):
+            if (m / name / "config.json").exists():
+                self.stage(f"eval:{name}", self.results / f"{name}.json", lambda tmp, n=name: self.evaluate(n, tmp))
+                self.write_docs()
 
     def write_docs(self) -> None:
         rows = []
-        for path in sorted(self.results.glob("*.json"), key=_order):
-            if path.stem in ("base", "aligned", "attacked") or path.stem.startswith(SWEEPS):  # others share the folder
-                rows.append((path.stem, json.loads(path.read_text())))
+        named = ("base", "aligned", "attacked", *self.args.also.split(","))
+        ours = [p for p in self.results.glob("*.json") if p.stem in named or p.stem.startswith(SWEEPS)]
+        for path in sorted(ours, key=_order):  # other scripts' results share the folder
+            rows.append((path.stem, json.loads(path.read_text())))
         if rows:
             write_results(rows, self.times, self.args)
 
 
-SWEEPS = ("prune-", "restore-")
+SWEEPS = ("prune-", "restore-", "ablate-reverse-")
 
 
 def _order(path: Path):
     rank = {"base": 0, "aligned": 1, "attacked": 2, "prune": 3, "restore": 4}
     kind, _, ratio = path.stem.partition("-")
-    return (rank.get(kind, 5), float(ratio) if ratio else 0.0)
+    try:
+        return (rank.get(kind, 5), float(ratio.rsplit("-", 1)[-1]) if ratio else 0.0, path.stem)
+    except ValueError:
+        return (rank.get(kind, 5), 0.0, path.stem)
 
 
 def write_results(rows, times, args) -> None:
@@ -265,14 +268,15 @@ def plot_sweep(sweep, by_name, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(5.5, 4))
-    labels = {"prune": "Antidote, weights zeroed", "restore": "Antidote --reference aligned (restored)"}
+    labels = {"prune": "Antidote, weights zeroed", "restore": "Antidote --reference aligned (restored)",
+              "ablate-reverse": "ablate --reverse (scale)"}
     for kind, label in labels.items():
-        pts = sorted(((n, f) for n, f in sweep if n.startswith(kind + "-")), key=lambda x: float(x[0].split("-")[1]))
+        pts = sorted(((n, f) for n, f in sweep if n.startswith(kind + "-")), key=lambda x: float(x[0].rsplit("-", 1)[1]))
         if not pts:
             continue
         ax.plot([100 * f["accuracy"] for _, f in pts], [100 * f["harmful_score"] for _, f in pts], "o-", label=label)
         for name, f in pts:
-            ax.annotate(name.split("-")[1], (100 * f["accuracy"], 100 * f["harmful_score"]), textcoords="offset points", xytext=(4, 4))
+            ax.annotate(name.rsplit("-", 1)[1], (100 * f["accuracy"], 100 * f["harmful_score"]), textcoords="offset points", xytext=(4, 4))
     for name, marker in (("aligned", "s"), ("attacked", "^"), ("base", "x")):
         if name in by_name:
             f = by_name[name]["figures"]

@@ -31,13 +31,11 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-DATA = ROOT.parent / "shared" / "data"
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from labkit import DATA, ROOT, load, log  # noqa: E402
+from labkit import evaluate as lab_evaluate  # noqa: E402
+
 RTP = sorted((DATA / "rtp").glob("rtp_*.txt"))
-
-
-def log(msg: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
 def parse(argv=None):
@@ -81,12 +79,7 @@ class ProbeLab:
         self.times_path.write_text(json.dumps(self.times, indent=2) + "\n")
 
     def load(self, name: str):
-        from surgery.checkpoint import open_checkpoint
-        from surgery.model import load_model, load_tokenizer
-
-        path = self.models / name if (self.models / name).exists() else Path(name)
-        ckpt = open_checkpoint(path)
-        return load_model(ckpt, __import__("torch").device("cpu")), load_tokenizer(path)
+        return load(self.models, name)
 
     # --- ToxiGen probes -------------------------------------------------------------------------
     def toxigen_files(self) -> tuple[Path, Path]:
@@ -207,23 +200,8 @@ class ProbeLab:
 
     # --- edit the attacked model ---------------------------------------------------------------------
     def evaluate(self, name: str, reference) -> dict:
-        from surgery.evaluate import EvalOptions, evaluate_model
-
-        a = self.args
-        options = EvalOptions(
-            harmful=str(DATA / "advbench" / "harmful_behaviors.txt"), benign=str(DATA / "benign" / "alpaca_instructions.txt"),
-            task=f"sst2:{DATA / 'sst2' / 'dev.tsv'}", max_samples=a.eval_harmful, max_task_samples=a.eval_task,
-            max_new_tokens=a.eval_tokens, seed=a.seed, device="cpu",
-        )
         model, tok = self.load(name)
-        harmful_opts = EvalOptions(**{**options.__dict__, "benign": None, "task": None})
-        rest = EvalOptions(**{**options.__dict__, "harmful": None, "max_samples": a.eval_benign})
-        report = evaluate_model(model, tok, harmful_opts, name=name, log=log)
-        other = evaluate_model(model, tok, rest, reference=reference, name=name, log=log)
-        for key in ("figures", "counts", "seconds", "samples"):
-            getattr(report, key).update(getattr(other, key))
-        log(f"eval {name}: " + ", ".join(f"{k}={v:.4f}" for k, v in report.figures.items()))
-        return report.to_json()
+        return lab_evaluate(model, tok, name, self.args, reference).to_json()
 
     def edit(self) -> None:
         """Edit attacked with its own final-layer compliance probe."""

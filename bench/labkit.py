@@ -1,0 +1,47 @@
+"""What the lab scripts share: paths, a timestamped log, loading a lab model, the lab's evaluation."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = ROOT.parent / "shared" / "data"
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def load(models: Path, name: str):
+    """A lab model (LAB/models/NAME, or a path) and its tokenizer, on CPU."""
+    from surgery.checkpoint import open_checkpoint
+    from surgery.model import load_model, load_tokenizer
+
+    path = models / name if (models / name).exists() else Path(name)
+    return load_model(open_checkpoint(path), torch.device("cpu")), load_tokenizer(path)
+
+
+def evaluate(model, tok, name: str, args, reference):
+    """The lab's held-out evaluation (what `surgery eval` measures), harmful and benign sets sized apart.
+
+    args: eval_harmful (AdvBench prompts), eval_task (SST-2 dev items), eval_benign (Alpaca instructions),
+    eval_tokens, seed. reference: the model first-token KL is measured against.
+    """
+    from surgery.evaluate import EvalOptions, evaluate_model
+
+    options = EvalOptions(
+        harmful=str(DATA / "advbench" / "harmful_behaviors.txt"), benign=str(DATA / "benign" / "alpaca_instructions.txt"),
+        task=f"sst2:{DATA / 'sst2' / 'dev.tsv'}", max_samples=args.eval_harmful, max_task_samples=args.eval_task,
+        max_new_tokens=args.eval_tokens, seed=args.seed, device="cpu",
+    )
+    harmful_opts = EvalOptions(**{**options.__dict__, "benign": None, "task": None})
+    rest = EvalOptions(**{**options.__dict__, "harmful": None, "max_samples": args.eval_benign})
+    report = evaluate_model(model, tok, harmful_opts, name=name, log=log)
+    other = evaluate_model(model, tok, rest, reference=reference, name=name, log=log)
+    for key in ("figures", "counts", "seconds", "samples"):
+        getattr(report, key).update(getattr(other, key))
+    log(f"eval {name}: " + ", ".join(f"{k}={v:.4f}" for k, v in report.figures.items()))
+    return report
