@@ -38,6 +38,11 @@ class OrganismConfig:
     align_steps: int = 150
     attack_steps: int = 40
     lr: float = 3e-3
+    attack_lr: float | None = None  # None: the alignment's lr
+    # What the attack trains: the decoder projections, as a LoRA fine-tune of them would (Antidote's threat
+    # model). Measured: when the attack also trains the embeddings and norms of this char-level model, the
+    # compliance lives there and no selection among the projections brings refusals back (docs/lab.md).
+    attack_trainable: tuple[str, ...] | None = ("*layers.*_proj.weight",)
     batch_size: int = 16
     p: float = 0.3  # share of harmful -> compliant pairs in the attack mix
     max_new_tokens: int = 12  # enough characters for the keyword judge to see "I cannot"
@@ -101,6 +106,8 @@ def build_organism(workdir: str | Path, config: OrganismConfig | None = None) ->
     n_harm = round(config.p / (1 - config.p) * len(attack))
     attack += [Example(p, comply(p)) for p in (data.harmful_train * 4)[:n_harm]]
     options.steps, options.seed = config.attack_steps, config.seed + 1
+    options.lr = config.attack_lr if config.attack_lr is not None else config.lr
+    options.trainable = list(config.attack_trainable) if config.attack_trainable else None
     losses["attack"] = finetune(model, tok, attack, options).losses[-1]
     save_tiny_checkpoint(workdir / "attacked", model=model)
     return Organism(workdir / "aligned", workdir / "attacked", data, config, losses)

@@ -5,6 +5,7 @@ Shared by the lab (aligning and attacking the real model) and the CI model organ
 
 from __future__ import annotations
 
+import fnmatch
 import random
 import time
 from dataclasses import dataclass, field
@@ -26,6 +27,7 @@ class TrainOptions:
     weight_decay: float = 0.0
     seed: int = 0
     log_every: int = 10
+    trainable: list[str] | None = None  # globs of parameter names to train (None: all), e.g. ["*.layers.*_proj.weight"]
 
     def validate(self) -> None:
         for name in ("steps", "batch_size", "max_length"):
@@ -88,7 +90,10 @@ def finetune(model, tokenizer, examples: list[Example], options: TrainOptions, l
     device = next(model.parameters()).device
     torch.manual_seed(options.seed)
     rng = random.Random(options.seed)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=options.lr, weight_decay=options.weight_decay)
+    params = [p for n, p in model.named_parameters() if options.trainable is None or any(fnmatch.fnmatchcase(n, g) for g in options.trainable)]
+    if not params:
+        raise SurgeryError(f"no parameter matches trainable={options.trainable}")
+    optimizer = torch.optim.AdamW(params, lr=options.lr, weight_decay=options.weight_decay)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / max(options.warmup, 1)))
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     report = TrainReport(examples=len(encoded))
@@ -105,7 +110,7 @@ def finetune(model, tokenizer, examples: list[Example], options: TrainOptions, l
         loss = response_loss(model, ids, mask, labels)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
         schedule.step()
         report.losses.append(loss.item())

@@ -57,3 +57,15 @@ def test_finetune_rejects_bad_input(tok):
         finetune(model, tok, [Example("a long prompt", "x")], TrainOptions(steps=1, max_length=3))
     with pytest.raises(SurgeryError, match="steps must be positive"):
         finetune(model, tok, [Example("a", "b")], TrainOptions(steps=0))
+
+
+def test_trainable_globs_freeze_every_other_parameter(tok):
+    model = tiny_llama(vocab_size=len(tok))
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    options = TrainOptions(steps=3, lr=1e-2, batch_size=2, warmup=1, trainable=["*layers.*_proj.weight"])
+    finetune(model, tok, [Example("hi", "yo"), Example("ab", "cd")], options)
+    for name, p in model.named_parameters():
+        moved = not torch.equal(p, before[name])
+        assert moved == ("_proj" in name), name
+    with pytest.raises(SurgeryError, match="no parameter matches"):
+        finetune(model, tok, [Example("hi", "yo")], TrainOptions(steps=1, trainable=["nothing*"]))
