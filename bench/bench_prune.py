@@ -42,8 +42,9 @@ def main() -> None:
     # The runtime alone (Python, torch, transformers, the model built on the meta device): a dry run.
     _, floor, _ = run_cli(["prune", str(args.model), "--dry-run", *extra])
     wall, peak, stdout = run_prune(args.model, extra)
-    summary = [line for line in stdout.splitlines() if line.startswith("pruned")]
-    print(summary[0] if summary else stdout[-400:])
+    # rich wraps the summary at the terminal width: rejoin it from "pruned" up to "wrote"
+    start, end = stdout.find("pruned "), stdout.find("wrote ")
+    print(" ".join(stdout[start:end].split()) if 0 <= start < end else stdout[-400:])
     print("| command | checkpoint | wall time | peak RSS | runtime (dry run) | peak - runtime | (peak - runtime) / checkpoint |")
     print("|---|---|---|---|---|---|---|")
     print(

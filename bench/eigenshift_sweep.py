@@ -58,6 +58,8 @@ def main(argv=None) -> None:
     p.add_argument("--max-new-tokens", type=int, default=16)
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--plot", default=str(ROOT / "docs" / "eigenshift_sweep.png"))
+    p.add_argument("--compare", default="",
+                   help="other repaired model folders (e.g. LAB/models/detox-probe-edit) measured on the same prompts, beside the sweep")
     p.add_argument("--skip-command", action="store_true", help="collect states in-process instead of via the CLI run")
     args = p.parse_args(argv)
 
@@ -148,6 +150,17 @@ def main(argv=None) -> None:
             plot(results, Path(args.plot), args.tag)  # a killed run still leaves the plot of what it measured
         m = results["rows"][key]
         log(f"{key} (k={m['k']}): toxicity {100 * m['toxicity']:.2f}% ppl {m['perplexity']:.2f} TPH {m['tph']:.2f}")
+    for other in (Path(x) for x in args.compare.split(",") if x):
+        if other.name not in results.setdefault("compare", {}):
+            t0 = time.perf_counter()
+            m = measure(load_model(open_checkpoint(other), torch.device("cpu")), tok, eval_prompts, ppl_texts, judge, options)
+            base = results["base"]
+            m.update(seconds=time.perf_counter() - t0,
+                     tph=tph(100 * base["toxicity"], 100 * m["toxicity"], base["perplexity"], m["perplexity"]))
+            results["compare"][other.name] = m
+            result_path.write_text(json.dumps(results, indent=2))
+        m = results["compare"][other.name]
+        log(f"{other.name}: toxicity {100 * m['toxicity']:.2f}% ppl {m['perplexity']:.2f} TPH {m['tph']:.2f}")
     plot(results, Path(args.plot), args.tag)
     print(table(results))
 
@@ -158,6 +171,8 @@ def table(results: dict) -> str:
              f"| — (base) | — | {100 * base['toxicity']:.2f} | {base['perplexity']:.2f} | — |"]
     for r in results["rows"].values():
         lines.append(f"| {r['k']} ({r['percent']:g}%) | {r['alpha']:g} | {100 * r['toxicity']:.2f} | {r['perplexity']:.2f} | {r['tph']:.2f} |")
+    for name, r in results.get("compare", {}).items():
+        lines.append(f"| {name} | | {100 * r['toxicity']:.2f} | {r['perplexity']:.2f} | {r['tph']:.2f} |")
     return "\n".join(lines)
 
 
@@ -175,6 +190,8 @@ def plot(results: dict, path: Path, tag: str) -> None:
         ax.plot([r["perplexity"] for r in rows], [100 * r["toxicity"] for r in rows], "o-", label=f"k = {percent:g}% of rank")
         for r in rows:
             ax.annotate(f"α={r['alpha']:g}", (r["perplexity"], 100 * r["toxicity"]), fontsize=7, xytext=(3, 3), textcoords="offset points")
+    for name, r in results.get("compare", {}).items():
+        ax.scatter([r["perplexity"]], [100 * r["toxicity"]], marker="s", s=50, label=name)
     ax.set_xscale("log")
     ax.set_xlabel("perplexity on built-in harmless prompts (log scale)")
     ax.set_ylabel("toxic continuations of held-out RTP prompts (%)")

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import random
 import shutil
 import subprocess
@@ -227,7 +228,8 @@ def _order(path: Path):
 def write_results(rows, times, args) -> None:
     docs = ROOT / "docs"
     docs.mkdir(exist_ok=True)
-    command = "OMP_NUM_THREADS=1 nice -n 5 python bench/lab.py " + " ".join(f"{a}" for a in sys.argv[1:])
+    threads = os.environ.get("OMP_NUM_THREADS")
+    command = (f"OMP_NUM_THREADS={threads} " if threads else "") + "python bench/lab.py " + " ".join(sys.argv[1:])
     lines = [
         "# Lab results: align, attack, repair (SmolLM2-135M-Instruct, CPU)",
         "",
@@ -239,9 +241,14 @@ def write_results(rows, times, args) -> None:
         f"{args.eval_tokens} new tokens), {args.eval_task} SST-2 dev items (accuracy from the generated answer), "
         f"{args.eval_benign} Alpaca instructions (perplexity, over-refusal, first-token KL to the attacked model).",
         f"Alignment: {args.align_steps} steps, lr {args.align_lr:g}; attack: {args.attack_steps} steps, lr {args.attack_lr:g}, "
-        f"p = {args.p:g}; batch {args.batch_size}, max length {args.max_length} tokens. Repairs: `prune_checkpoint` "
-        "(Antidote, Wanda score, per-row) on the attacked model, calibrated on "
-        f"{args.calib_samples} built-in harmful prompts with the attacked model's own {args.calib_tokens}-token answers.",
+        f"p = {args.p:g}; batch {args.batch_size}, max length {args.max_length} tokens.",
+        "",
+        "Repairs of the attacked model: `prune-R` = `surgery prune attacked --ratio R` (Antidote at its defaults: Wanda "
+        "score, top R of every row of every decoder Linear zeroed); `restore-R` = the same with `--reference aligned` "
+        "(the fine-tuning delta scored, the selected weights restored to aligned); both calibrated on "
+        f"{args.calib_samples} built-in harmful prompts with the attacked model's own {args.calib_tokens}-token answers. "
+        "`ablate-reverse-S` = `surgery ablate attacked --reverse --scale S` (built-in sets); "
+        "`attacked-probe-edit-1` = `surgery edit attacked --probe <compliance probe> --alpha 1` (bench/probe_lab.py).",
         "",
         "| model | harmful score | SST-2 accuracy | perplexity | KL to attacked | over-refusal |",
         "|---|---|---|---|---|---|",
@@ -254,7 +261,8 @@ def write_results(rows, times, args) -> None:
         )
     lines += ["", "Wall time of each stage on the shared 2-core CPU (seconds):", "", "| stage | seconds |", "|---|---|"]
     lines += [f"| {k} | {v:.0f} |" for k, v in times.items()]
-    lines += ["", "The tiny CI model organism (same pipeline, in-process) and what it showed: docs/lab.md."]
+    lines += [f"| total | {sum(times.values()):.0f} |"]
+    lines += ["", "What the table shows, the plot, and the tiny CI model organism: docs/lab.md."]
     (docs / "results.md").write_text("\n".join(lines) + "\n")
     sweep = [(name, r["figures"]) for name, r in rows if name.startswith(SWEEPS)]
     if sweep:
