@@ -84,13 +84,25 @@ def edit_command(
     """Model Surgery: push the gate rows most opposed to the probe's undesired direction along it."""
     options = EditOptions(alpha=alpha, count=count, fraction=fraction, allow_pickle=allow_pickle)
     if dry_run:
-        show_edit_plan(plan_edit(model, probe, options)[0])
+        plan = plan_edit(model, probe, options)[0]
+        show_edit_plan(plan)
+        show_step(plan, alpha)
         return
     if output is None:
         raise SurgeryError("--output/-o is required (or use --dry-run)")
     report = edit_checkpoint(model, probe, output, options, force=force)
     show_edit_plan(report.plan)
+    show_step(report.plan, alpha)
     out.print(f"edited {report.plan.selected:,} rows with alpha {alpha}; wrote {report.output}")
+
+
+def show_step(plan, alpha: float) -> None:
+    """alpha is in units of the probe's norm, which depends on how the probe was trained: say what it means here."""
+    if plan.selected:
+        out.print(
+            f"each row moves by |alpha|·‖w‖ = {abs(alpha) * plan.probe_norm:.4g} = {100 * plan.relative_step(alpha):.1f}% of the "
+            f"selected rows' mean norm {plan.mean_row_norm:.4g} (‖w‖ = {plan.probe_norm:.4g})"
+        )
 
 
 @app.command("ablate")

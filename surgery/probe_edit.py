@@ -52,6 +52,12 @@ class EditPlan:
     total_rows: int
     requested: int
     layer_of: dict[str, int] = field(default_factory=dict)
+    probe_norm: float = 0.0  # ||w||: alpha is in these units (the probe row is not normalised)
+    mean_row_norm: float = 0.0  # mean norm of the selected rows
+
+    def relative_step(self, alpha: float) -> float:
+        """How far the edit moves each selected row, as a share of the rows' mean norm: |alpha|·||w|| / mean ||row||."""
+        return abs(alpha) * self.probe_norm / self.mean_row_norm if self.mean_row_norm else 0.0
 
     @property
     def selected(self) -> int:
@@ -123,10 +129,17 @@ def plan_edit(model_dir: str | Path, probe_dir: str | Path, options: EditOptions
     k = options.rows(total)
     if k > total:
         raise SurgeryError(f"--count {k} is more than the model's {total:,} gate_proj rows")
-    cosines = {t: row_cosines(ckpt.read(t), w) for t in gates} if k else {}
+    cosines, norms = {}, []
+    if k:
+        for t in gates:
+            weight = ckpt.read(t)
+            cosines[t] = row_cosines(weight, w)
     rows = select_rows(cosines, k) if k else {}
+    for t, r in rows.items():
+        norms.append(ckpt.read(t)[torch.tensor(r)].float().norm(dim=1))
     picked = {t: cosines[t][r].tolist() for t, r in rows.items()}
-    return EditPlan(rows, picked, total, k, gates), w
+    mean_norm = float(torch.cat(norms).mean()) if norms else 0.0
+    return EditPlan(rows, picked, total, k, gates, probe_norm=float(w.norm()), mean_row_norm=mean_norm), w
 
 
 def edit_rows(weight: torch.Tensor, rows: list[int], w: torch.Tensor, alpha: float) -> torch.Tensor:
@@ -159,6 +172,8 @@ def edit_checkpoint(model_dir: str | Path, probe_dir: str | Path, output: str | 
         "gate_rows_total": plan.total_rows,
         "rows_per_layer": {str(k): v for k, v in plan.per_layer().items()},
         "probe_norm": float(w.norm()),
+        "mean_selected_row_norm": plan.mean_row_norm,
+        "relative_step": plan.relative_step(options.alpha),
         "max_cosine_selected": max((max(c) for c in plan.cosines.values()), default=None),
     }
     arguments = dict(asdict(options), probe=str(Path(probe_dir).resolve()))

@@ -171,3 +171,15 @@ def test_cli_dry_run_lists_rows_per_layer_and_writes_nothing(tiny_ckpt, tmp_path
         assert f"│ {layer}" in cap and f"{n}" in cap
     assert sum(plan.per_layer().values()) == 12 and "12 of 128 gate_proj rows" in cap
     assert set(tmp_path.iterdir()) == before
+
+
+def test_plan_reports_the_step_relative_to_the_selected_rows(tiny_ckpt, tmp_path, capsys):
+    w = make_probe(tiny_ckpt, tmp_path / "p")
+    plan, _ = plan_edit(tiny_ckpt, tmp_path / "p", EditOptions(count=10))
+    ckpt = open_checkpoint(tiny_ckpt)
+    norms = torch.cat([ckpt.read(t)[torch.tensor(r)].norm(dim=1) for t, r in plan.rows.items()])
+    assert plan.probe_norm == pytest.approx(float(w.norm()))
+    assert plan.mean_row_norm == pytest.approx(float(norms.mean()))
+    assert plan.relative_step(-2.0) == pytest.approx(2.0 * float(w.norm()) / float(norms.mean()))
+    main(["edit", str(tiny_ckpt), "--probe", str(tmp_path / "p"), "--count", "10", "--alpha", "2", "--dry-run"])
+    assert f"{100 * plan.relative_step(2.0):.1f}% of the selected rows' mean norm" in capsys.readouterr().out
