@@ -88,17 +88,19 @@ def main() -> None:
     args = ap.parse_args()
     args.workdir.mkdir(parents=True, exist_ok=True)
     data = calibration_file(args.workdir / "calib.jsonl")
-    print("| checkpoint | layers | in memory: peak RSS | in memory: wall | streamed: peak RSS | streamed: wall |")
-    print("|---|---|---|---|---|---|")
+    print("| checkpoint | layers | runtime (dry run) | in memory: peak RSS | in memory: wall | streamed: peak RSS | streamed: wall |")
+    print("|---|---|---|---|---|---|---|")
     for gb in args.sizes:
         folder = args.workdir / f"llama-{gb}gb"
         if not folder.exists():
             make_checkpoint(folder, gb)
         layers = json.loads((folder / "config.json").read_text())["num_hidden_layers"]
         size = sum(p.stat().st_size for p in folder.glob("*.safetensors")) / 2**30
+        _, floor, _ = run_cli(["prune", str(folder), "--dry-run"])  # Python + torch + transformers, no weights
         mem, mem_wall = peak_of_prune(folder, data, args.workdir / "out", stream=False)
         streamed, st_wall = peak_of_prune(folder, data, args.workdir / "out", stream=True)
-        print(f"| {size:.2f} GiB | {layers} | {mem:.2f} GiB | {mem_wall:.0f} s | {streamed:.2f} GiB | {st_wall:.0f} s |", flush=True)
+        print(f"| {size:.2f} GiB | {layers} | {floor / 2**30:.2f} GiB | {mem:.2f} GiB | {mem_wall:.0f} s | {streamed:.2f} GiB "
+              f"| {st_wall:.0f} s |", flush=True)
 
 
 if __name__ == "__main__":
