@@ -7,7 +7,7 @@ zero so that softmax(W h + b)[1] = sigmoid(w·h + b) is exactly the fitted binar
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import torch
@@ -42,6 +42,13 @@ class ProbeMeta:
     test_fraction: float = 0.2
     c: float = 1.0  # logistic regression inverse regularisation strength
     layer_accuracy: dict[str, dict[str, float]] = field(default_factory=dict)  # --layer all: per-layer figures
+    extra: dict = field(default_factory=dict)  # keys this version does not know (newer versions, user notes): kept
+
+    @classmethod
+    def from_json(cls, raw: dict) -> "ProbeMeta":
+        known = {f.name for f in fields(cls)} - {"extra"}
+        extra = {**raw.get("extra", {}), **{k: v for k, v in raw.items() if k not in known and k != "extra"}}
+        return cls(**{k: v for k, v in raw.items() if k in known}, extra=extra)
 
 
 @dataclass
@@ -75,10 +82,10 @@ def load_probe(folder: str | Path, ckpt: Checkpoint | None = None) -> Probe:
     if not (folder / META_NAME).is_file() or not (folder / WEIGHTS_NAME).is_file():
         raise SurgeryError(f"{folder} is not a probe folder: expected {WEIGHTS_NAME} and {META_NAME} (from `surgery probe-train`)")
     try:
-        meta = ProbeMeta(**json.loads((folder / META_NAME).read_text()))
+        meta = ProbeMeta.from_json(json.loads((folder / META_NAME).read_text()))
         tensors = load_file(str(folder / WEIGHTS_NAME))
         weight, bias = tensors["weight"].float(), tensors["bias"].float()
-    except (json.JSONDecodeError, TypeError, KeyError, OSError, RuntimeError) as e:
+    except (json.JSONDecodeError, TypeError, AttributeError, KeyError, OSError, RuntimeError) as e:
         raise SurgeryError(f"probe {folder} is corrupt: {e}")
     if weight.ndim != 2 or weight.shape[0] != 2 or bias.shape != (2,) or weight.shape[1] != meta.hidden_size:
         raise SurgeryError(f"probe {folder} has weight {tuple(weight.shape)} / bias {tuple(bias.shape)}, expected [2, {meta.hidden_size}] / [2]")

@@ -93,6 +93,22 @@ def test_train_saves_artifact_with_metadata(tiny_ckpt, classes, tmp_path):
     assert p[0] > 0.5 > p[1]
 
 
+def test_probe_json_with_unknown_keys_loads_and_keeps_them(tiny_ckpt, classes, tmp_path):
+    # A newer version's fields (or a script's notes) in probe.json must not make the probe unreadable.
+    pos, neg = classes
+    train_probe_checkpoint(tiny_ckpt, pos, neg, tmp_path / "probe", opts())
+    meta_file = tmp_path / "probe" / META_NAME
+    meta_file.write_text(json.dumps({**json.loads(meta_file.read_text()), "data": "set-a", "future": 3}))
+    probe = load_probe(tmp_path / "probe", open_checkpoint(tiny_ckpt))
+    assert probe.meta.extra == {"data": "set-a", "future": 3} and probe.meta.layer == 2
+    from probes.artifact import save_probe
+    save_probe(probe, tmp_path / "again")
+    assert load_probe(tmp_path / "again").meta.extra == {"data": "set-a", "future": 3}
+    meta_file.write_text(json.dumps({"layer": 2}))  # required fields missing: a clear error, not a TypeError
+    with pytest.raises(SurgeryError, match="corrupt"):
+        load_probe(tmp_path / "probe")
+
+
 def test_layer_all_writes_table_and_plot(tiny_ckpt, classes, tmp_path):
     pos, neg = classes
     report = train_probe_checkpoint(tiny_ckpt, pos, neg, tmp_path / "probe", opts(layer="all", pooling="last", chat=True))
