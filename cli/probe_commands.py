@@ -12,6 +12,7 @@ from surgery.ablate import AblateOptions, ablate_checkpoint
 from surgery.errors import SurgeryError
 from surgery.probe_edit import EditOptions, EditPlan, edit_checkpoint, plan_edit
 
+from .check import check_option, check_output
 from .console import err, out
 from .main import app
 
@@ -80,6 +81,7 @@ def edit_command(
     allow_pickle: bool = typer.Option(False, "--allow-pickle", help="Accept .bin/.pt weights (they can run code)."),
     dry_run: bool = typer.Option(False, "--dry-run", help="List the selected rows per layer and write nothing."),
     force: bool = typer.Option(False, "--force", help="Replace an existing output folder."),
+    check: bool = check_option(),
 ) -> None:
     """Model Surgery: push the gate rows most opposed to the probe's undesired direction along it."""
     options = EditOptions(alpha=alpha, count=count, fraction=fraction, allow_pickle=allow_pickle)
@@ -94,6 +96,7 @@ def edit_command(
     show_edit_plan(report.plan)
     show_step(report.plan, alpha)
     out.print(f"edited {report.plan.selected:,} rows with alpha {alpha}; wrote {report.output}")
+    check_output(model, output, check)
 
 
 def show_step(plan, alpha: float) -> None:
@@ -123,6 +126,7 @@ def ablate_command(
     seed: int = typer.Option(0),
     device: str = typer.Option("auto", help="cpu, cuda or auto."),
     force: bool = typer.Option(False, "--force", help="Replace an existing output folder."),
+    check: bool = check_option(),
 ) -> None:
     """Refusal-direction ablation (Arditi et al. 2024): orthogonalise every residual writer against r."""
     options = AblateOptions(
@@ -139,3 +143,4 @@ def ablate_command(
         out.print(table)
     verb = "amplified" if reverse else "ablated"
     out.print(f"{verb} the direction from layer {report.layer} in {len(report.edited)} matrices (scale {scale}); wrote {report.output}")
+    check_output(model, output, check, device)

@@ -11,6 +11,7 @@ from rich.table import Table
 
 from surgery.prune import PruneOptions, PrunePlan, plan_prune, prune_checkpoint
 
+from .check import check_option, check_output
 from .console import err, out
 from .main import app
 
@@ -72,6 +73,7 @@ def prune_command(
     dry_run: bool = typer.Option(False, "--dry-run", help="Show what would be pruned and write nothing."),
     reference: Path = typer.Option(None, help="The checkpoint before the harmful fine-tuning: score only the fine-tuning delta and restore the selected weights to it instead of zeroing."),
     force: bool = typer.Option(False, "--force", help="Replace an existing output folder."),
+    check: bool = check_option(),
 ) -> None:
     """Antidote: zero the weights most important on harmful data (Wanda score, top RATIO of each row)."""
     options = PruneOptions(
@@ -102,3 +104,5 @@ def prune_command(
         out.print(f"wrote {report.output}")
     else:
         out.print(f"wrote {report.output}; zeros are stored densely, so the files are the same size as the input")
+    check_output(model, output, check, device,
+                 skip="streamed (it would load the whole model twice); measure the output with `surgery eval`" if report.streamed else None)

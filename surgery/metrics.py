@@ -36,15 +36,23 @@ def next_token_logprobs(model, tokenizer, prompts: list[str], batch_size: int = 
     seqs = [tokenizer(chat_text(tokenizer, p), add_special_tokens=False)["input_ids"] for p in prompts]
     rows = []
     for ids, mask in pad_batches(seqs, batch_size, tokenizer.pad_token_id or 0, left=True):
-        logits = model(input_ids=ids.to(_device(model)), attention_mask=mask.to(_device(model)), use_cache=False).logits
+        ids, mask = ids.to(_device(model)), mask.to(_device(model))
+        try:  # only the last position's logits: a [batch, 1, vocab] tensor instead of [batch, length, vocab]
+            logits = model(input_ids=ids, attention_mask=mask, use_cache=False, logits_to_keep=1).logits
+        except TypeError:  # a model class without logits_to_keep
+            logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
         rows.append(logits[:, -1].float().log_softmax(-1).cpu())
     return torch.cat(rows)
 
 
 def first_token_kl(model, reference, tokenizer, prompts: list[str], batch_size: int = 8) -> float:
     """Mean KL(reference || model) of the first response token's distribution over `prompts`."""
-    p = next_token_logprobs(reference, tokenizer, prompts, batch_size)
-    q = next_token_logprobs(model, tokenizer, prompts, batch_size)
+    return mean_kl(next_token_logprobs(reference, tokenizer, prompts, batch_size),
+                   next_token_logprobs(model, tokenizer, prompts, batch_size))
+
+
+def mean_kl(p: torch.Tensor, q: torch.Tensor) -> float:
+    """Mean over rows of KL(p || q), both given as log-probabilities [n, vocab]."""
     return (p.exp() * (p - q)).sum(-1).mean().item()
 
 

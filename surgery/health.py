@@ -1,0 +1,88 @@
+"""Did a repair leave the model working? A quick before/after check on harmless prompts.
+
+Every repair command (`prune`, `edit`, `ablate`) writes a new checkpoint; this measures, on a few
+built-in harmless prompts, the perplexity of the input and of the output and the first-token KL
+divergence between them, and records the figures in the output's manifest. It exists because the
+lab showed a repair at its published defaults can break a small model outright (Antidote zeroing at
+5 % took SmolLM2-135M's perplexity from 40 to 2.6 million) while the command reported success: the
+user should hear that from the command, not from production.
+
+One model is loaded at a time, so the check's memory is one model plus activations, never two.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from .checkpoint import MANIFEST_NAME, open_checkpoint
+from .metrics import mean_kl, next_token_logprobs, perplexity
+from .model import load_model, load_tokenizer, resolve_device
+from .prompts import load_examples
+
+BROKEN_PERPLEXITY_RATIO = 10.0  # perplexity grown more than this: the output is called broken
+CHECK_SAMPLES = 32
+
+
+@dataclass
+class HealthCheck:
+    prompts: int
+    perplexity_before: float
+    perplexity_after: float
+    kl: float  # mean KL(before || after) of the first response token's distribution
+
+    @property
+    def perplexity_ratio(self) -> float:
+        return self.perplexity_after / self.perplexity_before
+
+    @property
+    def broken(self) -> bool:
+        return not self.perplexity_ratio <= BROKEN_PERPLEXITY_RATIO  # NaN counts as broken
+
+    def to_json(self) -> dict:
+        return {**asdict(self), "perplexity_ratio": self.perplexity_ratio, "broken": self.broken,
+                "broken_if_perplexity_ratio_above": BROKEN_PERPLEXITY_RATIO, "prompts_from": "built-in harmless set"}
+
+    def summary(self) -> str:
+        line = (f"check on {self.prompts} built-in harmless prompts: perplexity {self.perplexity_before:.2f} -> "
+                f"{self.perplexity_after:.2f} (x{self.perplexity_ratio:.2f}), first-token KL {self.kl:.4f}")
+        if self.broken:
+            line += ("\nwarning: the output looks broken (perplexity grew more than "
+                     f"{BROKEN_PERPLEXITY_RATIO:g}x); measure it with `surgery eval` before using it")
+        return line
+
+
+def _measure(model_dir: str | Path, prompts: list[str], device: torch.device, batch_size: int) -> tuple[float, torch.Tensor]:
+    ckpt = open_checkpoint(model_dir)
+    tokenizer = load_tokenizer(ckpt.path)
+    model = load_model(ckpt, device)
+    ppl = perplexity(model, tokenizer, prompts, batch_size=batch_size)
+    logprobs = next_token_logprobs(model, tokenizer, prompts, batch_size)
+    del model
+    gc.collect()
+    return ppl, logprobs
+
+
+def health_check(before: str | Path, after: str | Path, samples: int = CHECK_SAMPLES, seed: int = 0,
+                 device: str = "auto", batch_size: int = 4) -> HealthCheck:
+    """Perplexity of `before` and `after` and their first-token KL on `samples` built-in harmless prompts."""
+    prompts = [e.prompt for e in load_examples(None, max_samples=samples, seed=seed, builtin="harmless")]
+    dev = resolve_device(device)
+    ppl_before, p = _measure(before, prompts, dev, batch_size)
+    ppl_after, q = _measure(after, prompts, dev, batch_size)
+    return HealthCheck(len(prompts), ppl_before, ppl_after, mean_kl(p, q))
+
+
+def record_check(output: str | Path, check: HealthCheck) -> None:
+    """Add the check to the output's manifest (written whole to a sibling, then renamed over it)."""
+    path = Path(output) / MANIFEST_NAME
+    manifest = json.loads(path.read_text())
+    manifest["check"] = check.to_json()
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(manifest, indent=2, default=str) + "\n")
+    os.replace(tmp, path)
