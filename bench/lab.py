@@ -11,7 +11,7 @@ Stages (each skipped when its output exists, so a killed run resumes where it st
   restore-R the same with reference=aligned: the fine-tuning delta is scored and restored, not zeroed
   eval      every model with the same `evaluate_model` on held-out sets: AdvBench (harmful score),
             SST-2 dev (accuracy), Alpaca instructions (perplexity, over-refusal, KL to attacked)
-Writes LAB/results/*.json, docs/results.md and docs/antidote_sweep.png. See docs/lab.md.
+Writes LAB/results/*.json, docs/results.md and docs/antidote_sweep.png (or docs/DOC.md and docs/DOC_sweep.png). See docs/lab.md.
 """
 
 from __future__ import annotations
@@ -64,6 +64,7 @@ def parse(argv=None):
     p.add_argument("--eval-tokens", type=int, default=32)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--only", default=None, help="comma-separated stages to run (default: all)")
+    p.add_argument("--doc", default="results", help="write docs/DOC.md and docs/DOC_sweep.png (a second lab beside the first)")
     return p.parse_args(argv)
 
 
@@ -263,10 +264,11 @@ def write_results(rows, times, args) -> None:
     lines += [f"| {k} | {v:.0f} |" for k, v in times.items()]
     lines += [f"| total | {sum(times.values()):.0f} |"]
     lines += ["", "What the table shows, the plot, and the tiny CI model organism: docs/lab.md."]
-    (docs / "results.md").write_text("\n".join(lines) + "\n")
+    (docs / f"{args.doc}.md").write_text("\n".join(lines) + "\n")
     sweep = [(name, r["figures"]) for name, r in rows if name.startswith(SWEEPS)]
     if sweep:
-        plot_sweep(sweep, dict(rows), docs / "antidote_sweep.png")
+        plot = "antidote_sweep.png" if args.doc == "results" else f"{args.doc}_sweep.png"
+        plot_sweep(sweep, dict(rows), docs / plot)
 
 
 def plot_sweep(sweep, by_name, path: Path) -> None:
