@@ -12,7 +12,7 @@ from surgery.ablate import AblateOptions, ablate_checkpoint
 from surgery.errors import SurgeryError
 from surgery.probe_edit import EditOptions, EditPlan, edit_checkpoint, plan_edit
 
-from .check import check_option, check_output
+from .check import check_option, check_output, gate_option, validate_gate
 from .console import err, out
 from .main import app
 
@@ -82,9 +82,11 @@ def edit_command(
     dry_run: bool = typer.Option(False, "--dry-run", help="List the selected rows per layer and write nothing."),
     force: bool = typer.Option(False, "--force", help="Replace an existing output folder."),
     check: bool = check_option(),
+    max_perplexity_ratio: float = gate_option(),
 ) -> None:
     """Model Surgery: push the gate rows most opposed to the probe's undesired direction along it."""
     options = EditOptions(alpha=alpha, count=count, fraction=fraction, allow_pickle=allow_pickle)
+    validate_gate(check, max_perplexity_ratio)
     if dry_run:
         plan = plan_edit(model, probe, options)[0]
         show_edit_plan(plan)
@@ -96,7 +98,7 @@ def edit_command(
     show_edit_plan(report.plan)
     show_step(report.plan, alpha)
     out.print(f"edited {report.plan.selected:,} rows with alpha {alpha}; wrote {report.output}")
-    check_output(model, output, check)
+    check_output(model, output, check, max_ratio=max_perplexity_ratio)
 
 
 def show_step(plan, alpha: float) -> None:
@@ -127,6 +129,7 @@ def ablate_command(
     device: str = typer.Option("auto", help="cpu, cuda or auto."),
     force: bool = typer.Option(False, "--force", help="Replace an existing output folder."),
     check: bool = check_option(),
+    max_perplexity_ratio: float = gate_option(),
 ) -> None:
     """Refusal-direction ablation (Arditi et al. 2024): orthogonalise every residual writer against r."""
     options = AblateOptions(
@@ -134,6 +137,7 @@ def ablate_command(
         layer=layer, scale=scale, reverse=reverse, include_embeddings=include_embeddings, max_samples=max_samples,
         held_out=held_out, max_length=max_length, batch_size=batch_size, seed=seed, device=device,
     )
+    validate_gate(check, max_perplexity_ratio)
     with err.status("finding the direction and editing"):
         report = ablate_checkpoint(model, output, options, force=force)
     if report.layer_scores:
@@ -143,4 +147,4 @@ def ablate_command(
         out.print(table)
     verb = "amplified" if reverse else "ablated"
     out.print(f"{verb} the direction from layer {report.layer} in {len(report.edited)} matrices (scale {scale}); wrote {report.output}")
-    check_output(model, output, check, device)
+    check_output(model, output, check, device, max_ratio=max_perplexity_ratio)

@@ -11,7 +11,7 @@ from rich.table import Table
 
 from surgery.prune import PruneOptions, PrunePlan, plan_prune, prune_checkpoint
 
-from .check import check_option, check_output
+from .check import check_option, check_output, gate_option, validate_gate
 from .console import err, out
 from .main import app
 
@@ -74,6 +74,7 @@ def prune_command(
     reference: Path = typer.Option(None, help="The checkpoint before the harmful fine-tuning: score only the fine-tuning delta and restore the selected weights to it instead of zeroing."),
     force: bool = typer.Option(False, "--force", help="Replace an existing output folder."),
     check: bool = check_option(),
+    max_perplexity_ratio: float = gate_option(),
 ) -> None:
     """Antidote: zero the weights most important on harmful data (Wanda score, top RATIO of each row)."""
     options = PruneOptions(
@@ -83,6 +84,7 @@ def prune_command(
         seed=seed, device=device, kernels=kernels, allow_pickle=allow_pickle,
         stream=stream, memory_budget_gb=memory_budget, reference=str(reference) if reference else None,
     )
+    validate_gate(check, max_perplexity_ratio, stream=bool(stream))
     if dry_run:
         show_plan(plan_prune(model, options))
         return
@@ -105,4 +107,5 @@ def prune_command(
     else:
         out.print(f"wrote {report.output}; zeros are stored densely, so the files are the same size as the input")
     check_output(model, output, check, device,
-                 skip="streamed (it would load the whole model twice); measure the output with `surgery eval`" if report.streamed else None)
+                 skip="streamed (it would load the whole model twice); measure the output with `surgery eval`" if report.streamed else None,
+                 max_ratio=max_perplexity_ratio)

@@ -67,3 +67,37 @@ def test_ablate_runs_the_check(tiny_ckpt, tmp_path, capsys):
     main(["ablate", str(tiny_ckpt), "-o", str(tmp_path / "out"), "--device", "cpu", "--max-samples", "8"])
     check = manifest(tmp_path / "out")["check"]
     assert check["prompts"] == CHECK_SAMPLES and check["kl"] > 0  # the edit moved the first-token distribution
+
+
+def run(capsys, *argv):
+    with pytest.raises(SystemExit) as e:
+        main([str(a) for a in argv])
+        raise SystemExit(0)
+    return e.value.code, capsys.readouterr()
+
+
+@pytest.mark.parametrize("after, bar, code", [(401.0, 20.0, 0), (401.0, 10.025, 0), (401.0, 10.02, 1), (401.0, 5.0, 1), (math.nan, 1e9, 1)])
+def test_perplexity_gate_fails_exactly_past_the_bar(monkeypatch, tiny_ckpt, tmp_path, capsys, after, bar, code):
+    import cli.check
+
+    monkeypatch.setattr(cli.check, "health_check", lambda *a, **k: HealthCheck(32, 40.0, after, 0.5))
+    out = tmp_path / "out"
+    got, cap = run(capsys, "ablate", tiny_ckpt, "-o", out, "--device", "cpu", "--max-samples", "8", "--max-perplexity-ratio", bar)
+    assert got == code
+    assert manifest(out)["check"]["perplexity_after"] == after or math.isnan(after)  # written and recorded either way
+    failed = [line for line in cap.err.splitlines() if "gate failed" in line]
+    assert len(failed) == code
+    if code and not math.isnan(after):
+        assert f"grew x10.03, above --max-perplexity-ratio {bar:g}" in failed[0]
+
+
+def test_perplexity_gate_on_a_real_check_and_its_bad_uses(tiny_ckpt, tmp_path, harmful_file, capsys):
+    base = ["prune", tiny_ckpt, "--data", harmful_file, "--device", "cpu", "--ratio", "0.5"]
+    code, _ = run(capsys, *base, "-o", tmp_path / "ok", "--max-perplexity-ratio", 1e6)
+    assert code == 0 and manifest(tmp_path / "ok")["check"]["perplexity_ratio"] <= 1e6
+    for extra, message in [(["--no-check"], "needs the after-write check: drop --no-check"),
+                           (["--stream"], "which --stream skips"), ([], "must be a factor of 1 or more")]:
+        bar = "0.5" if not extra else "2"
+        code, cap = run(capsys, *base, "-o", tmp_path / "bad", "--max-perplexity-ratio", bar, *extra)
+        assert code != 0 and message in cap.err and "Traceback" not in cap.err
+        assert not (tmp_path / "bad").exists()
