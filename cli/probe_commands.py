@@ -127,6 +127,7 @@ def ablate_command(
     batch_size: int = typer.Option(8),
     seed: int = typer.Option(0),
     device: str = typer.Option("auto", help="cpu, cuda or auto."),
+    direction_from: Path = typer.Option(None, help="Read the direction off this checkpoint (e.g. the aligned model before the fine-tune) and apply it to MODEL."),
     force: bool = typer.Option(False, "--force", help="Replace an existing output folder."),
     check: bool = check_option(),
     max_perplexity_ratio: float = gate_option(),
@@ -136,6 +137,7 @@ def ablate_command(
         harmful=str(harmful) if harmful else None, harmless=str(harmless) if harmless else None, column=column,
         layer=layer, scale=scale, reverse=reverse, include_embeddings=include_embeddings, max_samples=max_samples,
         held_out=held_out, max_length=max_length, batch_size=batch_size, seed=seed, device=device,
+        direction_from=str(direction_from) if direction_from else None,
     )
     validate_gate(check, max_perplexity_ratio)
     with err.status("finding the direction and editing"):
@@ -146,5 +148,6 @@ def ablate_command(
             table.add_row(str(k) + (" *" if k == report.layer else ""), f"{v['auc']:.3f}", f"{v['gap']:.2f}")
         out.print(table)
     verb = "amplified" if reverse else "ablated"
-    out.print(f"{verb} the direction from layer {report.layer} in {len(report.edited)} matrices (scale {scale}); wrote {report.output}")
+    source = f" of {direction_from}" if direction_from else ""
+    out.print(f"{verb} the direction from layer {report.layer}{source} in {len(report.edited)} matrices (scale {scale}); wrote {report.output}")
     check_output(model, output, check, device, max_ratio=max_perplexity_ratio)

@@ -11,6 +11,10 @@ write along r is multiplied by (1 + scale). This strengthens a refusal direction
 weakly; it cannot create one that the fine-tuning has removed entirely (activation addition, which adds
 a constant r, would need a bias the llama family does not have).
 
+--direction-from REF reads r off another checkpoint of the same shape, typically the aligned model
+before a harmful fine-tune, whose refusal direction is the one the fine-tune weakened; the edit is
+still applied to MODEL.
+
 --layer auto: the prompts are split (seeded) into fit and held-out halves; r is fit per candidate layer
 and the layer whose projection r^T h best separates held-out harmful from harmless prompts (ROC AUC,
 ties broken by the larger standardised mean gap) is taken. Candidates are layers 1 .. 0.8 * L, as
@@ -50,8 +54,11 @@ class AblateOptions:
     batch_size: int = 8
     seed: int = 0
     device: str = "auto"
+    direction_from: str | None = None  # read r off this checkpoint (e.g. the aligned model) instead of the edited one
 
     def validate(self) -> None:
+        if self.direction_from is not None and not Path(self.direction_from).is_dir():
+            raise SurgeryError(f"--direction-from {self.direction_from} is not a folder")
         if not (self.scale >= 0 and np.isfinite(self.scale)):
             raise SurgeryError(f"--scale must be zero or more (use --reverse to add), got {self.scale}")
         if self.layer != "auto":
@@ -184,7 +191,13 @@ def ablate_checkpoint(model_dir: str | Path, output: str | Path, options: Ablate
     ckpt = open_checkpoint(model_dir)
     if not any(WRITERS.search(n) for n in ckpt.tensors):
         raise SurgeryError(f"{ckpt.path} has no o_proj/down_proj weights: direction ablation needs a llama-family model")
-    report = refusal_direction(model_dir, options)
+    source = options.direction_from or model_dir
+    if options.direction_from is not None:
+        other = open_checkpoint(options.direction_from)
+        if other.config.get("hidden_size") != ckpt.config.get("hidden_size"):
+            raise SurgeryError(f"--direction-from {options.direction_from} has hidden size {other.config.get('hidden_size')}, "
+                               f"{ckpt.path} has {ckpt.config.get('hidden_size')}: the direction cannot be applied")
+    report = refusal_direction(source, options)
     r = report.direction
     scale = -options.scale if options.reverse else options.scale  # reverse: W + scale * r (r^T W)
 
@@ -199,6 +212,7 @@ def ablate_checkpoint(model_dir: str | Path, output: str | Path, options: Ablate
 
     summary = {
         "layer": report.layer,
+        "direction_from": str(Path(source).resolve()),
         "layer_scores": {str(k): v for k, v in report.layer_scores.items()},
         "direction": r.tolist(),
         "tied_embeddings_note": "with tied embeddings, --include-embeddings edits the output head too" if ckpt.tied_embeddings else "",

@@ -5,6 +5,7 @@ import torch
 
 from cli.main import main
 from surgery.ablate import (
+    refusal_direction,
     AblateOptions, ablate_checkpoint, auc, candidate_layers, choose_layer, difference_of_means, orthogonalise,
 )
 from surgery.checkpoint import MANIFEST_NAME, open_checkpoint
@@ -130,3 +131,27 @@ def test_cli_ablates_and_refuses_existing_output(tiny_ckpt, tmp_path, prompt_fil
     assert "ablated the direction from layer 1 in 4 matrices" in capsys.readouterr().out
     code, cap = run_cli(argv, capsys)
     assert code == 2 and "already exists" in cap.err
+
+
+def test_direction_from_another_checkpoint_is_read_there_and_applied_here(tiny_ckpt, tmp_path, prompt_files):
+    other = save_tiny_checkpoint(tmp_path / "other", seed=7)  # same shape, other weights: another direction
+    from_other = refusal_direction(other, opts(prompt_files, layer="1")).direction
+    own = refusal_direction(tiny_ckpt, opts(prompt_files, layer="1")).direction
+    assert (from_other - own).abs().max() > 1e-3
+    before = folder_hashes(other)
+    report = ablate_checkpoint(tiny_ckpt, tmp_path / "out", opts(prompt_files, layer="1", direction_from=str(other)))
+    assert torch.equal(report.direction, from_other) and folder_hashes(other) == before
+    new = open_checkpoint(tmp_path / "out")
+    for name in report.edited:
+        assert (from_other @ new.read(name)).abs().max() < 1e-5, name
+    manifest = json.loads((tmp_path / "out" / MANIFEST_NAME).read_text())
+    assert manifest["report"]["direction_from"] == str(other.resolve())
+
+
+def test_direction_from_a_model_of_another_width_is_refused(tiny_ckpt, tmp_path, prompt_files, capsys):
+    wide = save_tiny_checkpoint(tmp_path / "wide", model=tiny_llama(hidden=48))
+    harmful, harmless = prompt_files
+    code, cap = run_cli(["ablate", str(tiny_ckpt), "--harmful", str(harmful), "--harmless", str(harmless),
+                         "--direction-from", str(wide), "-o", str(tmp_path / "out")], capsys)
+    assert code == 2 and "has hidden size 48" in cap.err and len(cap.err.strip().splitlines()) == 1
+    assert not (tmp_path / "out").exists()
