@@ -51,6 +51,8 @@ def parse(argv=None):
     p.add_argument("--answer-samples", type=int, default=64, help="built-in prompts per set given base answers")
     p.add_argument("--answer-tokens", type=int, default=32)
     p.add_argument("--ratios", default="0.05,0.01,0.1,0.25", help="Antidote ratios, weights zeroed (the default 0.05 first)")
+    p.add_argument("--contrastive-ratios", default="",
+                   help="Antidote ratios with --score contrastive (harmful minus benign input norms; weights zeroed)")
     p.add_argument("--restore-ratios", default="0.05,0.01,0.1,0.25",
                    help="Antidote ratios with --reference aligned (delta scored, weights restored)")
     p.add_argument("--ablate-scales", default="1,4", help="scales of `surgery ablate attacked --reverse` (refusal direction amplified)")
@@ -153,10 +155,10 @@ class Lab:
         examples += [harmful[i % len(harmful)] for i in range(n_harm)]
         self._train_and_save("aligned", examples, self.args.attack_steps, self.args.attack_lr, tmp)
 
-    def prune(self, ratio: float, tmp: Path, reference: str | None = None) -> None:
+    def prune(self, ratio: float, tmp: Path, reference: str | None = None, score: str = "wanda") -> None:
         from surgery.prune import PruneOptions, prune_checkpoint
 
-        options = PruneOptions(ratio=ratio, device="cpu", seed=self.args.seed, max_samples=self.args.calib_samples,
+        options = PruneOptions(ratio=ratio, score=score, device="cpu", seed=self.args.seed, max_samples=self.args.calib_samples,
                                max_new_tokens=self.args.calib_tokens,
                                reference=str(self.models / reference) if reference else None)
         prune_checkpoint(self.models / "attacked", tmp, options)
@@ -185,11 +187,12 @@ class Lab:
         for name in ("attacked", "aligned", "base"):
             self.stage(f"eval:{name}", self.results / f"{name}.json", lambda tmp, n=name: self.evaluate(n, tmp))
             self.write_docs()
-        sweeps = [("prune", self.args.ratios, None), ("restore", self.args.restore_ratios, "aligned")]
-        for kind, ratios, reference in sweeps:
+        sweeps = [("prune", self.args.ratios, None, "wanda"), ("restore", self.args.restore_ratios, "aligned", "wanda"),
+                  ("contrast", self.args.contrastive_ratios, None, "contrastive")]
+        for kind, ratios, reference, score in sweeps:
             for r in (float(x) for x in ratios.split(",") if x):
                 name = f"{kind}-{r:g}"
-                self.stage(f"{kind}:{r:g}", m / name, lambda tmp, r=r, ref=reference: self.prune(r, tmp, ref))
+                self.stage(f"{kind}:{r:g}", m / name, lambda tmp, r=r, ref=reference, sc=score: self.prune(r, tmp, ref, sc))
                 if (m / name).exists():
                     self.stage(f"eval:{name}", self.results / f"{name}.json", lambda tmp, n=name: self.evaluate(n, tmp))
                 self.write_docs()
@@ -214,11 +217,11 @@ class Lab:
             write_results(rows, self.times, self.args)
 
 
-SWEEPS = ("prune-", "restore-", "ablate-reverse-")
+SWEEPS = ("prune-", "restore-", "contrast-", "ablate-reverse-")
 
 
 def _order(path: Path):
-    rank = {"base": 0, "aligned": 1, "attacked": 2, "prune": 3, "restore": 4}
+    rank = {"base": 0, "aligned": 1, "attacked": 2, "prune": 3, "restore": 4, "contrast": 5}
     kind, _, ratio = path.stem.partition("-")
     try:
         return (rank.get(kind, 5), float(ratio.rsplit("-", 1)[-1]) if ratio else 0.0, path.stem)
@@ -247,8 +250,11 @@ def write_results(rows, times, args) -> None:
         "",
         "Repairs of the attacked model: `prune-R` = `surgery prune attacked --ratio R` (Antidote at its defaults: Wanda "
         "score, top R of every row of every decoder Linear zeroed); `restore-R` = the same with `--reference aligned` "
-        "(the fine-tuning delta scored, the selected weights restored to aligned); both calibrated on "
-        f"{args.calib_samples} built-in harmful prompts with the attacked model's own {args.calib_tokens}-token answers. "
+        "(the fine-tuning delta scored, the selected weights restored to aligned); "
+        + ("`contrast-R` = `surgery prune attacked --score contrastive --ratio R` (harmful minus benign input norms, "
+           "benign = the built-in harmless set, weights zeroed); " if args.contrastive_ratios else "")
+        + f"all calibrated on {args.calib_samples} built-in harmful prompts with the attacked model's own "
+        f"{args.calib_tokens}-token answers. "
         "`ablate-reverse-S` = `surgery ablate attacked --reverse --scale S` (built-in sets)"
         + ("; `attacked-probe-edit-1` = `surgery edit attacked --probe <compliance probe> --alpha 1` (bench/probe_lab.py)."
            if any(name.startswith("attacked-probe-edit") for name, _ in rows) else ".")
@@ -283,6 +289,7 @@ def plot_sweep(sweep, by_name, path: Path) -> None:
 
     fig, ax = plt.subplots(figsize=(5.5, 4))
     labels = {"prune": "Antidote, weights zeroed", "restore": "Antidote --reference aligned (restored)",
+              "contrast": "Antidote --score contrastive (zeroed)",
               "ablate-reverse": "ablate --reverse (scale)"}
     for kind, label in labels.items():
         pts = sorted(((n, f) for n, f in sweep if n.startswith(kind + "-")), key=lambda x: float(x[0].rsplit("-", 1)[1]))

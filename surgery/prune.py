@@ -203,7 +203,8 @@ def prune_checkpoint(model_dir: str | Path, output: str | Path, options: PruneOp
             sources = [_layerwise(ckpt, tokenizer, ex, options, modules, device) for ex in filter(None, (harmful, benign))]
             order = sources[0].write_order()
             tokens = sources[0].tokens
-            norm_of = sources[0].get if len(sources) == 1 else (lambda m: sources[0].get(m) - sources[1].get(m))
+            norm_of = sources[0].get if len(sources) == 1 else (
+                lambda m: contrast(sources[0].get(m), sources[0].tokens, sources[1].get(m), sources[1].tokens))
         else:
             model = load_model(ckpt, device)
             harmful = fill_responses(model, tokenizer, harmful, options.max_new_tokens, options.batch_size)
@@ -215,8 +216,10 @@ def prune_checkpoint(model_dir: str | Path, output: str | Path, options: PruneOp
             if benign is not None:
                 # Contrastive: harmful-data importance minus benign-data importance spares what the task needs.
                 benign = fill_responses(model, tokenizer, benign, options.max_new_tokens, options.batch_size)
-                benign_norms = collect_norms(model, tokenizer, benign, options, modules).norms()
-                norms = {n: norms[n] - benign_norms[n] for n in norms}
+                benign_stats = collect_norms(model, tokenizer, benign, options, modules)
+                benign_norms = benign_stats.norms()
+                norms = {n: contrast(norms[n], tokens, benign_norms[n], benign_stats.tokens) for n in norms}
+                del benign_stats
             norm_of = norms.__getitem__
             timings["calibrate"] = time.perf_counter() - t0
             del model, stats  # the statistics hold the model: drop both so its weights are unmapped before writing
@@ -255,6 +258,14 @@ def prune_checkpoint(model_dir: str | Path, output: str | Path, options: PruneOp
     write_checkpoint(ckpt, output, edit, method="antidote-prune", arguments=arguments, report=summary, force=force, order=order)
     timings["calibrate_and_write" if streamed else "write"] = time.perf_counter() - t0
     return PruneReport(Path(output), plan, sparsity, tokens, n_examples, timings, streamed, restored=reference is not None)
+
+
+def contrast(harmful: torch.Tensor, harmful_tokens: int, benign: torch.Tensor, benign_tokens: int) -> torch.Tensor:
+    """The contrastive input statistic: per-token RMS of each input column on harmful data minus the same on
+    benign data. Each side is divided by the square root of its own token count, so two sets of different
+    lengths compare like for like (the raw norms grow with the number of tokens; their difference would
+    mostly measure which set is longer)."""
+    return harmful / max(harmful_tokens, 1) ** 0.5 - benign / max(benign_tokens, 1) ** 0.5
 
 
 def _layerwise(ckpt, tokenizer, examples, options: PruneOptions, modules, device):

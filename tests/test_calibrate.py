@@ -41,3 +41,20 @@ def test_head_is_skipped_unless_targeted_and_head_norms_are_collected_when_it_is
     assert len(calls) == 1
     final = model.model(input_ids=torch.tensor([[5, 6, 7]])).last_hidden_state
     torch.testing.assert_close(stats.norms()["lm_head"], final[0].float().norm(dim=0), rtol=1e-4, atol=1e-5)
+
+
+def test_contrastive_statistic_compares_per_token_not_set_size():
+    from surgery.prune import contrast
+
+    model = tiny_llama()
+    name = "model.layers.0.mlp.down_proj"
+    seqs = [[5, 6, 7, 8, 9], [10, 11], [12, 13, 14]]
+    once = InputNorms(model, [name]).run(pad_batches(seqs, 2, pad_id=0))
+    thrice = InputNorms(model, [name]).run(pad_batches(seqs * 3, 2, pad_id=0))  # same texts, 3x the tokens
+    a, b = once.norms()[name], thrice.norms()[name]
+    assert (thrice.tokens, once.tokens) == (30, 10)
+    assert (b - a).abs().min() > 0.5 * a.abs().min()  # raw norms differ by sqrt(3): a raw difference measures size
+    assert contrast(a, once.tokens, b, thrice.tokens).abs().max() < 1e-5 * a.abs().max()
+    # and it is exactly the difference of per-token RMS values
+    torch.testing.assert_close(contrast(a, 10, 2 * a, 40), torch.zeros_like(a))
+    torch.testing.assert_close(contrast(a, 4, a, 16), a / 2 - a / 4)
