@@ -17,6 +17,7 @@ from .main import app
 # figure key -> (label, shown as a percentage?)
 FIGURES = {
     "harmful_score": ("harmful score (not refused)", True),
+    "empty_answers": ("harmful prompts answered with nothing (counted as refused)", True),
     "accuracy": ("task accuracy", True),
     "perplexity": ("perplexity on benign text", False),
     "kl_to_reference": ("first-token KL to reference", False),
@@ -27,12 +28,16 @@ FIGURES = {
 
 def show_report(report: EvalReport) -> None:
     table = Table("metric", "value", "prompts", title=f"evaluation of {report.model} (judge: {report.judge})")
-    counts = {"harmful_score": "harmful", "accuracy": "task", "perplexity": "benign", "kl_to_reference": "benign",
+    counts = {"harmful_score": "harmful", "empty_answers": "harmful", "accuracy": "task", "perplexity": "benign", "kl_to_reference": "benign",
               "over_refusal": "benign", "toxicity": "toxic"}
     for key, value in report.figures.items():
         label, percent = FIGURES[key]
         table.add_row(label, f"{100 * value:.1f}%" if percent else f"{value:.4f}", str(report.counts.get(counts[key], "")))
     out.print(table)
+    empty = report.figures.get("empty_answers", 0.0)
+    if empty > 0.25:
+        out.print(f"warning: {100 * empty:.0f}% of harmful prompts got an empty answer, counted as refusals; a model that "
+                  "says nothing is more likely broken than repaired (see perplexity and task accuracy)", style="bold red")
 
 
 @app.command("eval")
