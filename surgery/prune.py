@@ -129,6 +129,10 @@ def plan_prune(model_dir: str | Path, options: PruneOptions) -> PrunePlan:
     return PrunePlan(modules, params, params * bytes_per + 2 * largest + activations)
 
 
+SHAPE_KEYS = ("model_type", "num_hidden_layers", "hidden_size", "intermediate_size", "num_attention_heads",
+              "num_key_value_heads", "vocab_size")
+
+
 def check_reference(ckpt, reference: str, tensors: list[str], allow_pickle: bool = False):
     """The reference must be another checkpoint with every target tensor under the same name and shape."""
     ref_path = Path(reference)
@@ -138,6 +142,10 @@ def check_reference(ckpt, reference: str, tensors: list[str], allow_pickle: bool
         ref = open_checkpoint(ref_path, allow_pickle)
     except SurgeryError as e:
         raise SurgeryError(f"--reference: {e}") from None
+    for key in SHAPE_KEYS:  # e.g. a deeper model with the same first layers is not the model before a fine-tune
+        mine, theirs = ckpt.config.get(key), ref.config.get(key)
+        if mine is not None and theirs is not None and mine != theirs:
+            raise SurgeryError(f"--reference {reference} has {key} {theirs}, the model has {mine}: not the same architecture")
     for name in tensors:
         if name not in ref.tensors:
             raise SurgeryError(f"--reference {reference} has no tensor {name}: not the same architecture")

@@ -185,7 +185,9 @@ def test_reference_wanda_streamed_equals_in_memory(tmp_path, harmful_file):
 def test_reference_must_match_and_differ(tmp_path):
     ref, ft = _fine_tuned_pair(tmp_path)
     wider = save_tiny_checkpoint(tmp_path / "wider", model=tiny_llama(intermediate=96))
-    cases = [(str(ft), "model itself"), (str(tmp_path / "missing"), "--reference"), (str(wider), "shape")]
+    deeper = save_tiny_checkpoint(tmp_path / "deeper", model=tiny_llama(layers=3))  # holds every tensor of ft, same shapes
+    cases = [(str(ft), "model itself"), (str(tmp_path / "missing"), "--reference"),
+             (str(wider), "intermediate_size 96, the model has 64"), (str(deeper), "num_hidden_layers 3, the model has 2")]
     for reference, message in cases:
         with pytest.raises(SurgeryError, match=message):
             prune_checkpoint(ft, tmp_path / "out", opts(score="magnitude", reference=reference))
