@@ -193,7 +193,10 @@ def ablate_checkpoint(model_dir: str | Path, output: str | Path, options: Ablate
         raise SurgeryError(f"{ckpt.path} has no o_proj/down_proj weights: direction ablation needs a llama-family model")
     source = options.direction_from or model_dir
     if options.direction_from is not None:
-        other = open_checkpoint(options.direction_from)
+        try:
+            other = open_checkpoint(options.direction_from)
+        except SurgeryError as e:
+            raise SurgeryError(f"--direction-from: {e}") from None
         if other.config.get("hidden_size") != ckpt.config.get("hidden_size"):
             raise SurgeryError(f"--direction-from {options.direction_from} has hidden size {other.config.get('hidden_size')}, "
                                f"{ckpt.path} has {ckpt.config.get('hidden_size')}: the direction cannot be applied")
