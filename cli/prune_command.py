@@ -53,7 +53,7 @@ def prune_command(
     model: Path = typer.Argument(..., help="Checkpoint folder to repair (never modified)."),
     output: Path = typer.Option(None, "--output", "-o", help="Folder for the pruned checkpoint."),
     ratio: float = typer.Option(0.05, help="Fraction of each row to remove (Antidote default 0.05)."),
-    score: str = typer.Option("wanda", help="wanda (|W|·‖X‖ on harmful data), magnitude, or contrastive (harmful minus benign)."),
+    score: str = typer.Option("wanda", help="wanda (|W|·‖X‖ on harmful data), magnitude, or contrastive (|W| times per-token input RMS on harmful minus on benign data)."),
     granularity: str = typer.Option("row", help="row (the paper: top RATIO of each output row) or matrix (top RATIO of each whole matrix)."),
     targets: str = typer.Option(None, help="Comma-separated globs of Linear modules (default: every Linear in the decoder blocks)."),
     data: Path = typer.Option(None, help="Harmful calibration data (.jsonl, .csv, .tsv or .txt); default: the built-in set."),

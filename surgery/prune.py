@@ -8,6 +8,10 @@ With `reference` (the checkpoint before the harmful fine-tuning) only the fine-t
 S_ij = |W_ij - R_ij| * ||X_j||_2, and the selected weights are restored to R_ij instead of zeroed. That is
 the paper's setting carried over to a merged checkpoint: its code prunes the fine-tuning LoRA weights,
 i.e. it resets the most harmful-important entries of the delta, never the pre-trained weights.
+
+Contrastive score: S_ij = |W_ij| * (rms_harmful(X_j) - rms_benign(X_j)), the per-token RMS of input column j
+on each set (its norm over the square root of its token count, see `contrast`), so the weights the benign
+task also drives are spared.
 """
 
 from __future__ import annotations
