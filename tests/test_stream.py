@@ -23,7 +23,10 @@ def tensors(path):
 @pytest.mark.parametrize("score", ["wanda", "contrastive"])
 def test_streamed_equals_in_memory(make_ckpt, tmp_path, harmful_file, dtype, score):
     src = make_ckpt(dtype=dtype, tied=dtype == torch.float16, shard_bytes=20_000 if dtype == torch.bfloat16 else None)
-    common = dict(data=str(harmful_file), score=score, benign_data=str(harmful_file) if score == "contrastive" else None)
+    benign = tmp_path / "benign.jsonl"  # other texts and another token count than the harmful set
+    benign.write_text('{"prompt": "bake bread", "response": "mix flour, water and salt, then knead it well"}\n'
+                      '{"prompt": "a poem about rain", "response": "soft rain on the roof"}\n')
+    common = dict(data=str(harmful_file), score=score, benign_data=str(benign) if score == "contrastive" else None)
     a = prune_checkpoint(src, tmp_path / "mem", opts(stream=False, **common))
     b = prune_checkpoint(src, tmp_path / "stream", opts(stream=True, **common))
     assert not a.streamed and b.streamed
@@ -33,6 +36,10 @@ def test_streamed_equals_in_memory(make_ckpt, tmp_path, harmful_file, dtype, sco
     for name in mem:
         assert torch.equal(mem[name].view(torch.uint8), streamed[name].view(torch.uint8)), name
     assert a.sparsity == b.sparsity
+    if score == "contrastive":  # the benign statistic changed the selection (the comparison above is not vacuous)
+        prune_checkpoint(src, tmp_path / "wanda", opts(stream=False, data=str(harmful_file)))
+        wanda = tensors(tmp_path / "wanda")
+        assert any(not torch.equal(wanda[n], mem[n]) for n in mem)
 
 
 def test_stream_needs_responses(tiny_ckpt, tmp_path):
