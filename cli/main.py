@@ -47,4 +47,8 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    # `python -m cli.main`: this file runs as __main__, while the command modules registered themselves
+    # on the `app` of the importable cli.main; run that one.
+    from cli.main import main as _main
+
+    _main()

@@ -63,7 +63,8 @@ def prune_command(
     max_samples: int = typer.Option(128, help="Calibration examples (seeded random subset)."),
     max_length: int = typer.Option(256, help="Tokens per calibration example."),
     max_new_tokens: int = typer.Option(64, help="Length of generated responses for prompts without one."),
-    batch_size: int = typer.Option(8),
+    batch_size: int = typer.Option(8, help="Calibration sequences per forward pass."),
+    generate_batch_size: int = typer.Option(32, help="Prompts answered at once when the data has no responses (larger is faster, up to memory; greedy answers are the same up to float round-off)."),
     seed: int = typer.Option(0),
     device: str = typer.Option("auto", help="cpu, cuda or auto."),
     kernels: str = typer.Option("auto", help="triton, torch or auto (triton on CUDA)."),
@@ -81,6 +82,7 @@ def prune_command(
         ratio=ratio, score=score, granularity=granularity, targets=split_patterns(targets), data=str(data) if data else None, column=column,
         response_column=response_column, benign_data=str(benign_data) if benign_data else None,
         max_samples=max_samples, max_length=max_length, max_new_tokens=max_new_tokens, batch_size=batch_size,
+        generate_batch_size=generate_batch_size,
         seed=seed, device=device, kernels=kernels, allow_pickle=allow_pickle,
         stream=stream, memory_budget_gb=memory_budget, reference=str(reference) if reference else None,
     )

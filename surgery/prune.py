@@ -46,7 +46,8 @@ class PruneOptions:
     max_samples: int = 128
     max_length: int = 256
     max_new_tokens: int = 64
-    batch_size: int = 8
+    batch_size: int = 8  # calibration sequences per forward pass
+    generate_batch_size: int = 32  # prompts answered at once (greedy: same answers up to float round-off)
     seed: int = 0
     device: str = "auto"
     kernels: str = "auto"
@@ -64,7 +65,7 @@ class PruneOptions:
             raise SurgeryError(f"--granularity must be one of {', '.join(GRANULARITIES)}, got '{self.granularity}'")
         if self.kernels not in ("auto", "torch", "triton"):
             raise SurgeryError(f"--kernels must be auto, torch or triton, got '{self.kernels}'")
-        for name in ("max_length", "max_new_tokens", "batch_size"):
+        for name in ("max_length", "max_new_tokens", "batch_size", "generate_batch_size"):
             if getattr(self, name) <= 0:
                 raise SurgeryError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
 
@@ -219,7 +220,7 @@ def prune_checkpoint(model_dir: str | Path, output: str | Path, options: PruneOp
                 lambda m: contrast(sources[0].get(m), sources[0].tokens, sources[1].get(m), sources[1].tokens))
         else:
             model = load_model(ckpt, device)
-            harmful = fill_responses(model, tokenizer, harmful, options.max_new_tokens, options.batch_size)
+            harmful = fill_responses(model, tokenizer, harmful, options.max_new_tokens, options.generate_batch_size)
             timings["generate_responses"] = time.perf_counter() - t0
             t0 = time.perf_counter()
             stats = collect_norms(model, tokenizer, harmful, options, modules)
@@ -227,7 +228,7 @@ def prune_checkpoint(model_dir: str | Path, output: str | Path, options: PruneOp
             tokens = stats.tokens
             if benign is not None:
                 # Contrastive: harmful-data importance minus benign-data importance spares what the task needs.
-                benign = fill_responses(model, tokenizer, benign, options.max_new_tokens, options.batch_size)
+                benign = fill_responses(model, tokenizer, benign, options.max_new_tokens, options.generate_batch_size)
                 benign_stats = collect_norms(model, tokenizer, benign, options, modules)
                 benign_norms = benign_stats.norms()
                 norms = {n: contrast(norms[n], tokens, benign_norms[n], benign_stats.tokens) for n in norms}

@@ -133,3 +133,18 @@ def test_allow_pickle_converts_to_safetensors(tiny_ckpt, tmp_path, harmful_file,
     (tiny_ckpt / "model.safetensors").unlink()
     main(prune_args(tiny_ckpt, tmp_path / "out", "--data", harmful_file, "--allow-pickle", "--score", "magnitude"))
     assert set(open_checkpoint(tmp_path / "out").tensors) == set(state)
+
+
+def test_python_dash_m_runs_the_registered_commands(tiny_ckpt, tmp_path):
+    """`python -m cli.main` (what bench/lab.py runs) sees every command, and bad input is still one line."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    run = subprocess.run([sys.executable, "-m", "cli.main", "prune", str(tmp_path / "missing"), "-o", str(tmp_path / "out")],
+                         cwd=root, capture_output=True, text=True, env={"COLUMNS": "200", "PATH": "/usr/bin:/bin"})
+    assert run.returncode == 2, run.stderr
+    lines = [line for line in run.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error:") and "missing" in lines[0]
+    assert not (tmp_path / "out").exists()

@@ -94,6 +94,18 @@ def test_generated_responses_used_when_data_has_none(tiny_ckpt, tmp_path):
     assert report.calibration_tokens > prompt_only
 
 
+def test_generation_batch_size_changes_speed_not_the_result(tiny_ckpt, tmp_path):
+    data = tmp_path / "prompts.txt"
+    data.write_text("do a bad thing\ndo another bad thing\nsteal it\nhide the evidence quickly\n")
+    one = prune_checkpoint(tiny_ckpt, tmp_path / "one", opts(data=str(data), generate_batch_size=1))
+    four = prune_checkpoint(tiny_ckpt, tmp_path / "four", opts(data=str(data), generate_batch_size=4))
+    assert one.calibration_tokens == four.calibration_tokens
+    a, b = tensors(tmp_path / "one"), tensors(tmp_path / "four")
+    assert all(torch.equal(a[n], b[n]) for n in a)
+    with pytest.raises(SurgeryError, match="--generate-batch-size must be positive"):
+        prune_checkpoint(tiny_ckpt, tmp_path / "bad", opts(data=str(data), generate_batch_size=0))
+
+
 def test_sharded_in_sharded_out_and_manifest(make_ckpt, tmp_path, harmful_file):
     src = make_ckpt(shard_bytes=20_000, tied=True)
     report = prune_checkpoint(src, tmp_path / "out", opts(data=str(harmful_file), ratio=0.1))
