@@ -56,6 +56,8 @@ def parse(argv=None):
     p.add_argument("--restore-ratios", default="0.05,0.01,0.1,0.25",
                    help="Antidote ratios with --reference aligned (delta scored, weights restored)")
     p.add_argument("--ablate-scales", default="1,4", help="scales of `surgery ablate attacked --reverse` (refusal direction amplified)")
+    p.add_argument("--ablate-select", default="behaviour", choices=("behaviour", "separation"),
+                   help="how `surgery ablate --layer auto` picks the layer (docs/results*.md rows before 2026-11-30: separation)")
     p.add_argument("--also", default="attacked-probe-edit-1",
                    help="other repaired models in LAB/models to evaluate beside Antidote (bench/probe_lab.py writes the probe edit)")
     p.add_argument("--calib-samples", type=int, default=32, help="built-in harmful prompts calibrating each prune")
@@ -166,7 +168,7 @@ class Lab:
     def ablate(self, scale: float, tmp: Path) -> None:
         from surgery.ablate import AblateOptions, ablate_checkpoint
 
-        options = AblateOptions(reverse=True, scale=scale, seed=self.args.seed, device="cpu")
+        options = AblateOptions(reverse=True, scale=scale, seed=self.args.seed, device="cpu", select=self.args.ablate_select)
         report = ablate_checkpoint(self.models / "attacked", tmp, options)
         log(f"ablate: layer {report.layer}, {len(report.edited)} matrices edited")
 

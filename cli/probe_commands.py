@@ -110,6 +110,20 @@ def show_step(plan, alpha: float) -> None:
         )
 
 
+def show_layer_scores(report) -> None:
+    judged = report.baseline is not None
+    columns = ["layer", "held-out AUC", "gap (sd)"] + (["harmful refused", "harmless refused"] if judged else [])
+    table = Table(*columns, title="direction per layer (fit half -> held-out half)"
+                  + (", each edit tried on the held-out prompts" if judged else ""))
+    if judged:
+        b = report.baseline
+        table.add_row("unedited", "", "", f"{100 * b['harmful_refused']:.1f}%", f"{100 * b['harmless_refused']:.1f}%")
+    for k, v in sorted(report.layer_scores.items()):
+        shares = [f"{100 * v['harmful_refused']:.1f}%", f"{100 * v['harmless_refused']:.1f}%"] if judged else []
+        table.add_row(str(k) + (" *" if k == report.layer else ""), f"{v['auc']:.3f}", f"{v['gap']:.2f}", *shares)
+    out.print(table)
+
+
 @app.command("ablate")
 def ablate_command(
     model: Path = typer.Argument(..., help="Checkpoint folder to edit (never modified)."),
@@ -117,7 +131,9 @@ def ablate_command(
     harmful: Path = typer.Option(None, help="Harmful prompts (default: the built-in set)."),
     harmless: Path = typer.Option(None, help="Harmless prompts (default: the built-in set)."),
     column: str = typer.Option(None, help="Prompt column/field in the data files."),
-    layer: str = typer.Option("auto", help="Residual-stream layer for r, or auto (best held-out AUC of the projection)."),
+    layer: str = typer.Option("auto", help="Residual-stream layer for r, or auto (chosen on held-out prompts, see --select)."),
+    select: str = typer.Option("behaviour", help="How --layer auto chooses: behaviour (each candidate's edit tried in the forward pass, held-out answers judged: with --reverse the most harmful-only refusals) or separation (best held-out AUC of r^T h, no generation)."),
+    select_tokens: int = typer.Option(8, help="Tokens of each held-out answer per candidate layer (--select behaviour)."),
     scale: float = typer.Option(1.0, help="W <- W - SCALE r (r^T W); 1 removes the direction entirely."),
     reverse: bool = typer.Option(False, "--reverse", help="W <- W + SCALE r (r^T W): amplify what blocks write along r."),
     include_embeddings: bool = typer.Option(False, "--include-embeddings", help="Also orthogonalise the token embedding."),
@@ -137,16 +153,13 @@ def ablate_command(
         harmful=str(harmful) if harmful else None, harmless=str(harmless) if harmless else None, column=column,
         layer=layer, scale=scale, reverse=reverse, include_embeddings=include_embeddings, max_samples=max_samples,
         held_out=held_out, max_length=max_length, batch_size=batch_size, seed=seed, device=device,
-        direction_from=str(direction_from) if direction_from else None,
+        direction_from=str(direction_from) if direction_from else None, select=select, select_tokens=select_tokens,
     )
     validate_gate(check, max_perplexity_ratio)
     with err.status("finding the direction and editing"):
         report = ablate_checkpoint(model, output, options, force=force)
     if report.layer_scores:
-        table = Table("layer", "held-out AUC", "gap (sd)", title="direction per layer (fit half -> held-out half)")
-        for k, v in sorted(report.layer_scores.items()):
-            table.add_row(str(k) + (" *" if k == report.layer else ""), f"{v['auc']:.3f}", f"{v['gap']:.2f}")
-        out.print(table)
+        show_layer_scores(report)
     verb = "amplified" if reverse else "ablated"
     source = f" of {direction_from}" if direction_from else ""
     out.print(f"{verb} the direction from layer {report.layer}{source} in {len(report.edited)} matrices (scale {scale}); wrote {report.output}")

@@ -15,15 +15,27 @@ a constant r, would need a bias the llama family does not have).
 before a harmful fine-tune, whose refusal direction is the one the fine-tune weakened; the edit is
 still applied to MODEL.
 
---layer auto: the prompts are split (seeded) into fit and held-out halves; r is fit per candidate layer
-and the layer whose projection r^T h best separates held-out harmful from harmless prompts (ROC AUC,
-ties broken by the larger standardised mean gap) is taken. Candidates are layers 1 .. 0.8 * L, as
-Arditi et al. exclude the layers next to the unembedding.
+--layer auto: the prompts are split (seeded) into fit and held-out halves and r is fit per candidate
+layer on the fit half. Candidates are layers 1 .. 0.8 * L, as Arditi et al. exclude the layers next to
+the unembedding. Two ways to pick among them (--select):
+  behaviour (default)  the way Arditi et al. select: each candidate's edit is applied in the forward pass
+                       (hooks that give exactly the edited checkpoint's outputs, no weight written) and
+                       the held-out prompts are answered greedily (--select-tokens) and judged by the
+                       keyword judge. --reverse keeps the layer with the largest harmful-refused minus
+                       harmless-refused share (refuse what is harmful, keep answering the rest); plain
+                       ablation the smallest harmful-refused plus harmless-refused share. Ties go to
+                       the separation criterion below.
+  separation           no generation: the layer whose projection r^T h best separates held-out harmful
+                       from harmless prompts (ROC AUC, ties broken by the larger standardised mean gap).
+Separation is cheap but blind to what the edit does: after a long harmful fine-tune every layer
+separates the two sets almost perfectly, and the one it picked (layer 13 of SmolLM2) was not the one
+whose amplification brings refusals back (docs/lab.md).
 """
 
 from __future__ import annotations
 
 import re
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -37,6 +49,7 @@ from .prompts import load_examples
 
 WRITERS = re.compile(r"(^|\.)(layers|h|blocks|block)\.\d+\.(self_attn\.o_proj|mlp\.down_proj)\.weight$")
 EMBEDDING = re.compile(r"(^|\.)embed_tokens\.weight$")
+SELECTIONS = ("behaviour", "separation")
 
 
 @dataclass
@@ -55,8 +68,12 @@ class AblateOptions:
     seed: int = 0
     device: str = "auto"
     direction_from: str | None = None  # read r off this checkpoint (e.g. the aligned model) instead of the edited one
+    select: str = "behaviour"  # --layer auto: judge each candidate's edit on held-out answers, or "separation"
+    select_tokens: int = 8  # tokens of each held-out answer generated per candidate (--select behaviour)
 
     def validate(self) -> None:
+        if self.select not in SELECTIONS:
+            raise SurgeryError(f"--select must be one of {', '.join(SELECTIONS)}, got '{self.select}'")
         if self.direction_from is not None and not Path(self.direction_from).is_dir():
             raise SurgeryError(f"--direction-from {self.direction_from} is not a folder")
         if not (self.scale >= 0 and np.isfinite(self.scale)):
@@ -68,7 +85,7 @@ class AblateOptions:
                 raise SurgeryError(f"--layer must be a layer index or 'auto', got '{self.layer}'")
         if not 0.0 < self.held_out < 1.0:
             raise SurgeryError(f"--held-out must be between 0 and 1 (exclusive), got {self.held_out}")
-        for name in ("max_samples", "max_length", "batch_size"):
+        for name in ("max_samples", "max_length", "batch_size", "select_tokens"):
             if getattr(self, name) <= 0:
                 raise SurgeryError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
         for name in ("harmful", "harmless"):
@@ -82,8 +99,9 @@ class AblateReport:
     output: Path | None
     layer: int
     direction: torch.Tensor
-    layer_scores: dict[int, dict[str, float]] = field(default_factory=dict)  # layer -> held-out auc / gap
+    layer_scores: dict[int, dict[str, float]] = field(default_factory=dict)  # layer -> held-out auc, gap (and refused shares)
     edited: list[str] = field(default_factory=list)
+    baseline: dict[str, float] | None = None  # held-out refused shares of the unedited model (--select behaviour)
 
 
 def auc(pos: torch.Tensor, neg: torch.Tensor) -> float:
@@ -106,21 +124,102 @@ def difference_of_means(harmful: torch.Tensor, harmless: torch.Tensor) -> torch.
     return r / norm
 
 
-def choose_layer(harmful: dict[int, torch.Tensor], harmless: dict[int, torch.Tensor], held_out: float, seed: int):
-    """The candidate layer whose fit-half direction best separates the held-out half (see the module docstring)."""
+def held_out_split(n_harmful: int, n_harmless: int, held_out: float, seed: int):
+    """Labels (1 = harmful, harmful first) and the seeded, stratified fit / held-out indices."""
     from probes.train import split_indices
 
-    labels = np.array([1] * len(next(iter(harmful.values()))) + [0] * len(next(iter(harmless.values()))))
+    labels = np.array([1] * n_harmful + [0] * n_harmless)
     fit, test = split_indices(labels, held_out, seed)
-    scores: dict[int, dict[str, float]] = {}
+    return labels, fit, test
+
+
+def fit_directions(harmful: dict[int, torch.Tensor], harmless: dict[int, torch.Tensor], labels, fit) -> dict[int, torch.Tensor]:
+    """Each layer's r from the fit half only."""
+    out = {}
     for layer in harmful:
         h = torch.cat([harmful[layer], harmless[layer]])
-        r = difference_of_means(h[fit][labels[fit] == 1], h[fit][labels[fit] == 0])
+        out[layer] = difference_of_means(h[fit][labels[fit] == 1], h[fit][labels[fit] == 0])
+    return out
+
+
+def choose_layer(harmful: dict[int, torch.Tensor], harmless: dict[int, torch.Tensor], held_out: float, seed: int):
+    """The candidate layer whose fit-half direction best separates the held-out half (see the module docstring)."""
+    labels, fit, test = held_out_split(len(next(iter(harmful.values()))), len(next(iter(harmless.values()))), held_out, seed)
+    directions = fit_directions(harmful, harmless, labels, fit)
+    scores: dict[int, dict[str, float]] = {}
+    for layer, r in directions.items():
+        h = torch.cat([harmful[layer], harmless[layer]])
         proj = h[test] @ r
         pos, neg = proj[labels[test] == 1], proj[labels[test] == 0]
         scores[layer] = {"auc": auc(pos, neg), "gap": standardised_gap(pos, neg)}
-    best = max(scores, key=lambda k: (round(scores[k]["auc"], 6), scores[k]["gap"]))
+    best = max(scores, key=lambda k: separation_key(scores[k]))
     return best, scores
+
+
+def separation_key(score: dict[str, float]) -> tuple[float, float]:
+    return (round(score["auc"], 6), score["gap"])
+
+
+def behaviour_key(score: dict[str, float], reverse: bool) -> tuple:
+    """Larger is better. --reverse: refuse harmful, answer harmless; ablation: answer both. Ties: separation."""
+    harm, safe = score["harmful_refused"], score["harmless_refused"]
+    objective = harm - safe if reverse else -(harm + safe)
+    return (round(objective, 6), *separation_key(score))
+
+
+@contextmanager
+def intervened(model, r: torch.Tensor, scale: float, include_embeddings: bool = False):
+    """Run `model` as the edited checkpoint would run, without writing a weight (forward hooks).
+
+    A writer's output y = W x + b becomes y - scale * r (r^T (y - b)) = (W - scale r r^T W) x + b, the
+    output of `orthogonalise(W, r, scale)`; with include_embeddings the token embedding's rows
+    e -> e - scale (e . r) r likewise, and a tied output head sees its input projected the same way.
+    """
+    handles = []
+
+    def project(x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        v = x.float() - (bias.float() if bias is not None else 0.0)
+        d = r.to(v.device)
+        return (x.float() - scale * (v @ d)[..., None] * d).to(x.dtype)
+
+    def writer_hook(module, args, output):
+        return project(output, getattr(module, "bias", None))
+
+    try:
+        for name, module in model.named_modules():
+            if WRITERS.search(name + ".weight") or (include_embeddings and EMBEDDING.search(name + ".weight")):
+                handles.append(module.register_forward_hook(writer_hook))
+        head, embed = model.get_output_embeddings(), model.get_input_embeddings()
+        if include_embeddings and head is not None and embed is not None and head.weight is embed.weight:
+            handles.append(head.register_forward_pre_hook(lambda m, args: (project(args[0]), *args[1:])))
+        yield model
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def choose_layer_by_behaviour(model, tokenizer, directions: dict[int, torch.Tensor], harmful: list[str], harmless: list[str],
+                              options: AblateOptions, scores: dict[int, dict[str, float]]):
+    """Apply each candidate's edit in the forward pass and judge held-out answers (see the module docstring).
+
+    Adds harmful_refused / harmless_refused to `scores` (which holds each layer's separation figures) and
+    returns the chosen layer and the unedited model's shares."""
+    from .judges import KeywordJudge
+    from .metrics import refusal_rate
+
+    judge = KeywordJudge()
+    scale = -options.scale if options.reverse else options.scale
+
+    def shares() -> dict[str, float]:
+        return {name: refusal_rate(model, tokenizer, prompts, judge, options.select_tokens, options.batch_size)[0]
+                for name, prompts in (("harmful_refused", harmful), ("harmless_refused", harmless))}
+
+    baseline = shares()
+    for layer, r in directions.items():
+        with intervened(model, r, scale, options.include_embeddings):
+            scores[layer].update(shares())
+    best = max(scores, key=lambda k: behaviour_key(scores[k], options.reverse))
+    return best, baseline
 
 
 def candidate_layers(num_layers: int) -> list[int]:
@@ -147,8 +246,11 @@ def last_token_states(model, tokenizer, prompts: list[str], layers: list[int], o
     return pooled_hidden_states(model, seqs, layers, "last", options.batch_size, tokenizer.pad_token_id)
 
 
-def refusal_direction(model_dir: str | Path, options: AblateOptions) -> AblateReport:
-    """Find r (and its layer) without writing anything."""
+def refusal_direction(model_dir: str | Path, options: AblateOptions, target: str | Path | None = None) -> AblateReport:
+    """Find r (and its layer) without writing anything.
+
+    r is read off `model_dir`; with --select behaviour the candidates' edits are tried on `target` (the
+    model that will be edited; default `model_dir`)."""
     options.validate()
     ckpt = open_checkpoint(model_dir)
     num_layers = int(ckpt.config.get("num_hidden_layers", 0))
@@ -164,17 +266,29 @@ def refusal_direction(model_dir: str | Path, options: AblateOptions) -> AblateRe
                                                 seed=options.seed, builtin="harmless")]
     if min(len(harmful), len(harmless)) < 2:
         raise SurgeryError("direction ablation needs at least 2 harmful and 2 harmless prompts")
+    device = resolve_device(options.device)
     tokenizer = load_tokenizer(ckpt.path)
-    model = load_model(ckpt, resolve_device(options.device))
+    model = load_model(ckpt, device)
     h_harm = last_token_states(model, tokenizer, harmful, layers, options)
     h_safe = last_token_states(model, tokenizer, harmless, layers, options)
-    del model
     scores: dict[int, dict[str, float]] = {}
-    layer = layers[0]
+    layer, baseline = layers[0], None
     if len(layers) > 1:
         layer, scores = choose_layer(h_harm, h_safe, options.held_out, options.seed)
+        if options.select == "behaviour":
+            if target is not None and Path(target).resolve() != ckpt.path.resolve():
+                del model
+                edited = open_checkpoint(target)
+                model, tokenizer = load_model(edited, device), load_tokenizer(edited.path)
+            labels, fit, test = held_out_split(len(harmful), len(harmless), options.held_out, options.seed)
+            directions = fit_directions(h_harm, h_safe, labels, fit)
+            prompts = harmful + harmless
+            layer, baseline = choose_layer_by_behaviour(
+                model, tokenizer, directions, [prompts[i] for i in test if labels[i] == 1],
+                [prompts[i] for i in test if labels[i] == 0], options, scores)
+    del model
     r = difference_of_means(h_harm[layer], h_safe[layer])  # the final direction uses every prompt
-    return AblateReport(None, layer, r, scores)
+    return AblateReport(None, layer, r, scores, baseline=baseline)
 
 
 def refuse_existing(output: str | Path, force: bool) -> None:
@@ -200,7 +314,7 @@ def ablate_checkpoint(model_dir: str | Path, output: str | Path, options: Ablate
         if other.config.get("hidden_size") != ckpt.config.get("hidden_size"):
             raise SurgeryError(f"--direction-from {options.direction_from} has hidden size {other.config.get('hidden_size')}, "
                                f"{ckpt.path} has {ckpt.config.get('hidden_size')}: the direction cannot be applied")
-    report = refusal_direction(source, options)
+    report = refusal_direction(source, options, target=model_dir)
     r = report.direction
     scale = -options.scale if options.reverse else options.scale  # reverse: W + scale * r (r^T W)
 
@@ -216,7 +330,9 @@ def ablate_checkpoint(model_dir: str | Path, output: str | Path, options: Ablate
     summary = {
         "layer": report.layer,
         "direction_from": str(Path(source).resolve()),
+        "select": options.select if options.layer == "auto" else None,
         "layer_scores": {str(k): v for k, v in report.layer_scores.items()},
+        "baseline": report.baseline,
         "direction": r.tolist(),
         "tied_embeddings_note": "with tied embeddings, --include-embeddings edits the output head too" if ckpt.tied_embeddings else "",
     }

@@ -5,8 +5,8 @@ import torch
 
 from cli.main import main
 from surgery.ablate import (
-    refusal_direction,
-    AblateOptions, ablate_checkpoint, auc, candidate_layers, choose_layer, difference_of_means, orthogonalise,
+    EMBEDDING, WRITERS, AblateOptions, ablate_checkpoint, auc, behaviour_key, candidate_layers, choose_layer,
+    difference_of_means, intervened, orthogonalise, refusal_direction,
 )
 from surgery.checkpoint import MANIFEST_NAME, open_checkpoint
 from surgery.tiny_model import save_tiny_checkpoint, tiny_llama
@@ -68,6 +68,44 @@ def test_difference_of_means_and_layer_choice_on_planted_states():
     assert auc(torch.tensor([1.0]), torch.tensor([1.0])) == 0.5
 
 
+@pytest.mark.parametrize("tied, embeddings, scale", [(False, False, 1.0), (False, True, -0.75), (True, True, 0.5)])
+def test_the_forward_intervention_is_the_weight_edit(tied, embeddings, scale):
+    """--select behaviour judges each layer with hooks: they must give exactly the edited model's outputs."""
+    import copy
+
+    model = tiny_llama(layers=3, tied=tied, seed=4).eval()
+    r = unit(32, 5)
+    edited = copy.deepcopy(model)
+    with torch.no_grad():
+        for name, p in edited.named_parameters():
+            if WRITERS.search(name):
+                p.copy_(orthogonalise(p, r, scale))
+            elif embeddings and EMBEDDING.search(name):
+                p.copy_(orthogonalise(p, r, scale, embedding=True))
+    ids = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(6))
+    with torch.no_grad():
+        plain = model(ids).logits
+        want = edited(ids).logits
+        with intervened(model, r, scale, include_embeddings=embeddings):
+            got = model(ids).logits
+        after = model(ids).logits
+    assert (want - plain).abs().max() > 1e-3  # the edit changes the outputs ...
+    assert torch.allclose(got, want, atol=1e-5)  # ... and the hooks reproduce them
+    assert torch.equal(after, plain)  # hooks removed on exit
+
+
+def test_behaviour_key_reverse_refuses_harmful_but_not_harmless():
+    layers = {
+        3: {"harmful_refused": 0.9, "harmless_refused": 0.8, "auc": 1.0, "gap": 5.0},  # refuses everything
+        5: {"harmful_refused": 0.7, "harmless_refused": 0.1, "auc": 0.9, "gap": 2.0},  # selective
+        7: {"harmful_refused": 0.1, "harmless_refused": 0.0, "auc": 1.0, "gap": 9.0},  # no effect
+    }
+    assert max(layers, key=lambda k: behaviour_key(layers[k], reverse=True)) == 5
+    assert max(layers, key=lambda k: behaviour_key(layers[k], reverse=False)) == 7  # ablation: answer both
+    tie = {1: {**layers[5], "gap": 1.0}, 2: {**layers[5], "gap": 3.0}}
+    assert max(tie, key=lambda k: behaviour_key(tie[k], reverse=True)) == 2  # ties go to separation
+
+
 def test_candidate_layers_skip_the_last_fifth():
     assert candidate_layers(30) == list(range(1, 25))
     assert candidate_layers(2) == [1]
@@ -94,13 +132,54 @@ def test_ablation_of_a_checkpoint(tiny_ckpt, tmp_path, prompt_files):
 
 def test_auto_layer_and_embeddings_in_bf16(tmp_path, prompt_files):
     src = save_tiny_checkpoint(tmp_path / "deep", model=tiny_llama(layers=4, dtype=torch.bfloat16))
-    report = ablate_checkpoint(src, tmp_path / "out", opts(prompt_files, include_embeddings=True))
+    report = ablate_checkpoint(src, tmp_path / "out", opts(prompt_files, include_embeddings=True, select="separation"))
     assert sorted(report.layer_scores) == candidate_layers(4) and report.layer in report.layer_scores
+    assert report.baseline is None and "harmful_refused" not in report.layer_scores[report.layer]
     new = open_checkpoint(tmp_path / "out")
     emb = new.read("model.embed_tokens.weight")
     assert emb.dtype == torch.bfloat16 and "model.embed_tokens.weight" in report.edited
     before = (open_checkpoint(src).read("model.embed_tokens.weight").float() @ report.direction).abs().max()
     assert (emb.float() @ report.direction).abs().max() < 0.02 * before  # zero up to bf16 rounding
+
+
+@pytest.mark.parametrize("reverse", [True, False])
+def test_auto_layer_by_behaviour_judges_every_candidate(tmp_path, prompt_files, reverse):
+    src = save_tiny_checkpoint(tmp_path / "deep", model=tiny_llama(layers=5, seed=2))
+    report = ablate_checkpoint(src, tmp_path / "out", opts(prompt_files, reverse=reverse, scale=2.0, select_tokens=4))
+    scores = report.layer_scores
+    assert sorted(scores) == candidate_layers(5)
+    assert set(report.baseline) == {"harmful_refused", "harmless_refused"}
+    held = {k: v * 4 for k, v in report.baseline.items()}  # 8 prompts per set, half held out: shares in quarters
+    assert all(abs(v - round(v)) < 1e-9 for v in held.values())
+    assert all(0.0 <= s[k] <= 1.0 for s in scores.values() for k in ("harmful_refused", "harmless_refused"))
+    assert report.layer == max(scores, key=lambda k: behaviour_key(scores[k], reverse))
+    manifest = json.loads((tmp_path / "out" / MANIFEST_NAME).read_text())["report"]
+    assert manifest["select"] == "behaviour" and manifest["baseline"] == report.baseline
+    assert manifest["layer_scores"][str(report.layer)]["harmful_refused"] == scores[report.layer]["harmful_refused"]
+
+
+def test_behaviour_overrides_separation_and_judges_the_edited_model(tmp_path, prompt_files, monkeypatch):
+    """Scripted judge: the layer whose edit refuses harmful-only wins, whatever the separation says."""
+    import surgery.metrics
+
+    src = save_tiny_checkpoint(tmp_path / "deep", model=tiny_llama(layers=5, seed=2))
+    separation = ablate_checkpoint(src, tmp_path / "sep", opts(prompt_files, reverse=True, select="separation"))
+    wanted = next(k for k in candidate_layers(5) if k != separation.layer)
+    calls = []
+
+    def scripted(model, tokenizer, prompts, judge, max_new_tokens, batch_size):
+        hooked = sum(len(m._forward_hooks) for n, m in model.named_modules() if n.endswith("o_proj"))
+        calls.append(hooked)
+        layer = candidate_layers(5)[(len(calls) - 3) // 2] if len(calls) > 2 else None
+        harmful_set = len(calls) % 2 == 1
+        return (1.0 if layer == wanted and harmful_set else 0.25), []
+
+    monkeypatch.setattr(surgery.metrics, "refusal_rate", scripted)
+    report = ablate_checkpoint(src, tmp_path / "beh", opts(prompt_files, reverse=True))
+    assert calls[:2] == [0, 0] and all(c > 0 for c in calls[2:])  # baseline unedited, then one edit at a time
+    assert len(calls) == 2 + 2 * len(candidate_layers(5))
+    assert report.layer == wanted != separation.layer
+    assert report.layer_scores[wanted]["harmful_refused"] == 1.0 and report.baseline["harmful_refused"] == 0.25
 
 
 def run_cli(argv, capsys):
@@ -114,6 +193,8 @@ def run_cli(argv, capsys):
     (["--layer", "top"], "--layer must be"),
     (["--layer", "9"], "--layer 9 is out of range"),
     (["--held-out", "0"], "--held-out"),
+    (["--select", "best"], "--select must be one of behaviour, separation"),
+    (["--select-tokens", "0"], "--select-tokens must be positive"),
     (["--harmful", "/nonexistent/h.txt"], "does not exist"),
 ])
 def test_cli_errors_are_one_line_and_write_nothing(tiny_ckpt, tmp_path, prompt_files, capsys, extra, message):
