@@ -156,8 +156,8 @@ def ablate_command(
         direction_from=str(direction_from) if direction_from else None, select=select, select_tokens=select_tokens,
     )
     validate_gate(check, max_perplexity_ratio)
-    with err.status("finding the direction and editing"):
-        report = ablate_checkpoint(model, output, options, force=force)
+    with err.status("finding the direction and editing") as status:
+        report = ablate_checkpoint(model, output, options, force=force, progress=lambda m: status.update(m))
     if report.layer_scores:
         show_layer_scores(report)
     verb = "amplified" if reverse else "ablated"

@@ -199,7 +199,7 @@ def intervened(model, r: torch.Tensor, scale: float, include_embeddings: bool = 
 
 
 def choose_layer_by_behaviour(model, tokenizer, directions: dict[int, torch.Tensor], harmful: list[str], harmless: list[str],
-                              options: AblateOptions, scores: dict[int, dict[str, float]]):
+                              options: AblateOptions, scores: dict[int, dict[str, float]], progress=None):
     """Apply each candidate's edit in the forward pass and judge held-out answers (see the module docstring).
 
     Adds harmful_refused / harmless_refused to `scores` (which holds each layer's separation figures) and
@@ -215,7 +215,9 @@ def choose_layer_by_behaviour(model, tokenizer, directions: dict[int, torch.Tens
                 for name, prompts in (("harmful_refused", harmful), ("harmless_refused", harmless))}
 
     baseline = shares()
-    for layer, r in directions.items():
+    for i, (layer, r) in enumerate(directions.items()):
+        if progress is not None:
+            progress(f"trying the edit of layer {layer} ({i + 1}/{len(directions)}) on {len(harmful) + len(harmless)} held-out prompts")
         with intervened(model, r, scale, options.include_embeddings):
             scores[layer].update(shares())
     best = max(scores, key=lambda k: behaviour_key(scores[k], options.reverse))
@@ -246,7 +248,7 @@ def last_token_states(model, tokenizer, prompts: list[str], layers: list[int], o
     return pooled_hidden_states(model, seqs, layers, "last", options.batch_size, tokenizer.pad_token_id)
 
 
-def refusal_direction(model_dir: str | Path, options: AblateOptions, target: str | Path | None = None) -> AblateReport:
+def refusal_direction(model_dir: str | Path, options: AblateOptions, target: str | Path | None = None, progress=None) -> AblateReport:
     """Find r (and its layer) without writing anything.
 
     r is read off `model_dir`; with --select behaviour the candidates' edits are tried on `target` (the
@@ -285,7 +287,7 @@ def refusal_direction(model_dir: str | Path, options: AblateOptions, target: str
             prompts = harmful + harmless
             layer, baseline = choose_layer_by_behaviour(
                 model, tokenizer, directions, [prompts[i] for i in test if labels[i] == 1],
-                [prompts[i] for i in test if labels[i] == 0], options, scores)
+                [prompts[i] for i in test if labels[i] == 0], options, scores, progress)
     del model
     r = difference_of_means(h_harm[layer], h_safe[layer])  # the final direction uses every prompt
     return AblateReport(None, layer, r, scores, baseline=baseline)
@@ -297,7 +299,9 @@ def refuse_existing(output: str | Path, force: bool) -> None:
         raise SurgeryError(f"output {output} already exists: pass --force to replace it")
 
 
-def ablate_checkpoint(model_dir: str | Path, output: str | Path, options: AblateOptions, force: bool = False) -> AblateReport:
+def ablate_checkpoint(model_dir: str | Path, output: str | Path, options: AblateOptions, force: bool = False,
+                      progress=None) -> AblateReport:
+    """`progress(message)`, when given, is called as --select behaviour tries each layer."""
     from .writer import write_checkpoint
 
     options.validate()
@@ -314,7 +318,7 @@ def ablate_checkpoint(model_dir: str | Path, output: str | Path, options: Ablate
         if other.config.get("hidden_size") != ckpt.config.get("hidden_size"):
             raise SurgeryError(f"--direction-from {options.direction_from} has hidden size {other.config.get('hidden_size')}, "
                                f"{ckpt.path} has {ckpt.config.get('hidden_size')}: the direction cannot be applied")
-    report = refusal_direction(source, options, target=model_dir)
+    report = refusal_direction(source, options, target=model_dir, progress=progress)
     r = report.direction
     scale = -options.scale if options.reverse else options.scale  # reverse: W + scale * r (r^T W)
 

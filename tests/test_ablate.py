@@ -145,9 +145,12 @@ def test_auto_layer_and_embeddings_in_bf16(tmp_path, prompt_files):
 @pytest.mark.parametrize("reverse", [True, False])
 def test_auto_layer_by_behaviour_judges_every_candidate(tmp_path, prompt_files, reverse):
     src = save_tiny_checkpoint(tmp_path / "deep", model=tiny_llama(layers=5, seed=2))
-    report = ablate_checkpoint(src, tmp_path / "out", opts(prompt_files, reverse=reverse, scale=2.0, select_tokens=4))
+    messages = []
+    report = ablate_checkpoint(src, tmp_path / "out", opts(prompt_files, reverse=reverse, scale=2.0, select_tokens=4),
+                               progress=messages.append)
     scores = report.layer_scores
     assert sorted(scores) == candidate_layers(5)
+    assert len(messages) == len(scores) and "(4/4)" in messages[-1]
     assert set(report.baseline) == {"harmful_refused", "harmless_refused"}
     held = {k: v * 4 for k, v in report.baseline.items()}  # 8 prompts per set, half held out: shares in quarters
     assert all(abs(v - round(v)) < 1e-9 for v in held.values())
