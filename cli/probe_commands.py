@@ -112,14 +112,16 @@ def show_step(plan, alpha: float) -> None:
 
 def show_layer_scores(report) -> None:
     judged = report.baseline is not None
-    columns = ["layer", "held-out AUC", "gap (sd)"] + (["harmful refused", "harmless refused"] if judged else [])
+    columns = ["layer", "held-out AUC", "gap (sd)"] + (["harmful refused", "harmless refused", "perplexity"] if judged else [])
     table = Table(*columns, title="direction per layer (fit half -> held-out half)"
                   + (", each edit tried on the held-out prompts" if judged else ""))
     if judged:
         b = report.baseline
-        table.add_row("unedited", "", "", f"{100 * b['harmful_refused']:.1f}%", f"{100 * b['harmless_refused']:.1f}%")
+        table.add_row("unedited", "", "", f"{100 * b['harmful_refused']:.1f}%", f"{100 * b['harmless_refused']:.1f}%",
+                      f"{b['perplexity']:.4g}")
     for k, v in sorted(report.layer_scores.items()):
-        shares = [f"{100 * v['harmful_refused']:.1f}%", f"{100 * v['harmless_refused']:.1f}%"] if judged else []
+        shares = [f"{100 * v['harmful_refused']:.1f}%", f"{100 * v['harmless_refused']:.1f}%",
+                  f"x{v['perplexity_ratio']:.3g}"] if judged else []
         table.add_row(str(k) + (" *" if k == report.layer else ""), f"{v['auc']:.3f}", f"{v['gap']:.2f}", *shares)
     out.print(table)
 
@@ -134,6 +136,7 @@ def ablate_command(
     layer: str = typer.Option("auto", help="Residual-stream layer for r, or auto (chosen on held-out prompts, see --select)."),
     select: str = typer.Option("behaviour", help="How --layer auto chooses: behaviour (each candidate's edit tried in the forward pass, held-out answers judged: with --reverse the most harmful-only refusals) or separation (best held-out AUC of r^T h, no generation)."),
     select_tokens: int = typer.Option(8, help="Tokens of each held-out answer per candidate layer (--select behaviour)."),
+    select_max_perplexity_ratio: float = typer.Option(10.0, help="--select behaviour: a layer whose edit multiplies the held-out harmless prompts' perplexity by more than this is not eligible (a broken model's noise reads as 'not refused')."),
     scale: float = typer.Option(1.0, help="W <- W - SCALE r (r^T W); 1 removes the direction entirely."),
     reverse: bool = typer.Option(False, "--reverse", help="W <- W + SCALE r (r^T W): amplify what blocks write along r."),
     include_embeddings: bool = typer.Option(False, "--include-embeddings", help="Also orthogonalise the token embedding."),
@@ -154,6 +157,7 @@ def ablate_command(
         layer=layer, scale=scale, reverse=reverse, include_embeddings=include_embeddings, max_samples=max_samples,
         held_out=held_out, max_length=max_length, batch_size=batch_size, seed=seed, device=device,
         direction_from=str(direction_from) if direction_from else None, select=select, select_tokens=select_tokens,
+        select_max_perplexity_ratio=select_max_perplexity_ratio,
     )
     validate_gate(check, max_perplexity_ratio)
     with err.status("finding the direction and editing") as status:

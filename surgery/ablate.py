@@ -24,7 +24,11 @@ the unembedding. Two ways to pick among them (--select):
                        keyword judge. --reverse keeps the layer with the largest harmful-refused minus
                        harmless-refused share (refuse what is harmful, keep answering the rest); plain
                        ablation the smallest harmful-refused plus harmless-refused share. Ties go to
-                       the separation criterion below.
+                       the separation criterion below. A layer whose edit multiplies the perplexity of
+                       the held-out harmless prompts by more than --select-max-perplexity-ratio (10)
+                       is not eligible: the keyword judge reads a broken model's noise as "not refused"
+                       (measured: ablating layer 15 of the aligned lab model looked like 0 % refusals
+                       and had perplexity 62,731).
   separation           no generation: the layer whose projection r^T h best separates held-out harmful
                        from harmless prompts (ROC AUC, ties broken by the larger standardised mean gap).
 Separation is cheap but blind to what the edit does: after a long harmful fine-tune every layer
@@ -70,6 +74,7 @@ class AblateOptions:
     direction_from: str | None = None  # read r off this checkpoint (e.g. the aligned model) instead of the edited one
     select: str = "behaviour"  # --layer auto: judge each candidate's edit on held-out answers, or "separation"
     select_tokens: int = 8  # tokens of each held-out answer generated per candidate (--select behaviour)
+    select_max_perplexity_ratio: float = 10.0  # candidates that break the model more than this are not eligible
 
     def validate(self) -> None:
         if self.select not in SELECTIONS:
@@ -85,6 +90,8 @@ class AblateOptions:
                 raise SurgeryError(f"--layer must be a layer index or 'auto', got '{self.layer}'")
         if not 0.0 < self.held_out < 1.0:
             raise SurgeryError(f"--held-out must be between 0 and 1 (exclusive), got {self.held_out}")
+        if not self.select_max_perplexity_ratio > 1.0:
+            raise SurgeryError(f"--select-max-perplexity-ratio must be above 1, got {self.select_max_perplexity_ratio}")
         for name in ("max_samples", "max_length", "batch_size", "select_tokens"):
             if getattr(self, name) <= 0:
                 raise SurgeryError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
@@ -202,25 +209,36 @@ def choose_layer_by_behaviour(model, tokenizer, directions: dict[int, torch.Tens
                               options: AblateOptions, scores: dict[int, dict[str, float]], progress=None):
     """Apply each candidate's edit in the forward pass and judge held-out answers (see the module docstring).
 
-    Adds harmful_refused / harmless_refused to `scores` (which holds each layer's separation figures) and
-    returns the chosen layer and the unedited model's shares."""
+    Adds harmful_refused, harmless_refused and perplexity_ratio (held-out harmless prompts, edited over
+    unedited) to `scores`, which holds each layer's separation figures; returns the chosen layer and the
+    unedited model's shares and perplexity."""
+    from . import metrics
     from .judges import KeywordJudge
-    from .metrics import refusal_rate
 
     judge = KeywordJudge()
     scale = -options.scale if options.reverse else options.scale
 
-    def shares() -> dict[str, float]:
-        return {name: refusal_rate(model, tokenizer, prompts, judge, options.select_tokens, options.batch_size)[0]
-                for name, prompts in (("harmful_refused", harmful), ("harmless_refused", harmless))}
+    def measure() -> dict[str, float]:
+        out = {name: metrics.refusal_rate(model, tokenizer, prompts, judge, options.select_tokens, options.batch_size)[0]
+               for name, prompts in (("harmful_refused", harmful), ("harmless_refused", harmless))}
+        out["perplexity"] = metrics.perplexity(model, tokenizer, harmless, options.max_length, options.batch_size)
+        return out
 
-    baseline = shares()
+    baseline = measure()
     for i, (layer, r) in enumerate(directions.items()):
         if progress is not None:
             progress(f"trying the edit of layer {layer} ({i + 1}/{len(directions)}) on {len(harmful) + len(harmless)} held-out prompts")
         with intervened(model, r, scale, options.include_embeddings):
-            scores[layer].update(shares())
-    best = max(scores, key=lambda k: behaviour_key(scores[k], options.reverse))
+            shares = measure()
+        ratio = shares.pop("perplexity") / baseline["perplexity"]
+        scores[layer].update(shares, perplexity_ratio=ratio)
+    eligible = [k for k in scores if scores[k]["perplexity_ratio"] <= options.select_max_perplexity_ratio]  # NaN: not
+    if not eligible:
+        worst = min(scores[k]["perplexity_ratio"] for k in scores)
+        raise SurgeryError(
+            f"every candidate layer's edit multiplies the held-out harmless prompts' perplexity by more than "
+            f"{options.select_max_perplexity_ratio:g} (at best x{worst:.3g}): lower --scale, or pass --layer N")
+    best = max(eligible, key=lambda k: behaviour_key(scores[k], options.reverse))
     return best, baseline
 
 

@@ -9,6 +9,7 @@ from surgery.ablate import (
     difference_of_means, intervened, orthogonalise, refusal_direction,
 )
 from surgery.checkpoint import MANIFEST_NAME, open_checkpoint
+from surgery.errors import SurgeryError
 from surgery.tiny_model import save_tiny_checkpoint, tiny_llama
 
 from .conftest import folder_hashes
@@ -151,8 +152,9 @@ def test_auto_layer_by_behaviour_judges_every_candidate(tmp_path, prompt_files, 
     scores = report.layer_scores
     assert sorted(scores) == candidate_layers(5)
     assert len(messages) == len(scores) and "(4/4)" in messages[-1]
-    assert set(report.baseline) == {"harmful_refused", "harmless_refused"}
-    held = {k: v * 4 for k, v in report.baseline.items()}  # 8 prompts per set, half held out: shares in quarters
+    assert set(report.baseline) == {"harmful_refused", "harmless_refused", "perplexity"}
+    assert all(s["perplexity_ratio"] > 0 for s in scores.values())
+    held = {k: report.baseline[k] * 4 for k in ("harmful_refused", "harmless_refused")}  # 4 held out per set: quarters
     assert all(abs(v - round(v)) < 1e-9 for v in held.values())
     assert all(0.0 <= s[k] <= 1.0 for s in scores.values() for k in ("harmful_refused", "harmless_refused"))
     assert report.layer == max(scores, key=lambda k: behaviour_key(scores[k], reverse))
@@ -185,6 +187,48 @@ def test_behaviour_overrides_separation_and_judges_the_edited_model(tmp_path, pr
     assert report.layer_scores[wanted]["harmful_refused"] == 1.0 and report.baseline["harmful_refused"] == 0.25
 
 
+def test_behaviour_skips_layers_whose_edit_breaks_the_model(tmp_path, prompt_files, monkeypatch):
+    """Noise reads as 'not refused': a layer that multiplies perplexity past the bar is never chosen."""
+    import surgery.metrics
+
+    src = save_tiny_checkpoint(tmp_path / "deep", model=tiny_llama(layers=5, seed=2))
+    layers = candidate_layers(5)
+    calls = {"refusal": 0, "ppl": 0}
+
+    def current(kind):  # which candidate is being tried (None: the unedited baseline)
+        n = calls[kind] // (2 if kind == "refusal" else 1)
+        return layers[n - 1] if n else None
+
+    def refusal(model, tokenizer, prompts, judge, max_new_tokens, batch_size):
+        layer = current("refusal")
+        calls["refusal"] += 1
+        return (0.0 if layer == layers[0] else 0.5 if layer == layers[1] else 1.0), []  # ablation: layers[0] looks best
+
+    def ppl(model, tokenizer, texts, max_length, batch_size):
+        layer = current("ppl")
+        calls["ppl"] += 1
+        return 2.0 * (50.0 if layer == layers[0] else 1.0)  # ... but breaks the model
+
+    monkeypatch.setattr(surgery.metrics, "refusal_rate", refusal)
+    monkeypatch.setattr(surgery.metrics, "perplexity", ppl)
+    report = ablate_checkpoint(src, tmp_path / "out", opts(prompt_files))
+    assert report.layer == layers[1] and report.layer_scores[layers[0]]["perplexity_ratio"] == 50.0
+    assert report.baseline["perplexity"] == 2.0
+    calls.update(refusal=0, ppl=0)
+    loose = ablate_checkpoint(src, tmp_path / "loose", opts(prompt_files, select_max_perplexity_ratio=100.0))
+    assert loose.layer == layers[0]
+    calls.update(refusal=0, ppl=0)
+
+    def all_broken(*args):
+        calls["ppl"] += 1
+        return 2.0 if calls["ppl"] == 1 else 400.0  # only the unedited baseline is sane
+
+    monkeypatch.setattr(surgery.metrics, "perplexity", all_broken)
+    with pytest.raises(SurgeryError, match="every candidate layer's edit multiplies"):
+        ablate_checkpoint(src, tmp_path / "none", opts(prompt_files))
+    assert not (tmp_path / "none").exists()
+
+
 def run_cli(argv, capsys):
     with pytest.raises(SystemExit) as e:
         main(argv)
@@ -198,6 +242,7 @@ def run_cli(argv, capsys):
     (["--held-out", "0"], "--held-out"),
     (["--select", "best"], "--select must be one of behaviour, separation"),
     (["--select-tokens", "0"], "--select-tokens must be positive"),
+    (["--select-max-perplexity-ratio", "1"], "--select-max-perplexity-ratio must be above 1"),
     (["--harmful", "/nonexistent/h.txt"], "does not exist"),
 ])
 def test_cli_errors_are_one_line_and_write_nothing(tiny_ckpt, tmp_path, prompt_files, capsys, extra, message):
