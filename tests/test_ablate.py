@@ -277,6 +277,25 @@ def test_direction_from_another_checkpoint_is_read_there_and_applied_here(tiny_c
     assert manifest["report"]["direction_from"] == str(other.resolve())
 
 
+def test_direction_from_with_behaviour_judges_the_model_being_edited(tmp_path, prompt_files, monkeypatch):
+    """Directions come from REF, but each candidate's edit is tried on MODEL (the one that will be written)."""
+    import surgery.metrics
+
+    model = save_tiny_checkpoint(tmp_path / "model", model=tiny_llama(layers=5, seed=2))
+    ref = save_tiny_checkpoint(tmp_path / "ref", model=tiny_llama(layers=5, seed=9))
+    want = open_checkpoint(model).read("model.layers.0.mlp.down_proj.weight")
+    judged = []
+
+    def refusal(m, tokenizer, prompts, judge, max_new_tokens, batch_size):
+        judged.append(torch.equal(m.model.layers[0].mlp.down_proj.weight.detach(), want))
+        return 0.5, []
+
+    monkeypatch.setattr(surgery.metrics, "refusal_rate", refusal)
+    report = ablate_checkpoint(model, tmp_path / "out", opts(prompt_files, reverse=True, direction_from=str(ref)))
+    assert judged and all(judged)  # every judged forward ran MODEL's weights (hooks edit outputs, not weights)
+    assert torch.equal(report.direction, refusal_direction(ref, opts(prompt_files, layer=str(report.layer))).direction)
+
+
 def test_direction_from_a_model_of_another_width_is_refused(tiny_ckpt, tmp_path, prompt_files, capsys):
     wide = save_tiny_checkpoint(tmp_path / "wide", model=tiny_llama(hidden=48))
     harmful, harmless = prompt_files
