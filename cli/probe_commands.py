@@ -161,7 +161,7 @@ def ablate_command(
     )
     validate_gate(check, max_perplexity_ratio)
     with err.status("finding the direction and editing") as status:
-        report = ablate_checkpoint(model, output, options, force=force, progress=lambda m: status.update(m))
+        report = ablate_checkpoint(model, output, options, force=force, progress=status.update)
     if report.layer_scores:
         show_layer_scores(report)
     verb = "amplified" if reverse else "ablated"

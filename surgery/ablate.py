@@ -76,6 +76,11 @@ class AblateOptions:
     select_tokens: int = 8  # tokens of each held-out answer generated per candidate (--select behaviour)
     select_max_perplexity_ratio: float = 10.0  # candidates that break the model more than this are not eligible
 
+    @property
+    def signed_scale(self) -> float:
+        """The `scale` of `orthogonalise`: --reverse adds, W + scale * r (r^T W)."""
+        return -self.scale if self.reverse else self.scale
+
     def validate(self) -> None:
         if self.select not in SELECTIONS:
             raise SurgeryError(f"--select must be one of {', '.join(SELECTIONS)}, got '{self.select}'")
@@ -149,18 +154,23 @@ def fit_directions(harmful: dict[int, torch.Tensor], harmless: dict[int, torch.T
     return out
 
 
-def choose_layer(harmful: dict[int, torch.Tensor], harmless: dict[int, torch.Tensor], held_out: float, seed: int):
-    """The candidate layer whose fit-half direction best separates the held-out half (see the module docstring)."""
-    labels, fit, test = held_out_split(len(next(iter(harmful.values()))), len(next(iter(harmless.values()))), held_out, seed)
-    directions = fit_directions(harmful, harmless, labels, fit)
+def separation_scores(harmful: dict[int, torch.Tensor], harmless: dict[int, torch.Tensor], labels, test,
+                      directions: dict[int, torch.Tensor]) -> dict[int, dict[str, float]]:
+    """Held-out AUC and standardised gap of each layer's fit-half projection r^T h."""
     scores: dict[int, dict[str, float]] = {}
     for layer, r in directions.items():
         h = torch.cat([harmful[layer], harmless[layer]])
         proj = h[test] @ r
         pos, neg = proj[labels[test] == 1], proj[labels[test] == 0]
         scores[layer] = {"auc": auc(pos, neg), "gap": standardised_gap(pos, neg)}
-    best = max(scores, key=lambda k: separation_key(scores[k]))
-    return best, scores
+    return scores
+
+
+def choose_layer(harmful: dict[int, torch.Tensor], harmless: dict[int, torch.Tensor], held_out: float, seed: int):
+    """The candidate layer whose fit-half direction best separates the held-out half (see the module docstring)."""
+    labels, fit, test = held_out_split(len(next(iter(harmful.values()))), len(next(iter(harmless.values()))), held_out, seed)
+    scores = separation_scores(harmful, harmless, labels, test, fit_directions(harmful, harmless, labels, fit))
+    return max(scores, key=lambda k: separation_key(scores[k])), scores
 
 
 def separation_key(score: dict[str, float]) -> tuple[float, float]:
@@ -183,10 +193,10 @@ def intervened(model, r: torch.Tensor, scale: float, include_embeddings: bool = 
     e -> e - scale (e . r) r likewise, and a tied output head sees its input projected the same way.
     """
     handles = []
+    d = r.float().to(next(model.parameters()).device)
 
     def project(x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         v = x.float() - (bias.float() if bias is not None else 0.0)
-        d = r.to(v.device)
         return (x.float() - scale * (v @ d)[..., None] * d).to(x.dtype)
 
     def writer_hook(module, args, output):
@@ -216,7 +226,6 @@ def choose_layer_by_behaviour(model, tokenizer, directions: dict[int, torch.Tens
     from .judges import KeywordJudge
 
     judge = KeywordJudge()
-    scale = -options.scale if options.reverse else options.scale
 
     def measure() -> dict[str, float]:
         out = {name: metrics.refusal_rate(model, tokenizer, prompts, judge, options.select_tokens, options.batch_size)[0]
@@ -228,7 +237,7 @@ def choose_layer_by_behaviour(model, tokenizer, directions: dict[int, torch.Tens
     for i, (layer, r) in enumerate(directions.items()):
         if progress is not None:
             progress(f"trying the edit of layer {layer} ({i + 1}/{len(directions)}) on {len(harmful) + len(harmless)} held-out prompts")
-        with intervened(model, r, scale, options.include_embeddings):
+        with intervened(model, r, options.signed_scale, options.include_embeddings):
             shares = measure()
         ratio = shares.pop("perplexity") / baseline["perplexity"]
         scores[layer].update(shares, perplexity_ratio=ratio)
@@ -294,14 +303,15 @@ def refusal_direction(model_dir: str | Path, options: AblateOptions, target: str
     scores: dict[int, dict[str, float]] = {}
     layer, baseline = layers[0], None
     if len(layers) > 1:
-        layer, scores = choose_layer(h_harm, h_safe, options.held_out, options.seed)
+        labels, fit, test = held_out_split(len(harmful), len(harmless), options.held_out, options.seed)
+        directions = fit_directions(h_harm, h_safe, labels, fit)
+        scores = separation_scores(h_harm, h_safe, labels, test, directions)
+        layer = max(scores, key=lambda k: separation_key(scores[k]))
         if options.select == "behaviour":
             if target is not None and Path(target).resolve() != ckpt.path.resolve():
                 del model
                 edited = open_checkpoint(target)
                 model, tokenizer = load_model(edited, device), load_tokenizer(edited.path)
-            labels, fit, test = held_out_split(len(harmful), len(harmless), options.held_out, options.seed)
-            directions = fit_directions(h_harm, h_safe, labels, fit)
             prompts = harmful + harmless
             layer, baseline = choose_layer_by_behaviour(
                 model, tokenizer, directions, [prompts[i] for i in test if labels[i] == 1],
@@ -338,7 +348,7 @@ def ablate_checkpoint(model_dir: str | Path, output: str | Path, options: Ablate
                                f"{ckpt.path} has {ckpt.config.get('hidden_size')}: the direction cannot be applied")
     report = refusal_direction(source, options, target=model_dir, progress=progress)
     r = report.direction
-    scale = -options.scale if options.reverse else options.scale  # reverse: W + scale * r (r^T W)
+    scale = options.signed_scale
 
     def edit(name: str, weight: torch.Tensor) -> torch.Tensor:
         if WRITERS.search(name):
