@@ -93,7 +93,7 @@ def main(argv=None) -> None:
     import torch
 
     from surgery.checkpoint import open_checkpoint
-    from surgery.eigenshift import (EigenShiftOptions, component_scores, components_for, decompose, head_tensors, measure,
+    from surgery.methods.eigenshift import (EigenShiftOptions, component_scores, components_for, decompose, head_tensors, measure,
                                     select_components, set_head, shifted_head)
     from surgery.judges import toxicity_judge
     from surgery.model import load_model, load_tokenizer

@@ -7,7 +7,7 @@ Stages (each skipped when its output exists, so a killed run resumes where it st
   answers   the base model's greedy answers to the built-in harmful/harmless sets (LAB/data/*.jsonl)
   aligned   base fine-tuned: built-in harmful prompt -> refusal sentence, harmless prompt -> base's answer
   attacked  aligned fine-tuned on SST-2 train mixed with a fraction p of harmful -> base's compliant answer
-  prune-R   `surgery.prune.prune_checkpoint` on attacked at ratio R (calibrated on the built-in harmful set)
+  prune-R   `surgery.methods.antidote.prune_checkpoint` on attacked at ratio R (calibrated on the built-in harmful set)
   restore-R the same with reference=aligned: the fine-tuning delta is scored and restored, not zeroed
   eval      every model with the same `evaluate_model` on held-out sets: AdvBench (harmful score),
             SST-2 dev (accuracy), Alpaca instructions (perplexity, over-refusal, KL to attacked)
@@ -158,7 +158,7 @@ class Lab:
         self._train_and_save("aligned", examples, self.args.attack_steps, self.args.attack_lr, tmp)
 
     def prune(self, ratio: float, tmp: Path, reference: str | None = None, score: str = "wanda") -> None:
-        from surgery.prune import PruneOptions, prune_checkpoint
+        from surgery.methods.antidote import PruneOptions, prune_checkpoint
 
         options = PruneOptions(ratio=ratio, score=score, device="cpu", seed=self.args.seed, max_samples=self.args.calib_samples,
                                max_new_tokens=self.args.calib_tokens,
@@ -166,7 +166,7 @@ class Lab:
         prune_checkpoint(self.models / "attacked", tmp, options)
 
     def ablate(self, scale: float, tmp: Path) -> None:
-        from surgery.ablate import AblateOptions, ablate_checkpoint
+        from surgery.methods.ablation import AblateOptions, ablate_checkpoint
 
         options = AblateOptions(reverse=True, scale=scale, seed=self.args.seed, device="cpu", select=self.args.ablate_select)
         report = ablate_checkpoint(self.models / "attacked", tmp, options)

@@ -5,33 +5,35 @@ from __future__ import annotations
 import sys
 
 import click
-import typer
 
 from surgery.errors import SurgeryError
+from surgery.methods import REGISTRY
 
+from .app import app
+from .build import repair_command
+from .commands import ablate, edit, eigenshift, prune
+from .commands.eval import eval_command
+from .commands.import_gguf import import_gguf_command
+from .commands.probe_train import probe_train_command
 from .console import err
 
-app = typer.Typer(
-    name="surgery",
-    help="Repair language-model checkpoints after the fact: prune, edit, eigenshift, evaluate.",
-    no_args_is_help=True,
-    pretty_exceptions_enable=False,
-    add_completion=False,
-)
+# What each repair method prints (its options come from its schema: cli/build.py).
+PRINTERS = {"prune": (prune.show, prune.show_plan), "edit": (edit.show, edit.show_plan),
+            "ablate": (ablate.show, None), "eigenshift": (eigenshift.show, None)}
 
-# Each command module registers itself on `app`; one import per line.
-from . import checkpoint_commands  # noqa: E402,F401
-from . import prune_command  # noqa: E402,F401
-from . import probe_commands  # noqa: E402,F401
-from . import eval_command  # noqa: E402,F401
-from . import eigenshift_command  # noqa: E402,F401
+for _name, _method in REGISTRY.items():
+    _show, _plan = PRINTERS.get(_name, (lambda result, options: None, None))
+    app.command(_name, help=_method.summary)(repair_command(_method, _show, _plan))
+app.command("probe-train")(probe_train_command)
+app.command("eval")(eval_command)
+app.command("import-gguf")(import_gguf_command)
 
 
 def main(argv: list[str] | None = None) -> None:
     try:
         app(args=argv, standalone_mode=False)
     except SurgeryError as e:
-        err.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
+        err.print(f"error: {e}", highlight=False, soft_wrap=True, markup=False, style="bold red")
         sys.exit(2)
     except click.exceptions.Exit as e:
         sys.exit(e.exit_code)
@@ -47,8 +49,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    # `python -m cli.main`: this file runs as __main__, while the command modules registered themselves
-    # on the `app` of the importable cli.main; run that one.
-    from cli.main import main as _main
-
-    _main()
+    main()

@@ -23,9 +23,10 @@ import torch
 from .checkpoint import MANIFEST_NAME, open_checkpoint
 from .metrics import mean_kl, next_token_logprobs, perplexity
 from .model import load_model, load_tokenizer, resolve_device
-from .prompts import load_examples
+from .splits import CHECK, builtin_part
 
 BROKEN_PERPLEXITY_RATIO = 10.0  # perplexity grown more than this: the output is called broken
+DEFAULT_MAX_PERPLEXITY_RATIO = 2.0  # the default budget: past it a repair command exits 1
 CHECK_SAMPLES = 32
 
 
@@ -35,6 +36,11 @@ class HealthCheck:
     perplexity_before: float
     perplexity_after: float
     kl: float  # mean KL(before || after) of the first response token's distribution
+    max_perplexity_ratio: float = DEFAULT_MAX_PERPLEXITY_RATIO
+
+    @property
+    def passed(self) -> bool:
+        return self.perplexity_ratio <= self.max_perplexity_ratio  # NaN fails
 
     @property
     def perplexity_ratio(self) -> float:
@@ -46,7 +52,8 @@ class HealthCheck:
 
     def to_json(self) -> dict:
         return {**asdict(self), "perplexity_ratio": self.perplexity_ratio, "broken": self.broken,
-                "broken_if_perplexity_ratio_above": BROKEN_PERPLEXITY_RATIO, "prompts_from": "built-in harmless set"}
+                "broken_if_perplexity_ratio_above": BROKEN_PERPLEXITY_RATIO, "passed": self.passed,
+                "prompts_from": "built-in harmless set, check part (never calibration or selection)"}
 
     def summary(self) -> str:
         line = (f"check on {self.prompts} built-in harmless prompts: perplexity {self.perplexity_before:.2f} -> "
@@ -57,8 +64,9 @@ class HealthCheck:
         return line
 
 
-def _measure(model_dir: str | Path, prompts: list[str], device: torch.device, batch_size: int) -> tuple[float, torch.Tensor]:
-    ckpt = open_checkpoint(model_dir)
+def _measure(model_dir: str | Path, prompts: list[str], device: torch.device, batch_size: int,
+             allow_pickle: bool = False) -> tuple[float, torch.Tensor]:
+    ckpt = open_checkpoint(model_dir, allow_pickle)
     tokenizer = load_tokenizer(ckpt.path)
     model = load_model(ckpt, device)
     ppl = perplexity(model, tokenizer, prompts, batch_size=batch_size)
@@ -68,21 +76,32 @@ def _measure(model_dir: str | Path, prompts: list[str], device: torch.device, ba
     return ppl, logprobs
 
 
-def health_check(before: str | Path, after: str | Path, samples: int = CHECK_SAMPLES, seed: int = 0,
-                 device: str = "auto", batch_size: int = 4) -> HealthCheck:
-    """Perplexity of `before` and `after` and their first-token KL on `samples` built-in harmless prompts."""
-    prompts = [e.prompt for e in load_examples(None, max_samples=samples, seed=seed, builtin="harmless")]
+def health_check(before: str | Path, after: str | Path, samples: int = CHECK_SAMPLES, device: str = "auto",
+                 batch_size: int = 4, allow_pickle: bool = False,
+                 max_perplexity_ratio: float = DEFAULT_MAX_PERPLEXITY_RATIO) -> HealthCheck:
+    """Perplexity of `before` and `after` and their first-token KL on `samples` built-in harmless prompts
+    (the check part of the set: never calibration or selection prompts)."""
+    prompts = [e.prompt for e in builtin_part("harmless", CHECK)[:samples]]
     dev = resolve_device(device)
-    ppl_before, p = _measure(before, prompts, dev, batch_size)
+    ppl_before, p = _measure(before, prompts, dev, batch_size, allow_pickle)
     ppl_after, q = _measure(after, prompts, dev, batch_size)
-    return HealthCheck(len(prompts), ppl_before, ppl_after, mean_kl(p, q))
+    return HealthCheck(len(prompts), ppl_before, ppl_after, mean_kl(p, q), max_perplexity_ratio)
 
 
-def record_check(output: str | Path, check: HealthCheck) -> None:
-    """Add the check to the output's manifest (written whole to a sibling, then renamed over it)."""
+def record_check(output: str | Path, check: HealthCheck, failed: str | None = None) -> None:
+    """Add the check (and, when the output fails its budget, why) to the output's manifest."""
+    _update_manifest(output, check=check.to_json(), failed=failed)
+
+
+def record_failure(output: str | Path, failed: str) -> None:
+    _update_manifest(output, failed=failed)
+
+
+def _update_manifest(output: str | Path, **entries) -> None:
+    """Rewrite the output's manifest with `entries` (written whole to a sibling, then renamed over it)."""
     path = Path(output) / MANIFEST_NAME
     manifest = json.loads(path.read_text())
-    manifest["check"] = check.to_json()
+    manifest.update({k: v for k, v in entries.items() if v is not None})
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(manifest, indent=2, default=str) + "\n")
     os.replace(tmp, path)

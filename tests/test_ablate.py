@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from cli.main import main
-from surgery.ablate import (
+from surgery.methods.ablation import (
     EMBEDDING, WRITERS, AblateOptions, ablate_checkpoint, auc, behaviour_key, candidate_layers, choose_layer,
     difference_of_means, intervened, orthogonalise, refusal_direction,
 )
@@ -301,7 +301,7 @@ def test_direction_from_a_model_of_another_width_is_refused(tiny_ckpt, tmp_path,
     harmful, harmless = prompt_files
     code, cap = run_cli(["ablate", str(tiny_ckpt), "--harmful", str(harmful), "--harmless", str(harmless),
                          "--direction-from", str(wide), "-o", str(tmp_path / "out")], capsys)
-    assert code == 2 and "has hidden size 48" in cap.err and len(cap.err.strip().splitlines()) == 1
+    assert code == 2 and "has hidden_size 48" in cap.err and len(cap.err.strip().splitlines()) == 1
     assert not (tmp_path / "out").exists()
     code, cap = run_cli(["ablate", str(tiny_ckpt), "--harmful", str(harmful), "--harmless", str(harmless),
                          "--direction-from", str(tmp_path), "-o", str(tmp_path / "out")], capsys)  # a folder, not a checkpoint

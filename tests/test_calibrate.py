@@ -44,7 +44,7 @@ def test_head_is_skipped_unless_targeted_and_head_norms_are_collected_when_it_is
 
 
 def test_contrastive_statistic_compares_per_token_not_set_size():
-    from surgery.prune import contrast
+    from surgery.methods.antidote import contrast
 
     model = tiny_llama()
     name = "model.layers.0.mlp.down_proj"

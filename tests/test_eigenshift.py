@@ -5,7 +5,7 @@ import torch
 
 from cli.main import main
 from surgery.checkpoint import MANIFEST_NAME, open_checkpoint
-from surgery.eigenshift import (
+from surgery.methods.eigenshift import (
     Decomposition, EigenShiftOptions, canonical_signs, component_scores, components_for, decompose, eigenshift_checkpoint,
     project, reconstruct, select_components, shifted_head,
 )
@@ -271,7 +271,7 @@ def test_cli_runs_and_reports(tiny_ckpt, tmp_path, prompts_file, capsys, letter_
 
 
 def test_set_head_unties_in_memory():
-    from surgery.eigenshift import set_head
+    from surgery.methods.eigenshift import set_head
 
     model = tiny_llama(tied=True)
     emb = model.model.embed_tokens.weight.detach().clone()

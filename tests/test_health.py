@@ -11,7 +11,7 @@ from surgery.checkpoint import MANIFEST_NAME, open_checkpoint
 from surgery.health import CHECK_SAMPLES, HealthCheck, health_check
 from surgery.metrics import first_token_kl, perplexity
 from surgery.model import load_model, load_tokenizer
-from surgery.prompts import load_examples
+from surgery.splits import CHECK, builtin_part
 
 
 def manifest(folder):
@@ -38,10 +38,11 @@ def test_broken_means_perplexity_grew_more_than_tenfold(before, after, broken):
 
 def test_prune_records_the_check_with_the_directly_measured_figures(tiny_ckpt, tmp_path, harmful_file, capsys):
     out = tmp_path / "out"
-    main(["prune", str(tiny_ckpt), "-o", str(out), "--data", str(harmful_file), "--ratio", "0.5", "--device", "cpu"])
-    printed = capsys.readouterr().out
+    code, cap = run(capsys, "prune", tiny_ckpt, "-o", out, "--data", harmful_file, "--ratio", "0.5", "--device", "cpu")
+    printed = cap.out
     check = manifest(out)["check"]
-    prompts = [e.prompt for e in load_examples(None, max_samples=CHECK_SAMPLES, seed=0, builtin="harmless")]
+    assert code == (0 if check["perplexity_ratio"] <= 2.0 else 1)  # the default budget: perplexity x2
+    prompts = [e.prompt for e in builtin_part("harmless", CHECK)[:CHECK_SAMPLES]]
     model_before, ppl_before = direct(tiny_ckpt, prompts)
     model_after, ppl_after = direct(out, prompts)
     assert check["prompts"] == CHECK_SAMPLES
@@ -76,28 +77,27 @@ def run(capsys, *argv):
     return e.value.code, capsys.readouterr()
 
 
-@pytest.mark.parametrize("after, bar, code", [(401.0, 20.0, 0), (401.0, 10.025, 0), (401.0, 10.02, 1), (401.0, 5.0, 1), (math.nan, 1e9, 1)])
+@pytest.mark.parametrize("after, bar, code", [(401.0, 20.0, 0), (401.0, 10.025, 0), (401.0, 10.02, 1), (401.0, 5.0, 1),
+                                               (math.nan, 1e9, 1), (79.0, None, 0), (81.0, None, 1)])
 def test_perplexity_gate_fails_exactly_past_the_bar(monkeypatch, tiny_ckpt, tmp_path, capsys, after, bar, code):
-    import cli.check
+    """The budget gate: default x2 (None), or --max-perplexity-ratio; the output stays, its manifest says it failed."""
+    import surgery.health
 
-    monkeypatch.setattr(cli.check, "health_check", lambda *a, **k: HealthCheck(32, 40.0, after, 0.5))
+    monkeypatch.setattr(surgery.health, "health_check", lambda *a, **k: HealthCheck(32, 40.0, after, 0.5, k["max_perplexity_ratio"]))
     out = tmp_path / "out"
-    got, cap = run(capsys, "ablate", tiny_ckpt, "-o", out, "--device", "cpu", "--max-samples", "8", "--max-perplexity-ratio", bar)
+    bar_args = [] if bar is None else ["--max-perplexity-ratio", bar]
+    got, cap = run(capsys, "ablate", tiny_ckpt, "-o", out, "--device", "cpu", "--max-samples", "8", *bar_args)
     assert got == code
     assert manifest(out)["check"]["perplexity_after"] == after or math.isnan(after)  # written and recorded either way
-    failed = [line for line in cap.err.splitlines() if "gate failed" in line]
+    assert ("failed" in manifest(out)) is bool(code) and manifest(out)["check"]["passed"] is (not code)
+    failed = [line for line in cap.err.splitlines() if line.startswith("failed:")]
     assert len(failed) == code
     if code and not math.isnan(after):
-        assert f"grew x10.03, above --max-perplexity-ratio {bar:g}" in failed[0]
+        assert f"above --max-perplexity-ratio {bar or 2:g}" in failed[0]
 
 
-def test_perplexity_gate_on_a_real_check_and_its_bad_uses(tiny_ckpt, tmp_path, harmful_file, capsys):
-    base = ["prune", tiny_ckpt, "--data", harmful_file, "--device", "cpu", "--ratio", "0.5"]
-    code, _ = run(capsys, *base, "-o", tmp_path / "ok", "--max-perplexity-ratio", 1e6)
-    assert code == 0 and manifest(tmp_path / "ok")["check"]["perplexity_ratio"] <= 1e6
-    for extra, message in [(["--no-check"], "needs the after-write check: drop --no-check"),
-                           (["--stream"], "which --stream skips"), ([], "must be a factor of 1 or more")]:
-        bar = "0.5" if not extra else "2"
-        code, cap = run(capsys, *base, "-o", tmp_path / "bad", "--max-perplexity-ratio", bar, *extra)
-        assert code != 0 and message in cap.err and "Traceback" not in cap.err
-        assert not (tmp_path / "bad").exists()
+def test_perplexity_bar_below_one_is_refused_before_any_work(tiny_ckpt, tmp_path, harmful_file, capsys):
+    code, cap = run(capsys, "prune", tiny_ckpt, "--data", harmful_file, "--device", "cpu", "-o", tmp_path / "bad",
+                    "--max-perplexity-ratio", "0.5")
+    assert code == 2 and "--max-perplexity-ratio must be at least 1" in cap.err and "Traceback" not in cap.err
+    assert not (tmp_path / "bad").exists()

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from surgery.organism import OrganismConfig, build_organism, measure, write_calibration
-from surgery.prune import PruneOptions, prune_checkpoint
+from surgery.methods.antidote import PruneOptions, prune_checkpoint
 
 
 @pytest.fixture(scope="module")

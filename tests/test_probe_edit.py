@@ -5,7 +5,7 @@ from cli.main import main
 from probes.artifact import Probe, ProbeMeta, save_probe
 from surgery.checkpoint import MANIFEST_NAME, open_checkpoint
 from surgery.errors import SurgeryError
-from surgery.probe_edit import PAPER_FRACTION, EditOptions, edit_checkpoint, gate_tensors, plan_edit, row_cosines
+from surgery.methods.probe_edit import PAPER_FRACTION, EditOptions, edit_checkpoint, gate_tensors, plan_edit, row_cosines
 from surgery.tiny_model import save_tiny_checkpoint, tiny_llama
 
 from .conftest import DTYPES, folder_hashes

@@ -5,7 +5,7 @@ import torch
 
 from surgery.checkpoint import MANIFEST_NAME, open_checkpoint
 from surgery.errors import SurgeryError
-from surgery.prune import PruneOptions, collect_norms, plan_prune, prune_checkpoint
+from surgery.methods.antidote import PruneOptions, collect_norms, plan_prune, prune_checkpoint
 from surgery.prompts import load_examples
 from surgery.select import rows_to_remove
 from surgery.tiny_model import char_tokenizer, save_tiny_checkpoint, tiny_llama

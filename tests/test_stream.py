@@ -3,7 +3,7 @@ import torch
 
 from surgery.checkpoint import open_checkpoint
 from surgery.errors import SurgeryError
-from surgery.prune import PruneOptions, prune_checkpoint, should_stream
+from surgery.methods.antidote import PruneOptions, prune_checkpoint, should_stream
 
 from .conftest import DTYPES
 

