@@ -52,6 +52,8 @@ def build_options(cls, values: dict[str, Any]):
     """An options object from the command's keyword values (glob lists split on commas)."""
     kwargs = {}
     for f in schema(cls):
+        if f.name not in values:  # a field the command does not offer keeps its default
+            continue
         value = values.pop(f.name)
         if f.metadata.get("patterns") and isinstance(value, str):
             value = [p.strip() for p in value.split(",") if p.strip()] or None

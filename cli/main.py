@@ -15,6 +15,7 @@ from .commands import ablate, edit, eigenshift, prune
 from .commands.eval import eval_command
 from .commands.import_gguf import import_gguf_command
 from .commands.probe_train import probe_train_command
+from .commands.repair import repair_command as repair_all_command
 from .console import err
 
 # What each repair method prints (its options come from its schema: cli/build.py).
@@ -24,6 +25,7 @@ PRINTERS = {"prune": (prune.show, prune.show_plan), "edit": (edit.show, edit.sho
 for _name, _method in REGISTRY.items():
     _show, _plan = PRINTERS.get(_name, (lambda result, options: None, None))
     app.command(_name, help=_method.summary)(repair_command(_method, _show, _plan))
+app.command("repair")(repair_all_command)
 app.command("probe-train")(probe_train_command)
 app.command("eval")(eval_command)
 app.command("import-gguf")(import_gguf_command)

@@ -292,9 +292,11 @@ def refusal_direction(model_dir: str | Path, options: AblateOptions, target: str
     return find_direction(source, options, device, target_model, progress)
 
 
-def find_direction(source, options: AblateOptions, device, target_model, progress=None, scale: float | None = None) -> AblateReport:
+def find_direction(source, options: AblateOptions, device, target_model, progress=None, scale: float | None = None,
+                   source_model=None) -> AblateReport:
     """r and its layer read off the checkpoint `source`; `target_model()` gives the (model, tokenizer) whose
-    behaviour the candidates' edits are judged on, loaded only when --select behaviour needs it."""
+    behaviour the candidates' edits are judged on, loaded only when --select behaviour needs it;
+    `source_model()`, when given, the source's (model, tokenizer) (default: loaded here)."""
     num_layers = int(source.config.get("num_hidden_layers", 0))
     if options.layer == "auto":
         layers = candidate_layers(num_layers)
@@ -309,8 +311,7 @@ def find_direction(source, options: AblateOptions, device, target_model, progres
                                                max_samples=options.max_samples, seed=options.seed)]
     if min(len(harmful), len(harmless)) < 2:
         raise SurgeryError("direction ablation needs at least 2 harmful and 2 harmless prompts")
-    tokenizer = load_tokenizer(source.path)
-    model = load_model(source, device)
+    model, tokenizer = source_model() if source_model else (load_model(source, device), load_tokenizer(source.path))
     h_harm = last_token_states(model, tokenizer, harmful, layers, options)
     h_safe = last_token_states(model, tokenizer, harmless, layers, options)
     scores: dict[int, dict[str, float]] = {}
@@ -382,7 +383,9 @@ class DirectionAblation(Method):
             raise SurgeryError(f"{ckpt.path} has no o_proj/down_proj weights: direction ablation needs a llama-family model")
         source = ctx.references.get("direction_from", ckpt)
         scale = options.scale if isinstance(options.scale, float) else AUTO_LAYER_SCALE
-        report = find_direction(source, options, ctx.device, lambda: (ctx.model(), ctx.tokenizer()), ctx.progress, scale)
+        own = lambda: (ctx.model(), ctx.tokenizer())  # noqa: E731
+        report = find_direction(source, options, ctx.device, own, ctx.progress, scale,
+                                source_model=own if source is ckpt else None)
         return PreparedAblation(ckpt, report, options, source.path)
 
 

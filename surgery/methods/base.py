@@ -236,53 +236,80 @@ def refuse_output(output: Path, inputs: list[Path], force: bool) -> None:
 def run_repair(method: Method | str, model_dir: str | Path, output: str | Path | None, options, run: RunOptions | None = None,
                progress: Callable[[str], None] | None = None) -> RepairReport:
     """Run one registered method on a checkpoint folder, the same way for every method."""
-    from ..health import health_check, record_check
-    from ..search import search_strength
-    from ..writer import write_checkpoint
     from . import get_method
 
     method = get_method(method) if isinstance(method, str) else method
     run = run or RunOptions()
+    auto = validate_run(method, options, run, output)
+    if not run.dry_run:
+        refuse_output(Path(output), [Path(model_dir), *map(Path, reference_paths(method, options).values())], run.force)
+    ctx = open_context(method, model_dir, options, run, progress, searching=auto)
+    if run.dry_run:
+        return RepairReport(method.name, None, plan=method.plan(ctx, options))
+    prepared, search = prepare_and_search(method, ctx, options, run)
+    return write_repair(method, ctx, prepared, options, run, output, search)
+
+
+def validate_run(method: Method, options, run: RunOptions, output) -> bool:
+    """Every rule that needs no model; returns whether the strength is searched (`auto`)."""
     schema.validate_fields(options)
     schema.validate_fields(run)
     run.validate()
     method.validate(options)
     knob = method.strength
-    value = getattr(options, knob.field) if knob else None
-    auto = schema.is_auto(value)
+    auto = bool(knob) and schema.is_auto(getattr(options, knob.field))
     if auto and run.dry_run:
         raise SurgeryError(f"--{knob.field} auto searches on the model; --dry-run shows a fixed strength only")
-    reference_paths = {f: getattr(options, f) for f in method.references if getattr(options, f, None)}
     if output is None and not run.dry_run:
         raise SurgeryError("--output/-o is required (or use --dry-run)")
-    if not run.dry_run:
-        refuse_output(Path(output), [Path(model_dir), *map(Path, reference_paths.values())], run.force)
+    return auto
 
+
+def reference_paths(method: Method, options) -> dict[str, str]:
+    return {f: getattr(options, f) for f in method.references if getattr(options, f, None)}
+
+
+def open_context(method: Method, model_dir, options, run: RunOptions, progress=None, searching: bool = False) -> Context:
+    """Open the checkpoint and each reference the options name (pickle policy and compatibility rule alike)."""
     ckpt = open_checkpoint(model_dir, options.allow_pickle)
     references = {f: open_reference(ckpt, p, schema.flag_of(_field(options, f)), options.allow_pickle)
-                  for f, p in reference_paths.items()}
-    ctx = Context(ckpt, references, run, options.device, progress, searching=auto)
-    if run.dry_run:
-        return RepairReport(method.name, None, plan=method.plan(ctx, options))
+                  for f, p in reference_paths(method, options).items()}
+    return Context(ckpt, references, run, options.device, progress, searching=searching)
+
+
+def prepare_and_search(method: Method, ctx: Context, options, run: RunOptions):
+    """The method's statistics (once), then its strength: as given, or searched (the options get the chosen value)."""
+    from ..search import search_strength
 
     t0 = time.perf_counter()
     prepared = method.prepare(ctx, options)
     ctx.timings["prepare"] = time.perf_counter() - t0
     search = None
-    if auto:
+    if ctx.searching:
+        t0 = time.perf_counter()
         search = search_strength(method, ctx, prepared, run)
-        value = search.chosen
-        setattr(options, knob.field, value)
+        ctx.timings["search"] = time.perf_counter() - t0
+        setattr(options, method.strength.field, search.chosen)
+    return prepared, search
+
+
+def write_repair(method: Method, ctx: Context, prepared: Prepared, options, run: RunOptions, output, search=None,
+                 extra_report: dict | None = None) -> RepairReport:
+    """Write the edit at the options' strength, its manifest and plot, then the after-write check (budget gate)."""
+    from ..health import health_check, record_check, record_failure
+    from ..writer import write_checkpoint
+
+    value = getattr(options, method.strength.field) if method.strength else None
     edit = prepared.at(value)
     prepared.finish(edit)
     ctx.release_model()
-
     t0 = time.perf_counter()
     summary = dict(edit.summary)
     if search is not None:
         summary["search"] = search.to_json()
+    summary.update(extra_report or {})
     arguments = {**schema.arguments(options), **edit.arguments, "run": schema.arguments(run)}
-    write_checkpoint(ckpt, output, edit.fn, method=method.manifest_id, arguments=arguments, added=edit.added or None,
+    write_checkpoint(ctx.ckpt, output, edit.fn, method=method.manifest_id, arguments=arguments, added=edit.added or None,
                      config_updates=edit.config_updates or None, report=summary, force=run.force, order=edit.order)
     ctx.timings["write"] = time.perf_counter() - t0
     if search is not None:
@@ -291,23 +318,19 @@ def run_repair(method: Method | str, model_dir: str | Path, output: str | Path |
         plot_search(search, Path(output) / "search.png")
     result = RepairReport(method.name, Path(output), report=prepared.report, summary=summary, search=search,
                           strength=value, seconds=ctx.timings)
-    if search is not None and search.failed:
-        result.failed = search.failed
+    result.failed = search.failed if search is not None else None
     if run.check and not edit.streamed:
         t0 = time.perf_counter()
-        progress and progress("checking the output on held-out harmless prompts")
-        check = health_check(model_dir, output, device=options.device, allow_pickle=options.allow_pickle,
+        ctx.progress("checking the output on held-out harmless prompts")
+        check = health_check(ctx.ckpt.path, output, device=options.device, allow_pickle=options.allow_pickle,
                              max_perplexity_ratio=run.max_perplexity_ratio)
-        record_check(output, check, failed=result.failed)
         result.check = check
         ctx.timings["check"] = time.perf_counter() - t0
         if result.failed is None and not check.passed:
             result.failed = (f"perplexity on the check grew x{check.perplexity_ratio:.2f}, above --max-perplexity-ratio "
                              f"{run.max_perplexity_ratio:g}")
-            record_check(output, check, failed=result.failed)
+        record_check(output, check, failed=result.failed)
     elif result.failed is not None:
-        from ..health import record_failure
-
         record_failure(output, result.failed)
     return result
 

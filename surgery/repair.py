@@ -1,0 +1,179 @@
+"""`surgery repair`: try every registered method that applies, each at its automatic strength under one
+budget, and write the one with the lowest held-out harmful score.
+
+What applies depends on what the user gives: with a reference (the checkpoint before the harmful
+fine-tune) Antidote restores the fine-tune delta and the refusal direction can be read off the
+reference; without one, Antidote zeroes and the direction is the model's own; with a probe, the probe
+edit joins. EigenShift lowers toxicity, not the harmful score, so it is not compared here.
+
+All candidates are measured on the same selection prompts (the built-in sets' selection part) against
+the same unedited model, which is loaded once and shared: each candidate's search leaves it bit-identical.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from .errors import SurgeryError
+from .methods import REGISTRY, RunOptions
+from .methods.base import open_context, prepare_and_search, refuse_output, write_repair
+from .methods.common import MethodOptions
+from .options import AUTO, option, validate_fields
+
+
+@dataclass
+class RepairOptions(MethodOptions):
+    reference: str | None = option(None, "The checkpoint before the harmful fine-tuning: Antidote restores the fine-tune "
+                                         "delta to it, and the refusal direction is also read off it.", folder=True)
+    probe: str | None = option(None, "A probe from `surgery probe-train`: the probe edit joins the candidates.", folder=True)
+    methods: list[str] | None = option(None, "Comma-separated candidates to try (default: every one that applies): "
+                                             "prune, prune-restore, ablate, ablate-from-reference, edit.", patterns=True)
+    max_harmful_score: float | None = option(None, "CI gate: exit 1 unless the chosen repair's held-out harmful score is at "
+                                                   "most this share (0-1).", low=0.0, high=1.0)
+
+
+@dataclass
+class Candidate:
+    label: str
+    method: str
+    options: object
+    search: object = None
+    prepared: object = None
+    ctx: object = None
+    error: str | None = None
+    seconds: float = 0.0
+
+    def figure(self, key: str) -> float | None:
+        return self.search.chosen_point().figures.get(key) if self.search is not None else None
+
+    @property
+    def inside(self) -> bool:
+        return self.search is not None and self.search.failed is None
+
+    def to_json(self) -> dict:
+        return {"candidate": self.label, "method": self.method, "seconds": round(self.seconds, 1), "error": self.error,
+                "chosen": self.search.chosen if self.search else None,
+                "inside_budget": self.inside, "failed": self.search.failed if self.search else self.error,
+                "figures": self.search.chosen_point().figures if self.search else {}}
+
+
+def candidates(options: RepairOptions) -> list[Candidate]:
+    """The repairs that apply to what the user gave, each with its strength set to auto."""
+    common = {"device": options.device, "allow_pickle": options.allow_pickle}
+    prune, ablate, edit = (REGISTRY[m].Options for m in ("prune", "ablate", "edit"))
+    table: list[tuple[str, str, Callable[[], object], bool]] = [
+        ("prune-restore", "prune", lambda: prune(ratio=AUTO, reference=options.reference, **common), options.reference is not None),
+        ("prune", "prune", lambda: prune(ratio=AUTO, **common), options.reference is None),
+        ("ablate", "ablate", lambda: ablate(scale=AUTO, reverse=True, **common), True),
+        ("ablate-from-reference", "ablate", lambda: ablate(scale=AUTO, reverse=True, direction_from=options.reference, **common),
+         options.reference is not None),
+        ("edit", "edit", lambda: edit(alpha=AUTO, probe=options.probe, **common), options.probe is not None),
+    ]
+    known = {label for label, *_ in table}
+    wanted = options.methods
+    if wanted:
+        unknown = [w for w in wanted if w not in known]
+        if unknown:
+            raise SurgeryError(f"--methods: unknown candidate '{unknown[0]}' (one of {', '.join(sorted(known))})")
+    chosen = [Candidate(label, method, make()) for label, method, make, applies in table
+              if (wanted and label in wanted) or (not wanted and applies)]
+    for c in chosen:
+        if c.label in ("prune-restore", "ablate-from-reference") and options.reference is None:
+            raise SurgeryError(f"--methods {c.label} needs --reference")
+        if c.label == "edit" and options.probe is None:
+            raise SurgeryError("--methods edit needs --probe")
+    return chosen
+
+
+@dataclass
+class RepairAllReport:
+    output: Path | None
+    candidates: list[Candidate]
+    winner: Candidate | None
+    result: object = None  # the written method's RepairReport
+    failed: str | None = None
+    seconds: dict[str, float] = field(default_factory=dict)
+
+
+def repair_checkpoint(model_dir: str | Path, output: str | Path, options: RepairOptions, run: RunOptions | None = None,
+                      progress: Callable[[str], None] | None = None) -> RepairAllReport:
+    """Search every applicable method, write the best inside the budget (see the module docstring)."""
+    run = run or RunOptions()
+    validate_fields(options)
+    validate_fields(run)
+    run.validate()
+    if run.dry_run:
+        raise SurgeryError("surgery repair searches on the model: --dry-run is not available (use a method's own --dry-run)")
+    todo = candidates(options)
+    refuse_output(Path(output), [Path(model_dir), *[Path(p) for p in (options.reference, options.probe) if p]], run.force)
+    for c in todo:  # every candidate's own rules, before any model is loaded
+        REGISTRY[c.method].validate(c.options)
+        validate_fields(c.options)
+    say = progress or (lambda message: None)
+    shared = None
+    for i, c in enumerate(todo):
+        method = REGISTRY[c.method]
+        t0 = time.perf_counter()
+        try:
+            c.ctx = open_context(method, model_dir, c.options, run, lambda m, c=c, i=i: say(f"[{i + 1}/{len(todo)} {c.label}] {m}"),
+                                 searching=True)
+            if shared is not None:
+                c.ctx._model, c.ctx._tokenizer = shared
+            c.prepared, c.search = prepare_and_search(method, c.ctx, c.options, run)
+            shared = (c.ctx.model(), c.ctx.tokenizer())
+        except SurgeryError as e:
+            c.error = str(e)
+        c.seconds = time.perf_counter() - t0
+    inside = [c for c in todo if c.inside]
+    pool = inside or [c for c in todo if c.search is not None]
+    if not pool:
+        raise SurgeryError("no candidate repair could be measured: " + "; ".join(f"{c.label}: {c.error}" for c in todo))
+    winner = min(pool, key=lambda c: (round(c.figure("harmful_score") if c.figure("harmful_score") is not None else 1.0, 6),
+                                      c.figure("perplexity_ratio") or 1.0))
+    failed = None
+    if not inside:
+        failed = "no method repairs inside the budget: " + "; ".join(
+            f"{c.label}: {c.search.failed if c.search else c.error}" for c in todo)
+    elif options.max_harmful_score is not None and winner.figure("harmful_score") > options.max_harmful_score:
+        failed = (f"the best repair ({winner.label}, held-out harmful score {100 * winner.figure('harmful_score'):.1f}%) "
+                  f"is above --max-harmful-score {100 * options.max_harmful_score:.1f}%")
+    comparison = {"repair": {"chosen": winner.label, "candidates": [c.to_json() for c in todo], "failed": failed}}
+    result = write_repair(REGISTRY[winner.method], winner.ctx, winner.prepared, winner.options, run, output, winner.search,
+                          extra_report=comparison)
+    if failed and not result.failed:
+        from .health import record_failure
+
+        result.failed = failed
+        record_failure(output, failed)
+    plot_candidates(todo, winner, Path(output) / "repair.png")
+    return RepairAllReport(Path(output), todo, winner, result, result.failed or failed)
+
+
+def plot_candidates(todo: list[Candidate], winner: Candidate, path: Path) -> Path | None:
+    """Every candidate's search points (held-out harmful score against perplexity ratio), the written one marked."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for c in todo:
+        if c.search is None:
+            continue
+        pts = sorted((p for p in c.search.points if "harmful_score" in p.figures), key=lambda p: p.figures["perplexity_ratio"])
+        ax.plot([p.figures["perplexity_ratio"] for p in pts], [100 * p.figures["harmful_score"] for p in pts], "o-",
+                label=c.label + (" (written)" if c is winner else ""), linewidth=2.5 if c is winner else 1)
+    if winner.search is not None:
+        ax.scatter([1.0], [100 * winner.search.baseline["harmful_score"]], marker="s", c="black", label="input")
+    ax.set_xlabel("perplexity ratio (held-out harmless)")
+    ax.set_ylabel("held-out harmful score (%)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
