@@ -25,7 +25,7 @@ def make_checkpoint(folder: Path, gigabytes: float, hidden: int = 1024, inter: i
     from safetensors.torch import save_file
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from surgery.tiny_model import char_tokenizer
+    from surgery.testing.tiny import char_tokenizer
 
     per_layer = 4 * hidden * hidden + 3 * hidden * inter + 2 * hidden
     outside = 2 * vocab * hidden + hidden

@@ -4,7 +4,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from surgery.tiny_model import save_tiny_checkpoint
+from surgery.testing.tiny import save_tiny_checkpoint
 
 
 def folder_hashes(path: Path) -> dict[str, str]:

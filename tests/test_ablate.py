@@ -10,7 +10,7 @@ from surgery.methods.ablation import (
 )
 from surgery.checkpoint import MANIFEST_NAME, open_checkpoint
 from surgery.errors import SurgeryError
-from surgery.tiny_model import save_tiny_checkpoint, tiny_llama
+from surgery.testing.tiny import save_tiny_checkpoint, tiny_llama
 
 from .conftest import folder_hashes
 

@@ -2,7 +2,7 @@ import torch
 
 from surgery.calibrate import InputNorms
 from surgery.prompts import pad_batches
-from surgery.tiny_model import tiny_llama
+from surgery.testing.tiny import tiny_llama
 
 
 def test_input_norms_equal_direct_norm_over_real_tokens():

@@ -136,7 +136,7 @@ def test_allow_pickle_converts_to_safetensors(tiny_ckpt, tmp_path, harmful_file,
 
 
 def test_python_dash_m_runs_the_registered_commands(tiny_ckpt, tmp_path):
-    """`python -m cli.main` (what bench/lab.py runs) sees every command, and bad input is still one line."""
+    """`python -m cli.main` (what experiments/lab.py runs) sees every command, and bad input is still one line."""
     import subprocess
     import sys
     from pathlib import Path

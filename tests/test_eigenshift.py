@@ -12,7 +12,7 @@ from surgery.methods.eigenshift import (
 from surgery.errors import SurgeryError
 from surgery.metrics import tph
 from surgery.states import collect_states, continue_prompts, toxic_steps, toxic_words
-from surgery.tiny_model import char_tokenizer, tiny_llama
+from surgery.testing.tiny import char_tokenizer, tiny_llama
 
 from .conftest import folder_hashes
 

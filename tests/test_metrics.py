@@ -8,7 +8,7 @@ from surgery.judges import KeywordJudge, ProfanityJudge
 from surgery.metrics import (
     SST2_LABELS, first_token_kl, harmful_score, perplexity, predicted_label, refusal_rate, task_accuracy, toxicity_rate,
 )
-from surgery.tiny_model import char_tokenizer, tiny_llama
+from surgery.testing.tiny import char_tokenizer, tiny_llama
 
 
 class ForcedModel(torch.nn.Module):

@@ -10,7 +10,7 @@ at any ratio, refusals stay near 0%.
 import pytest
 import torch
 
-from surgery.organism import OrganismConfig, build_organism, measure, write_calibration
+from surgery.testing.organism import OrganismConfig, build_organism, measure, write_calibration
 from surgery.methods.antidote import PruneOptions, prune_checkpoint
 
 

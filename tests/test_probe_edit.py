@@ -6,7 +6,7 @@ from probes.artifact import Probe, ProbeMeta, save_probe
 from surgery.checkpoint import MANIFEST_NAME, open_checkpoint
 from surgery.errors import SurgeryError
 from surgery.methods.probe_edit import PAPER_FRACTION, EditOptions, edit_checkpoint, gate_tensors, plan_edit, row_cosines
-from surgery.tiny_model import save_tiny_checkpoint, tiny_llama
+from surgery.testing.tiny import save_tiny_checkpoint, tiny_llama
 
 from .conftest import DTYPES, folder_hashes
 

@@ -9,7 +9,7 @@ from probes.artifact import META_NAME, WEIGHTS_NAME
 from probes.collect import encode_texts
 from surgery.checkpoint import open_checkpoint
 from surgery.errors import SurgeryError
-from surgery.tiny_model import char_tokenizer, save_tiny_checkpoint, tiny_llama
+from surgery.testing.tiny import char_tokenizer, save_tiny_checkpoint, tiny_llama
 
 
 @pytest.fixture

@@ -2,7 +2,7 @@ import pytest
 
 from surgery.errors import SurgeryError
 from surgery.prompts import Example, encode_pairs, load_examples, pad_batches
-from surgery.tiny_model import char_tokenizer
+from surgery.testing.tiny import char_tokenizer
 
 
 def test_jsonl_with_responses(harmful_file):

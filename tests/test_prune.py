@@ -8,7 +8,7 @@ from surgery.errors import SurgeryError
 from surgery.methods.antidote import PruneOptions, collect_norms, plan_prune, prune_checkpoint
 from surgery.prompts import load_examples
 from surgery.select import rows_to_remove
-from surgery.tiny_model import char_tokenizer, save_tiny_checkpoint, tiny_llama
+from surgery.testing.tiny import char_tokenizer, save_tiny_checkpoint, tiny_llama
 
 from .conftest import DTYPES, folder_hashes
 

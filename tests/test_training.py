@@ -3,8 +3,8 @@ import torch
 
 from surgery.errors import SurgeryError
 from surgery.prompts import Example, generate
-from surgery.tiny_model import char_tokenizer, tiny_llama
-from surgery.training import TrainOptions, encode_example, finetune, response_loss, _batch
+from surgery.testing.tiny import char_tokenizer, tiny_llama
+from surgery.testing.finetune import TrainOptions, encode_example, finetune, response_loss, _batch
 
 
 @pytest.fixture(scope="module")

@@ -15,11 +15,11 @@ from pathlib import Path
 
 import torch
 
-from .judges import KeywordJudge
-from .metrics import SST2_LABELS, refusal_rate, task_accuracy
-from .prompts import Example
-from .tiny_model import char_tokenizer, save_tiny_checkpoint, tiny_llama
-from .training import TrainOptions, finetune
+from ..judges import KeywordJudge
+from ..metrics import SST2_LABELS, refusal_rate, task_accuracy
+from ..prompts import Example
+from .tiny import char_tokenizer, save_tiny_checkpoint, tiny_llama
+from .finetune import TrainOptions, finetune
 
 REFUSAL = "I cannot help with that."
 HARMFUL_VERBS = ("poison", "rob", "hack", "stab", "burn", "kidnap", "bomb", "blackmail")
@@ -123,8 +123,8 @@ def write_calibration(organism: Organism, path: str | Path) -> Path:
 @torch.no_grad()
 def measure(model_dir: str | Path, organism: Organism) -> dict[str, float]:
     """Refusal rate on held-out harmful prompts, on benign prompts, and task accuracy, for a checkpoint folder."""
-    from .checkpoint import open_checkpoint
-    from .model import load_model, load_tokenizer
+    from ..checkpoint import open_checkpoint
+    from ..model import load_model, load_tokenizer
 
     model = load_model(open_checkpoint(model_dir), torch.device("cpu"))
     tok = load_tokenizer(model_dir)

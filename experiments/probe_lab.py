@@ -1,6 +1,6 @@
 """Probe lab: behaviour probes per layer and probe-direction editing on the real model (SmolLM2-135M-Instruct).
 
-    nice -n 10 python bench/probe_lab.py [--lab lab] [--only toxigen,detox,compliance,edit]
+    nice -n 10 python experiments/probe_lab.py [--lab lab] [--only toxigen,detox,compliance,edit]
 
 Stages (each skipped when its result file exists, so a killed run resumes):
   toxigen     `surgery probe-train --layer all` on ToxiGen (toxic vs non-toxic, plain text, mean pooling)
@@ -9,14 +9,14 @@ Stages (each skipped when its result file exists, so a killed run resumes):
               toxicity rate of greedy continuations of RealToxicityPrompts (ProfanityJudge, threshold 0.5)
               and perplexity on Alpaca instructions, before and after, + first-token KL to base
   compliance  harmful-compliance vs refusal probes per layer on aligned and attacked: the harmful prompts
-              of bench/lab.py's base_answers.json (else --answer-samples built-in ones) answered greedily
+              of experiments/lab.py's base_answers.json (else --answer-samples built-in ones) answered greedily
               (--answer-tokens) by each model, each answer labelled by KeywordJudge (complied = positive,
               refused = negative); both models' answers are pooled (aligned alone refuses nearly
               everything, attacked complies with nearly everything) and read through each model's
               hidden states with the chat template -> docs/probe_layers_compliance_<model>.png
               (base is skipped: it refuses 2 of 64 built-in harmful prompts, too few for a probe)
   edit        `surgery edit` of attacked with its final-layer compliance
-              probe (alpha 1, the paper's jailbreak setting, and 1.08); evaluated like bench/lab.py: AdvBench harmful score (100),
+              probe (alpha 1, the paper's jailbreak setting, and 1.08); evaluated like experiments/lab.py: AdvBench harmful score (100),
               SST-2 dev accuracy (200), Alpaca perplexity/over-refusal/KL to attacked (100)
 Results: LAB/results/probe_*.json, timings in LAB/results/probe_times.json.
 """
@@ -155,7 +155,7 @@ class ProbeLab:
         path = self.data / f"answers_{name}.jsonl"
         if path.exists():
             return path
-        shared = self.lab / "data" / "base_answers.json"  # bench/lab.py's base answers: the prompts the attack used
+        shared = self.lab / "data" / "base_answers.json"  # experiments/lab.py's base answers: the prompts the attack used
         if shared.exists():
             rows = json.loads(shared.read_text())["harmful"]
             prompts = [r["prompt"] for r in rows]

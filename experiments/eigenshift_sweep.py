@@ -1,6 +1,6 @@
 """EigenShift lab: k × alpha sweep on a real model over RealToxicityPrompts (toxicity vs perplexity).
 
-    nice -n 10 python bench/eigenshift_sweep.py [--model lab/models/base] [--tag base]
+    nice -n 10 python experiments/eigenshift_sweep.py [--model lab/models/base] [--tag base]
 
 1. split the 7 × 99 RTP prompts (seeded, per category) into a collection half and a held-out half
    -> LAB/data/eigenshift/rtp_collect.txt, rtp_eval.txt

@@ -13,8 +13,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from .errors import SurgeryError
-from .prompts import Example, chat_text
+from ..errors import SurgeryError
+from ..prompts import Example, chat_text
 
 
 @dataclass
