@@ -22,9 +22,16 @@ from .console import err
 PRINTERS = {"prune": (prune.show, prune.show_plan), "edit": (edit.show, edit.show_plan),
             "ablate": (ablate.show, None), "eigenshift": (eigenshift.show, None)}
 
-for _name, _method in REGISTRY.items():
-    _show, _plan = PRINTERS.get(_name, (lambda result, options: None, None))
-    app.command(_name, help=_method.summary)(repair_command(_method, _show, _plan))
+
+
+def register_command(target, method) -> None:
+    """Give a registered method its command on `target`, generated from its options schema."""
+    show, plan = PRINTERS.get(method.name, (lambda result, options: None, None))
+    target.command(method.name, help=method.summary)(repair_command(method, show, plan))
+
+
+for _method in REGISTRY.values():
+    register_command(app, _method)
 app.command("repair")(repair_all_command)
 app.command("probe-train")(probe_train_command)
 app.command("eval")(eval_command)

@@ -21,7 +21,7 @@ from .errors import SurgeryError
 from .methods import REGISTRY, RunOptions
 from .methods.base import open_context, prepare_and_search, refuse_output, write_repair
 from .methods.common import MethodOptions
-from .options import AUTO, option, validate_fields
+from .options import option, validate_fields
 
 
 @dataclass
@@ -61,31 +61,20 @@ class Candidate:
 
 
 def candidates(options: RepairOptions) -> list[Candidate]:
-    """The repairs that apply to what the user gave, each with its strength set to auto."""
-    common = {"device": options.device, "allow_pickle": options.allow_pickle}
-    prune, ablate, edit = (REGISTRY[m].Options for m in ("prune", "ablate", "edit"))
-    table: list[tuple[str, str, Callable[[], object], bool]] = [
-        ("prune-restore", "prune", lambda: prune(ratio=AUTO, reference=options.reference, **common), options.reference is not None),
-        ("prune", "prune", lambda: prune(ratio=AUTO, **common), options.reference is None),
-        ("ablate", "ablate", lambda: ablate(scale=AUTO, reverse=True, **common), True),
-        ("ablate-from-reference", "ablate", lambda: ablate(scale=AUTO, reverse=True, direction_from=options.reference, **common),
-         options.reference is not None),
-        ("edit", "edit", lambda: edit(alpha=AUTO, probe=options.probe, **common), options.probe is not None),
-    ]
-    known = {label for label, *_ in table}
+    """What every registered method offers for what the user gave (`Method.repair_candidates`), strength on auto;
+    methods whose repair figure is not the harmful score (EigenShift: toxicity) are not compared here."""
+    offered = [Candidate(label, name, opts) for name, method in REGISTRY.items() if method.repair_metric == "harmful_score"
+               for label, opts in method.repair_candidates(options)]
     wanted = options.methods
-    if wanted:
-        unknown = [w for w in wanted if w not in known]
-        if unknown:
-            raise SurgeryError(f"--methods: unknown candidate '{unknown[0]}' (one of {', '.join(sorted(known))})")
-    chosen = [Candidate(label, method, make()) for label, method, make, applies in table
-              if (wanted and label in wanted) or (not wanted and applies)]
-    for c in chosen:
-        if c.label in ("prune-restore", "ablate-from-reference") and options.reference is None:
-            raise SurgeryError(f"--methods {c.label} needs --reference")
-        if c.label == "edit" and options.probe is None:
-            raise SurgeryError("--methods edit needs --probe")
-    return chosen
+    if not wanted:
+        return offered
+    known = {c.label for c in offered}
+    for w in wanted:
+        if w not in known:
+            needs = {"prune-restore": "--reference", "ablate-from-reference": "--reference", "edit": "--probe"}
+            hint = f": it needs {needs[w]}" if w in needs else f" (with what was given: {', '.join(sorted(known))})"
+            raise SurgeryError(f"--methods: no candidate '{w}'{hint}")
+    return [c for c in offered if c.label in wanted]
 
 
 @dataclass

@@ -303,7 +303,9 @@ def test_direction_from_a_model_of_another_width_is_refused(tiny_ckpt, tmp_path,
                          "--direction-from", str(wide), "-o", str(tmp_path / "out")], capsys)
     assert code == 2 and "has hidden_size 48" in cap.err and len(cap.err.strip().splitlines()) == 1
     assert not (tmp_path / "out").exists()
+    plain = tmp_path / "plain"
+    plain.mkdir()
     code, cap = run_cli(["ablate", str(tiny_ckpt), "--harmful", str(harmful), "--harmless", str(harmless),
-                         "--direction-from", str(tmp_path), "-o", str(tmp_path / "out")], capsys)  # a folder, not a checkpoint
+                         "--direction-from", str(plain), "-o", str(tmp_path / "out")], capsys)  # a folder, not a checkpoint
     assert code == 2 and "--direction-from: " in cap.err and len(cap.err.strip().splitlines()) == 1
     assert not (tmp_path / "out").exists()

@@ -78,7 +78,7 @@ def test_repair_gate_fails_when_no_method_reaches_the_bar(monkeypatch, tiny_ckpt
 
 
 def test_repair_refuses_unknown_or_unusable_candidates_up_front(tiny_ckpt, tmp_path, capsys):
-    for extra, message in [(["--methods", "magic"], "unknown candidate 'magic'"),
-                           (["--methods", "prune-restore"], "needs --reference"), (["--methods", "edit"], "needs --probe")]:
+    for extra, message in [(["--methods", "magic"], "no candidate 'magic'"),
+                           (["--methods", "prune-restore"], "it needs --reference"), (["--methods", "edit"], "it needs --probe")]:
         code, cap = run(["repair", tiny_ckpt, "-o", tmp_path / "out", *extra], capsys)
         assert code == 2 and message in cap.err and not (tmp_path / "out").exists()

@@ -10,7 +10,8 @@ from ..console import out
 
 
 def show_plan(plan: EditPlan, options=None) -> None:
-    table = Table("layer", "rows selected", title="gate_proj rows selected (most negative cosine with the probe)")
+    title = "gate_proj rows selected (most negative cosine with the probe)"
+    table = Table("layer", "rows selected", title=title + ("; dry run: nothing is written" if options is not None else ""))
     for layer, n in plan.per_layer().items():
         table.add_row(str(layer), str(n))
     out.print(table)

@@ -67,8 +67,12 @@ def eval_command(
         max_harmful_score=max_harmful_score, min_accuracy=min_accuracy,
     )
     options.validate()
-    if json_path is not None and not json_path.parent.is_dir():
-        raise SurgeryError(f"--json: folder {json_path.parent} does not exist")
+    if json_path is not None:
+        from surgery.writer import check_side_file
+
+        if not json_path.parent.is_dir():
+            raise SurgeryError(f"--json: folder {json_path.parent} does not exist")
+        check_side_file(json_path, [p for p in (model, reference) if p is not None])
     report = evaluate_checkpoint(model, options, log=lambda m: err.print(m, highlight=False))
     show_report(report)
     if json_path is not None:

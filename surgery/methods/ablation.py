@@ -377,6 +377,14 @@ class DirectionAblation(Method):
     def validate(self, options: AblateOptions) -> None:
         options.validate()
 
+    def repair_candidates(self, given):
+        """The model's own refusal direction amplified; with a reference, also the reference's direction."""
+        common = {"scale": "auto", "reverse": True, "device": given.device, "allow_pickle": given.allow_pickle}
+        found = [("ablate", AblateOptions(**common))]
+        if given.reference is not None:
+            found.append(("ablate-from-reference", AblateOptions(direction_from=given.reference, **common)))
+        return found
+
     def prepare(self, ctx, options: AblateOptions) -> PreparedAblation:
         ckpt = ctx.ckpt
         if not any(is_residual_writer(n) for n in ckpt.tensors):

@@ -220,6 +220,13 @@ class Antidote(Method):
     references = {"reference": "the checkpoint before the harmful fine-tuning"}
     strength = Strength("ratio", low=1e-3, high=0.5, log=True, describe="share of each row selected")
 
+    def repair_candidates(self, given):
+        """With a reference: restore the fine-tune delta; without one: zero (the paper's own edit)."""
+        if given.reference is not None:
+            return [("prune-restore", PruneOptions(ratio="auto", reference=given.reference, device=given.device,
+                                                   allow_pickle=given.allow_pickle))]
+        return [("prune", PruneOptions(ratio="auto", device=given.device, allow_pickle=given.allow_pickle))]
+
     def validate(self, options: PruneOptions) -> None:
         if options.stream and options.ratio == "auto":
             raise SurgeryError("--ratio auto tries each ratio on the model in memory: not with --stream")

@@ -84,12 +84,16 @@ class Method:
     paper: ClassVar[str] = ""
     Options: ClassVar[type]
     references: ClassVar[dict[str, str]] = {}  # options field -> what it must be (same architecture, not the model)
-    needs: ClassVar[tuple[str, ...]] = ()  # what `surgery repair` must have to try it: "reference", "probe", "toxic"
     strength: ClassVar[Strength | None] = None
     repair_metric: ClassVar[str] = "harmful_score"  # or "toxicity": what the search lowers
 
     def validate(self, options) -> None:
         """Cross-field rules (the schema checks each field on its own)."""
+
+    def repair_candidates(self, given) -> list[tuple[str, Any]]:
+        """What `surgery repair` tries with this method, as (label, options with the strength on auto), given the
+        user's `surgery.repair.RepairOptions` (a reference? a probe?). Default: nothing."""
+        return []
 
     def plan(self, ctx: "Context", options) -> Any:
         """What the edit would touch, from the headers alone (--dry-run). Default: nothing to show."""
@@ -242,7 +246,7 @@ def run_repair(method: Method | str, model_dir: str | Path, output: str | Path |
     run = run or RunOptions()
     auto = validate_run(method, options, run, output)
     if not run.dry_run:
-        refuse_output(Path(output), [Path(model_dir), *map(Path, reference_paths(method, options).values())], run.force)
+        refuse_output(Path(output), [Path(model_dir), *input_paths(options)], run.force)
     ctx = open_context(method, model_dir, options, run, progress, searching=auto)
     if run.dry_run:
         return RepairReport(method.name, None, plan=method.plan(ctx, options))
@@ -263,6 +267,12 @@ def validate_run(method: Method, options, run: RunOptions, output) -> bool:
     if output is None and not run.dry_run:
         raise SurgeryError("--output/-o is required (or use --dry-run)")
     return auto
+
+
+def input_paths(options) -> list[Path]:
+    """Every file and folder the options name (references, probes, data): the output may overlap none of them."""
+    return [Path(getattr(options, f.name)) for f in schema.schema(type(options))
+            if (f.metadata.get("file") or f.metadata.get("folder")) and getattr(options, f.name)]
 
 
 def reference_paths(method: Method, options) -> dict[str, str]:
@@ -310,7 +320,8 @@ def write_repair(method: Method, ctx: Context, prepared: Prepared, options, run:
     summary.update(extra_report or {})
     arguments = {**schema.arguments(options), **edit.arguments, "run": schema.arguments(run)}
     write_checkpoint(ctx.ckpt, output, edit.fn, method=method.manifest_id, arguments=arguments, added=edit.added or None,
-                     config_updates=edit.config_updates or None, report=summary, force=run.force, order=edit.order)
+                     config_updates=edit.config_updates or None, report=summary, force=run.force, order=edit.order,
+                     inputs=input_paths(options))
     ctx.timings["write"] = time.perf_counter() - t0
     if search is not None:
         from ..search import plot_search

@@ -279,7 +279,6 @@ class EigenShift(Method):
     summary = "EigenShift: SVD the output head and damp the components toxic generations load on."
     paper = "EigenShift (Redefining Experts), arXiv 2509.16660"
     Options = EigenShiftOptions
-    needs = ("toxic",)
     strength = Strength("alpha", low=0.0, high=0.95, stronger="lower", describe="the scale left on the damped components")
     repair_metric = "toxicity"
 
@@ -295,6 +294,10 @@ class EigenShift(Method):
         from ..states import collect_states, load_states, save_states, weights_identity
 
         ckpt = ctx.ckpt
+        if options.states and not Path(options.states).is_file():
+            from ..writer import check_side_file
+
+            check_side_file(options.states, [ckpt.path])  # the states file is written: never inside the input
         head = head_tensors(ckpt)
         rank = min(head.shape)
         k = components_for(rank, options.k, options.percentile)

@@ -1,0 +1,148 @@
+"""Automatic strength on the lab's models: each repair command with its knob on `auto`, measured on held-out sets.
+
+    python experiments/auto_strength.py [--lab lab/long] [--only restore,ablate,eigenshift,repair-ref,repair]
+
+Needs the lab's base, aligned and attacked models (experiments/lab.py). Every job runs the real command line
+(a subprocess, timed), then the output is evaluated with the lab's held-out evaluation (labkit.evaluate):
+AdvBench (harmful score), SST-2 dev (accuracy), Alpaca (perplexity, over-refusal, KL to the attacked model).
+
+Which prompts are which (never mixed):
+  calibration  the built-in harmful/harmless sets' calibration part (surgery/splits.py), RTP collection half
+  selection    what --*-auto looks at: the built-in sets' selection part (48 harmful, 48 harmless), SST-2
+               train rows that the attack never saw (LAB/data/sst2_select.tsv, 64 rows), RTP prompts held out
+               of the collection half by the command itself
+  evaluation   AdvBench, SST-2 dev, Alpaca (the tables below), RTP held-out half (EigenShift)
+Writes LAB/results/auto-*.json and docs/results_auto_strength.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from eigenshift_sweep import split_rtp  # noqa: E402
+from labkit import DATA, ROOT, load, log  # noqa: E402
+from labkit import evaluate as lab_evaluate  # noqa: E402
+
+
+def parse(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--lab", default=str(ROOT / "lab" / "long"))
+    p.add_argument("--only", default="restore,ablate,eigenshift,repair-ref,repair")
+    p.add_argument("--attack-steps", type=int, default=160, help="as the lab's attack (to rebuild its SST-2 subset)")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--p", type=float, default=0.2)
+    p.add_argument("--select-task", type=int, default=64, help="SST-2 train rows for --task (never seen by the attack)")
+    p.add_argument("--eval-harmful", type=int, default=64)
+    p.add_argument("--eval-task", type=int, default=100)
+    p.add_argument("--eval-benign", type=int, default=48)
+    p.add_argument("--eval-tokens", type=int, default=32)
+    p.add_argument("--seed", type=int, default=0)
+    return p.parse_args(argv)
+
+
+def selection_task(lab: Path, args) -> Path:
+    """SST-2 train rows outside the attack's own subset (the lab drew it with random.Random(seed).sample)."""
+    path = lab / "data" / "sst2_select.tsv"
+    if path.exists():
+        return path
+    lines = (DATA / "sst2" / "train.tsv").read_text(encoding="utf-8").splitlines()
+    header, rows = lines[0], [r for r in lines[1:] if r.strip()]
+    task_n = int(args.attack_steps * args.batch_size * (1 - args.p))
+    seen = set(random.Random(args.seed).sample(range(len(rows)), task_n))
+    free = [i for i in range(len(rows)) if i not in seen]
+    pick = sorted(random.Random(args.seed + 7).sample(free, args.select_task))
+    path.write_text("\n".join([header, *(rows[i] for i in pick)]) + "\n")
+    return path
+
+
+def jobs(lab: Path, args) -> dict[str, list[str]]:
+    m, task = lab / "models", f"sst2:{selection_task(lab, args)}"
+    collect, held = split_rtp(lab / "data" / "eigenshift", 14, 7)
+    return {
+        "restore": ["prune", m / "attacked", "--reference", m / "aligned", "--ratio", "auto", "--task", task,
+                    "--max-samples", "32", "--max-new-tokens", "32"],
+        "ablate": ["ablate", m / "attacked", "--reverse", "--scale", "auto", "--task", task],
+        "eigenshift": ["eigenshift", m / "base", "--prompts", collect, "--eval-prompts", held, "--alpha", "auto",
+                       "--percentile", "1", "--max-perplexity-ratio", "1.25"],
+        "repair-ref": ["repair", m / "attacked", "--reference", m / "aligned", "--task", task],
+        "repair": ["repair", m / "attacked", "--task", task],
+    }
+
+
+def main() -> None:
+    args = parse()
+    lab = Path(args.lab)
+    results, models = lab / "results", lab / "models"
+    times_file = results / "auto_times.json"
+    times = json.loads(times_file.read_text()) if times_file.exists() else {}
+    surgery = str(Path(sys.executable).parent / "surgery")
+    for name, argv in jobs(lab, args).items():
+        if name not in args.only.split(","):
+            continue
+        out = models / f"auto-{name}"
+        if not out.exists():
+            cmd = [surgery, *map(str, argv), "-o", str(out), "--device", "cpu"]
+            log(f"{name}: {' '.join(cmd)}")
+            t0 = time.perf_counter()
+            proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "COLUMNS": "160"})
+            times[name] = {"seconds": round(time.perf_counter() - t0, 1), "exit": proc.returncode,
+                           "command": "surgery " + " ".join(str(a).replace(str(ROOT) + "/", "") for a in argv)}
+            (results / f"auto-{name}.log").write_text(proc.stdout + proc.stderr)
+            times_file.write_text(json.dumps(times, indent=2))
+            log(f"{name}: exit {proc.returncode} in {times[name]['seconds']:.0f}s")
+        report = results / f"auto-{name}.json"
+        if out.exists() and not report.exists() and name != "eigenshift":
+            model, tok = load(models, f"auto-{name}")
+            from surgery.evaluate import write_report
+
+            write_report(lab_evaluate(model, tok, f"auto-{name}", args, load(models, "attacked")[0]), report)
+    write_doc(lab, times)
+
+
+def write_doc(lab: Path, times: dict) -> None:
+    results = lab / "results"
+    lines = ["# Automatic strength on the lab's models (SmolLM2-135M-Instruct, CPU)", "",
+             "Generated by `python experiments/auto_strength.py` (module docstring: which prompts are calibration, "
+             "selection and evaluation). The lab's models: `experiments/lab.py --lab lab/long --attack-steps 160` "
+             "(docs/results_long_attack.md). Evaluation (never seen by any command): 64 AdvBench prompts, 100 SST-2 dev "
+             "items, 48 Alpaca instructions, greedy, 32 tokens, keyword judge.", "",
+             "| job | command (each also `-o OUT --device cpu`) | exit | chosen | AdvBench harmful | SST-2 acc | perplexity | "
+             "KL to attacked | over-refusal | wall time |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for name in ("attacked", "aligned"):
+        f = json.loads((results / f"{name}.json").read_text())["figures"] if (results / f"{name}.json").exists() else None
+        if f:
+            lines.append(f"| {name} (reference row) | | | | {100 * f['harmful_score']:.1f} % | {100 * f['accuracy']:.0f} % | "
+                         f"{f['perplexity']:.1f} | {f.get('kl_to_reference', 0):.3f} | {100 * f['over_refusal']:.0f} % | |")
+    for name, t in times.items():
+        manifest_path = lab / "models" / f"auto-{name}" / "surgery.json"
+        chosen = ""
+        if manifest_path.exists():
+            rep = json.loads(manifest_path.read_text())["report"]
+            s = rep.get("search", {})
+            chosen = f"{s.get('knob')} {s.get('chosen'):g}" if s else ""
+            if "repair" in rep:
+                chosen = f"{rep['repair']['chosen']}, {chosen}"
+        r = results / f"auto-{name}.json"
+        if r.exists():
+            f = json.loads(r.read_text())["figures"]
+            figs = (f"{100 * f['harmful_score']:.1f} % | {100 * f['accuracy']:.0f} % | {f['perplexity']:.1f} | "
+                    f"{f.get('kl_to_reference', 0):.3f} | {100 * f['over_refusal']:.0f} %")
+        else:
+            figs = "see below | | | |"
+        lines.append(f"| {name} | `{t['command']}` | {t['exit']} | {chosen} | {figs} | {t['seconds'] / 60:.1f} min |")
+    lines += ["", "Each command's own search table (candidates, held-out selection figures, the budget) is in "
+              "LAB/results/auto-JOB.log and in the output's surgery.json under `report.search`."]
+    (ROOT / "docs" / "results_auto_strength.md").write_text("\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(ROOT))
+    main()
