@@ -4,23 +4,21 @@ from __future__ import annotations
 
 import sys
 
-import click
-
-from surgery.errors import SurgeryError
 from surgery.methods import REGISTRY
 
 from .app import app
 from .build import repair_command
-from .commands import ablate, edit, eigenshift, prune
+from .commands import ablate, edit, eigenshift, prune, resta, revert
 from .commands.eval import eval_command
 from .commands.import_gguf import import_gguf_command
 from .commands.probe_train import probe_train_command
 from .commands.repair import repair_command as repair_all_command
-from .console import err
+from .errors import exit_code
 
 # What each repair method prints (its options come from its schema: cli/build.py).
 PRINTERS = {"prune": (prune.show, prune.show_plan), "edit": (edit.show, edit.show_plan),
-            "ablate": (ablate.show, None), "eigenshift": (eigenshift.show, None)}
+            "ablate": (ablate.show, None), "eigenshift": (eigenshift.show, None),
+            "resta": (resta.show, resta.show_plan), "revert": (revert.show, revert.show_plan)}
 
 
 
@@ -39,22 +37,10 @@ app.command("import-gguf")(import_gguf_command)
 
 
 def main(argv: list[str] | None = None) -> None:
-    try:
-        app(args=argv, standalone_mode=False)
-    except SurgeryError as e:
-        err.print(f"error: {e}", highlight=False, soft_wrap=True, markup=False, style="bold red")
-        sys.exit(2)
-    except click.exceptions.Exit as e:
-        sys.exit(e.exit_code)
-    except click.ClickException as e:
-        e.show()
-        sys.exit(e.exit_code)
-    except click.exceptions.Abort:
-        err.print("aborted")
-        sys.exit(130)
-    except KeyboardInterrupt:
-        err.print("interrupted: no output was written")
-        sys.exit(130)
+    """Run one command; user errors, usage errors and signals end as exit codes with one line (cli/errors.py)."""
+    code = exit_code(app, argv)
+    if code:
+        sys.exit(code)
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ toxicity rate of continuations. A CI gate turns the figures into an exit code.
 from __future__ import annotations
 
 import json
+import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -185,5 +186,16 @@ def evaluate_checkpoint(model_dir: str | Path, options: EvalOptions, log=None) -
     return evaluate_model(model, tokenizer, options, reference, name=str(model_dir), log=log, judge=judge)
 
 
-def write_report(report: EvalReport, path: str | Path) -> None:
-    Path(path).write_text(json.dumps(report.to_json(), indent=2) + "\n")
+def write_report(report: EvalReport, path: str | Path, inputs: list[Path] | None = None) -> None:
+    """Write the report as JSON, never inside an input (default: the measured checkpoint), complete or not at all."""
+    from .writer import check_side_file
+
+    path = Path(path)
+    check_side_file(path, inputs if inputs is not None else [Path(report.model)])
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.surgery-tmp-{os.getpid()}")
+    try:
+        tmp.write_text(json.dumps(report.to_json(), indent=2) + "\n")
+        tmp.replace(path)
+    finally:
+        tmp.unlink(missing_ok=True)

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import torch
 
+from .checkpoint import first_line
 from .errors import SurgeryError
 from .writer import staged_output
 
@@ -52,14 +53,14 @@ def import_gguf(source: str | Path, output: str | Path, dtype: str = "float32", 
         raise SurgeryError(f"--dtype must be one of {', '.join(DTYPES)}, got '{dtype}'")
     path = locate_gguf(str(source))
     _quiet_transformers()
-    with staged_output(Path(output), path.parent, force) as tmp:
+    with staged_output(Path(output), [path], force) as tmp:  # a single file: the output may sit beside it
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             try:
                 model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=DTYPES[dtype])
                 tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
-            except (ValueError, KeyError, OSError, RuntimeError) as e:
-                raise SurgeryError(f"transformers cannot read {path.name}: {str(e).splitlines()[0][:200]}")
+            except Exception as e:  # noqa: BLE001 - the GGUF reader fails in many ways on a bad file; each is the file's fault
+                raise SurgeryError(f"transformers cannot read {path.name}: {first_line(e)}") from None
         # The weights are now plain floats: drop the GGUF quantisation marker so the folder loads as-is.
         model.hf_quantizer = None
         if hasattr(model.config, "quantization_config"):

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import torch
 
+from .checkpoint import first_line
 from .errors import SurgeryError
 
 PROMPT_KEYS = ("prompt", "instruction", "goal", "question", "text", "content", "sentence", "input")
@@ -47,6 +48,8 @@ def load_examples(
         examples = builtin_prompts(builtin)
     else:
         path = Path(path)
+        if path.is_dir():
+            raise SurgeryError(f"data file {path} is a folder: give a .jsonl, .csv, .tsv or .txt file")
         if not path.is_file():
             raise SurgeryError(f"data file {path} does not exist")
         try:
@@ -100,23 +103,34 @@ def _from_jsonl(path: Path, text: str, column, response_column) -> list[Example]
 
 
 def _from_table(path: Path, text: str, delimiter: str, column, response_column) -> list[Example]:
-    reader = csv.DictReader(text.splitlines(), delimiter=delimiter)
-    keys = reader.fieldnames or []
-    if not keys:
-        return []
-    pc = _pick(keys, column, PROMPT_KEYS, path, "prompt") or keys[0]
-    rc = _pick(keys, response_column, RESPONSE_KEYS, path, "response")
-    return [Example(r[pc], r[rc] if rc and r.get(rc) else None) for r in reader if r.get(pc)]
+    limit = csv.field_size_limit()
+    csv.field_size_limit(max(limit, len(text)))  # a long prompt is a valid field: the csv module's 128 KiB cap is not ours
+    try:
+        reader = csv.DictReader(text.splitlines(), delimiter=delimiter)
+        keys = reader.fieldnames or []
+        if not keys:
+            return []
+        pc = _pick(keys, column, PROMPT_KEYS, path, "prompt") or keys[0]
+        rc = _pick(keys, response_column, RESPONSE_KEYS, path, "response")
+        return [Example(r[pc], r[rc] if rc and r.get(rc) else None) for r in reader if r.get(pc)]
+    except csv.Error as e:
+        kind = "TSV" if delimiter == "\t" else "CSV"
+        raise SurgeryError(f"{path}:{reader.line_num} is not valid {kind} ({e})")
+    finally:
+        csv.field_size_limit(limit)
 
 
 def chat_text(tokenizer, prompt: str, response: str | None = None) -> str:
     """The prompt (and response, when given) as the model sees it in a chat."""
     if tokenizer.chat_template:
         messages = [{"role": "user", "content": prompt}]
-        if response is None:
-            return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        messages.append({"role": "assistant", "content": response})
-        return tokenizer.apply_chat_template(messages, tokenize=False)
+        if response is not None:
+            messages.append({"role": "assistant", "content": response})
+        try:
+            return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=response is None)
+        except Exception as e:  # noqa: BLE001 - a template is code from the checkpoint: whatever it raises is its fault
+            raise SurgeryError(f"the chat template of {tokenizer.name_or_path} fails: {type(e).__name__}: "
+                               f"{first_line(e)}") from None
     return prompt + "\n" if response is None else f"{prompt}\n{response}"
 
 

@@ -10,7 +10,9 @@ import contextlib
 import json
 import os
 import shutil
+import signal
 import struct
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -101,35 +103,167 @@ def plan_layout(ckpt: Checkpoint, added: dict[str, torch.Tensor] | None = None) 
     return layout
 
 
-@contextlib.contextmanager
-def staged_output(output: Path, source: Path, force: bool = False) -> Iterator[Path]:
-    """Yield a temporary sibling of `output`; rename it into place only if the block completes."""
-    output = Path(output).absolute()
-    source = Path(source).resolve()
+def check_output_path(output: str | Path, inputs: list[Path], force: bool) -> None:
+    """Refuse an output folder that cannot be written, or whose writing (or --force) could destroy something.
+
+    Cheap and free of side effects: the driver calls it before any model is loaded, and staged_output
+    calls it again when it writes. Paths are compared resolved (through symbolic links), both ways.
+    """
+    output = Path(output)
+    if output.is_symlink():
+        raise SurgeryError(f"output {output} is a symbolic link: give the folder it points to, or a new folder")
     resolved = output.resolve()
-    if resolved == source or source in resolved.parents:
-        raise SurgeryError(f"output {output} is inside the input folder {source}: choose a folder elsewhere")
-    if output.exists() and not force:
-        raise SurgeryError(f"output {output} already exists: pass --force to replace it")
-    if output.exists() and not output.is_dir():
-        raise SurgeryError(f"output {output} exists and is not a folder")
-    if output.parent.exists() and not output.parent.is_dir():
-        raise SurgeryError(f"the parent of {output} is not a folder")
-    output.parent.mkdir(parents=True, exist_ok=True)
-    tmp = output.parent / f".{output.name}.surgery-tmp-{os.getpid()}-{time.time_ns()}"
+    for source in inputs:
+        source = Path(source)
+        real = source.resolve()
+        kind = "file" if real.is_file() else "folder"
+        if resolved == real:
+            raise SurgeryError(f"output {output} is the input {kind} {source}: the input is never modified; choose a folder elsewhere")
+        if kind == "folder" and real in resolved.parents:
+            raise SurgeryError(f"output {output} is inside the input folder {source}: choose a folder elsewhere")
+        if resolved in real.parents:
+            raise SurgeryError(f"output {output} holds the input {kind} {source}: replacing it would destroy the input; "
+                               "choose a folder elsewhere")
+    for place, what in ((_cwd(), "the current folder"), (_home(), "your home folder")):
+        if place is not None and (resolved == place or resolved in place.parents):
+            holds = "is" if resolved == place else "holds"
+            raise SurgeryError(f"output {output} {holds} {what}: give a new folder for the output")
+    if os.path.lexists(output):
+        if not output.is_dir():
+            raise SurgeryError(f"output {output} exists and is not a folder")
+        if not force:
+            raise SurgeryError(f"output {output} already exists: pass --force to replace it")
+        if not os.access(output, os.W_OK | os.X_OK):
+            raise SurgeryError(f"output {output} cannot be replaced: permission denied")
+    parent = _existing_ancestor(resolved.parent)
+    if not parent.is_dir():
+        raise SurgeryError(f"output {output} cannot be created: {parent} is not a folder")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise SurgeryError(f"output {output} cannot be created: permission denied in {parent}")
+
+
+def check_side_file(path: str | Path, inputs: list[Path]) -> None:
+    """Refuse an extra file a command writes (a JSON report, collected states) inside an input, or where no file can go."""
+    path = Path(path)
+    if path.is_dir():
+        raise SurgeryError(f"{path} is a folder: give a file name")
+    resolved = path.resolve()
+    for source in inputs:
+        real = Path(source).resolve()
+        if resolved == real or real in resolved.parents:
+            raise SurgeryError(f"{path} is inside the input {source}, which is never modified: write it elsewhere")
+    parent = _existing_ancestor(resolved.parent)
+    if not parent.is_dir():
+        raise SurgeryError(f"{path} cannot be created: {parent} is not a folder")
+    if not os.access(parent, os.W_OK | os.X_OK) or (path.exists() and not os.access(path, os.W_OK)):
+        raise SurgeryError(f"{path} cannot be written: permission denied")
+
+
+def _cwd() -> Path | None:
+    try:
+        return Path.cwd().resolve()
+    except OSError:  # the current folder was deleted: nothing there to protect
+        return None
+
+
+def _home() -> Path | None:
+    try:
+        return Path.home().resolve()
+    except (OSError, RuntimeError, KeyError):  # no home folder known
+        return None
+
+
+def _existing_ancestor(path: Path) -> Path:
+    while not os.path.lexists(path) and path != path.parent:
+        path = path.parent
+    return path
+
+
+@contextlib.contextmanager
+def staged_output(output: str | Path, inputs: Path | list[Path], force: bool = False) -> Iterator[Path]:
+    """Yield an empty temporary folder; when the block completes, it becomes `output` in one step.
+
+    Until then nothing is visible at `output`: a run that fails, or is interrupted (Ctrl-C, SIGTERM turned
+    into an exception by the CLI), leaves an existing output as it was, no temporary folder, and none of
+    the parent folders the output needed. An existing output (--force) is swapped out atomically.
+    """
+    output = Path(output).absolute()
+    inputs = [inputs] if isinstance(inputs, (str, Path)) else list(inputs)
+    check_output_path(output, inputs, force)
+    # The temporary folder sits in the nearest folder that exists, so no parent is created before the end.
+    tmp = _existing_ancestor(output.parent) / f".{output.name}.surgery-tmp-{os.getpid()}-{time.time_ns()}"
     tmp.mkdir()
+    created: list[Path] = []
     try:
         yield tmp
-        if output.exists():
-            trash = output.parent / f".{output.name}.surgery-old-{os.getpid()}-{time.time_ns()}"
-            output.rename(trash)
-            tmp.rename(output)
-            shutil.rmtree(trash)
-        else:
-            tmp.rename(output)
+        with _signals_held():
+            for folder in reversed([output.parent, *output.parent.parents]):
+                if not folder.exists():
+                    folder.mkdir()
+                    created.append(folder)
+            if os.path.lexists(output):
+                _exchange(tmp, output)  # tmp now holds the old output, removed below
+            else:
+                tmp.rename(output)
+    except BaseException:
+        with _signals_held():
+            for folder in reversed(created):
+                with contextlib.suppress(OSError):
+                    folder.rmdir()
+        raise
     finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
+        with _signals_held():
+            if os.path.lexists(tmp):
+                shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _exchange(a: Path, b: Path) -> None:
+    """Swap two folders' names: atomically where the system can (Linux renameat2), else two renames undone on failure."""
+    if _rename_exchange(a, b):
+        return
+    trash = b.parent / f".{b.name}.surgery-old-{os.getpid()}-{time.time_ns()}"
+    b.rename(trash)
+    try:
+        a.rename(b)
+    except BaseException:
+        trash.rename(b)
+        raise
+    trash.rename(a)
+
+
+def _rename_exchange(a: Path, b: Path) -> bool:
+    import ctypes
+    import errno
+
+    try:
+        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
+        return True
+    code = ctypes.get_errno()
+    if code in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):  # this file system cannot exchange: fall back
+        return False
+    raise OSError(code, os.strerror(code), str(b))
+
+
+@contextlib.contextmanager
+def _signals_held() -> Iterator[None]:
+    """Hold Ctrl-C, SIGTERM and SIGHUP during a step that must not stop halfway (a swap, a clean-up); deliver them after."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    held: list[int] = []
+    kinds = [s for s in (signal.SIGINT, signal.SIGTERM, getattr(signal, "SIGHUP", None)) if s is not None]
+    previous = {s: signal.signal(s, lambda signum, frame: held.append(signum)) for s in kinds}
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler if handler is not None else signal.SIG_DFL)
+        if held:
+            signal.raise_signal(held[0])
 
 
 def copy_side_files(ckpt: Checkpoint, dest: Path) -> list[str]:
@@ -171,12 +305,15 @@ def write_checkpoint(
     report: dict | None = None,
     force: bool = False,
     order: list[str] | None = None,
+    inputs: list[Path] | None = None,
 ) -> WriteReport:
     """Write `ckpt` to `output` with each tensor passed through `edit(name, tensor)`.
 
     Tensors are read, edited and written one at a time in `order` (default: file order), so peak
     memory is one tensor plus whatever `edit` keeps. The manifest records every argument, the
     SHA-256 of input and output weight files, and the fraction of each tensor that changed.
+    `inputs` are the other folders and files the run read (references, probes, data): the output may
+    neither be nor hold nor sit inside any of them, nor `ckpt`'s folder.
     """
     output = Path(output)
     added = added or {}
@@ -185,7 +322,7 @@ def write_checkpoint(
     shard_of = {t.name: shard for shard, ts in layout.items() for t in ts}
     summary = {"surgery_version": __version__, "surgery_method": method, "surgery_arguments": json.dumps(arguments, default=str)}
     changed: dict[str, float] = {}
-    with staged_output(output, ckpt.path, force) as tmp:
+    with staged_output(output, [ckpt.path, *(inputs or [])], force) as tmp:
         copied = copy_side_files(ckpt, tmp)
         writers = {}
         try:
@@ -211,9 +348,8 @@ def write_checkpoint(
             w.close()
         if len(layout) > 1 or ckpt.sharded:
             _write_index(tmp, layout)
-        config = json.loads((ckpt.path / "config.json").read_text())
         if config_updates:
-            config.update(config_updates)
+            config = {**ckpt.config, **config_updates}
             (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
         output_hashes = {shard: sha256_file(tmp / shard) for shard in layout}
         manifest = {
@@ -230,11 +366,22 @@ def write_checkpoint(
             "changed_fraction": changed,
             "report": report or {},
         }
-        previous = ckpt.path / MANIFEST_NAME
-        if previous.is_file():
-            manifest["previous"] = json.loads(previous.read_text())
+        previous = _previous_manifest(ckpt.path / MANIFEST_NAME)
+        if previous is not None:
+            manifest["previous"] = previous
         (tmp / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2, default=str) + "\n")
     return WriteReport(output, copied, changed, input_hashes, output_hashes, manifest)
+
+
+def _previous_manifest(path: Path) -> dict | None:
+    """The input's own manifest (it was a surgery output): kept as the chain of repairs; unreadable is recorded as such."""
+    if not path.is_file():
+        return None
+    try:
+        previous = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, ValueError):
+        return {"unreadable": f"the input's {MANIFEST_NAME} is not valid JSON"}
+    return previous if isinstance(previous, dict) else {"unreadable": f"the input's {MANIFEST_NAME} is not a JSON object"}
 
 
 def _fraction_changed(old: torch.Tensor, new: torch.Tensor) -> float:

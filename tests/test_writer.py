@@ -86,8 +86,10 @@ def test_existing_output_refused_then_forced(tiny_ckpt, tmp_path):
 def test_output_inside_input_refused(tiny_ckpt):
     with pytest.raises(SurgeryError, match="inside the input"):
         write_checkpoint(open_checkpoint(tiny_ckpt), tiny_ckpt / "sub", zero_first_row, method="t", arguments={})
-    with pytest.raises(SurgeryError, match="inside the input"):
+    with pytest.raises(SurgeryError, match="is the input folder"):
         write_checkpoint(open_checkpoint(tiny_ckpt), tiny_ckpt, zero_first_row, method="t", arguments={})
+    with pytest.raises(SurgeryError, match="holds the input folder"):
+        write_checkpoint(open_checkpoint(tiny_ckpt), tiny_ckpt.parent, zero_first_row, method="t", arguments={}, force=True)
 
 
 def test_failure_midway_leaves_nothing_behind(tiny_ckpt, tmp_path):

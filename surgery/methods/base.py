@@ -220,21 +220,9 @@ def open_reference(ckpt: Checkpoint, path: str, role: str, allow_pickle: bool) -
 
 def refuse_output(output: Path, inputs: list[Path], force: bool) -> None:
     """Refuse an unusable output before anything is loaded (the writer checks again when it writes)."""
-    from .. import writer
+    from ..writer import check_output_path
 
-    checker = getattr(writer, "check_output_path", None)
-    if checker is not None:
-        checker(output, inputs, force)
-        return
-    output = Path(output)
-    if output.exists() and not force:
-        raise SurgeryError(f"output {output} already exists: pass --force to replace it")
-    for source in inputs:
-        resolved, source = output.resolve(), Path(source).resolve()
-        if resolved == source or source in resolved.parents:
-            raise SurgeryError(f"output {output} is inside the input folder {source}: choose a folder elsewhere")
-        if resolved in source.parents:
-            raise SurgeryError(f"output {output} contains the input folder {source}: choose a folder elsewhere")
+    check_output_path(output, inputs, force)
 
 
 def run_repair(method: Method | str, model_dir: str | Path, output: str | Path | None, options, run: RunOptions | None = None,
