@@ -28,6 +28,7 @@ from surgery.testing.tiny import save_tiny_checkpoint
 
 from .conftest import folder_hashes
 from .test_probe_edit import make_probe
+from .test_safety_vector import pair_args
 from .toy_method import Scale
 
 TOY = Scale()
@@ -69,6 +70,9 @@ ARGS = {
     "ablate": lambda model, inputs, mp: ["--harmful", text_file(inputs, "harmful.txt", HARMFUL), "--harmless",
                                          text_file(inputs, "harmless.txt", HARMLESS), "--layer", "1", "--scale", "1"],
     "eigenshift": eigenshift_args,
+    "resta": lambda model, inputs, mp: [*pair_args(model, inputs), "--beta", "1"],
+    "revert": lambda model, inputs, mp: [*pair_args(model, inputs), "--data", text_file(inputs, "harmful.txt", HARMFUL),
+                                         "--max-samples", "4", "--max-new-tokens", "4", "--fraction", "0.5"],
     TOY.name: lambda model, inputs, mp: ["--factor", "0.1"],
 }
 

@@ -8,8 +8,11 @@ from .antidote import Antidote
 from .base import Edit, Method, Prepared, RepairReport, RunOptions, Strength, run_repair
 from .eigenshift import EigenShift
 from .probe_edit import ProbeEdit
+from .resta import Resta
+from .revert import SignConflictRevert
 
-REGISTRY: dict[str, Method] = {m.name: m for m in (Antidote(), ProbeEdit(), DirectionAblation(), EigenShift())}
+REGISTRY: dict[str, Method] = {m.name: m for m in (Antidote(), ProbeEdit(), DirectionAblation(), EigenShift(),
+                                                 Resta(), SignConflictRevert())}
 
 
 def register(method: Method) -> Method:
