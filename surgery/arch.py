@@ -59,21 +59,21 @@ def layer_of(name: str, prefix: str) -> int:
     return int(m.group(1)) if m else -1
 
 
-def same_architecture(ckpt, other, role: str, tensors: list[str] | None = None) -> None:
+def same_architecture(ckpt, other, role: str, tensors: list[str] | None = None, mine: str = "the model") -> None:
     """Refuse `other` unless it is the same architecture as `ckpt`: every SHAPE_KEYS entry that both configs
     state agrees, and every tensor in `tensors` (default: all of `ckpt`'s) exists in `other` with the same
     shape. `role` names the option in the error ("--reference", "--direction-from", ...). The one
     compatibility rule for every place that compares two checkpoints."""
     for key in SHAPE_KEYS:
-        mine, theirs = ckpt.config.get(key), other.config.get(key)
-        if mine is not None and theirs is not None and mine != theirs:
-            raise SurgeryError(f"{role} {other.path} has {key} {theirs}, the model has {mine}: not the same architecture")
+        ours, theirs = ckpt.config.get(key), other.config.get(key)
+        if ours is not None and theirs is not None and ours != theirs:
+            raise SurgeryError(f"{role} {other.path} has {key} {theirs}, {mine} has {ours}: not the same architecture")
     for name in tensors if tensors is not None else sorted(ckpt.tensors):
         if name not in other.tensors:
             raise SurgeryError(f"{role} {other.path} has no tensor {name}: not the same architecture")
         if other.tensors[name].shape != ckpt.tensors[name].shape:
             raise SurgeryError(f"{role} {other.path}: {name} has shape {list(other.tensors[name].shape)}, "
-                               f"the model has {list(ckpt.tensors[name].shape)}")
+                               f"{mine} has {list(ckpt.tensors[name].shape)}")
 
 
 def not_itself(ckpt, path: str | Path, role: str, what: str) -> None:

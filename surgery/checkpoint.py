@@ -350,7 +350,7 @@ class _PickleCheckpoint(Checkpoint):
     state: dict[str, torch.Tensor]
 
     def read(self, name: str) -> torch.Tensor:
-        return self.state[name]
+        return self.state[name].clone()  # a copy: an edit that works in place must not change later reads
 
     def weight_files(self) -> list[Path]:
         return [self.path / p for p in self.pickle_files]

@@ -95,7 +95,7 @@ def check_pair(ckpt: Checkpoint, aligned: Checkpoint, unaligned: Checkpoint, ten
     V = 0 is found cheaply: the same folder is refused at once; otherwise the tensors are compared one by one and
     the check stops at the first that differs (the first tensor, for any real pair). Hashing the weight files first
     would read every byte of both even then, and on an equal pair it reads what the comparison reads."""
-    same_architecture(aligned, unaligned, "--unaligned", tensors=sorted(ckpt.tensors))
+    same_architecture(aligned, unaligned, "--unaligned", tensors=sorted(ckpt.tensors), mine="--aligned")
     equal = f"--unaligned {unaligned.path} holds the same weights as --aligned {aligned.path}"
     if Path(aligned.path).resolve() == Path(unaligned.path).resolve():
         raise SurgeryError(f"{equal} (it is the same folder): V = W_aligned - W_unaligned is zero, nothing to add or revert")

@@ -1,10 +1,11 @@
 """`surgery repair`: try every registered method that applies, each at its automatic strength under one
 budget, and write the one with the lowest held-out harmful score.
 
-What applies depends on what the user gives: with a reference (the checkpoint before the harmful
-fine-tune) Antidote restores the fine-tune delta and the refusal direction can be read off the
-reference; without one, Antidote zeroes and the direction is the model's own; with a probe, the probe
-edit joins. EigenShift lowers toxicity, not the harmful score, so it is not compared here.
+What applies depends on what the user gives (each method's `repair_candidates`): with a reference (the
+checkpoint before the harmful fine-tune) Antidote restores the fine-tune delta and the refusal direction
+can be read off the reference; without one, Antidote zeroes and the direction is the model's own; with
+the reference and the model it was aligned from (`--unaligned`), RESTA and the sign-conflict revert
+join; with a probe, the probe edit joins. EigenShift lowers toxicity, not the harmful score, so it is not compared here.
 
 All candidates are measured on the same selection prompts (the built-in sets' selection part) against
 the same unedited model, which is loaded once and shared: each candidate's search leaves it bit-identical.
@@ -28,6 +29,8 @@ from .options import option, validate_fields
 class RepairOptions(MethodOptions):
     reference: str | None = option(None, "The checkpoint before the harmful fine-tuning: Antidote restores the fine-tune "
                                          "delta to it, and the refusal direction is also read off it.", folder=True)
+    unaligned: str | None = option(None, "The model the reference was aligned from (e.g. the base of an -Instruct model): "
+                                         "with --reference, RESTA and the sign-conflict revert join the candidates.", folder=True)
     probe: str | None = option(None, "A probe from `surgery probe-train`: the probe edit joins the candidates.", folder=True)
     methods: list[str] | None = option(None, "Comma-separated candidates to try (default: every one that applies): "
                                              "prune, prune-restore, ablate, ablate-from-reference, edit.", patterns=True)
@@ -71,7 +74,8 @@ def candidates(options: RepairOptions) -> list[Candidate]:
     known = {c.label for c in offered}
     for w in wanted:
         if w not in known:
-            needs = {"prune-restore": "--reference", "ablate-from-reference": "--reference", "edit": "--probe"}
+            needs = {"prune-restore": "--reference", "ablate-from-reference": "--reference", "edit": "--probe",
+                     "resta": "--reference and --unaligned", "revert": "--reference and --unaligned"}
             hint = f": it needs {needs[w]}" if w in needs else f" (with what was given: {', '.join(sorted(known))})"
             raise SurgeryError(f"--methods: no candidate '{w}'{hint}")
     return [c for c in offered if c.label in wanted]
@@ -97,7 +101,8 @@ def repair_checkpoint(model_dir: str | Path, output: str | Path, options: Repair
     if run.dry_run:
         raise SurgeryError("surgery repair searches on the model: --dry-run is not available (use a method's own --dry-run)")
     todo = candidates(options)
-    refuse_output(Path(output), [Path(model_dir), *[Path(p) for p in (options.reference, options.probe) if p]], run.force)
+    refuse_output(Path(output), [Path(model_dir), *[Path(p) for p in (options.reference, options.unaligned, options.probe) if p]],
+                  run.force)
     for c in todo:  # every candidate's own rules, before any model is loaded
         REGISTRY[c.method].validate(c.options)
         validate_fields(c.options)

@@ -160,6 +160,13 @@ class Resta(Method):
     # much less than the paper's 1, whose perplexity cost can exceed the budget). 0 is no repair, so it is not searched.
     strength = Strength("beta", low=0.05, high=2.0, log=True, describe="multiple of the safety vector added")
 
+    def repair_candidates(self, given):
+        """With `surgery repair --reference ALIGNED --unaligned BASE`: this method joins the candidates."""
+        if given.reference is None or given.unaligned is None:
+            return []
+        return [("resta", RestaOptions(beta="auto", aligned=given.reference, unaligned=given.unaligned, device=given.device,
+                                       allow_pickle=given.allow_pickle))]
+
     def validate(self, options: RestaOptions) -> None:
         require_pair(options)
         if options.dare >= 1:

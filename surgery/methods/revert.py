@@ -163,6 +163,13 @@ class SignConflictRevert(Method):
     # Log scale from 1% of each tensor's conflicts to all of them: the high-score end carries most of the effect.
     strength = Strength("fraction", low=0.01, high=1.0, log=True, describe="share of each tensor's conflicting entries reverted")
 
+    def repair_candidates(self, given):
+        """With `surgery repair --reference ALIGNED --unaligned BASE`: this method joins the candidates."""
+        if given.reference is None or given.unaligned is None:
+            return []
+        return [("revert", RevertOptions(fraction="auto", aligned=given.reference, unaligned=given.unaligned,
+                                         device=given.device, allow_pickle=given.allow_pickle))]
+
     def validate(self, options: RevertOptions) -> None:
         require_pair(options)
 
