@@ -24,16 +24,17 @@ def load(models: Path, name: str):
     return load_model(open_checkpoint(path), torch.device("cpu")), load_tokenizer(path)
 
 
-def evaluate(model, tok, name: str, args, reference):
+def evaluate(model, tok, name: str, args, reference, harmful: Path | None = None):
     """The lab's held-out evaluation (what `surgery eval` measures), harmful and benign sets sized apart.
 
     args: eval_harmful (AdvBench prompts), eval_task (SST-2 dev items), eval_benign (Alpaca instructions),
-    eval_tokens, seed. reference: the model first-token KL is measured against.
+    eval_tokens, seed. reference: the model first-token KL is measured against. harmful: another prompt
+    file in place of AdvBench (e.g. AdvBench wrapped in a jailbreak).
     """
     from surgery.evaluate import EvalOptions, evaluate_model
 
     options = EvalOptions(
-        harmful=str(DATA / "advbench" / "harmful_behaviors.txt"), benign=str(DATA / "benign" / "alpaca_instructions.txt"),
+        harmful=str(harmful or DATA / "advbench" / "harmful_behaviors.txt"), benign=str(DATA / "benign" / "alpaca_instructions.txt"),
         task=f"sst2:{DATA / 'sst2' / 'dev.tsv'}", max_samples=args.eval_harmful, max_task_samples=args.eval_task,
         max_new_tokens=args.eval_tokens, seed=args.seed, device="cpu",
     )

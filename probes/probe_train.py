@@ -1,7 +1,9 @@
 """`surgery probe-train`: read a behaviour off one layer's (or every layer's) pooled hidden states.
 
 Wang et al. 2024 ("Model Surgery", arXiv 2407.08770) §3.1: a 2-class linear probe on the mean of the
-final hidden state over all tokens. --positive is the undesired class (probe row 1).
+final hidden state over the tokens of plain text. --positive is the undesired class (probe row 1).
+--pool says which tokens are pooled (with --chat, not the template's own: see probes.collect),
+--pooling how, --classifier which head is fitted (probes.train).
 """
 
 from __future__ import annotations
@@ -16,11 +18,11 @@ from surgery.checkpoint import open_checkpoint
 from surgery.errors import SurgeryError
 from surgery.model import load_model, load_tokenizer, resolve_device
 from surgery.prompts import load_examples
-from surgery.writer import staged_output
+from surgery.writer import check_output_path, staged_output
 
 from .artifact import Probe, ProbeMeta, save_probe
-from .collect import POOLINGS, encode_texts, layer_count, pooled_hidden_states, render
-from .train import fit_probe
+from .collect import POOLINGS, POOLS, default_pool, encode_examples, layer_count, pooled_hidden_states
+from .train import CLASSIFIERS, PAPER_EPOCHS, PAPER_LR, fit_paper_probe, fit_probe
 
 PLOT_NAME = "layers.png"
 TABLE_NAME = "layers.tsv"
@@ -29,7 +31,12 @@ TABLE_NAME = "layers.tsv"
 @dataclass
 class ProbeOptions:
     layer: str = "final"  # "final", "all", or an index into output_hidden_states
-    pooling: str = "mean"
+    pooling: str = "mean"  # how the pooled tokens are reduced
+    pool: str | None = None  # which tokens: all, content, response; None: content with --chat (response when every
+    # example has one), all without
+    classifier: str = "logistic"
+    epochs: int | None = None  # paper classifier (default: the authors' 9)
+    lr: float | None = None  # paper classifier (default: the authors' 1e-4)
     test_fraction: float = 0.2
     seed: int = 0
     chat: bool = False
@@ -46,6 +53,18 @@ class ProbeOptions:
     def validate(self) -> None:
         if self.pooling not in POOLINGS:
             raise SurgeryError(f"--pooling must be one of {', '.join(POOLINGS)}, got '{self.pooling}'")
+        if self.pool is not None and self.pool not in POOLS:
+            raise SurgeryError(f"--pool must be one of {', '.join(POOLS)}, got '{self.pool}'")
+        if self.classifier not in CLASSIFIERS:
+            raise SurgeryError(f"--classifier must be one of {', '.join(CLASSIFIERS)}, got '{self.classifier}'")
+        if self.classifier == "paper" and self.c is not None:
+            raise SurgeryError("--c is the logistic classifier's regularisation; --classifier paper has none")
+        if self.classifier != "paper" and (self.epochs is not None or self.lr is not None):
+            raise SurgeryError("--epochs and --lr train the paper classifier: add --classifier paper")
+        if self.epochs is not None and self.epochs <= 0:
+            raise SurgeryError(f"--epochs must be positive, got {self.epochs}")
+        if self.lr is not None and not self.lr > 0:
+            raise SurgeryError(f"--lr must be positive, got {self.lr}")
         if self.layer not in ("final", "all"):
             try:
                 int(self.layer)
@@ -95,20 +114,24 @@ def train_probe_checkpoint(model_dir: str | Path, positive: str | Path, negative
     if min(len(pos), len(neg)) < 2:
         raise SurgeryError(f"a probe needs at least 2 examples per class, got {len(pos)} positive and {len(neg)} negative")
     output = Path(output)
-    if output.exists() and not force:
-        raise SurgeryError(f"output {output} already exists: pass --force to replace it")
+    inputs = [ckpt.path, Path(positive), Path(negative)]
+    check_output_path(output, inputs, force)
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
     tokenizer = load_tokenizer(ckpt.path)
     model = load_model(ckpt, resolve_device(options.device))
     num_layers = layer_count(model)
-    texts = render(tokenizer, pos + neg, options.chat)
-    seqs = encode_texts(tokenizer, texts, options.max_length, options.chat)
-    features = pooled_hidden_states(model, seqs, layers, options.pooling, options.batch_size, tokenizer.pad_token_id)
+    pool = options.pool or default_pool(options.chat, pos + neg)
+    seqs, masks = encode_examples(tokenizer, pos + neg, options.chat, pool, options.max_length)
+    features = pooled_hidden_states(model, seqs, layers, options.pooling, options.batch_size, tokenizer.pad_token_id, masks)
     labels = torch.tensor([1] * len(pos) + [0] * len(neg))
     timings["hidden_states"] = time.perf_counter() - t0
     t0 = time.perf_counter()
-    fitted = {layer: fit_probe(features[layer], labels, options.test_fraction, options.seed, options.c) for layer in layers}
+    epochs, lr = options.epochs or PAPER_EPOCHS, options.lr or PAPER_LR
+    if options.classifier == "paper":
+        fitted = {layer: fit_paper_probe(features[layer], labels, options.test_fraction, options.seed, epochs, lr) for layer in layers}
+    else:
+        fitted = {layer: fit_probe(features[layer], labels, options.test_fraction, options.seed, options.c) for layer in layers}
     timings["fit"] = time.perf_counter() - t0
     kept = num_layers if num_layers in fitted else layers[0]  # --layer all saves the final-layer probe (the one `edit` uses)
     best = fitted[kept]
@@ -118,16 +141,19 @@ def train_probe_checkpoint(model_dir: str | Path, positive: str | Path, negative
         labels=[options.negative_name, options.positive_name], train_accuracy=best.train_accuracy,
         test_accuracy=best.test_accuracy, n_train=best.n_train, n_test=best.n_test, n_positive=len(pos),
         n_negative=len(neg), seed=options.seed, test_fraction=options.test_fraction,
-        c=best.c,
+        c=best.c, pool=pool, classifier=options.classifier,
+        epochs=epochs if options.classifier == "paper" else None, lr=lr if options.classifier == "paper" else None,
+        steps=best.steps, init_share=best.init_share,
         layer_accuracy={str(k): {"train": v.train_accuracy, "test": v.test_accuracy, "c": v.c} for k, v in fitted.items()} if len(layers) > 1 else {},
     )
     probe = Probe(best.weight, best.bias, meta)
     table = {k: (v.train_accuracy, v.test_accuracy) for k, v in fitted.items()}
-    with staged_output(output, ckpt.path, force) as tmp:
+    with staged_output(output, inputs, force) as tmp:
         save_probe(probe, tmp)
         if len(layers) > 1:
             write_layer_table(table, tmp / TABLE_NAME)
-            plot_layers(table, tmp / PLOT_NAME, f"{options.positive_name} vs {options.negative_name} ({ckpt.path.name}, {options.pooling} pooling)")
+            plot_layers(table, tmp / PLOT_NAME, f"{options.positive_name} vs {options.negative_name} ({ckpt.path.name}, "
+                                                f"{options.pooling} of {pool} tokens, {options.classifier})")
     return ProbeReport(output, probe, table, timings)
 
 

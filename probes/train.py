@@ -1,4 +1,11 @@
-"""A linear probe: logistic regression (with bias) on pooled hidden states, with a seeded held-out split."""
+"""A linear probe on pooled hidden states, with a seeded held-out split: two classifiers.
+
+- `logistic` (the default): binary logistic regression with bias on standardised features, C by
+  cross-validation, mapped back to raw states; row 0 is zero, row 1 the logit-difference direction.
+- `paper`: Model Surgery's head (Wang et al. 2024, Eq. 1; the authors' `run_pplm_discrim_train.py`):
+  a 2-class linear softmax with bias on the raw pooled state, cross-entropy, Adam (no weight decay),
+  batch 16, lr 1e-4, 9 epochs (Table 14), seeded. Both rows are kept; row 1 is what the paper adds.
+"""
 
 from __future__ import annotations
 
@@ -15,13 +22,16 @@ from surgery.errors import SurgeryError
 class FittedProbe:
     """Binary logistic regression in two-row softmax form (see `probes.artifact`)."""
 
-    weight: torch.Tensor  # [2, hidden] fp32; row 1 is the undesired (positive) class, row 0 is all zeros
+    weight: torch.Tensor  # [2, hidden] fp32; row 1 is the undesired (positive) class (logistic: row 0 is all zeros)
     bias: torch.Tensor  # [2]
     train_accuracy: float
     test_accuracy: float
     n_train: int
     n_test: int
-    c: float  # the inverse regularisation strength used (chosen by cross-validation when not given)
+    c: float | None  # logistic: the inverse regularisation strength used (chosen by cross-validation when not given)
+    classifier: str = "logistic"
+    steps: int = 0  # paper: Adam steps taken
+    init_share: float = 0.0  # paper: how much of row 1 is still its random initialisation (fit_paper_probe)
 
 
 def split_indices(labels: np.ndarray, test_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -75,3 +85,54 @@ def fit_probe(features: torch.Tensor, labels: torch.Tensor, test_fraction: float
     bias = torch.tensor([0.0, b], dtype=torch.float32)
     test_acc = float(clf.score(z[test], y[test])) if len(test) else float("nan")
     return FittedProbe(weight, bias, float(clf.score(z[train], y[train])), test_acc, len(train), len(test), c)
+
+
+CLASSIFIERS = ("logistic", "paper")
+PAPER_LR, PAPER_EPOCHS, PAPER_BATCH = 1e-4, 9, 16  # Table 14 of the paper; the authors' training script's defaults
+MOSTLY_RANDOM = 0.5  # init_share above this: training moved W[1] less far than the length of its random start
+
+
+def fit_paper_probe(features: torch.Tensor, labels: torch.Tensor, test_fraction: float = 0.2, seed: int = 0,
+                    epochs: int = PAPER_EPOCHS, lr: float = PAPER_LR, batch_size: int = PAPER_BATCH) -> FittedProbe:
+    """The paper's probe: softmax(W h + b) over [desired, undesired] on raw states, cross-entropy, Adam (Eq. 1).
+
+    Initialised as torch's nn.Linear (uniform in +-1/sqrt(hidden)), from `seed`. With softmax over two
+    classes the gradients of W[0] and W[1] are opposite, and so are Adam's steps: W[0] + W[1] keeps its
+    random initialisation, and W[1] = (W[1] - W[0]) / 2 + (W[0] + W[1]) / 2 is half the learned direction
+    plus a fixed random vector. `init_share` = |W1_init| / (|W1_init| + |W1 - W1_init|) says how much of W[1]
+    is still its random start (0: all learned; above 0.5 training moved it less than the start's length).
+    """
+    x = features.float()
+    y = labels.long()
+    if min(int((y == 0).sum()), int((y == 1).sum())) < 2:
+        raise SurgeryError("a probe needs at least 2 examples of each class")
+    train, test = split_indices(y.numpy(), test_fraction, seed)
+    train_t, test_t = torch.from_numpy(train), torch.from_numpy(test)
+    g = torch.Generator().manual_seed(seed)
+    bound = 1.0 / x.shape[1] ** 0.5
+    weight = ((torch.rand(2, x.shape[1], generator=g) * 2 - 1) * bound).requires_grad_()
+    bias = ((torch.rand(2, generator=g) * 2 - 1) * bound).requires_grad_()
+    initial = weight[1].detach().clone()
+    optimiser = torch.optim.Adam([weight, bias], lr=lr)
+    steps, threads = 0, torch.get_num_threads()
+    torch.set_num_threads(1)  # batches of 16: thread hand-offs cost more than the arithmetic (50x slower on a busy CPU)
+    try:
+        for _ in range(epochs):
+            order = train_t[torch.randperm(len(train_t), generator=g)]
+            for start in range(0, len(order), batch_size):
+                batch = order[start:start + batch_size]
+                loss = torch.nn.functional.cross_entropy(x[batch] @ weight.T + bias, y[batch])
+                optimiser.zero_grad()
+                loss.backward()
+                optimiser.step()
+                steps += 1
+    finally:
+        torch.set_num_threads(threads)
+    weight, bias = weight.detach(), bias.detach()
+
+    def accuracy(idx: torch.Tensor) -> float:
+        return float(((x[idx] @ weight.T + bias).argmax(1) == y[idx]).float().mean()) if len(idx) else float("nan")
+
+    init_share = float(initial.norm() / (initial.norm() + (weight[1] - initial).norm()))
+    return FittedProbe(weight.clone(), bias.clone(), accuracy(train_t), accuracy(test_t), len(train), len(test), None,
+                       classifier="paper", steps=steps, init_share=init_share)

@@ -1,3 +1,5 @@
+import json
+
 import pytest
 import torch
 
@@ -151,7 +153,8 @@ def test_cli_errors_are_one_line_and_write_nothing(tiny_ckpt, tmp_path, capsys, 
 
 
 def test_cli_bad_probe_folder_and_other_model(tiny_ckpt, tmp_path, capsys):
-    code, cap = run_cli(["edit", str(tiny_ckpt), "--probe", str(tmp_path), "-o", str(tmp_path / "out")], capsys)
+    (tmp_path / "empty").mkdir()  # not tmp_path itself: an output inside a folder option is refused first
+    code, cap = run_cli(["edit", str(tiny_ckpt), "--probe", str(tmp_path / "empty"), "-o", str(tmp_path / "out")], capsys)
     assert code == 2 and "not a probe folder" in cap.err and not (tmp_path / "out").exists()
     other = save_tiny_checkpoint(tmp_path / "other", model=tiny_llama(layers=3))
     make_probe(other, tmp_path / "p")
@@ -183,3 +186,142 @@ def test_plan_reports_the_step_relative_to_the_selected_rows(tiny_ckpt, tmp_path
     assert plan.relative_step(-2.0) == pytest.approx(2.0 * float(w.norm()) / float(norms.mean()))
     main(["edit", str(tiny_ckpt), "--probe", str(tmp_path / "p"), "--count", "10", "--alpha", "2", "--dry-run"])
     assert f"{100 * plan.relative_step(2.0):.1f}% of the selected rows' mean norm" in capsys.readouterr().out
+
+
+# --- the gate check (the paper's Fig. 2) and --centre, on a hand-built model ------------------------------------------
+UNDESIRED, DESIRED = "#$%&", "@^_~"  # characters the built-in request sets never use
+
+
+def hand_built(path, betas=(-0.8, -0.4, 0.4, 0.8)):
+    """A 1-layer Llama whose gate_proj inputs are known: attention and MLP write nothing (o_proj, down_proj = 0), so
+    every gate reads RMSNorm(embedding). Embeddings: e0 for every token, e0 + e1 for UNDESIRED characters, e0 - e1
+    for DESIRED ones, so the gate input is 4(e0 + e1), 4(e0 - e1), or sqrt(32)·e0. Gate rows 0..3 are -e1 + beta·e0
+    (they oppose a probe along e1); every other row is e2 (cosine 0: never selected)."""
+    from surgery.testing.tiny import char_tokenizer
+
+    model = tiny_llama(layers=1)
+    vocab = char_tokenizer().get_vocab()
+    e = torch.eye(32)
+    with torch.no_grad():
+        model.model.embed_tokens.weight[:] = e[0]
+        for chars, sign in ((UNDESIRED, 1), (DESIRED, -1)):
+            for ch in chars:
+                model.model.embed_tokens.weight[vocab[ch]] = e[0] + sign * e[1]
+        layer = model.model.layers[0]
+        layer.self_attn.o_proj.weight.zero_()
+        layer.mlp.down_proj.weight.zero_()
+        layer.mlp.gate_proj.weight[:] = e[2]
+        for i, beta in enumerate(betas):
+            layer.mlp.gate_proj.weight[i] = -e[1] + beta * e[0]
+    return save_tiny_checkpoint(path, model=model)
+
+
+def direction_probe(ckpt_path, folder, w):
+    ckpt = open_checkpoint(ckpt_path)
+    meta = ProbeMeta(fingerprint=ckpt.fingerprint(), model=str(ckpt_path), layer=1, num_layers=1, hidden_size=32,
+                     pooling="mean", chat=False, labels=["desired", "undesired"])
+    save_probe(Probe(torch.stack([torch.zeros(32), w]), torch.zeros(2), meta), folder)
+    return folder
+
+
+def check_files(tmp_path):
+    pos, neg = tmp_path / "undesired.txt", tmp_path / "desired.txt"
+    pos.write_text("\n".join(UNDESIRED * (i + 1) for i in range(6)) + "\n")
+    neg.write_text("\n".join(DESIRED * (i + 1) for i in range(6)) + "\n")
+    return pos, neg
+
+
+@pytest.mark.parametrize("alpha, shares", [
+    (1.0, {"undesired": (0.0, 1.0), "desired": (1.0, 0.0)}),  # w = 2 e1: undesired gates 4(2a - 1 + b), desired 4(1 - 2a + b)
+    (0.5, {"undesired": (0.0, 0.5), "desired": (1.0, 0.5)}),  # both 4b: the rows with b > 0 open
+    (0.0, {"undesired": (0.0, 0.0), "desired": (1.0, 1.0)}),
+])
+def test_gate_check_reports_the_planted_shares(tmp_path, alpha, shares):
+    model = hand_built(tmp_path / "m")
+    probe = direction_probe(model, tmp_path / "p", 2 * torch.eye(32)[1])
+    pos, neg = check_files(tmp_path)
+    report = edit_checkpoint(model, probe, tmp_path / "out", EditOptions(alpha=alpha, count=4, check_positive=str(pos),
+                                                                          check_negative=str(neg)))
+    assert report.plan.rows == {"model.layers.0.mlp.gate_proj.weight": [0, 1, 2, 3]}
+    check = report.plan.gate_check
+    for kind, (before, after) in shares.items():
+        assert (check.before[kind].share, check.after[kind].share) == (before, after), kind
+        assert check.before[kind].pairs == 4 * 4 * sum(range(1, 7))  # every token of 6 lines, 4 selected rows
+    assert check.offset_and_gap() == pytest.approx((8.0, 16.0), rel=1e-4)  # w·h: +8 undesired, -8 desired
+    assert check.warning() is None
+    manifest = json.loads((tmp_path / "out" / MANIFEST_NAME).read_text())["report"]
+    assert manifest["gate_check"]["after"]["undesired"]["active_share"] == shares["undesired"][1]
+    assert manifest["gate_check"]["warning"] is None and manifest["paper_equivalent_alpha"] == 2 * alpha
+
+
+def test_gate_check_warns_when_the_edit_opens_desired_gates_more(tmp_path):
+    model = hand_built(tmp_path / "m")
+    probe = direction_probe(model, tmp_path / "p", 2 * torch.eye(32)[1])
+    pos, neg = check_files(tmp_path)  # swapped below: the "undesired" inputs are the ones the probe reads as desired
+    report = edit_checkpoint(model, probe, tmp_path / "out", EditOptions(alpha=1.0, count=4, check_positive=str(neg),
+                                                                          check_negative=str(pos)))
+    warning = report.plan.gate_check.warning()
+    assert "opens fewer gates on undesired inputs (-100.0 pts) than on desired ones (+100.0 pts)" in warning
+    assert json.loads((tmp_path / "out" / MANIFEST_NAME).read_text())["report"]["gate_check"]["warning"] == warning
+
+
+def test_centre_removes_the_generic_offset_that_the_check_warns_about(tmp_path):
+    """w = 2 e1 + 8 e0: every token's gate input has an e0 part, so w·h is +40 on undesired, +24 on desired text,
+    a generic offset larger than the class gap (16). --centre projects out the mean gate input on built-in harmless
+    text (sqrt(32)·e0: none of its characters is planted), leaving 2 e1."""
+    e = torch.eye(32)
+    model = hand_built(tmp_path / "m", betas=(-0.8, -0.6, -0.4, -0.2))  # rows still oppose w: cos ~ -2 + 8b < 0
+    probe = direction_probe(model, tmp_path / "p", 2 * e[1] + 8 * e[0])
+    pos, neg = check_files(tmp_path)
+    files = dict(check_positive=str(pos), check_negative=str(neg))
+    plain = edit_checkpoint(model, probe, tmp_path / "plain", EditOptions(alpha=0.25, count=4, **files))
+    offset, gap = plain.plan.gate_check.offset_and_gap()
+    assert (offset, gap) == pytest.approx((24.0, 16.0), rel=1e-4) and "exceeds the class gap" in plain.plan.gate_check.warning()
+    centred = edit_checkpoint(model, probe, tmp_path / "centred", EditOptions(alpha=0.25, count=4, centre=True, **files))
+    assert centred.plan.rows == plain.plan.rows  # the selection is the paper's: by the uncentred w
+    assert centred.plan.gate_check.offset_and_gap() == pytest.approx((8.0, 16.0), rel=1e-4)
+    assert centred.plan.gate_check.warning() is None and centred.plan.centred_norms == {0: pytest.approx(2.0, abs=1e-5)}
+    name = "model.layers.0.mlp.gate_proj.weight"
+    old, new = open_checkpoint(model).read(name), open_checkpoint(tmp_path / "centred").read(name)
+    assert torch.allclose(new[:4], old[:4] + 0.25 * 2 * e[1], atol=1e-5) and torch.equal(new[4:], old[4:])
+    manifest = json.loads((tmp_path / "centred" / MANIFEST_NAME).read_text())
+    assert manifest["arguments"]["centre"] is True and manifest["report"]["centred_direction_norms"]["0"] == pytest.approx(2.0, abs=1e-5)
+
+
+@pytest.mark.parametrize("centre", [False, True])
+def test_alpha_zero_with_the_gate_check_and_centre_is_bit_identical(make_ckpt, tmp_path, centre):
+    src = make_ckpt(dtype=torch.bfloat16)
+    make_probe(src, tmp_path / "p")
+    report = edit_checkpoint(src, tmp_path / "p", tmp_path / "out", EditOptions(alpha=0.0, count=10, centre=centre))
+    old, new = tensors(src), tensors(tmp_path / "out")
+    assert old.keys() == new.keys() and all(same_bits(old[n], new[n]) for n in old)
+    check = report.plan.gate_check
+    assert check.after["undesired"].share == check.before["undesired"].share and check.before["undesired"].pairs > 0
+
+
+def test_dry_run_measures_the_gate_check_only_when_check_files_are_named(tmp_path, capsys):
+    model = hand_built(tmp_path / "m")
+    probe = direction_probe(model, tmp_path / "p", 2 * torch.eye(32)[1])
+    pos, neg = check_files(tmp_path)
+    before = sorted(tmp_path.rglob("*"))
+    main(["edit", str(model), "--probe", str(probe), "--count", "4", "--alpha", "1", "--dry-run", "--device", "cpu"])
+    out = capsys.readouterr().out
+    assert "not measured by a header-only dry run" in out and "paper-equivalent alpha 2" in out
+    main(["edit", str(model), "--probe", str(probe), "--count", "4", "--alpha", "0.5", "--dry-run", "--device", "cpu",
+          "--check-positive", str(pos), "--check-negative", str(neg)])
+    cap = capsys.readouterr()
+    lines = [line for line in cap.out.splitlines() if "undesired (6)" in line or "desired (6)" in line]
+    assert len(lines) == 2 and "0.000  │ 0.500 │ +50.0 pts" in lines[0] and "1.000  │ 0.500 │ -50.0 pts" in lines[1]
+    assert "warning" not in cap.err and sorted(tmp_path.rglob("*")) == before
+
+
+def test_edit_prints_the_gate_check_and_its_warning(tmp_path, capsys):
+    model = hand_built(tmp_path / "m")
+    probe = direction_probe(model, tmp_path / "p", 2 * torch.eye(32)[1])
+    pos, neg = check_files(tmp_path)
+    main(["edit", str(model), "--probe", str(probe), "--count", "4", "--alpha", "1", "--device", "cpu", "--no-check",
+          "-o", str(tmp_path / "out"), "--check-positive", str(neg), "--check-negative", str(pos)])
+    cap = capsys.readouterr()
+    assert "selected gates open" in cap.out and "paper-equivalent alpha 2" in cap.out
+    warnings = [line for line in cap.err.splitlines() if line.startswith("warning:")]
+    assert len(warnings) == 1 and "the mechanism of the paper (Fig. 2) is off" in warnings[0]

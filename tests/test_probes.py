@@ -164,3 +164,182 @@ def test_cli_trains_and_reports(tiny_ckpt, classes, tmp_path, capsys):
     cap = capsys.readouterr()
     assert "held-out 1.000" in cap.out
     assert (tmp_path / "p" / WEIGHTS_NAME).is_file()
+
+
+# --- which tokens are pooled (--pool) ---------------------------------------------------------------------
+SYSTEM = "{% if messages[0]['role'] != 'system' %}{{ '<|system|>say hello world<|end|>' }}{% endif %}"
+
+
+def templated_tokenizer():
+    """The char tokenizer with a default system prompt (as SmolLM2's template adds one) that repeats the content's words."""
+    tok = char_tokenizer()
+    tok.chat_template = SYSTEM + tok.chat_template
+    return tok
+
+
+def test_content_pool_masks_exactly_the_templates_tokens():
+    from probes.collect import encode_examples
+    from surgery.prompts import Example
+
+    tok = templated_tokenizer()
+    ex = [Example("hello world", "ok fine")]
+    ids, content = encode_examples(tok, ex, chat=True, pool="content", max_length=64)
+    _, response = encode_examples(tok, ex, chat=True, pool="response", max_length=64)
+    _, every = encode_examples(tok, ex, chat=True, pool="all", max_length=64)
+    # <|system|> "say hello world" <|end|> <|user|> "hello world" <|end|> <|assistant|> "ok fine" <|end|>: one token a character
+    system, user, answer = 1 + 15 + 1, 1 + 11 + 1, 1 + 7 + 1
+    assert len(ids[0]) == system + user + answer and ids == encode_texts(tok, [tok.apply_chat_template(
+        [{"role": "user", "content": "hello world"}, {"role": "assistant", "content": "ok fine"}], tokenize=False)], 64, True)
+    prompt_at = list(range(system + 1, system + 12))
+    answer_at = list(range(system + user + 1, system + user + 8))
+    assert [i for i, m in enumerate(content[0]) if m] == prompt_at + answer_at  # not the system prompt's "hello world"
+    assert [i for i, m in enumerate(response[0]) if m] == answer_at
+    assert every[0] == [1] * len(ids[0])
+    # Without a response the generation prompt is the template's too. Plain text has no template: content is every
+    # token but the line break that joins prompt and response.
+    ids, content = encode_examples(tok, [Example("hello world")], chat=True, pool="content", max_length=64)
+    assert [i for i, m in enumerate(content[0]) if m] == prompt_at and len(ids[0]) == system + user + 1
+    _, plain = encode_examples(tok, [Example("hello world", "ok fine")], chat=False, pool="content", max_length=64)
+    assert plain[0] == [1] * 11 + [0] + [1] * 7 and sum(encode_examples(
+        tok, [Example("hello world", "ok fine")], chat=False, pool="response", max_length=64)[1][0]) == 7
+    with pytest.raises(SurgeryError, match="no content tokens within the first 10"):
+        encode_examples(tok, [Example("hello world")], chat=True, pool="content", max_length=10)
+    with pytest.raises(SurgeryError, match="--pool response needs a response"):
+        encode_examples(tok, [Example("hello world")], chat=True, pool="response", max_length=64)
+
+
+def test_default_pool_follows_chat_and_responses():
+    from probes.collect import default_pool
+    from surgery.prompts import Example
+
+    assert default_pool(False, [Example("a", "b")]) == "all"
+    assert default_pool(True, [Example("a", "b"), Example("c", "d")]) == "response"
+    assert default_pool(True, [Example("a", "b"), Example("c")]) == "content"
+
+
+def test_last_pooling_takes_the_last_masked_token():
+    hidden = torch.arange(2 * 5 * 2, dtype=torch.float32).reshape(2, 5, 2)
+    chosen = torch.tensor([[0, 1, 1, 0, 0], [1, 0, 0, 1, 0]])  # content in the middle, template at both ends
+    assert torch.equal(pool(hidden, chosen, "last"), torch.stack([hidden[0, 2], hidden[1, 3]]))
+    assert torch.allclose(pool(hidden, chosen, "mean")[0], hidden[0, 1:3].mean(0))
+
+
+def test_content_pooling_recovers_a_planted_direction_that_all_pooling_misses():
+    """Per token: the template's tokens carry a constant offset c, the content's carry the class along u; undesired
+    examples are shorter, so with every token pooled the template's share (and c) tells the classes apart too."""
+    import random
+
+    from probes.collect import encode_examples
+    from surgery.prompts import Example
+
+    tok, rng, g = templated_tokenizer(), random.Random(0), torch.Generator().manual_seed(0)
+    n, d = 200, 16
+    labels = torch.arange(n) % 2
+    examples = [Example("".join(rng.choice("abcdefgh") for _ in range(rng.randint(3, 8) if y else rng.randint(12, 20))))
+                for y in labels.tolist()]
+    ids, masks = encode_examples(tok, examples, chat=True, pool="content", max_length=64)
+    u = torch.randn(d, generator=g)
+    u /= u.norm()
+    c = torch.randn(d, generator=g)
+    c -= (c @ u) * u
+    c = 5 * c / c.norm()
+    width = max(map(len, ids))
+    hidden, content, real = torch.zeros(n, width, d), torch.zeros(n, width), torch.zeros(n, width)
+    for i, (seq, mask) in enumerate(zip(ids, masks)):
+        m = torch.tensor(mask, dtype=torch.float32)[:, None]
+        sign = 2 * float(labels[i]) - 1
+        hidden[i, :len(seq)] = torch.randn(len(seq), d, generator=g) + m * 0.6 * sign * u + (1 - m) * c
+        content[i, :len(seq)], real[i, :len(seq)] = m[:, 0], 1
+    by_content = fit_probe(pool(hidden, content, "mean"), labels, 0.25, 0).weight[1]
+    by_all = fit_probe(pool(hidden, real, "mean"), labels, 0.25, 0).weight[1]
+    cos = torch.nn.functional.cosine_similarity
+    assert cos(by_content, u, dim=0) > 0.85 and abs(cos(by_content, c, dim=0)) < 0.3
+    assert cos(by_all, u, dim=0) < 0.5 and cos(by_all, c, dim=0) > 0.7  # it learned the template's share
+
+
+# --- the paper's classifier (--classifier paper) ------------------------------------------------------------
+def planted(n=600, d=24, shift=3.0, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    u = torch.randn(d, generator=g)
+    u /= u.norm()
+    labels = torch.arange(n) % 2
+    return torch.randn(n, d, generator=g) + (2 * labels - 1).unsqueeze(1) * shift * u, labels, u
+
+
+def test_paper_classifier_reaches_the_planted_accuracy():
+    from probes.train import fit_paper_probe
+
+    x, labels, u = planted()  # classes +-3 along u: Bayes accuracy 99.9 %
+    fitted = fit_paper_probe(x, labels, test_fraction=0.25, seed=0, epochs=40, lr=1e-2)
+    assert fitted.classifier == "paper" and fitted.test_accuracy >= 0.97 and fitted.steps == 40 * 29  # 450 / 16 -> 29 batches
+    assert fitted.init_share < 0.3  # trained: row 1 moved several times the length of its random start
+    learned = fitted.weight[1] - fitted.weight[0]
+    assert torch.nn.functional.cosine_similarity(learned, u, dim=0) > 0.9
+    # Softmax gradients of the two rows are opposite, so W[0] + W[1] keeps the seeded nn.Linear-style initialisation.
+    g = torch.Generator().manual_seed(0)
+    init = (torch.rand(2, 24, generator=g) * 2 - 1) / 24 ** 0.5
+    assert torch.allclose(fitted.weight.sum(0), init.sum(0), atol=1e-4)
+    again = fit_paper_probe(x, labels, test_fraction=0.25, seed=0, epochs=40, lr=1e-2)
+    assert torch.equal(again.weight, fitted.weight)  # seeded
+
+
+def test_paper_recipe_on_little_data_leaves_a_mostly_random_row():
+    """The authors' 9 epochs at lr 1e-4 on 160 training examples are 90 Adam steps: W[1] is still mostly its init."""
+    from probes.train import MOSTLY_RANDOM, PAPER_EPOCHS, PAPER_LR, fit_paper_probe
+
+    x, labels, _ = planted(n=200, d=64, shift=1.0)
+    fitted = fit_paper_probe(x, labels, 0.2, 0, PAPER_EPOCHS, PAPER_LR)
+    assert fitted.steps == 9 * 10 and fitted.init_share > MOSTLY_RANDOM
+
+
+def test_cli_pool_and_classifier_are_recorded(tiny_ckpt, tmp_path, capsys):
+    rows = [json.dumps({"prompt": f"question {i}", "response": f"zzz qqq {i}"}) for i in range(12)]
+    pos = tmp_path / "pos.jsonl"
+    pos.write_text("\n".join(rows) + "\n")
+    neg = tmp_path / "neg.jsonl"
+    neg.write_text("\n".join(r.replace("zzz qqq", "aaa eee") for r in rows) + "\n")
+    main(["probe-train", str(tiny_ckpt), "--positive", str(pos), "--negative", str(neg), "-o", str(tmp_path / "p"),
+          "--device", "cpu", "--chat", "--classifier", "paper", "--epochs", "3"])
+    cap = capsys.readouterr()
+    meta = json.loads((tmp_path / "p" / META_NAME).read_text())
+    assert meta["pool"] == "response" and meta["classifier"] == "paper" and meta["epochs"] == 3 and meta["lr"] == 1e-4
+    assert meta["steps"] == 3 * 2 and meta["c"] is None and 0.5 < meta["init_share"] < 1
+    assert "mean of response tokens, paper" in cap.out and "paper's alpha 1·A" in cap.out
+    assert "more random initialisation than learned" in cap.err  # 6 Adam steps at lr 1e-4
+    probe = load_probe(tmp_path / "p")
+    assert probe.paper_alpha_per_alpha == 1.0 and not torch.equal(probe.weight[0], torch.zeros(32))
+    main(["probe-train", str(tiny_ckpt), "--positive", str(pos), "--negative", str(neg), "-o", str(tmp_path / "q"),
+          "--device", "cpu", "--chat", "--pool", "content"])
+    meta = json.loads((tmp_path / "q" / META_NAME).read_text())
+    assert meta["pool"] == "content" and meta["classifier"] == "logistic" and load_probe(tmp_path / "q").paper_alpha_per_alpha == 2.0
+
+
+def test_probe_json_from_before_pool_and_classifier_loads_as_all_and_logistic(tiny_ckpt, classes, tmp_path):
+    pos, neg = classes
+    train_probe_checkpoint(tiny_ckpt, pos, neg, tmp_path / "probe", opts())
+    meta_file = tmp_path / "probe" / META_NAME
+    old = {k: v for k, v in json.loads(meta_file.read_text()).items()
+           if k not in ("pool", "classifier", "epochs", "lr", "steps", "init_share")}
+    meta_file.write_text(json.dumps(old))
+    probe = load_probe(tmp_path / "probe", open_checkpoint(tiny_ckpt))
+    assert (probe.meta.pool, probe.meta.classifier, probe.meta.extra) == ("all", "logistic", {})
+    meta_file.write_text(json.dumps({**old, "pool": "tokens"}))
+    with pytest.raises(SurgeryError, match="pool 'tokens' is not one of all, content, response"):
+        load_probe(tmp_path / "probe")
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--pool", "middle"], "--pool must be one of"),
+    (["--classifier", "svm"], "--classifier must be one of"),
+    (["--classifier", "paper", "--c", "1"], "--classifier paper has none"),
+    (["--epochs", "5"], "add --classifier paper"),
+    (["--classifier", "paper", "--lr", "0"], "--lr must be positive"),
+    (["--pool", "response"], "--pool response needs a response"),
+])
+def test_cli_pool_and_classifier_errors(tiny_ckpt, classes, tmp_path, capsys, extra, message):
+    pos, neg = classes
+    out = tmp_path / "probe"
+    code, cap = run_cli(["probe-train", str(tiny_ckpt), "--positive", str(pos), "--negative", str(neg), "-o", str(out),
+                         "--device", "cpu", *extra], capsys)
+    assert code == 2 and message in cap.err and len(cap.err.strip().splitlines()) == 1
+    assert not out.exists()

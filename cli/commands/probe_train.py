@@ -8,6 +8,7 @@ import typer
 from rich.table import Table
 
 from probes.probe_train import PLOT_NAME, ProbeOptions, train_probe_checkpoint
+from probes.train import MOSTLY_RANDOM, PAPER_BATCH
 
 from ..console import err, out
 
@@ -18,7 +19,15 @@ def probe_train_command(
     negative: Path = typer.Option(..., help="Examples of the other class; probe row 0."),
     output: Path = typer.Option(..., "--output", "-o", help="Folder for the probe (probe.safetensors + probe.json)."),
     layer: str = typer.Option("final", help="Hidden-state index (0 = embeddings), 'final' (post-norm, the paper's) or 'all' (table + plot; saves the final-layer probe)."),
-    pooling: str = typer.Option("mean", help="mean over all non-pad tokens (the paper's) or last token."),
+    pooling: str = typer.Option("mean", help="How the pooled tokens (--pool) are reduced: mean (the paper's) or the last of them."),
+    pool: str = typer.Option(None, help="Which tokens are pooled: all (every non-pad token), content (the example's own text, "
+                                        "not the tokens the chat template adds, its default system prompt included) or "
+                                        "response (the answer only). Default: all for plain text; with --chat, response "
+                                        "when every example has one, else content."),
+    classifier: str = typer.Option("logistic", help="logistic (regularised logistic regression, C by cross-validation) or "
+                                                    "paper (the paper's 2-class softmax head on raw states, Adam)."),
+    epochs: int = typer.Option(None, help="--classifier paper: epochs (default: the authors' 9; their data was ~144k examples)."),
+    lr: float = typer.Option(None, "--lr", help="--classifier paper: Adam learning rate (default: the authors' 1e-4)."),
     test_fraction: float = typer.Option(0.2, help="Held-out share of each class."),
     seed: int = typer.Option(0),
     chat: bool = typer.Option(False, "--chat", help="Render examples with the chat template (prompt + response when present)."),
@@ -33,9 +42,10 @@ def probe_train_command(
     device: str = typer.Option("auto", help="cpu, cuda or auto."),
     force: bool = typer.Option(False, "--force", help="Replace an existing output folder."),
 ) -> None:
-    """Train a linear probe (logistic regression with bias) on pooled hidden states."""
+    """Train a linear probe (logistic regression or the paper's softmax head) on pooled hidden states."""
     options = ProbeOptions(
-        layer=layer, pooling=pooling, test_fraction=test_fraction, seed=seed, chat=chat, positive_name=positive_name,
+        layer=layer, pooling=pooling, pool=pool, classifier=classifier, epochs=epochs, lr=lr, test_fraction=test_fraction,
+        seed=seed, chat=chat, positive_name=positive_name,
         negative_name=negative_name, column=column, response_column=response_column, max_samples=max_samples,
         max_length=max_length, batch_size=batch_size, c=c, device=device,
     )
@@ -49,9 +59,22 @@ def probe_train_command(
         out.print(table)
         out.print(f"plot: {report.output / PLOT_NAME}")
     out.print(
-        f"probe at hidden state {meta.layer}/{meta.num_layers} ({meta.pooling} pooling): train accuracy {meta.train_accuracy:.3f} "
-        f"({meta.n_train} examples), held-out {meta.test_accuracy:.3f} ({meta.n_test}); row 1 = {meta.labels[1]}"
+        f"probe at hidden state {meta.layer}/{meta.num_layers} ({meta.pooling} of {meta.pool} tokens, {meta.classifier}): "
+        f"train accuracy {meta.train_accuracy:.3f} ({meta.n_train} examples), held-out {meta.test_accuracy:.3f} "
+        f"({meta.n_test}); row 1 = {meta.labels[1]}"
     )
+    probe = report.probe
+    factor = probe.paper_alpha_per_alpha
+    out.print(f"‖w‖ = {float(probe.direction.norm()):.4g}: `surgery edit --alpha A` adds A·w to each selected gate row, "
+              f"which is the paper's alpha {factor:g}·A (`surgery edit` also prints the step relative to the rows' norm)")
+    if meta.classifier == "paper":
+        line = (f"paper classifier: {meta.steps} Adam steps (lr {meta.lr:g}, batch {PAPER_BATCH}, {meta.epochs} epochs); "
+                f"random initialisation share of W[1] {meta.init_share:.2f} (|W1_init| / (|W1_init| + |W1 - W1_init|))")
+        out.print(line)
+        if meta.init_share > MOSTLY_RANDOM:
+            err.print(f"warning: W[1] is more random initialisation than learned direction after {meta.steps} steps (the "
+                      f"authors ran about 81k): raise --epochs or --lr, or use --classifier logistic", style="bold red",
+                      highlight=False, markup=False, soft_wrap=True)
     out.print(f"wrote {report.output} ({', '.join(f'{k} {v:.1f}s' for k, v in report.seconds.items())})")
 
 

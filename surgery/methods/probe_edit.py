@@ -5,12 +5,17 @@ mlp.gate_proj; the K rows with the most negative cosine, ranked globally over al
 Edit (§3.3): gate_proj[i] += alpha * w for the selected rows, in fp32, cast back to the stored dtype.
 Rows that point away from the undesired direction are those whose gate closes on it; pushing them
 towards w (alpha > 0) opens them on exactly those inputs, changing what the MLP writes there.
+
+Whether it does is measured, not assumed: the gate check (surgery/gates.py, the paper's Fig. 2) counts
+the selected gates open on held-out undesired and desired inputs before and after the edit.
+Beyond the paper, --centre removes from w, per layer, its component along the layer's mean gate input.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -28,10 +33,23 @@ PAPER_FRACTION = 16384 / 352256  # 4.65 %: the paper's 16,384 of Llama-2-7B's 32
 class EditOptions(MethodOptions):
     probe: str | None = option(None, "Probe folder from `surgery probe-train` (same architecture, final layer).",
                                folder=True, required=True)
-    alpha: float | str = option(1.08, "gate_proj[i] += ALPHA * w (paper: 1.08 detox, 1 jailbreak); negative reverses; auto: "
-                                      "the strongest inside the utility budget.", strength=True)
+    alpha: float | str = option(1.08, "gate_proj[i] += ALPHA * w (paper: 1.08 detox, 1 jailbreak, with its W[1], about half "
+                                      "a logistic probe's w: the edit prints the paper-equivalent alpha); negative "
+                                      "reverses; auto: the strongest inside the utility budget.", strength=True)
     count: int | None = option(None, "Rows to edit (K), ranked globally.", non_negative=True)
     fraction: float | None = option(None, "Share of all gate_proj rows to edit (default: the paper's 4.65%).", low=0.0, high=1.0)
+    gate_check: bool = option(True, "Measure the share of selected gates open (SiLU input > 0) on held-out undesired "
+                                    "and desired inputs before and after the edit (the paper's Fig. 2; loads the model); "
+                                    "printed and stored in surgery.json, with a warning when the mechanism is off.",
+                              flag="--gate-check/--no-gate-check")
+    check_positive: str | None = option(None, "Undesired inputs for the gate check (default: the built-in harmful "
+                                              "requests' selection part). With --dry-run, naming either check file "
+                                              "runs the check (it loads the model).", file=True)
+    check_negative: str | None = option(None, "Desired inputs for the gate check (default: the built-in harmless "
+                                              "requests' selection part).", file=True)
+    centre: bool = option(False, "Beyond the paper: add w_l = w - (w·mu_l/||mu_l||^2) mu_l to layer l's rows, mu_l its "
+                                 "mean gate input on built-in harmless text, so the edit adds nothing on average there.",
+                          flag="--centre")
 
     def validate(self) -> None:
         super().validate()
@@ -53,10 +71,18 @@ class EditPlan:
     layer_of: dict[str, int] = field(default_factory=dict)
     probe_norm: float = 0.0  # ||w||: alpha is in these units (the probe row is not normalised)
     mean_row_norm: float = 0.0  # mean norm of the selected rows
+    paper_alpha_per_alpha: float = 2.0  # probes.artifact.Probe.paper_alpha_per_alpha
+    probe_meta: Any = None  # probes.artifact.ProbeMeta
+    gate_check: Any = None  # surgery.gates.GateCheck, when measured
+    centred_norms: dict[int, float] = field(default_factory=dict)  # --centre: layer -> ||w_l||
 
     def relative_step(self, alpha: float) -> float:
         """How far the edit moves each selected row, as a share of the rows' mean norm: |alpha|·||w|| / mean ||row||."""
         return abs(alpha) * self.probe_norm / self.mean_row_norm if self.mean_row_norm else 0.0
+
+    def paper_alpha(self, alpha: float) -> float:
+        """The paper's alpha for the same move along the same classifier (its W[1] is about half a logistic w)."""
+        return alpha * self.paper_alpha_per_alpha
 
     @property
     def selected(self) -> int:
@@ -141,7 +167,8 @@ def plan_rows(ckpt: Checkpoint, probe_dir: str | Path, options: EditOptions) -> 
         norms.append(ckpt.read(t)[torch.tensor(r)].float().norm(dim=1))
     picked = {t: cosines[t][r].tolist() for t, r in rows.items()}
     mean_norm = float(torch.cat(norms).mean()) if norms else 0.0
-    return EditPlan(rows, picked, total, k, gates, probe_norm=float(w.norm()), mean_row_norm=mean_norm), w
+    return EditPlan(rows, picked, total, k, gates, probe_norm=float(w.norm()), mean_row_norm=mean_norm,
+                    paper_alpha_per_alpha=probe.paper_alpha_per_alpha, probe_meta=probe.meta), w
 
 
 def edit_rows(weight: torch.Tensor, rows: list[int], w: torch.Tensor, alpha: float) -> torch.Tensor:
@@ -152,10 +179,68 @@ def edit_rows(weight: torch.Tensor, rows: list[int], w: torch.Tensor, alpha: flo
     return new
 
 
+CHECK_SAMPLES = 64  # gate check inputs per set read from a file (a seeded subset; the built-in parts have 48)
+CENTRE_SAMPLES = 64  # built-in harmless calibration prompts whose mean gate input centres w (--centre)
+CHECK_MAX_LENGTH = 256  # tokens per input, as probe-train's default
+
+
+def encode_for_probe(tokenizer, examples, meta, pool: str | None = None):
+    """(ids, pool masks, pool) of `examples` read as the probe read its data: with its chat setting and its tokens,
+    except that inputs without responses are read as content when the probe pooled responses."""
+    from probes.collect import default_pool, encode_examples
+
+    pool = pool or meta.pool
+    if pool == "response" and any(ex.response is None for ex in examples):
+        pool = default_pool(meta.chat, examples)
+    ids, masks = encode_examples(tokenizer, examples, meta.chat, pool, CHECK_MAX_LENGTH)
+    return ids, masks, pool
+
+
 class PreparedEdit(Prepared):
-    def __init__(self, plan: EditPlan, w: torch.Tensor, options: EditOptions):
-        self.plan, self.w, self.options = plan, w, options
+    def __init__(self, plan: EditPlan, w: torch.Tensor, options: EditOptions, ctx=None):
+        self.plan, self.w, self.options, self.ctx = plan, w, options, ctx
+        self.directions = {t: w for t in plan.rows}  # tensor -> what its selected rows move along (w, or w_l with --centre)
         self.report = EditReport(None, plan, options.alpha, str(options.probe))
+        self.check_inputs: dict[str, tuple] = {}  # "undesired"/"desired" -> (ids, masks)
+
+    def centre(self) -> None:
+        """--centre: w_l = w - (w·mu_l/||mu_l||²) mu_l, mu_l layer l's mean gate input on built-in harmless text."""
+        from ..gates import centred, mean_gate_inputs
+        from ..splits import CALIBRATION, examples_for
+
+        ctx, meta = self.ctx, self.plan.probe_meta
+        examples = examples_for(None, builtin="harmless", part=CALIBRATION, max_samples=CENTRE_SAMPLES)
+        ids, _, _ = encode_for_probe(ctx.tokenizer(), examples, meta, pool="all")
+        ctx.progress(f"mean gate inputs on {len(examples)} harmless prompts (--centre)")
+        mu = mean_gate_inputs(ctx.model(), ids, list(self.plan.rows), pad_id=ctx.tokenizer().pad_token_id)
+        self.directions = {t: centred(self.w, mu[t]) for t in self.plan.rows}
+        self.plan.centred_norms = {self.plan.layer_of[t]: float(d.norm()) for t, d in self.directions.items()}
+
+    def measure_before(self) -> None:
+        """The gate check's inputs, and the selected gates' activity on them in the unedited model."""
+        from ..gates import GateCheck
+        from ..splits import SELECTION, examples_for
+
+        ctx, meta, o = self.ctx, self.plan.probe_meta, self.options
+        tok, pools, sources, prompts = ctx.tokenizer(), [], {}, {}
+        for kind, path, builtin in (("undesired", o.check_positive, "harmful"), ("desired", o.check_negative, "harmless")):
+            examples = examples_for(path, builtin=builtin, part=SELECTION, max_samples=CHECK_SAMPLES)
+            ids, masks, pool = encode_for_probe(tok, examples, meta)
+            self.check_inputs[kind] = (ids, masks)
+            pools.append(pool)
+            sources[kind] = str(path) if path else f"built-in {builtin} requests, selection part"
+            prompts[kind] = len(examples)
+        ctx.progress(f"gate check on {sum(prompts.values())} held-out prompts")
+        before = {kind: self.activity(kind) for kind in self.check_inputs}
+        self.plan.gate_check = GateCheck(self.options.alpha if isinstance(self.options.alpha, float) else 0.0,
+                                         "/".join(dict.fromkeys(pools)), sources, prompts, self.plan.per_layer(), before)
+
+    def activity(self, kind: str):
+        from ..gates import gate_activity
+
+        ids, masks = self.check_inputs[kind]
+        return gate_activity(self.ctx.model(), ids, masks, self.plan.rows, self.directions, self.plan.layer_of,
+                             pad_id=self.ctx.tokenizer().pad_token_id)
 
     def bounds(self) -> tuple[float, float] | None:
         """--alpha auto searches relative steps |alpha|·||w|| / mean row norm from 0.05 to 2 (see docs/probes.md)."""
@@ -165,26 +250,50 @@ class PreparedEdit(Prepared):
         return 0.05 * unit, 2.0 * unit
 
     def at(self, alpha: float) -> Edit:
-        plan, w = self.plan, self.w
+        plan, directions = self.plan, self.directions
         self.report.alpha = alpha
 
         def edit(name: str, weight: torch.Tensor) -> torch.Tensor:
             if name not in plan.rows or alpha == 0:
                 return weight
-            return edit_rows(weight, plan.rows[name], w, alpha)
+            return edit_rows(weight, plan.rows[name], directions[name], alpha)
 
         summary = {
             "rows_selected": plan.selected,
             "rows_requested": plan.requested,
             "gate_rows_total": plan.total_rows,
             "rows_per_layer": {str(k): v for k, v in plan.per_layer().items()},
-            "probe_norm": float(w.norm()),
+            "probe_norm": plan.probe_norm,
             "mean_selected_row_norm": plan.mean_row_norm,
             "relative_step": plan.relative_step(alpha),
+            "paper_equivalent_alpha": plan.paper_alpha(alpha),
+            "probe_classifier": plan.probe_meta.classifier,
+            "probe_pool": plan.probe_meta.pool,
             "max_cosine_selected": max((max(c) for c in plan.cosines.values()), default=None),
         }
+        if self.options.centre:
+            summary["centred_direction_norms"] = {str(k): v for k, v in sorted(plan.centred_norms.items())}
         return Edit(edit, touched=list(plan.rows), summary=summary,
                     arguments={"probe": str(Path(self.options.probe).resolve())})
+
+    def finish(self, edit: Edit) -> None:
+        """The gate check after the edit: the same inputs through the model as the edit leaves it (then undone)."""
+        check = self.plan.gate_check
+        if check is None:
+            return
+        from ..search import applied
+
+        check.alpha = self.report.alpha
+        if check.alpha == 0:
+            check.after = dict(check.before)  # nothing moves
+        else:
+            def after():
+                with applied(self.ctx.model(), self.ctx.ckpt, edit):
+                    check.after = {kind: self.activity(kind) for kind in self.check_inputs}
+
+            self.ctx.progress("gate check after the edit")
+            self.ctx.timed("gate_check", after)
+        edit.summary["gate_check"] = check.to_json()
 
 
 class ProbeEdit(Method):
@@ -206,11 +315,22 @@ class ProbeEdit(Method):
             raise SurgeryError("--probe is required: a probe folder from `surgery probe-train`")
 
     def plan(self, ctx, options: EditOptions) -> EditPlan:
+        """Headers only, unless a check file is named: then the gate check too (it loads the model, see docs/probes.md)."""
+        if options.gate_check and (options.check_positive or options.check_negative):
+            prepared = self.prepare(ctx, options)
+            prepared.finish(prepared.at(options.alpha))
+            ctx.release_model()
+            return prepared.plan
         return plan_rows(ctx.ckpt, options.probe, options)[0]
 
     def prepare(self, ctx, options: EditOptions) -> PreparedEdit:
         plan, w = plan_rows(ctx.ckpt, options.probe, options)
-        return PreparedEdit(plan, w, options)
+        prepared = PreparedEdit(plan, w, options, ctx)
+        if plan.selected and options.centre:
+            ctx.timed("centre", prepared.centre)
+        if plan.selected and options.gate_check:
+            ctx.timed("gate_check", prepared.measure_before)
+        return prepared
 
 
 def edit_checkpoint(model_dir: str | Path, probe_dir: str | Path, output: str | Path, options: EditOptions,
