@@ -306,6 +306,7 @@ def write_repair(method: Method, ctx: Context, prepared: Prepared, options, run:
     if search is not None:
         summary["search"] = search.to_json()
     summary.update(extra_report or {})
+    summary["seconds"] = {k: round(v, 1) for k, v in ctx.timings.items()}  # prepare (statistics), search
     arguments = {**schema.arguments(options), **edit.arguments, "run": schema.arguments(run)}
     write_checkpoint(ctx.ckpt, output, edit.fn, method=method.manifest_id, arguments=arguments, added=edit.added or None,
                      config_updates=edit.config_updates or None, report=summary, force=run.force, order=edit.order,
