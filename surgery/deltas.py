@@ -110,3 +110,11 @@ def check_pair(ckpt: Checkpoint, aligned: Checkpoint, unaligned: Checkpoint, ten
 def floating(ckpt: Checkpoint, names: list[str]) -> list[str]:
     """The floating-point tensors among `names` (integer buffers have no delta to take)."""
     return [n for n in names if ckpt.tensors[n].dtype.is_floating_point]
+
+
+def pair_candidates(label: str, options_cls, knob: str, given) -> list[tuple[str, object]]:
+    """`surgery repair`'s candidate for a safety-vector method: only with --reference (aligned) and --unaligned."""
+    if given.reference is None or given.unaligned is None:
+        return []
+    return [(label, options_cls(**{knob: "auto"}, aligned=given.reference, unaligned=given.unaligned, device=given.device,
+                                allow_pickle=given.allow_pickle))]

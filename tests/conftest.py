@@ -40,3 +40,17 @@ def harmful_file(tmp_path):
 
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+
+def cli(args, capsys) -> tuple[int, str, str]:
+    """Run the `surgery` command in-process: (exit code, stdout, stderr)."""
+    from cli.main import main
+
+    capsys.readouterr()
+    try:
+        main([str(a) for a in args])
+        code = 0
+    except SystemExit as e:
+        code = e.code
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err

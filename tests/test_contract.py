@@ -20,13 +20,12 @@ import torch
 from cli.app import app
 from cli.build import repair_command
 from cli.main import register_command
-from cli.main import main
 from surgery.checkpoint import MANIFEST_NAME, PICKLE_SUFFIXES, open_checkpoint
 from surgery.methods import REGISTRY, RunOptions, register
 from surgery.options import flag_of, schema
 from surgery.testing.tiny import save_tiny_checkpoint
 
-from .conftest import folder_hashes
+from .conftest import cli, folder_hashes
 from .test_probe_edit import make_probe
 from .test_safety_vector import pair_args
 from .toy_method import Scale
@@ -146,15 +145,7 @@ def checkpoint_and_args(method, tmp_path, monkeypatch, variant: str = CHECKED, p
     return model, extra
 
 
-def surgery(args, capsys) -> tuple[int, str, str]:
-    capsys.readouterr()
-    try:
-        main([str(a) for a in args])
-        code = 0
-    except SystemExit as e:
-        code = e.code
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
+surgery = cli
 
 
 def command(method, model, out, extra, *more) -> list:

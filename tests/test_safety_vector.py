@@ -14,12 +14,11 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from cli.main import main
 from surgery.checkpoint import MANIFEST_NAME, open_checkpoint
 from surgery.deltas import dare, sign_conflicts, tensor_seed, top_of
 from surgery.testing.tiny import save_tiny_checkpoint, tiny_llama
 
-from .conftest import folder_hashes
+from .conftest import cli, folder_hashes
 
 NOISE = 0.01  # the weights are ~N(0, 0.02): each step of the family moves them by half their scale
 
@@ -70,14 +69,7 @@ def pair_args(model: Path, inputs: Path) -> list:
 
 
 def surgery(*args, capsys) -> tuple[int, str, str]:
-    capsys.readouterr()
-    try:
-        main([str(a) for a in args])
-        code = 0
-    except SystemExit as e:
-        code = e.code
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
+    return cli(args, capsys)
 
 
 def run(method: str, tuned: Path, aligned: Path, unaligned: Path, out: Path, *more, capsys, check=False) -> dict:

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from ..deltas import check_pair, dare, difference, floating, matching_tensors, same_values, tensor_seed
+from ..deltas import check_pair, dare, difference, floating, matching_tensors, pair_candidates, same_values, tensor_seed
 from ..errors import SurgeryError
 from ..options import option
 from ..stream import return_freed_memory
@@ -162,10 +162,7 @@ class Resta(Method):
 
     def repair_candidates(self, given):
         """With `surgery repair --reference ALIGNED --unaligned BASE`: this method joins the candidates."""
-        if given.reference is None or given.unaligned is None:
-            return []
-        return [("resta", RestaOptions(beta="auto", aligned=given.reference, unaligned=given.unaligned, device=given.device,
-                                       allow_pickle=given.allow_pickle))]
+        return pair_candidates("resta", RestaOptions, "beta", given)
 
     def validate(self, options: RestaOptions) -> None:
         require_pair(options)

@@ -33,7 +33,7 @@ from pathlib import Path
 
 import torch
 
-from ..deltas import check_pair, difference, same_values, sign_conflicts, top_of
+from ..deltas import check_pair, difference, pair_candidates, same_values, sign_conflicts, top_of
 from ..model import linear_targets, meta_model, weight_name
 from ..options import is_auto, option
 from ..prompts import fill_responses
@@ -165,10 +165,7 @@ class SignConflictRevert(Method):
 
     def repair_candidates(self, given):
         """With `surgery repair --reference ALIGNED --unaligned BASE`: this method joins the candidates."""
-        if given.reference is None or given.unaligned is None:
-            return []
-        return [("revert", RevertOptions(fraction="auto", aligned=given.reference, unaligned=given.unaligned,
-                                         device=given.device, allow_pickle=given.allow_pickle))]
+        return pair_candidates("revert", RevertOptions, "fraction", given)
 
     def validate(self, options: RevertOptions) -> None:
         require_pair(options)
