@@ -126,8 +126,11 @@ def test_statistics_are_computed_once_per_search(monkeypatch, tiny_ckpt, harmful
     code, cap = run(["prune", tiny_ckpt, "-o", tmp_path / "out", "--ratio", "auto", "--data", harmful_file, "--device", "cpu",
                      "--max-new-tokens", "4", "--search-samples", "4", "--search-tokens", "2", "--min-improvement", "0",
                      "--max-kl", "1e-5"], capsys)
-    found = json.loads((tmp_path / "out" / "surgery.json").read_text())["report"]["search"]
+    report = json.loads((tmp_path / "out" / "surgery.json").read_text())["report"]
+    found = report["search"]
     assert len(found["candidates"]) >= 3 and calls == [1]  # several candidates, one calibration
+    chosen = antidote.plan_modules(open_checkpoint(tiny_ckpt), PruneOptions(), found["chosen"])
+    assert report["weights_removed"] == chosen.removed  # the count at the chosen ratio, not at the first one tried
     assert code == 0 and (tmp_path / "out" / "search.png").is_file()
 
 

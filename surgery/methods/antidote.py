@@ -101,6 +101,20 @@ class PruneReport:
     restored: bool = False  # weights were restored to a reference checkpoint (sparsity = share restored)
 
 
+def module_plan(module: str, tensor: str, rows: int, cols: int, ratio: float, granularity: str) -> ModulePlan:
+    """How many weights a prune at `ratio` removes from one [rows, cols] matrix."""
+    if granularity == "row":
+        k = rows_to_remove(cols, ratio)
+        return ModulePlan(module, tensor, rows, cols, k, rows * k)
+    return ModulePlan(module, tensor, rows, cols, None, rows_to_remove(rows * cols, ratio))
+
+
+def plan_at(plan: PrunePlan, ratio: float, granularity: str) -> PrunePlan:
+    """The same modules at another ratio (no meta model: only the counts change)."""
+    modules = [module_plan(m.module, m.tensor, m.rows, m.cols, ratio, granularity) for m in plan.modules]
+    return PrunePlan(modules, plan.total_weights, plan.estimated_peak_bytes)
+
+
 def plan_modules(ckpt, options: PruneOptions, ratio: float) -> PrunePlan:
     """What a prune at `ratio` would touch, from the checkpoint's headers alone (nothing is loaded)."""
     from ..model import resolve_device
@@ -113,11 +127,7 @@ def plan_modules(ckpt, options: PruneOptions, ratio: float) -> PrunePlan:
     for name in linear_targets(meta, options.targets):
         tensor = weight_name(ckpt, name)
         rows, cols = ckpt.tensors[tensor].shape
-        if options.granularity == "row":
-            k = rows_to_remove(cols, ratio)
-            modules.append(ModulePlan(name, tensor, rows, cols, k, rows * k))
-        else:
-            modules.append(ModulePlan(name, tensor, rows, cols, None, rows_to_remove(rows * cols, ratio)))
+        modules.append(module_plan(name, tensor, rows, cols, ratio, options.granularity))
     params = sum(t.numel for t in ckpt.tensors.values())
     hidden = getattr(meta.config, "hidden_size", 0) or 0
     inter = getattr(meta.config, "intermediate_size", 0) or 4 * hidden
@@ -197,7 +207,7 @@ class PreparedPrune(Prepared):
             sparsity[module] = (mask.float().mean() if ref is not None else (new == 0).float().mean()).item()
             return new
 
-        plan = plan_modules(self.ctx.ckpt, options, ratio) if ratio != options.ratio else self.plan
+        plan = plan_at(self.plan, ratio, options.granularity)  # the counts at this ratio (prepare planned another)
         self.report.plan, self.report.sparsity, self.report.restored = plan, sparsity, reference is not None
         summary = {
             "calibration_examples": self.report.calibration_examples,
