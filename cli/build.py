@@ -102,6 +102,12 @@ def repair_command(method: Method, show: Callable, show_plan: Callable | None = 
     return make_command(method.name, doc, params, body)
 
 
+def show_written(result) -> None:
+    """The last line of a repair's report: where it was written and how long each stage took (the check apart)."""
+    timings = ", ".join(f"{k} {v:.1f}s" for k, v in result.seconds.items() if k != "check")
+    out.print(f"wrote {result.output} ({timings})", highlight=False, markup=False)
+
+
 def _no_plan(plan, options) -> None:
     out.print("dry run: nothing is written; this method's edit depends on statistics computed from the model "
               "(run without --dry-run to see it)")

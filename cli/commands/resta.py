@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from ..build import show_written
 from ..console import out
 
 
@@ -23,5 +24,4 @@ def show(result, options) -> None:
     dare = f"; DARE ({r.dare:g}) dropped {r.dropped:,} fine-tune delta entries" if r.dare else ""
     out.print(f"added {r.beta:g}·V to {len(r.added)} tensors ({r.entries:,} entries){zero}{dare}; ||V|| {r.vector_norm:.4g}, "
               f"||W_ft - W_aligned|| {r.delta_norm:.4g}", highlight=False, markup=False)
-    out.print(f"wrote {result.output} ({', '.join(f'{k} {v:.1f}s' for k, v in result.seconds.items() if k != 'check')})",
-              highlight=False, markup=False)
+    show_written(result)

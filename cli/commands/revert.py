@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from ..build import show_written
 from ..console import out
 from .prune import by_layer
 
@@ -24,5 +25,4 @@ def show(result, options) -> None:
     out.print(f"reverted {t['reverted']:,} of {t['conflicting']:,} sign-conflicting entries (fraction {r.fraction:g} of each "
               f"tensor's, score {r.score}{calibrated}); the fine-tune changed {t['changed']:,} of {t['entries']:,} entries "
               f"of the {len(r.entries)} weights", highlight=False, markup=False)
-    out.print(f"wrote {result.output} ({', '.join(f'{k} {v:.1f}s' for k, v in result.seconds.items() if k != 'check')})",
-              highlight=False, markup=False)
+    show_written(result)
