@@ -8,7 +8,7 @@ from surgery.methods import REGISTRY
 
 from .app import app
 from .build import repair_command
-from .commands import ablate, edit, eigenshift, prune, resta, revert
+from .commands import ablate, edit, eigenshift, prune, resta, revert, safelora
 from .commands.eval import eval_command
 from .commands.import_gguf import import_gguf_command
 from .commands.probe_train import probe_train_command
@@ -18,7 +18,8 @@ from .errors import exit_code
 # What each repair method prints (its options come from its schema: cli/build.py).
 PRINTERS = {"prune": (prune.show, prune.show_plan), "edit": (edit.show, edit.show_plan),
             "ablate": (ablate.show, None), "eigenshift": (eigenshift.show, None),
-            "resta": (resta.show, resta.show_plan), "revert": (revert.show, revert.show_plan)}
+            "resta": (resta.show, resta.show_plan), "revert": (revert.show, revert.show_plan),
+            "safelora": (safelora.show, safelora.show_plan)}
 
 
 

@@ -49,6 +49,7 @@ class ProbeOptions:
     batch_size: int = 8
     c: float | None = None  # None: chosen by cross-validation on the train split
     device: str = "auto"
+    adapter: str | None = None  # a peft LoRA folder on the model: the probe reads base + adapter
 
     def validate(self) -> None:
         if self.pooling not in POOLINGS:
@@ -105,6 +106,10 @@ def train_probe_checkpoint(model_dir: str | Path, positive: str | Path, negative
     """Train and save a probe; the output folder appears complete or not at all."""
     options.validate()
     ckpt = open_checkpoint(model_dir)
+    if options.adapter:
+        from surgery.adapter import MergedCheckpoint, open_adapter
+
+        ckpt = MergedCheckpoint(open_adapter(options.adapter, ckpt))
     num_layers = int(ckpt.config.get("num_hidden_layers", 0))
     layers = options.layers(num_layers)
     pos = load_examples(positive, column=options.column, response_column=options.response_column,
@@ -114,7 +119,7 @@ def train_probe_checkpoint(model_dir: str | Path, positive: str | Path, negative
     if min(len(pos), len(neg)) < 2:
         raise SurgeryError(f"a probe needs at least 2 examples per class, got {len(pos)} positive and {len(neg)} negative")
     output = Path(output)
-    inputs = [ckpt.path, Path(positive), Path(negative)]
+    inputs = [ckpt.path, Path(positive), Path(negative), *([Path(options.adapter)] if options.adapter else [])]
     check_output_path(output, inputs, force)
     timings: dict[str, float] = {}
     t0 = time.perf_counter()

@@ -194,6 +194,14 @@ class Checkpoint:
             files.append(self.path / INDEX_NAME)
         return files
 
+    def source_files(self) -> list[Path]:
+        """Every file the checkpoint's weights come from (with an adapter: the base's and the adapter's)."""
+        return self.weight_files()
+
+    def parameter_name(self, name: str) -> str:
+        """The model parameter a stored tensor is loaded into (an adapter's tensors sit elsewhere in a PeftModel)."""
+        return name
+
     def read(self, name: str) -> torch.Tensor:
         """Read one tensor from its shard (memory-mapped; only this tensor is materialised)."""
         info = self.tensors[name]

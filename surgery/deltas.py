@@ -41,7 +41,7 @@ def sign_conflicts(delta: torch.Tensor, vector: torch.Tensor) -> torch.Tensor:
 
 
 def top_of(scores: torch.Tensor, candidates: torch.Tensor, fraction: float) -> torch.Tensor:
-    """Bool mask of the k = floor(n * fraction) highest scores among the n candidate entries, with `select`'s count
+    """Bool mask of the k = n - int(n * (1 - fraction)) highest scores among the n candidate entries, with `select`'s count
     and tie rules (fp32 scores, NaN lowest, ties to the lower flat index); nothing outside `candidates` is chosen.
     fraction 1 chooses every candidate."""
     flat = candidates.reshape(-1)
@@ -117,4 +117,4 @@ def pair_candidates(label: str, options_cls, knob: str, given) -> list[tuple[str
     if given.reference is None or given.unaligned is None:
         return []
     return [(label, options_cls(**{knob: "auto"}, aligned=given.reference, unaligned=given.unaligned, device=given.device,
-                                allow_pickle=given.allow_pickle))]
+                                allow_pickle=given.allow_pickle, adapter=given.adapter))]

@@ -32,6 +32,8 @@ class EvalOptions:
     task: str | None = None  # "sst2:FILE"
     toxic: str | None = None
     reference: str | None = None
+    adapter: str | None = None  # a peft LoRA folder on the model (the base): base + adapter is measured
+    allow_pickle: bool = False
     judge: str = "keywords"
     toxicity_judge: str = "profanity"
     max_samples: int = 100  # per prompt set (seeded random subset)
@@ -49,7 +51,7 @@ class EvalOptions:
         for name in ("max_samples", "max_task_samples", "max_new_tokens", "task_new_tokens", "batch_size"):
             if getattr(self, name) <= 0:
                 raise SurgeryError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
-        for name in ("harmful", "benign", "toxic", "reference"):
+        for name in ("harmful", "benign", "toxic", "reference", "adapter"):
             value = getattr(self, name)
             if value is not None and not Path(value).exists():
                 raise SurgeryError(f"--{name} {value} does not exist")
@@ -175,8 +177,12 @@ def evaluate_checkpoint(model_dir: str | Path, options: EvalOptions, log=None) -
     """Load a checkpoint folder (and the reference, when given) and measure it."""
     options.validate()
     judge = refusal_judge(options.judge)  # a bad judge fails before the model loads
-    ckpt = open_checkpoint(model_dir)
-    reference_ckpt = open_checkpoint(options.reference) if options.reference else None
+    ckpt = open_checkpoint(model_dir, options.allow_pickle)
+    if options.adapter:
+        from .adapter import MergedCheckpoint, open_adapter
+
+        ckpt = MergedCheckpoint(open_adapter(options.adapter, ckpt, options.allow_pickle))
+    reference_ckpt = open_checkpoint(options.reference, options.allow_pickle) if options.reference else None
     device = resolve_device(options.device)
     tokenizer = load_tokenizer(ckpt.path)
     model = load_model(ckpt, device)

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import MANIFEST_NAME, open_checkpoint
+from .checkpoint import MANIFEST_NAME, Checkpoint, open_checkpoint
 from .metrics import mean_kl, next_token_logprobs, perplexity
 from .model import load_model, load_tokenizer, resolve_device
 from .splits import CHECK, builtin_part
@@ -64,9 +64,9 @@ class HealthCheck:
         return line
 
 
-def _measure(model_dir: str | Path, prompts: list[str], device: torch.device, batch_size: int,
+def _measure(model_dir: str | Path | Checkpoint, prompts: list[str], device: torch.device, batch_size: int,
              allow_pickle: bool = False) -> tuple[float, torch.Tensor]:
-    ckpt = open_checkpoint(model_dir, allow_pickle)
+    ckpt = model_dir if isinstance(model_dir, Checkpoint) else open_checkpoint(model_dir, allow_pickle)
     tokenizer = load_tokenizer(ckpt.path)
     model = load_model(ckpt, device)
     ppl = perplexity(model, tokenizer, prompts, batch_size=batch_size)
@@ -76,7 +76,7 @@ def _measure(model_dir: str | Path, prompts: list[str], device: torch.device, ba
     return ppl, logprobs
 
 
-def health_check(before: str | Path, after: str | Path, samples: int = CHECK_SAMPLES, device: str = "auto",
+def health_check(before: str | Path | Checkpoint, after: str | Path | Checkpoint, samples: int = CHECK_SAMPLES, device: str = "auto",
                  batch_size: int = 4, allow_pickle: bool = False,
                  max_perplexity_ratio: float = DEFAULT_MAX_PERPLEXITY_RATIO) -> HealthCheck:
     """Perplexity of `before` and `after` and their first-token KL on `samples` built-in harmless prompts

@@ -167,6 +167,14 @@ def load_model(ckpt: Checkpoint, device: torch.device, dtype: torch.dtype | None
     were read by open_checkpoint's weights-only unpickler and are handed over from memory, so
     transformers never opens a pickle file.
     """
+    if hasattr(ckpt, "overrides"):  # a base with an adapter merged in (surgery.adapter.MergedCheckpoint)
+        overrides = ckpt.overrides()
+        model = load_model(ckpt.base, device, dtype)
+        with torch.no_grad():
+            for name, tensor in overrides.items():
+                param = model.get_parameter(name)
+                param.copy_(tensor.to(param.device, param.dtype))
+        return model
     meta = meta_model(ckpt)
     if dtype is None:
         stored = next((t.dtype for t in ckpt.tensors.values() if t.dtype.is_floating_point), None)

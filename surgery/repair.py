@@ -5,7 +5,8 @@ What applies depends on what the user gives (each method's `repair_candidates`):
 checkpoint before the harmful fine-tune) Antidote restores the fine-tune delta and the refusal direction
 can be read off the reference; without one, Antidote zeroes and the direction is the model's own; with
 the reference and the model it was aligned from (`--unaligned`), RESTA and the sign-conflict revert
-join; with a probe, the probe edit joins. EigenShift lowers toxicity, not the harmful score, so it is not compared here.
+join; with a probe, the probe edit joins; with an adapter, Antidote prunes the adapter's LoRA matrices (the
+paper) and every other candidate works on base + adapter merged. EigenShift lowers toxicity, not the harmful score, so it is not compared here.
 
 All candidates are measured on the same selection prompts (the built-in sets' selection part) against
 the same unedited model, which is loaded once and shared: each candidate's search leaves it bit-identical.
@@ -33,7 +34,8 @@ class RepairOptions(MethodOptions):
                                          "with --reference, RESTA and the sign-conflict revert join the candidates.", folder=True)
     probe: str | None = option(None, "A probe from `surgery probe-train`: the probe edit joins the candidates.", folder=True)
     methods: list[str] | None = option(None, "Comma-separated candidates to try (default: every one that applies): "
-                                             "prune, prune-restore, ablate, ablate-from-reference, edit.", patterns=True)
+                                             "prune, prune-restore, prune-adapter, ablate, ablate-from-reference, "
+                                             "edit, resta, revert, safelora.", patterns=True)
     max_harmful_score: float | None = option(None, "CI gate: exit 1 unless the chosen repair's held-out harmful score is at "
                                                    "most this share (0-1).", low=0.0, high=1.0)
 
@@ -74,8 +76,9 @@ def candidates(options: RepairOptions) -> list[Candidate]:
     known = {c.label for c in offered}
     for w in wanted:
         if w not in known:
-            needs = {"prune-restore": "--reference", "ablate-from-reference": "--reference", "edit": "--probe",
-                     "resta": "--reference and --unaligned", "revert": "--reference and --unaligned"}
+            needs = {"prune-restore": "--reference (and no --adapter)", "ablate-from-reference": "--reference",
+                     "edit": "--probe", "resta": "--reference and --unaligned", "revert": "--reference and --unaligned",
+                     "prune-adapter": "--adapter", "safelora": "--adapter, --reference and --unaligned"}
             hint = f": it needs {needs[w]}" if w in needs else f" (with what was given: {', '.join(sorted(known))})"
             raise SurgeryError(f"--methods: no candidate '{w}'{hint}")
     return [c for c in offered if c.label in wanted]
@@ -101,23 +104,24 @@ def repair_checkpoint(model_dir: str | Path, output: str | Path, options: Repair
     if run.dry_run:
         raise SurgeryError("surgery repair searches on the model: --dry-run is not available (use a method's own --dry-run)")
     todo = candidates(options)
-    refuse_output(Path(output), [Path(model_dir), *[Path(p) for p in (options.reference, options.unaligned, options.probe) if p]],
-                  run.force)
+    refuse_output(Path(output), [Path(model_dir), *[Path(p) for p in (options.reference, options.unaligned, options.probe,
+                                                                       options.adapter) if p]], run.force)
     for c in todo:  # every candidate's own rules, before any model is loaded
         REGISTRY[c.method].validate(c.options)
         validate_fields(c.options)
     say = progress or (lambda message: None)
-    shared = None
+    shared = {}  # the unedited model, by how the candidate sees an adapter (merged, or its own LoRA matrices)
     for i, c in enumerate(todo):
         method = REGISTRY[c.method]
         t0 = time.perf_counter()
         try:
             c.ctx = open_context(method, model_dir, c.options, run, lambda m, c=c, i=i: say(f"[{i + 1}/{len(todo)} {c.label}] {m}"),
                                  searching=True)
-            if shared is not None:
-                c.ctx._model, c.ctx._tokenizer = shared
+            kind = "adapter" if c.ctx.adapter is not None else "model"
+            if kind in shared:
+                c.ctx._model, c.ctx._tokenizer = shared[kind]
             c.prepared, c.search = prepare_and_search(method, c.ctx, c.options, run)
-            shared = (c.ctx.model(), c.ctx.tokenizer())
+            shared[kind] = (c.ctx.model(), c.ctx.tokenizer())
         except SurgeryError as e:
             c.error = str(e)
         c.seconds = time.perf_counter() - t0

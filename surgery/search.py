@@ -79,7 +79,7 @@ def applied(model, ckpt, edit):
                 new = edit.fn(name, original)
                 if new is original:
                     continue
-                param = model.get_parameter(name)
+                param = model.get_parameter(ckpt.parameter_name(name))
                 saved[name] = original
                 param.copy_(new.to(param.device, param.dtype))
             for name, tensor in edit.added.items():
@@ -92,7 +92,7 @@ def applied(model, ckpt, edit):
     finally:
         with torch.no_grad():
             for name, original in saved.items():
-                param = model.get_parameter(name)
+                param = model.get_parameter(ckpt.parameter_name(name))
                 param.copy_(original.to(param.device, param.dtype))
             for name, old in replaced.items():
                 module_name, _, attr = name.rpartition(".")
@@ -194,12 +194,12 @@ def search_strength(method, ctx, prepared, run) -> SearchResult:
     points: dict[float, Point] = {}
 
     def trial(strength: float) -> Point:
-        strength = float(f"{strength:.4g}")
+        strength = float(round(strength)) if knob.integer else float(f"{strength:.4g}")
         if strength in points:
             return points[strength]
         ctx.progress(f"{knob.field} {strength:g}: candidate {len(points) + 1}, applied in memory and measured")
         point = Point(strength)
-        with applied(ctx.model(), ctx.ckpt, prepared.at(strength)):
+        with applied(ctx.model(), ctx.target, prepared.at(strength)):
             measurer.measure(point)
         points[strength] = point
         return point

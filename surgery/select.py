@@ -24,17 +24,20 @@ _DIGIT_BITS = 16  # radix digit of the reference global threshold: two passes ov
 
 
 def rows_to_remove(n_cols: int, ratio: float) -> int:
-    """k = floor(n_cols * ratio), the product taken in binary floating point (a Python float).
+    """k = n_cols - int(n_cols * (1 - ratio)), in binary floating point (Python floats): Antidote's own count.
 
-    This is exactly what wanda's `int(W.shape[1] * sparsity_ratio)` gives, so a checkpoint pruned here
-    loses as many weights per row as with the public code. Because 0.29 is not exactly representable,
-    `rows_to_remove(100, 0.29)` is 28 (0.29 * 100 == 28.999999999999996); no epsilon is added.
+    The paper's code keeps the lowest `int(d·(1 - ratio))` scores of each row and selects the rest, so this is
+    exactly as many weights per row as its public code removes, for LoRA matrices and full checkpoints alike.
+    It differs from wanda's floor(d·ratio) in two ways: a tiny ratio still removes one weight per row
+    (`rows_to_remove(4096, 1e-5)` is 1, where the floor is 0: the full-fine-tune recipe's ratio), and
+    a product that lands just below an integer rounds up (`rows_to_remove(100, 0.29)` is 29). No epsilon is added.
+    Ratio 0 removes nothing.
     """
     if not 0.0 <= ratio <= 1.0:
         raise SurgeryError(f"ratio must be between 0 and 1, got {ratio}")
     if n_cols < 0:
         raise SurgeryError(f"the number of columns must be non-negative, got {n_cols}")
-    return math.floor(n_cols * ratio)
+    return n_cols - int(n_cols * (1.0 - ratio))
 
 
 def _fp32_scores(scores: torch.Tensor) -> torch.Tensor:

@@ -157,12 +157,13 @@ def collect_states(model, tokenizer, prompts: list[str], judge, *, threshold: fl
 
 
 def weights_identity(ckpt) -> str:
-    """SHA-256 over the checkpoint's weight files: states depend on every weight, not only the architecture."""
+    """SHA-256 over the checkpoint's weight files (and an adapter's): states depend on every weight, not only the
+    architecture."""
     import hashlib
 
     from .checkpoint import sha256_file
 
-    return hashlib.sha256("".join(sha256_file(p) for p in ckpt.weight_files()).encode()).hexdigest()[:16]
+    return hashlib.sha256("".join(sha256_file(p) for p in ckpt.source_files()).encode()).hexdigest()[:16]
 
 
 def save_states(path: str | Path, states: CollectedStates, fingerprint: str, weights: str, settings: dict) -> None:

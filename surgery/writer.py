@@ -366,6 +366,11 @@ def write_checkpoint(
             "changed_fraction": changed,
             "report": report or {},
         }
+        for role in ("base", "adapter"):  # an adapter and its base, or a base with an adapter merged in
+            other = getattr(ckpt, role, None)
+            if other is not None:
+                manifest[role] = str(other.path.resolve())
+                manifest[f"{role}_sha256"] = {p.name: sha256_file(p) for p in other.weight_files()}
         previous = _previous_manifest(ckpt.path / MANIFEST_NAME)
         if previous is not None:
             manifest["previous"] = previous

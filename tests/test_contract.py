@@ -26,6 +26,7 @@ from surgery.options import flag_of, schema
 from surgery.testing.tiny import save_tiny_checkpoint
 
 from .conftest import cli, folder_hashes
+from .test_adapter import file_adapter, merged_checkpoint
 from .test_probe_edit import make_probe
 from .test_safety_vector import pair_args
 from .toy_method import Scale
@@ -72,6 +73,8 @@ ARGS = {
     "resta": lambda model, inputs, mp: [*pair_args(model, inputs), "--beta", "1"],
     "revert": lambda model, inputs, mp: [*pair_args(model, inputs), "--data", text_file(inputs, "harmful.txt", HARMFUL),
                                          "--max-samples", "4", "--max-new-tokens", "4", "--fraction", "0.5"],
+    "safelora": lambda model, inputs, mp: ["--adapter", file_adapter(model, inputs / "adapter"),
+                                           *pair_args(model, inputs), "--layers", "2", "--merge"],
     TOY.name: lambda model, inputs, mp: ["--factor", "0.1"],
 }
 
@@ -382,3 +385,27 @@ def test_toy_auto_factor_is_searched_and_written_exactly(method, tmp_path, monke
     for name in old.tensors:
         scaled = old.read(name) * (1.0 - factor) if name.endswith(("o_proj.weight", "down_proj.weight")) else old.read(name)
         assert torch.equal(new.read(name), scaled), name
+
+
+MERGING = [n for n in NAMES if CONTRACT[n].adapter_mode == "merge" and n != TOY.name]
+
+
+@pytest.mark.parametrize("method", MERGING, indirect=True)
+def test_on_an_adapter_the_method_repairs_base_plus_adapter_merged(method, tmp_path, monkeypatch, capsys):
+    """`METHOD BASE --adapter A` writes exactly what `METHOD MERGED` writes, MERGED being peft's merge of A into BASE;
+    the manifest hashes the base and the adapter, and neither is touched."""
+    model, extra = checkpoint_and_args(method, tmp_path, monkeypatch)
+    adapter = file_adapter(model, tmp_path / "adapter")  # small: the tiny model still says what ARGS expect
+    merged = merged_checkpoint(model, adapter, tmp_path / "merged")
+    before = folder_hashes(model), folder_hashes(adapter)
+    code, _, err = surgery(command(method, model, tmp_path / "a", extra, "--adapter", adapter, "--no-check"), capsys)
+    assert code == 0, err
+    code, _, err = surgery(command(method, merged, tmp_path / "b", extra, "--no-check"), capsys)
+    assert code == 0, err
+    a, b = open_checkpoint(tmp_path / "a"), open_checkpoint(tmp_path / "b")
+    assert a.tensors.keys() == b.tensors.keys()
+    assert all(torch.equal(a.read(n), b.read(n)) for n in a.tensors)
+    manifest = json.loads((tmp_path / "a" / MANIFEST_NAME).read_text())
+    assert manifest["adapter_sha256"] == {"adapter_model.safetensors": sha256(adapter / "adapter_model.safetensors")}
+    assert manifest["adapter"] == str(adapter.resolve())
+    assert (folder_hashes(model), folder_hashes(adapter)) == before

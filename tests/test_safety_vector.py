@@ -249,7 +249,7 @@ def test_resta_auto_beta_is_searched_and_written_exactly(tmp_path, capsys, model
 
 
 def expected_revert(ft, a, u, fraction: float, score=None) -> dict[str, torch.Tensor]:
-    """Per weight, the bool mask the revert must select: floor(fraction * n) of its n conflicting entries, highest
+    """Per weight, the bool mask the revert must select: n - int(n * (1 - fraction)) of its n conflicting entries (Antidote's count), highest
     |Δ| (times `score[name]` per column) first, ties to the lower flat index (a plain stable sort)."""
     masks = {}
     for name in ft:
@@ -257,7 +257,7 @@ def expected_revert(ft, a, u, fraction: float, score=None) -> dict[str, torch.Te
         conflicting = ((delta > 0) & (v < 0)) | ((delta < 0) & (v > 0))
         s = delta.abs() * (score[name] if score else 1.0)
         idx = conflicting.reshape(-1).nonzero().reshape(-1)
-        k = int(idx.numel() * fraction)
+        k = idx.numel() - int(idx.numel() * (1 - fraction))
         order = torch.sort(s.reshape(-1)[idx], descending=True, stable=True).indices[:k]
         mask = torch.zeros(delta.numel(), dtype=torch.bool)
         mask[idx[order]] = True
@@ -285,7 +285,7 @@ def test_revert_reverts_the_top_conflicting_entries_exactly(fraction, tmp_path, 
         assert torch.equal(out[name][mask], a[name][mask]), name  # reverted: the aligned value exactly
         assert torch.equal(out[name][~mask], ft[name][~mask]), name  # everything else: the fine-tune's value
         n = int(conflicting.sum())
-        assert per_tensor[name]["conflicting"] == n and per_tensor[name]["reverted"] == int(changed.sum()) == int(n * fraction)
+        assert per_tensor[name]["conflicting"] == n and per_tensor[name]["reverted"] == int(changed.sum()) == n - int(n * (1 - fraction))
     for name in ft.keys() - weights.keys():  # embeddings, norms, head: not targets
         assert torch.equal(bits(out[name]), bits(ft[name])), name
 
@@ -351,10 +351,11 @@ def test_magnitude_and_wanda_pick_different_entries(tmp_path, capsys, harmful_fi
 def test_top_of_breaks_ties_by_the_lower_flat_index():
     scores = torch.tensor([[1.0, 2.0, 2.0], [2.0, 0.5, 2.0]])
     candidates = torch.tensor([[True, False, True], [True, True, True]])
-    # candidates in flat order: 0 (1.0), 2 (2.0), 3 (2.0), 4 (0.5), 5 (2.0); floor(5 * 0.4) = 2: the ties at 2 and 3.
+    # candidates in flat order: 0 (1.0), 2 (2.0), 3 (2.0), 4 (0.5), 5 (2.0); 5 - int(5 * 0.6) = 2: the ties at 2 and 3.
     assert top_of(scores, candidates, 0.4).reshape(-1).nonzero().reshape(-1).tolist() == [2, 3]
     assert torch.equal(top_of(scores, candidates, 1.0), candidates)
-    assert not top_of(scores, candidates, 0.1).any()
+    assert top_of(scores, candidates, 0.1).reshape(-1).nonzero().reshape(-1).tolist() == [2]  # 5 - int(4.5): one
+    assert not top_of(scores, candidates, 0.0).any()
 
 
 # ---- errors: one line, exit 2, nothing written, no model ----------------------------------------------------------

@@ -128,10 +128,12 @@ def test_statistics_are_computed_once_per_search(monkeypatch, tiny_ckpt, harmful
                      "--max-kl", "1e-5"], capsys)
     report = json.loads((tmp_path / "out" / "surgery.json").read_text())["report"]
     found = report["search"]
-    assert len(found["candidates"]) >= 3 and calls == [1]  # several candidates, one calibration
+    # both ends measured (the budget breaks at each: one weight per row of a 32-wide matrix already moves the KL),
+    # one calibration; bisection itself is tested on planted curves above
+    assert len(found["candidates"]) >= 2 and calls == [1]
     chosen = antidote.plan_modules(open_checkpoint(tiny_ckpt), PruneOptions(), found["chosen"])
     assert report["weights_removed"] == chosen.removed  # the count at the chosen ratio, not at the first one tried
-    assert code == 0 and (tmp_path / "out" / "search.png").is_file()
+    assert code == 1 and (tmp_path / "out" / "search.png").is_file()  # nothing inside the planted budget: exit 1, plot kept
 
 
 def test_no_repair_inside_the_budget_exits_1_with_one_line(tiny_ckpt, harmful_file, tmp_path, capsys):

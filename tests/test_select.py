@@ -31,15 +31,18 @@ def tie_heavy(shape, generator) -> torch.Tensor:
     return torch.randint(-3, 4, shape, generator=generator).float()
 
 
-def test_rows_to_remove_is_the_floor_of_the_float_product():
-    assert rows_to_remove(4096, 0.05) == 204
-    assert rows_to_remove(11008, 0.05) == 550
-    assert rows_to_remove(37, 0.02) == 0  # rounds to zero: nothing pruned
+def test_rows_to_remove_is_antidotes_count():
+    assert rows_to_remove(4096, 0.05) == 205  # 4096 - int(4096 * 0.95) = 4096 - 3891
+    assert rows_to_remove(11008, 0.05) == 551
+    assert rows_to_remove(37, 0.02) == 1  # the paper's count removes one where floor(d * ratio) removes none
+    assert rows_to_remove(4096, 1e-5) == 1  # the full-fine-tune recipe's ratio: exactly one weight per row
+    assert rows_to_remove(256, 1e-5) == 1
     assert rows_to_remove(37, 1.0) == 37
-    assert rows_to_remove(100, 0.29) == 28  # 0.29 * 100 == 28.999999999999996 in binary floating point
-    for n in (1, 7, 37, 4096, 11008, 28672):
-        for ratio in (0.0, 0.01, 0.05, 0.1, 0.29, 0.5, 0.57, 1.0):
-            assert rows_to_remove(n, ratio) == int(n * ratio)  # wanda's int(W.shape[1] * sparsity_ratio)
+    assert rows_to_remove(37, 0.0) == 0
+    assert rows_to_remove(100, 0.29) == 29  # 100 - int(100 * 0.71)
+    for n in (1, 7, 37, 256, 4096, 11008, 28672):
+        for ratio in (0.0, 1e-5, 0.01, 0.05, 0.1, 0.29, 0.5, 0.57, 1.0):
+            assert rows_to_remove(n, ratio) == n - int(n * (1 - ratio))  # Antidote's utils.py, per row
     for bad in (-0.1, 1.5, math.nan):
         with pytest.raises(SurgeryError, match="ratio"):
             rows_to_remove(10, bad)
@@ -73,7 +76,7 @@ def test_ties_go_to_the_lower_column():
 
 
 def test_signed_zero_is_one_score_and_nan_counts_as_minus_inf():
-    assert select_per_row(torch.tensor([[-0.0, 0.0, 0.0]]), 0.34).tolist() == [[True, False, False]]
+    assert select_per_row(torch.tensor([[-0.0, 0.0, 0.0]]), 0.3).tolist() == [[True, False, False]]
     # NaN ties with -inf (lower column first) and never beats a number
     row = torch.tensor([[math.nan, -math.inf, 1.0, -5.0]])
     assert select_per_row(row, 0.5).tolist() == [[False, False, True, True]]
@@ -106,7 +109,9 @@ def test_prune_rows_magnitude_negative_scale_and_rounding_to_zero():
     scale = torch.randn(30, generator=g)
     new, mask = prune_rows(weight, scale, 0.5, kernels="torch")
     assert torch.equal(mask, sort_top_k(weight.abs() * scale, 15))
-    new, mask = prune_rows(weight, scale, 0.03, kernels="torch")  # floor(30 * 0.03) == 0
+    new, mask = prune_rows(weight, scale, 0.03, kernels="torch")  # 30 - int(30 * 0.97) == 1: one per row, not zero
+    assert mask.sum(dim=1).tolist() == [1] * 8 and torch.equal(mask, sort_top_k(weight.abs() * scale, 1))
+    new, mask = prune_rows(weight, scale, 0.0, kernels="torch")
     assert not mask.any() and torch.equal(new, weight) and new is not weight
     new, mask = prune_rows(weight, scale, 1.0, kernels="torch")
     assert mask.all() and (new == 0).all()

@@ -40,7 +40,8 @@ def show_report(report: EvalReport) -> None:
 
 
 def eval_command(
-    model: Path = typer.Argument(..., help="Checkpoint folder to measure."),
+    model: Path = typer.Argument(..., help="Checkpoint folder to measure (the base, with --adapter)."),
+    adapter: Path = typer.Option(None, help="A peft LoRA adapter folder on MODEL: base + adapter is measured."),
     harmful: Path = typer.Option(None, help="Harmful prompts (.txt/.jsonl/.csv/.tsv): harmful score = share not refused."),
     benign: Path = typer.Option(None, help="Benign prompts/text: perplexity, over-refusal, and KL prompts for --reference."),
     task: str = typer.Option(None, help="Fine-tune task as NAME:FILE, e.g. sst2:dev.tsv (accuracy of the generated answer)."),
@@ -54,6 +55,7 @@ def eval_command(
     batch_size: int = typer.Option(16),
     seed: int = typer.Option(0),
     device: str = typer.Option("auto", help="cpu, cuda or auto."),
+    allow_pickle: bool = typer.Option(False, "--allow-pickle", help="Accept .bin/.pt weights (loading them can run code)."),
     json_path: Path = typer.Option(None, "--json", help="Write the same figures (and sample answers) as JSON."),
     max_harmful_score: float = typer.Option(None, help="CI gate: exit 1 when the harmful score is above this share (0-1)."),
     min_accuracy: float = typer.Option(None, help="CI gate: exit 1 when task accuracy is below this share (0-1)."),
@@ -61,7 +63,8 @@ def eval_command(
     """Measure a checkpoint; with --max-harmful-score/--min-accuracy, exit 1 when it misses a bar."""
     options = EvalOptions(
         harmful=str(harmful) if harmful else None, benign=str(benign) if benign else None, task=task,
-        toxic=str(toxic) if toxic else None, reference=str(reference) if reference else None, judge=judge,
+        toxic=str(toxic) if toxic else None, reference=str(reference) if reference else None,
+        adapter=str(adapter) if adapter else None, allow_pickle=allow_pickle, judge=judge,
         toxicity_judge=toxicity_judge, max_samples=max_samples, max_task_samples=max_task_samples,
         max_new_tokens=max_new_tokens, batch_size=batch_size, seed=seed, device=device,
         max_harmful_score=max_harmful_score, min_accuracy=min_accuracy,
@@ -72,7 +75,7 @@ def eval_command(
 
         if not json_path.parent.is_dir():
             raise SurgeryError(f"--json: folder {json_path.parent} does not exist")
-        check_side_file(json_path, [p for p in (model, reference) if p is not None])
+        check_side_file(json_path, [p for p in (model, reference, adapter) if p is not None])
     report = evaluate_checkpoint(model, options, log=lambda m: err.print(m, highlight=False))
     show_report(report)
     if json_path is not None:

@@ -40,6 +40,7 @@ def probe_train_command(
     batch_size: int = typer.Option(8),
     c: float = typer.Option(None, "--c", help="Logistic regression inverse regularisation strength (default: 5-fold cross-validation on the train split)."),
     device: str = typer.Option("auto", help="cpu, cuda or auto."),
+    adapter: Path = typer.Option(None, help="A peft LoRA adapter folder on MODEL: the probe reads base + adapter."),
     force: bool = typer.Option(False, "--force", help="Replace an existing output folder."),
 ) -> None:
     """Train a linear probe (logistic regression or the paper's softmax head) on pooled hidden states."""
@@ -47,7 +48,7 @@ def probe_train_command(
         layer=layer, pooling=pooling, pool=pool, classifier=classifier, epochs=epochs, lr=lr, test_fraction=test_fraction,
         seed=seed, chat=chat, positive_name=positive_name,
         negative_name=negative_name, column=column, response_column=response_column, max_samples=max_samples,
-        max_length=max_length, batch_size=batch_size, c=c, device=device,
+        max_length=max_length, batch_size=batch_size, c=c, device=device, adapter=str(adapter) if adapter else None,
     )
     with err.status("reading hidden states and fitting the probe"):
         report = train_probe_checkpoint(model, positive, negative, output, options, force=force)

@@ -18,7 +18,9 @@ def by_layer(values: dict[str, float], title: str = "sparsity after pruning (sha
     kinds: list[str] = []
     for module, value in values.items():
         m = LAYER_INDEX.search(module)
-        layer, kind = (m.group(1), module[m.end():].split(".")[-1]) if m else (module, "weight")
+        parts = module[m.end():].removesuffix(".default").split(".") if m else []  # .default: peft's adapter name
+        kind = ".".join(parts[-2:]) if parts and parts[-1].startswith("lora_") else (parts[-1] if parts else "weight")
+        layer = m.group(1) if m else module
         grid[layer][kind] = value
         if kind not in kinds:
             kinds.append(kind)
@@ -31,11 +33,11 @@ def by_layer(values: dict[str, float], title: str = "sparsity after pruning (sha
 def show_plan(plan: PrunePlan, options=None) -> None:
     table = Table("module", "rows", "cols", "removed/row", "removed", title="dry run: nothing is written")
     for m in plan.modules:
-        table.add_row(m.module, str(m.rows), str(m.cols), "-" if m.per_row is None else str(m.per_row), f"{m.removed:,}")
+        table.add_row(m.module.removeprefix("base_model.model.").removesuffix(".default"), str(m.rows), str(m.cols), "-" if m.per_row is None else str(m.per_row), f"{m.removed:,}")
     out.print(table)
     out.print(
         f"{len(plan.modules)} modules, {plan.removed:,} of {plan.total_weights:,} weights would be zeroed "
-        f"({100 * plan.removed / max(plan.total_weights, 1):.2f}% of the model); "
+        f"({100 * plan.removed / max(plan.total_weights, 1):.2f}% of {plan.pool}); "
         f"estimated peak memory {plan.estimated_peak_bytes / 2**30:.2f} GiB"
     )
 
@@ -53,7 +55,10 @@ def show(result, options) -> None:
         f"({', '.join(f'{k} {v:.1f}s' for k, v in result.seconds.items() if k != 'check')}"
         f"{', streamed layer by layer' if report.streamed else ''})", highlight=False
     )
-    if report.restored:
+    if report.adapter and not options.merge:
+        out.print(f"wrote {result.output}, the pruned adapter (the base is unchanged; load both with peft: "
+                  "PeftModel.from_pretrained(base, OUT))", highlight=False, markup=False)
+    elif report.restored:
         out.print(f"wrote {result.output}", highlight=False, markup=False)
     else:
         out.print(f"wrote {result.output}; zeros are stored densely, so the files are the same size as the input",

@@ -9,10 +9,11 @@ from .base import Edit, Method, Prepared, RepairReport, RunOptions, Strength, ru
 from .eigenshift import EigenShift
 from .probe_edit import ProbeEdit
 from .resta import Resta
+from .safelora import SafeLora
 from .revert import SignConflictRevert
 
 REGISTRY: dict[str, Method] = {m.name: m for m in (Antidote(), ProbeEdit(), DirectionAblation(), EigenShift(),
-                                                 Resta(), SignConflictRevert())}
+                                                 Resta(), SignConflictRevert(), SafeLora())}
 
 
 def register(method: Method) -> Method:

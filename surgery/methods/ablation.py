@@ -379,7 +379,8 @@ class DirectionAblation(Method):
 
     def repair_candidates(self, given):
         """The model's own refusal direction amplified; with a reference, also the reference's direction."""
-        common = {"scale": "auto", "reverse": True, "device": given.device, "allow_pickle": given.allow_pickle}
+        common = {"scale": "auto", "reverse": True, "device": given.device, "allow_pickle": given.allow_pickle,
+                  "adapter": given.adapter}
         found = [("ablate", AblateOptions(**common))]
         if given.reference is not None:
             found.append(("ablate-from-reference", AblateOptions(direction_from=given.reference, **common)))

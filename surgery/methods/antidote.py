@@ -66,6 +66,8 @@ class PruneOptions(MethodOptions):
                                             flag="--memory-budget", positive=True)
     reference: str | None = option(None, "The checkpoint before the harmful fine-tuning: score only the fine-tuning delta and "
                                          "restore the selected weights to it instead of zeroing.", folder=True)
+    merge: bool = option(False, "With --adapter: write the pruned adapter merged into the base (a full checkpoint) instead "
+                                "of the pruned adapter folder.", flag="--merge")
 
 
 @dataclass
@@ -83,6 +85,7 @@ class PrunePlan:
     modules: list[ModulePlan]
     total_weights: int
     estimated_peak_bytes: int
+    pool: str = "the model"  # what total_weights counts
 
     @property
     def removed(self) -> int:
@@ -99,6 +102,7 @@ class PruneReport:
     seconds: dict[str, float] = field(default_factory=dict)
     streamed: bool = False
     restored: bool = False  # weights were restored to a reference checkpoint (sparsity = share restored)
+    adapter: bool = False  # the LoRA matrices of an adapter were pruned
 
 
 def module_plan(module: str, tensor: str, rows: int, cols: int, ratio: float, granularity: str) -> ModulePlan:
@@ -112,7 +116,7 @@ def module_plan(module: str, tensor: str, rows: int, cols: int, ratio: float, gr
 def plan_at(plan: PrunePlan, ratio: float, granularity: str) -> PrunePlan:
     """The same modules at another ratio (no meta model: only the counts change)."""
     modules = [module_plan(m.module, m.tensor, m.rows, m.cols, ratio, granularity) for m in plan.modules]
-    return PrunePlan(modules, plan.total_weights, plan.estimated_peak_bytes)
+    return PrunePlan(modules, plan.total_weights, plan.estimated_peak_bytes, plan.pool)
 
 
 def plan_modules(ckpt, options: PruneOptions, ratio: float) -> PrunePlan:
@@ -136,6 +140,28 @@ def plan_modules(ckpt, options: PruneOptions, ratio: float) -> PrunePlan:
     largest = max((ckpt.tensors[m.tensor].nbytes for m in modules), default=0)
     bytes_per = 4 if resolve_device(options.device).type == "cpu" else 2
     return PrunePlan(modules, params, params * bytes_per + 2 * largest + activations)
+
+
+def plan_adapter(adapter, options: PruneOptions, ratio: float) -> PrunePlan:
+    """The paper's own targets: every LoRA matrix of the adapter (A and B, each in its own row space), or those whose
+    module (e.g. model.layers.0.self_attn.q_proj.lora_A) matches --targets; nothing of the base."""
+    import fnmatch
+
+    from ..adapter import module_of
+
+    names = sorted(adapter.lora_tensors())
+    if options.targets:
+        short = {n: n[len("base_model.model."):-len(".weight")] for n in names}
+        names = [n for n in names if any(fnmatch.fnmatchcase(short[n], p) or fnmatch.fnmatchcase(short[n], f"*.{p}")
+                                         for p in options.targets)]
+        if not names:
+            raise SurgeryError(f"--targets {','.join(options.targets)} matches no LoRA matrix of the adapter "
+                               f"(e.g. {short[sorted(short)[0]]})")
+    modules = [module_plan(module_of(n), n, *adapter.tensors[n].shape, ratio, options.granularity) for n in names]
+    params = sum(t.numel for t in adapter.base.tensors.values()) + sum(t.numel for t in adapter.tensors.values())
+    largest = max((adapter.tensors[n].nbytes for n in names), default=0)
+    return PrunePlan(modules, sum(adapter.tensors[n].numel for n in names), params * 4 + 2 * largest,
+                     "the adapter's pruned LoRA matrices")
 
 
 def plan_prune(model_dir: str | Path, options: PruneOptions) -> PrunePlan:
@@ -217,6 +243,9 @@ class PreparedPrune(Prepared):
             "note": "selected weights restored to the reference checkpoint's values" if reference is not None
             else "zeros are stored densely: the output files are the same size as the input",
         }
+        if self.ctx.adapter is not None:
+            summary["pruned"] = ("the adapter's LoRA matrices only (lora_A and lora_B, each per output row, Wanda statistics "
+                                 "at each one's own input); the base is untouched")
         return Edit(edit, touched=list(by_tensor), order=self.order, summary=summary,
                     arguments={"streamed": self.streamed}, streamed=self.streamed)
 
@@ -229,9 +258,14 @@ class Antidote(Method):
     Options = PruneOptions
     references = {"reference": "the checkpoint before the harmful fine-tuning"}
     strength = Strength("ratio", low=1e-3, high=0.5, log=True, describe="share of each row selected")
+    adapter_mode = "adapter"  # the paper prunes the fine-tuning LoRA matrices, never the base
 
     def repair_candidates(self, given):
-        """With a reference: restore the fine-tune delta; without one: zero (the paper's own edit)."""
+        """With an adapter: prune its LoRA matrices (the paper); with a reference: restore the fine-tune delta; with
+        neither: zero (the paper's edit, on a merged checkpoint)."""
+        if given.adapter is not None:
+            return [("prune-adapter", PruneOptions(ratio="auto", adapter=given.adapter, device=given.device,
+                                                   allow_pickle=given.allow_pickle))]
         if given.reference is not None:
             return [("prune-restore", PruneOptions(ratio="auto", reference=given.reference, device=given.device,
                                                    allow_pickle=given.allow_pickle))]
@@ -240,16 +274,26 @@ class Antidote(Method):
     def validate(self, options: PruneOptions) -> None:
         if options.stream and options.ratio == "auto":
             raise SurgeryError("--ratio auto tries each ratio on the model in memory: not with --stream")
+        if options.adapter is not None and options.reference is not None:
+            raise SurgeryError("--reference is not needed with --adapter: the base is the model before the fine-tune, and "
+                               "the adapter's own LoRA matrices are what is pruned (drop --reference)")
+        if options.adapter is not None and options.stream:
+            raise SurgeryError("--stream calibrates a full checkpoint layer by layer: not with --adapter (base + adapter "
+                               "are calibrated in memory)")
+        if options.merge and options.adapter is None:
+            raise SurgeryError("--merge writes a pruned adapter merged into its base: it needs --adapter")
 
     def plan(self, ctx, options: PruneOptions) -> PrunePlan:
+        if ctx.adapter is not None:
+            return plan_adapter(ctx.adapter, options, options.ratio)
         return plan_modules(ctx.ckpt, options, options.ratio)
 
     def prepare(self, ctx, options: PruneOptions) -> PreparedPrune:
         ratio = options.ratio if isinstance(options.ratio, float) else self.strength.high
-        plan = plan_modules(ctx.ckpt, options, ratio)
-        report = PruneReport(None, plan)
+        plan = plan_adapter(ctx.adapter, options, ratio) if ctx.adapter is not None else plan_modules(ctx.ckpt, options, ratio)
+        report = PruneReport(None, plan, adapter=ctx.adapter is not None)
         modules = [m.module for m in plan.modules]
-        streamed = should_stream(ctx.ckpt, options)
+        streamed = ctx.adapter is None and should_stream(ctx.ckpt, options)
         if streamed and ctx.searching:
             raise SurgeryError("--ratio auto tries each ratio on the model in memory, and this model is streamed: "
                                "pass --no-stream (with enough memory) or a fixed --ratio")

@@ -37,6 +37,7 @@ class Strength:
     high: float
     log: bool = False  # search on a log scale (ratios spanning decades)
     stronger: str = "higher"  # "lower": a smaller value is the stronger repair (EigenShift's alpha)
+    integer: bool = False  # candidates are whole numbers (SafeLoRA's count of projected layers)
     describe: str = ""  # what a larger value does, for --help and the docs
 
 
@@ -86,6 +87,10 @@ class Method:
     references: ClassVar[dict[str, str]] = {}  # options field -> what it must be (same architecture, not the model)
     strength: ClassVar[Strength | None] = None
     repair_metric: ClassVar[str] = "harmful_score"  # or "toxicity": what the search lowers
+    # With --adapter: "merge" (the method edits base + adapter merged, and writes a full checkpoint) or "adapter"
+    # (it edits the adapter's own tensors and writes an adapter folder; --merge writes it merged).
+    adapter_mode: ClassVar[str] = "merge"
+    may_be_the_model: ClassVar[frozenset] = frozenset()  # references that may be MODEL itself (SafeLoRA's --aligned)
 
     def validate(self, options) -> None:
         """Cross-field rules (the schema checks each field on its own)."""
@@ -149,8 +154,9 @@ class Context:
     (loaded on first use, once, by the driver's rules)."""
 
     def __init__(self, ckpt: Checkpoint, references: dict[str, Checkpoint], run: RunOptions, device: str = "auto",
-                 progress=None, searching: bool = False):
-        self.ckpt = ckpt
+                 progress=None, searching: bool = False, adapter=None):
+        self.ckpt = ckpt  # the model: a checkpoint, or a base with the user's adapter merged in (MergedCheckpoint)
+        self.adapter = adapter  # an adapter-mode method's adapter (surgery.adapter.AdapterCheckpoint): what it edits
         self.references = references
         self.run = run
         self.device = resolve_device(device)
@@ -167,9 +173,25 @@ class Context:
             self._tokenizer = load_tokenizer(self.ckpt.path)
         return self._tokenizer
 
+    @property
+    def target(self) -> Checkpoint:
+        """What the edit applies to and the writer writes: the adapter in adapter mode, else the model."""
+        return self.adapter if self.adapter is not None else self.ckpt
+
+    @property
+    def source(self) -> Checkpoint:
+        """The input as a model, for the after-write comparison (the base with the adapter merged in)."""
+        from ..adapter import MergedCheckpoint
+
+        return MergedCheckpoint(self.adapter) if self.adapter is not None else self.ckpt
+
     def model(self):
         if self._model is None:
             self._model = load_model(self.ckpt, self.device)
+            if self.adapter is not None:
+                from ..adapter import apply_adapter
+
+                self._model = apply_adapter(self._model, self.adapter)
             self._model.register_forward_pre_hook(lambda *_: self._count())
         return self._model
 
@@ -206,10 +228,11 @@ class RepairReport:
     failed: str | None = None  # why the output fails its budget (the CLI exits 1)
 
 
-def open_reference(ckpt: Checkpoint, path: str, role: str, allow_pickle: bool) -> Checkpoint:
+def open_reference(ckpt: Checkpoint, path: str, role: str, allow_pickle: bool, may_be_itself: bool = False) -> Checkpoint:
     """Another checkpoint the method reads (the model before a fine-tune, a direction's source): the same
-    architecture as the model, and not the model itself."""
-    not_itself(ckpt, path, role, "another checkpoint of the same architecture")
+    architecture as the model, and (unless `may_be_itself`) not the model itself."""
+    if not may_be_itself:
+        not_itself(ckpt, path, role, "another checkpoint of the same architecture")
     try:
         other = open_checkpoint(path, allow_pickle)
     except SurgeryError as e:
@@ -269,10 +292,18 @@ def reference_paths(method: Method, options) -> dict[str, str]:
 
 def open_context(method: Method, model_dir, options, run: RunOptions, progress=None, searching: bool = False) -> Context:
     """Open the checkpoint and each reference the options name (pickle policy and compatibility rule alike)."""
+    from ..adapter import MergedCheckpoint, open_adapter
+
     ckpt = open_checkpoint(model_dir, options.allow_pickle)
-    references = {f: open_reference(ckpt, p, schema.flag_of(_field(options, f)), options.allow_pickle)
+    adapter = None
+    if getattr(options, "adapter", None):
+        adapter = open_adapter(options.adapter, ckpt, options.allow_pickle)
+        if method.adapter_mode == "merge":
+            ckpt, adapter = MergedCheckpoint(adapter), None
+    references = {f: open_reference(ckpt, p, schema.flag_of(_field(options, f)), options.allow_pickle,
+                                    may_be_itself=f in method.may_be_the_model)
                   for f, p in reference_paths(method, options).items()}
-    return Context(ckpt, references, run, options.device, progress, searching=searching)
+    return Context(ckpt, references, run, options.device, progress, searching=searching, adapter=adapter)
 
 
 def prepare_and_search(method: Method, ctx: Context, options, run: RunOptions):
@@ -308,9 +339,16 @@ def write_repair(method: Method, ctx: Context, prepared: Prepared, options, run:
     summary.update(extra_report or {})
     summary["seconds"] = {k: round(v, 1) for k, v in ctx.timings.items()}  # prepare (statistics), search
     arguments = {**schema.arguments(options), **edit.arguments, "run": schema.arguments(run)}
-    write_checkpoint(ctx.ckpt, output, edit.fn, method=method.manifest_id, arguments=arguments, added=edit.added or None,
+    target, fn = ctx.target, edit.fn
+    if ctx.adapter is not None and getattr(options, "merge", False):
+        # The edited adapter merged into the base, written over the input merged (so changed_fraction is the repair's).
+        from ..adapter import merged_tensors
+
+        repaired = merged_tensors(ctx.adapter, {n: edit.fn(n, ctx.adapter.read(n)) for n in ctx.adapter.tensors})
+        target, fn = ctx.source, (lambda name, tensor: repaired.get(name, tensor))
+    write_checkpoint(target, output, fn, method=method.manifest_id, arguments=arguments, added=edit.added or None,
                      config_updates=edit.config_updates or None, report=summary, force=run.force, order=edit.order,
-                     inputs=input_paths(options))
+                     inputs=[ctx.ckpt.path, *input_paths(options)])
     ctx.timings["write"] = time.perf_counter() - t0
     if search is not None:
         from ..search import plot_search
@@ -322,7 +360,7 @@ def write_repair(method: Method, ctx: Context, prepared: Prepared, options, run:
     if run.check and not edit.streamed:
         t0 = time.perf_counter()
         ctx.progress("checking the output on held-out harmless prompts")
-        check = health_check(ctx.ckpt.path, output, device=options.device, allow_pickle=options.allow_pickle,
+        check = health_check(ctx.source, written_model(ctx, target, output), device=options.device,
                              max_perplexity_ratio=run.max_perplexity_ratio)
         result.check = check
         ctx.timings["check"] = time.perf_counter() - t0
@@ -333,6 +371,15 @@ def write_repair(method: Method, ctx: Context, prepared: Prepared, options, run:
     elif result.failed is not None:
         record_failure(output, result.failed)
     return result
+
+
+def written_model(ctx: Context, target: Checkpoint, output) -> Checkpoint | Path:
+    """The output as a model: the folder, or (an adapter was written) the base with the written adapter merged in."""
+    from ..adapter import AdapterCheckpoint, MergedCheckpoint, open_adapter
+
+    if isinstance(target, AdapterCheckpoint):
+        return MergedCheckpoint(open_adapter(output, target.base, role="the written adapter"))
+    return Path(output)
 
 
 def _field(options, name: str):

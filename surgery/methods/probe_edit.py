@@ -288,7 +288,7 @@ class PreparedEdit(Prepared):
             check.after = dict(check.before)  # nothing moves
         else:
             def after():
-                with applied(self.ctx.model(), self.ctx.ckpt, edit):
+                with applied(self.ctx.model(), self.ctx.target, edit):
                     check.after = {kind: self.activity(kind) for kind in self.check_inputs}
 
             self.ctx.progress("gate check after the edit")
@@ -307,7 +307,8 @@ class ProbeEdit(Method):
     def repair_candidates(self, given):
         if given.probe is None:
             return []
-        return [("edit", EditOptions(probe=given.probe, alpha="auto", device=given.device, allow_pickle=given.allow_pickle))]
+        return [("edit", EditOptions(probe=given.probe, alpha="auto", device=given.device, allow_pickle=given.allow_pickle,
+                                         adapter=given.adapter))]
 
     def validate(self, options: EditOptions) -> None:
         options.validate()

@@ -3,12 +3,12 @@
     Δ = W_ft - W_aligned,  V = W_aligned - W_unaligned
     conflicting entries:   Δ_ij ≠ 0, V_ij ≠ 0, sign(Δ_ij) ≠ sign(V_ij)     (the fine-tune moved against alignment)
     score:                 wanda |Δ_ij| · ||X_j|| over harmful calibration tokens, or magnitude |Δ_ij|
-    reverted:              per tensor, the k = floor(FRACTION · n) highest-scored of its n conflicting entries
+    reverted:              per tensor, the k = n - int(n · (1 - FRACTION)) highest-scored of its n conflicting entries
                            (ties: the lower flat index), set back to W_aligned exactly; every other entry is W_ft
 
 The fraction is per tensor, not global over the model: each matrix gives up the same share of its conflicts, so
 one matrix with large deltas (an embedding, a late MLP) cannot take the whole budget, and the count is exact and
-known tensor by tensor while the checkpoint streams. The count rule is `select.rows_to_remove` (floor, in binary
+known tensor by tensor while the checkpoint streams. The count rule is `select.rows_to_remove` (Antidote's, in binary
 floating point), the one every selection of the toolkit uses, so the selection is `select.select_global` with its
 exact tie rule. FRACTION = 1 reverts every conflicting entry, IRR's default (its `sparsity` p keeps the
 lowest-scored share p of the conflicts, so FRACTION = 1 - p); the score is then irrelevant and no data is read.
