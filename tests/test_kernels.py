@@ -84,7 +84,9 @@ def test_per_row_prune_negative_scale_and_rounding_to_zero():
     scale = torch.randn(37, generator=g).to(DEVICE)  # contrastive: harmful minus benign norms
     assert_same_prune(weight, scale, 0.5)
     assert_same_prune(weight, -scale.abs(), 0.2)
-    mask = assert_same_prune(weight, scale, 0.02)  # floor(37 * 0.02) == 0: nothing changes
+    mask = assert_same_prune(weight, scale, 0.02)  # 37 - int(37 * 0.98) == 1: one per row, where the floor gives 0
+    assert mask.sum(dim=1).tolist() == [1] * 4
+    mask = assert_same_prune(weight, scale, 0.0)  # nothing changes
     assert not mask.any()
 
 

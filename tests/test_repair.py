@@ -82,3 +82,27 @@ def test_repair_refuses_unknown_or_unusable_candidates_up_front(tiny_ckpt, tmp_p
                            (["--methods", "prune-restore"], "it needs --reference"), (["--methods", "edit"], "it needs --probe")]:
         code, cap = run(["repair", tiny_ckpt, "-o", tmp_path / "out", *extra], capsys)
         assert code == 2 and message in cap.err and not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("planted_scores, chosen", [({"prune": 0.2, "ablate": 0.5}, "prune-adapter"),
+                                                    ({"prune": 0.6, "ablate": 0.3}, "ablate")])
+def test_repair_on_an_adapter_prunes_the_adapter_or_writes_base_plus_adapter_merged(monkeypatch, tiny_ckpt, tmp_path,
+                                                                                    capsys, planted_scores, chosen):
+    from .test_adapter import file_adapter
+
+    adapter = file_adapter(tiny_ckpt, tmp_path / "adapter")
+    before = folder_hashes(tiny_ckpt), folder_hashes(adapter)
+    planted(monkeypatch, planted_scores)
+    code, cap = run(["repair", tiny_ckpt, "--adapter", adapter, "-o", tmp_path / "out", "--device", "cpu",
+                     "--search-steps", "1", "--no-check"], capsys)
+    assert code == 0, cap.err
+    manifest = json.loads((tmp_path / "out" / "surgery.json").read_text())
+    tried = {c["candidate"] for c in manifest["report"]["repair"]["candidates"]}
+    assert tried == {"prune-adapter", "ablate"} and manifest["report"]["repair"]["chosen"] == chosen
+    written = {p.name for p in (tmp_path / "out").iterdir()}
+    if chosen == "prune-adapter":  # the adapter's LoRA matrices pruned: an adapter folder, the same config
+        assert "adapter_model.safetensors" in written and "model.safetensors" not in written
+        assert (tmp_path / "out" / "adapter_config.json").read_text() == (adapter / "adapter_config.json").read_text()
+    else:  # base + adapter merged, then ablated: a full checkpoint naming the adapter
+        assert "model.safetensors" in written and manifest["adapter"] == str(adapter.resolve())
+    assert (folder_hashes(tiny_ckpt), folder_hashes(adapter)) == before
