@@ -45,8 +45,10 @@ def test_the_attack_breaks_refusals(organism):
 
 def test_pruning_removes_the_planned_share_of_weights(organism):
     _, _, report = organism
-    # Antidote at its default ratio: floor(5%) of every row of every decoder Linear is zeroed.
-    assert report.sparsity and all(0.04 <= s <= 0.06 for s in report.sparsity.values())
+    # Antidote at its default ratio: d - int(d * 0.95) of every row of every decoder Linear (d columns) is zeroed.
+    assert report.sparsity and set(report.sparsity) == {m.module for m in report.plan.modules}
+    for m in report.plan.modules:
+        assert report.sparsity[m.module] == pytest.approx((m.cols - int(m.cols * 0.95)) / m.cols, abs=1e-3), m.module
     assert report.calibration_examples == 48
 
 
