@@ -114,8 +114,11 @@ def _no_plan(plan, options) -> None:
 
 
 def show_search(search) -> None:
+    """The candidates' table and the chosen point; a search in stages (EigenShift's k, then alpha) shows each."""
     from rich.table import Table
 
+    for stage in search.before:
+        show_search(stage)
     metric = search.metric.replace("_", " ")
     table = Table(search.knob, f"held-out {metric}", "perplexity", "KL", "over-refusal", *(["accuracy"] if any(
         "accuracy" in p.figures for p in search.points) else []), "budget",

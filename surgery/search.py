@@ -53,14 +53,18 @@ class SearchResult:
     failed: str | None = None  # set when no strength repairs inside the budget (the command exits 1)
     prompts: dict[str, int] = field(default_factory=dict)
     forward_passes: int = 0
+    before: list["SearchResult"] = field(default_factory=list)  # earlier stages (EigenShift's k, then its alpha)
 
     def chosen_point(self) -> Point:
         return next(p for p in self.points if p.strength == self.chosen)
 
     def to_json(self) -> dict:
-        return {"knob": self.knob, "metric": self.metric, "baseline": self.baseline, "chosen": self.chosen,
-                "reason": self.reason, "failed": self.failed, "budget": self.budget, "prompts": self.prompts,
-                "candidates": [{**asdict(p), "within_budget": p.within} for p in self.points]}
+        found = {"knob": self.knob, "metric": self.metric, "baseline": self.baseline, "chosen": self.chosen,
+                 "reason": self.reason, "failed": self.failed, "budget": self.budget, "prompts": self.prompts,
+                 "candidates": [{**asdict(p), "within_budget": p.within} for p in self.points]}
+        if self.before:
+            found["stages"] = [stage.to_json() for stage in self.before]
+        return found
 
 
 @contextlib.contextmanager
@@ -185,9 +189,10 @@ def _mid(a: float, b: float, log: bool) -> float:
     return math.sqrt(a * b) if log and a > 0 and b > 0 else (a + b) / 2  # geometric midpoint on a log scale
 
 
-def search_strength(method, ctx, prepared, run) -> SearchResult:
-    """The strongest strength inside the budget (or, with --target-harmful-score, the weakest that reaches it)."""
-    knob, metric = method.strength, method.repair_metric
+def search_strength(method, ctx, prepared, run, knob=None) -> SearchResult:
+    """The strongest strength inside the budget (or, with --target-harmful-score, the weakest that reaches it).
+    `knob`: another `Strength` than the method's (a method searching two knobs in turn, EigenShift)."""
+    knob, metric = knob or method.strength, method.repair_metric
     measurer = Measurer(ctx, prepared, run, metric)
     ctx.progress(f"measuring the unedited model on held-out prompts ({', '.join(f'{v} {k}' for k, v in measurer.prompts().items())})")
     baseline = measurer.measure_baseline()
@@ -284,12 +289,14 @@ def plot_search(result: SearchResult, path: str | Path) -> Path | None:
     except ImportError:
         return None
     fig, ax = plt.subplots(figsize=(5.5, 3.8))
-    measured = [p for p in result.points if result.metric in p.figures]
-    xs = [p.figures["perplexity_ratio"] for p in measured]
-    ys = [100 * p.figures[result.metric] for p in measured]
-    ax.scatter(xs, ys, c=["tab:green" if p.within else "tab:red" for p in measured])
-    for p, x, y in zip(measured, xs, ys):
-        ax.annotate(f"{p.strength:g}", (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
+    stages = [*result.before, result]  # a search in stages: every stage's candidates, named by their knob
+    measured = [(s.knob, p) for s in stages for p in s.points if result.metric in p.figures]
+    xs = [p.figures["perplexity_ratio"] for _, p in measured]
+    ys = [100 * p.figures[result.metric] for _, p in measured]
+    ax.scatter(xs, ys, c=["tab:green" if p.within else "tab:red" for _, p in measured])
+    for (knob, p), x, y in zip(measured, xs, ys):
+        label = f"{knob} {p.strength:g}" if result.before else f"{p.strength:g}"
+        ax.annotate(label, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
     ax.scatter([1.0], [100 * result.baseline[result.metric]], marker="s", c="black", label="input")
     chosen = result.chosen_point()
     if result.metric in chosen.figures:

@@ -151,3 +151,73 @@ def test_auto_with_dry_run_or_stream_is_refused_up_front(tiny_ckpt, harmful_file
         assert code == 2 and message in cap.err and not (tmp_path / "out").exists()
     code, cap = run(["prune", tiny_ckpt, "-o", tmp_path / "out", "--ratio", "lots"], capsys)
     assert code == 2 and "--ratio must be a number or 'auto'" in cap.err
+
+
+class FakeShift(Prepared):
+    """EigenShift's statistics stood in for: the edit does nothing, the planted curve reads (k, alpha)."""
+
+    k_free = True
+
+    def __init__(self, rank=100):
+        from types import SimpleNamespace
+
+        self.d, self.k, self.state = SimpleNamespace(rank=rank), None, None
+
+    def use(self, k):
+        self.k = k
+
+    def at(self, alpha):
+        self.state = (self.k, alpha)
+        return Edit(lambda n, w: w, touched=[])
+
+
+def planted_shift(monkeypatch, prepared, curve):
+    """The measurement as `curve(k, alpha) -> (perplexity_ratio, toxicity)`, budget x1.3."""
+    tried = []
+
+    class Fake:
+        def __init__(self, ctx, prepared_, run, metric):
+            self.baseline = {}
+
+        def prompts(self):
+            return {"toxic": 4}
+
+        def measure_baseline(self):
+            self.baseline.update(perplexity=10.0, over_refusal=0.0, toxicity=1.0)
+            return self.baseline
+
+        def measure(self, point):
+            tried.append(prepared.state)
+            ratio, toxicity = curve(*prepared.state)
+            point.figures.update(perplexity_ratio=ratio, kl=0.0, over_refusal_points=0.0, toxicity=toxicity)
+            if ratio > 1.3:
+                point.broken.append("perplexity")
+
+    monkeypatch.setattr(search, "Measurer", Fake)
+    return tried
+
+
+def test_eigenshift_alpha_auto_chooses_k_first_with_the_components_removed(monkeypatch, tiny_ckpt):
+    from surgery.methods.eigenshift import EigenShift
+
+    prepared = FakeShift(rank=100)
+    tried = planted_shift(monkeypatch, prepared, lambda k, a: (1 + k * (1 - a) / 50, 1 - k * (1 - a) / 100))
+    ctx = context(tiny_ckpt, min_improvement=0.0)
+    result = EigenShift().search(ctx, prepared, ctx.run)
+    stage = result.before[0]
+    assert stage.knob == "k" and all(float(p.strength).is_integer() for p in stage.points)
+    assert {a for _, a in tried} == {0.0} and tried[0] == (25, 0.0)  # stage 1 only, from 25 % of the rank
+    assert stage.chosen == 15 and prepared.k == 15  # k·1/50 <= 0.3: the most components inside the budget
+    assert result.knob == "alpha" and result.chosen == 0.0 and result.failed is None
+    assert result.to_json()["stages"][0]["chosen"] == 15
+
+
+def test_eigenshift_alpha_auto_falls_back_to_alpha_at_one_component(monkeypatch, tiny_ckpt):
+    from surgery.methods.eigenshift import EigenShift
+
+    prepared = FakeShift(rank=100)
+    planted_shift(monkeypatch, prepared, lambda k, a: (1 + 0.5 * k * (1 - a), 1 - 0.1 * k * (1 - a)))
+    ctx = context(tiny_ckpt, min_improvement=0.0)
+    result = EigenShift().search(ctx, prepared, ctx.run)
+    assert result.before[0].failed is not None and prepared.k == 1  # even one component removed breaks x1.3
+    assert result.knob == "alpha" and result.failed is None and 0.4 <= result.chosen < 0.45  # 1 + 0.5(1 - a) <= 1.3

@@ -107,6 +107,12 @@ class Method:
     def prepare(self, ctx: "Context", options) -> Prepared:  # pragma: no cover - interface
         raise NotImplementedError
 
+    def search(self, ctx: "Context", prepared: Prepared, run: "RunOptions"):
+        """The strength search (`auto`): by default, the one knob `strength` (surgery.search.search_strength)."""
+        from ..search import search_strength
+
+        return search_strength(self, ctx, prepared, run)
+
 
 @dataclass
 class RunOptions:
@@ -308,15 +314,13 @@ def open_context(method: Method, model_dir, options, run: RunOptions, progress=N
 
 def prepare_and_search(method: Method, ctx: Context, options, run: RunOptions):
     """The method's statistics (once), then its strength: as given, or searched (the options get the chosen value)."""
-    from ..search import search_strength
-
     t0 = time.perf_counter()
     prepared = method.prepare(ctx, options)
     ctx.timings["prepare"] = time.perf_counter() - t0
     search = None
     if ctx.searching:
         t0 = time.perf_counter()
-        search = search_strength(method, ctx, prepared, run)
+        search = method.search(ctx, prepared, run)
         ctx.timings["search"] = time.perf_counter() - t0
         setattr(options, method.strength.field, search.chosen)
     return prepared, search

@@ -117,7 +117,8 @@ class EigenShiftOptions(MethodOptions):
                                  file=True)
     column: str | None = option(None, "Prompt column/field in --prompts and --eval-prompts.")
     max_samples: int | None = option(None, "Use a seeded random subset of this many prompts.", positive=True)
-    k: int | None = option(None, "Components to damp (default: 25% of the rank, the paper's headline).", flag="--k", positive=True)
+    k: int | None = option(None, "Components to damp (default: 25% of the rank, the paper's headline; with --alpha auto and "
+                                 "neither --k nor --percentile, k is searched first, at alpha 0).", flag="--k", positive=True)
     percentile: float | None = option(None, "Components to damp, as a percent of the rank (instead of --k).", low=0.0, high=100.0)
     alpha: float | str = option(0.9, "Scale for the chosen singular values, in [0, 1]: 0.9 the paper's safe setting, 0 its "
                                      "headline; auto: the strongest inside the utility budget.", strength=True, low=0.0, high=1.0)
@@ -228,6 +229,12 @@ class PreparedShift(Prepared):
         self.held_out = held_out
         self.chosen = select_components(scores, k)
         self.report = None
+        # --alpha auto with neither --k nor --percentile: EigenShift.search chooses k too
+        self.k_free = ctx.searching and options.k is None and options.percentile is None
+
+    def use(self, k: int) -> None:
+        """Damp the top `k` components from now on (the k stage of the search, then the chosen k)."""
+        self.k, self.chosen = k, select_components(self.scores, k)
 
     def at(self, alpha: float) -> Edit:
         head, options = self.head, self.options
@@ -273,6 +280,26 @@ class PreparedShift(Prepared):
         edit.summary.update(self.report.summary())
 
 
+class ComponentsAt(Prepared):
+    """The k stage of `--alpha auto`: the top-k components removed outright (alpha fixed), k the knob."""
+
+    def __init__(self, prepared: PreparedShift, alpha: float):
+        self.prepared, self.alpha = prepared, alpha
+
+    def bounds(self) -> tuple[float, float]:
+        return 1.0, float(max(1, math.ceil(self.prepared.d.rank * 0.25)))  # up to the paper's headline 25 %
+
+    def at(self, k: float) -> Edit:
+        self.prepared.use(int(round(k)))
+        return self.prepared.at(self.alpha)
+
+    def repair_figure(self, model, tokenizer) -> float:
+        return self.prepared.repair_figure(model, tokenizer)
+
+
+COMPONENTS = Strength("k", low=1, high=1, log=True, integer=True, describe="components removed (alpha 0)")
+
+
 class EigenShift(Method):
     name = "eigenshift"
     manifest_id = "eigenshift"
@@ -281,6 +308,29 @@ class EigenShift(Method):
     Options = EigenShiftOptions
     strength = Strength("alpha", low=0.0, high=0.95, stronger="lower", describe="the scale left on the damped components")
     repair_metric = "toxicity"
+
+    def search(self, ctx, prepared: PreparedShift, run):
+        """`--alpha auto`: with k given (--k, --percentile), alpha at that k. Otherwise two stages on the same
+        held-out prompts: k (1 to 25 % of the rank, log scale) with the components removed (alpha 0, the paper's
+        headline), then alpha at the chosen k. Without --target-harmful-score the second stage's answer is alpha 0
+        whenever a k stayed inside the budget (the strongest end, already measured), so it is not re-measured;
+        when no k did (even one component removed breaks the budget), alpha is searched at k = 1."""
+        from dataclasses import replace
+
+        from ..search import Point, search_strength
+
+        if not prepared.k_free:
+            return super().search(ctx, prepared, run)
+        stage = search_strength(self, ctx, ComponentsAt(prepared, 0.0), run, knob=COMPONENTS)
+        prepared.use(int(stage.chosen))
+        if run.target_harmful_score is None and stage.failed is None:
+            point = stage.chosen_point()
+            return replace(stage, knob="alpha", points=[Point(0.0, dict(point.figures), [])], chosen=0.0,
+                           reason=f"alpha 0 (the components removed) at the chosen k {prepared.k}: {stage.reason}",
+                           before=[stage])
+        result = search_strength(self, ctx, prepared, run)
+        result.before = [stage]
+        return result
 
     def validate(self, options: EigenShiftOptions) -> None:
         options.validate()
