@@ -189,7 +189,8 @@ def evaluate_checkpoint(model_dir: str | Path, options: EvalOptions, log=None) -
     reference = load_model(reference_ckpt, device) if reference_ckpt else None
     if reference is not None and reference.config.vocab_size != model.config.vocab_size:
         raise SurgeryError(f"--reference {options.reference} has a different vocabulary ({reference.config.vocab_size} vs {model.config.vocab_size})")
-    return evaluate_model(model, tokenizer, options, reference, name=str(model_dir), log=log, judge=judge)
+    name = f"{model_dir} + adapter {options.adapter}" if options.adapter else str(model_dir)
+    return evaluate_model(model, tokenizer, options, reference, name=name, log=log, judge=judge)
 
 
 def write_report(report: EvalReport, path: str | Path, inputs: list[Path] | None = None) -> None:

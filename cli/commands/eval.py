@@ -79,7 +79,7 @@ def eval_command(
     report = evaluate_checkpoint(model, options, log=lambda m: err.print(m, highlight=False))
     show_report(report)
     if json_path is not None:
-        write_report(report, json_path)
+        write_report(report, json_path, inputs=[p for p in (model, reference, adapter) if p is not None])
         out.print(f"wrote {json_path}")
     if report.misses:
         err.print(f"[bold red]gate failed:[/] {'; '.join(report.misses)}", highlight=False, soft_wrap=True)
