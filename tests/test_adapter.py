@@ -344,3 +344,22 @@ def test_the_merged_view_reads_what_peft_merge_writes(family, tmp_path):
         assert torch.equal(view.read(name), tensor), name
         changed += not torch.equal(tensor, open_checkpoint(base).read(name))
     assert changed == 2 * len(TARGETS)  # every target of both layers, nothing else
+
+
+def test_with_an_adapter_the_base_itself_may_be_the_aligned_reference(family, tmp_path, capsys):
+    """base + adapter is the fine-tune, so the base folder is the model before it: resta's --aligned may be MODEL."""
+    from .test_safety_vector import derived_checkpoint
+
+    base, adapter = family
+    unaligned = derived_checkpoint(base, tmp_path / "unaligned", seed=3, scale=0.01)
+    merged = merged_checkpoint(base, adapter, tmp_path / "merged")
+    code, _, err = cli(["resta", base, "--adapter", adapter, "--aligned", base, "--unaligned", unaligned, "-o",
+                        tmp_path / "a", "--no-check"], capsys)
+    assert code == 0, err
+    code, _, err = cli(["resta", merged, "--aligned", base, "--unaligned", unaligned, "-o", tmp_path / "b", "--no-check"],
+                       capsys)
+    assert code == 0, err
+    a, b = load_file(tmp_path / "a" / "model.safetensors"), load_file(tmp_path / "b" / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[n], b[n]) for n in a)
+    code, _, err = cli(["resta", base, "--aligned", base, "--unaligned", unaligned, "-o", tmp_path / "c"], capsys)
+    assert code == 2 and "is the model itself" in err  # without an adapter MODEL is the fine-tune: still refused

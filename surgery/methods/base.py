@@ -306,8 +306,11 @@ def open_context(method: Method, model_dir, options, run: RunOptions, progress=N
         adapter = open_adapter(options.adapter, ckpt, options.allow_pickle)
         if method.adapter_mode == "merge":
             ckpt, adapter = MergedCheckpoint(adapter), None
+    # With an adapter merged in, the model is base + adapter: the base folder itself is a fair reference (it is the
+    # model before the fine-tune), so only a reference other than MODEL's folder is required without one.
+    merged = isinstance(ckpt, MergedCheckpoint)
     references = {f: open_reference(ckpt, p, schema.flag_of(_field(options, f)), options.allow_pickle,
-                                    may_be_itself=f in method.may_be_the_model)
+                                    may_be_itself=merged or f in method.may_be_the_model)
                   for f, p in reference_paths(method, options).items()}
     return Context(ckpt, references, run, options.device, progress, searching=searching, adapter=adapter)
 
