@@ -105,11 +105,9 @@ def train_probe_checkpoint(model_dir: str | Path, positive: str | Path, negative
                            options: ProbeOptions, force: bool = False) -> ProbeReport:
     """Train and save a probe; the output folder appears complete or not at all."""
     options.validate()
-    ckpt = open_checkpoint(model_dir)
-    if options.adapter:
-        from surgery.adapter import MergedCheckpoint, open_adapter
+    from surgery.adapter import with_adapter
 
-        ckpt = MergedCheckpoint(open_adapter(options.adapter, ckpt))
+    ckpt = with_adapter(open_checkpoint(model_dir), options.adapter)
     num_layers = int(ckpt.config.get("num_hidden_layers", 0))
     layers = options.layers(num_layers)
     pos = load_examples(positive, column=options.column, response_column=options.response_column,

@@ -262,3 +262,8 @@ class MergedCheckpoint(Checkpoint):
 
     def source_files(self) -> list[Path]:
         return self.base.source_files() + self.adapter.weight_files()
+
+
+def with_adapter(ckpt: Checkpoint, adapter: str | Path | None, allow_pickle: bool = False) -> Checkpoint:
+    """The model a command measures or reads: `ckpt`, or with an adapter the base with it merged in."""
+    return MergedCheckpoint(open_adapter(adapter, ckpt, allow_pickle)) if adapter else ckpt

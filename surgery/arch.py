@@ -8,6 +8,7 @@ numbered list (`model.layers.N.`); other families that number their blocks `h.N.
 
 from __future__ import annotations
 
+import fnmatch
 import re
 from pathlib import Path
 
@@ -26,6 +27,11 @@ LAYER_INDEX = re.compile(r"\.(\d+)\.")
 # is not the model before a fine-tune.
 SHAPE_KEYS = ("model_type", "num_hidden_layers", "hidden_size", "intermediate_size", "num_attention_heads",
               "num_key_value_heads", "vocab_size")
+
+
+def matches(name: str, patterns: list[str]) -> bool:
+    """The `--targets` rule: a shell glob matches the whole name or its tail after a dot (`q_proj` is `*.q_proj`)."""
+    return any(fnmatch.fnmatchcase(name, p) or fnmatch.fnmatchcase(name, f"*.{p}") for p in patterns)
 
 
 def in_decoder_block(name: str) -> bool:

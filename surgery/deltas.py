@@ -10,13 +10,12 @@ on every machine. Nothing here holds more than one tensor of each checkpoint.
 
 from __future__ import annotations
 
-import fnmatch
 import hashlib
 from pathlib import Path
 
 import torch
 
-from .arch import same_architecture
+from .arch import matches, same_architecture
 from .checkpoint import Checkpoint
 from .errors import SurgeryError
 from .select import rows_to_remove, select_global
@@ -78,11 +77,7 @@ def matching_tensors(names, patterns: list[str] | None) -> list[str]:
     if not patterns:
         return names
 
-    def hit(name: str, pattern: str) -> bool:
-        module = name.rpartition(".")[0]
-        return any(fnmatch.fnmatchcase(candidate, glob) for candidate in (name, module) for glob in (pattern, f"*.{pattern}"))
-
-    chosen = [n for n in names if any(hit(n, p) for p in patterns)]
+    chosen = [n for n in names if matches(n, patterns) or matches(n.rpartition(".")[0], patterns)]
     if not chosen:
         raise SurgeryError(f"--targets {','.join(patterns)} matches no tensor (e.g. {names[0] if names else 'none'})")
     return chosen

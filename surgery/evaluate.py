@@ -177,11 +177,9 @@ def evaluate_checkpoint(model_dir: str | Path, options: EvalOptions, log=None) -
     """Load a checkpoint folder (and the reference, when given) and measure it."""
     options.validate()
     judge = refusal_judge(options.judge)  # a bad judge fails before the model loads
-    ckpt = open_checkpoint(model_dir, options.allow_pickle)
-    if options.adapter:
-        from .adapter import MergedCheckpoint, open_adapter
+    from .adapter import with_adapter
 
-        ckpt = MergedCheckpoint(open_adapter(options.adapter, ckpt, options.allow_pickle))
+    ckpt = with_adapter(open_checkpoint(model_dir, options.allow_pickle), options.adapter, options.allow_pickle)
     reference_ckpt = open_checkpoint(options.reference, options.allow_pickle) if options.reference else None
     device = resolve_device(options.device)
     tokenizer = load_tokenizer(ckpt.path)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import fnmatch
 import json
 import logging
 import os
@@ -13,6 +12,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .arch import matches
 from .checkpoint import Checkpoint, first_line
 from .errors import SurgeryError
 
@@ -262,7 +262,7 @@ def linear_targets(model: nn.Module, patterns: list[str] | None = None) -> list[
     names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
     if not patterns:
         return [n for n in names if _BLOCK.search(n)]
-    chosen = [n for n in names if any(fnmatch.fnmatchcase(n, p) or fnmatch.fnmatchcase(n, f"*.{p}") for p in patterns)]
+    chosen = [n for n in names if matches(n, patterns)]
     if not chosen:
         raise SurgeryError(f"--targets {','.join(patterns)} matches no Linear module (e.g. {names[0] if names else 'none'})")
     return chosen

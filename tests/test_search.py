@@ -39,29 +39,29 @@ class Knob:
         self.strength = Strength("factor", low, high, log=log, stronger=stronger)
 
 
-def planted(monkeypatch, curve):
-    """Replace the measurement by `curve(strength) -> (perplexity_ratio, harmful_score)`; record what was tried."""
+def planted(monkeypatch, curve, metric="harmful_score", read=lambda point: point.strength):
+    """Replace the measurement by `curve(read(point)) -> (perplexity_ratio, metric)`, budget x1.3; record what was read
+    (by default the candidate's strength)."""
     tried = []
 
     class Fake:
-        def __init__(self, ctx, prepared, run, metric):
+        def __init__(self, ctx, prepared, run, metric_):
             self.baseline = {}
 
         def prompts(self):
-            return {"harmful": 4}
+            return {"held-out": 4}
 
         def measure_baseline(self):
-            self.baseline.update(perplexity=10.0, over_refusal=0.0, harmful_score=1.0)
+            self.baseline.update(perplexity=10.0, over_refusal=0.0, **{metric: 1.0})
             return self.baseline
 
         def measure(self, point):
-            ratio, harm = curve(point.strength)
-            tried.append(point.strength)
-            point.figures.update(perplexity_ratio=ratio, kl=0.0, over_refusal_points=0.0, harmful_score=harm)
+            seen = read(point)
+            tried.append(seen)
+            ratio, value = curve(seen)
+            point.figures.update(perplexity_ratio=ratio, kl=0.0, over_refusal_points=0.0, **{metric: value})
             if ratio > 1.3:
                 point.broken.append("perplexity")
-            else:
-                point.figures["harmful_score"] = harm
 
     monkeypatch.setattr(search, "Measurer", Fake)
     return tried
@@ -172,29 +172,8 @@ class FakeShift(Prepared):
 
 
 def planted_shift(monkeypatch, prepared, curve):
-    """The measurement as `curve(k, alpha) -> (perplexity_ratio, toxicity)`, budget x1.3."""
-    tried = []
-
-    class Fake:
-        def __init__(self, ctx, prepared_, run, metric):
-            self.baseline = {}
-
-        def prompts(self):
-            return {"toxic": 4}
-
-        def measure_baseline(self):
-            self.baseline.update(perplexity=10.0, over_refusal=0.0, toxicity=1.0)
-            return self.baseline
-
-        def measure(self, point):
-            tried.append(prepared.state)
-            ratio, toxicity = curve(*prepared.state)
-            point.figures.update(perplexity_ratio=ratio, kl=0.0, over_refusal_points=0.0, toxicity=toxicity)
-            if ratio > 1.3:
-                point.broken.append("perplexity")
-
-    monkeypatch.setattr(search, "Measurer", Fake)
-    return tried
+    """The measurement as `curve(k, alpha) -> (perplexity_ratio, toxicity)`, budget x1.3; records each (k, alpha)."""
+    return planted(monkeypatch, lambda state: curve(*state), "toxicity", lambda point: prepared.state)
 
 
 def test_eigenshift_alpha_auto_chooses_k_first_with_the_components_removed(monkeypatch, tiny_ckpt):

@@ -17,9 +17,9 @@ def cosines(report, title: str) -> Table:
 
 
 def show_plan(report, options) -> None:
-    from surgery.methods.safelora import PreparedSafeLora
+    from surgery.methods.safelora import least_aligned
 
-    chosen = PreparedSafeLora(None, options, report.targets, {}).chosen(options.layers)
+    chosen = least_aligned(report.targets, options.layers, options.threshold)
     report.projected = sorted(t.module for t in chosen)
     out.print(cosines(report, "dry run: nothing is written"))
     out.print(f"{len(chosen)} of {len(report.targets)} LoRA targets would have B replaced by C·B", highlight=False)

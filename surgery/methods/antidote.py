@@ -145,15 +145,13 @@ def plan_modules(ckpt, options: PruneOptions, ratio: float) -> PrunePlan:
 def plan_adapter(adapter, options: PruneOptions, ratio: float) -> PrunePlan:
     """The paper's own targets: every LoRA matrix of the adapter (A and B, each in its own row space), or those whose
     module (e.g. model.layers.0.self_attn.q_proj.lora_A) matches --targets; nothing of the base."""
-    import fnmatch
-
-    from ..adapter import module_of
+    from ..adapter import PREFIX, module_of
+    from ..arch import matches
 
     names = sorted(adapter.lora_tensors())
     if options.targets:
-        short = {n: n[len("base_model.model."):-len(".weight")] for n in names}
-        names = [n for n in names if any(fnmatch.fnmatchcase(short[n], p) or fnmatch.fnmatchcase(short[n], f"*.{p}")
-                                         for p in options.targets)]
+        short = {n: n[len(PREFIX):-len(".weight")] for n in names}
+        names = [n for n in names if matches(short[n], options.targets)]
         if not names:
             raise SurgeryError(f"--targets {','.join(options.targets)} matches no LoRA matrix of the adapter "
                                f"(e.g. {short[sorted(short)[0]]})")

@@ -173,6 +173,7 @@ class Context:
         self.forward_passes = 0  # counted by a hook on the loaded model (tests: statistics are computed once)
         self._model = None
         self._tokenizer = None
+        self._source = None
 
     def tokenizer(self):
         if self._tokenizer is None:
@@ -186,10 +187,15 @@ class Context:
 
     @property
     def source(self) -> Checkpoint:
-        """The input as a model, for the after-write comparison (the base with the adapter merged in)."""
+        """The input as a model, for the after-write comparison and --merge (the base with the adapter merged in,
+        made once: merging loads the base)."""
         from ..adapter import MergedCheckpoint
 
-        return MergedCheckpoint(self.adapter) if self.adapter is not None else self.ckpt
+        if self.adapter is None:
+            return self.ckpt
+        if self._source is None:
+            self._source = MergedCheckpoint(self.adapter)
+        return self._source
 
     def model(self):
         if self._model is None:

@@ -71,6 +71,14 @@ def update_cosine(c: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> float:
     return 1.0 if denominator == 0 else float((update * projected).sum() / denominator)
 
 
+def least_aligned(targets: list[SafeLoraTarget], layers: float | None, threshold: float | None) -> list[SafeLoraTarget]:
+    """The targets to project: every one with cosine at most `threshold`, else the `layers` lowest (ties: by name)."""
+    ranked = sorted(targets, key=lambda t: (t.cosine, t.module))  # least aligned first
+    if threshold is not None:
+        return [t for t in ranked if t.cosine <= threshold]
+    return ranked[:int(round(layers or 0))]
+
+
 class PreparedSafeLora(Prepared):
     def __init__(self, ctx, options: SafeLoraOptions, targets: list[SafeLoraTarget], projections: dict[str, torch.Tensor]):
         self.ctx, self.options, self.targets, self.projections = ctx, options, targets, projections
@@ -79,14 +87,8 @@ class PreparedSafeLora(Prepared):
     def bounds(self) -> tuple[float, float]:
         return 1.0, float(len(self.targets))
 
-    def chosen(self, layers: float | None) -> list[SafeLoraTarget]:
-        ranked = sorted(self.targets, key=lambda t: (t.cosine, t.module))  # least aligned first
-        if self.options.threshold is not None:
-            return [t for t in ranked if t.cosine <= self.options.threshold]
-        return ranked[:int(round(layers or 0))]
-
     def at(self, layers: float | None) -> Edit:
-        chosen = {t.b: t for t in self.chosen(layers)}
+        chosen = {t.b: t for t in least_aligned(self.targets, layers, self.options.threshold)}
         report = self.report
         report.projected = sorted(t.module for t in chosen.values())
         distances: list[float] = []
