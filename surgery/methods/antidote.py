@@ -177,6 +177,17 @@ def collect_norms(model, tokenizer, examples, options: PruneOptions, module_name
     return stats.run(pad_batches(sequences, options.batch_size, tokenizer.pad_token_id))
 
 
+def harmful_examples(ctx, options) -> list:
+    """The harmful calibration examples of `--data` (or the built-in set's calibration part); with a strength search
+    on the user's data, its selection prompts held out of them (into `ctx.held_out`). Antidote's and revert's."""
+    harmful = examples_for(options.data, builtin="harmful", column=options.column,
+                           response_column=options.response_column, max_samples=options.max_samples, seed=options.seed)
+    if ctx.searching and options.data is not None:
+        harmful, held = hold_out(harmful, ctx.run.search_samples, options.seed)
+        ctx.held_out["harmful"] = [e.prompt for e in held]
+    return harmful
+
+
 def should_stream(ckpt, options: PruneOptions) -> bool:
     """Stream when asked, or (auto) when the model in fp32 would not fit the memory budget."""
     if options.stream is not None:
@@ -301,11 +312,7 @@ class Antidote(Method):
         torch.manual_seed(options.seed)
         if options.score == "magnitude":
             return PreparedPrune(ctx, options, plan, None, report, streamed=streamed)
-        harmful = examples_for(options.data, builtin="harmful", column=options.column,
-                               response_column=options.response_column, max_samples=options.max_samples, seed=options.seed)
-        if ctx.searching and options.data is not None:
-            harmful, held = hold_out(harmful, ctx.run.search_samples, options.seed)
-            ctx.held_out["harmful"] = [e.prompt for e in held]
+        harmful = harmful_examples(ctx, options)
         benign = None
         if options.score == "contrastive":
             benign = examples_for(options.benign_data, builtin="harmless", max_samples=options.max_samples, seed=options.seed)

@@ -38,9 +38,8 @@ from ..model import linear_targets, meta_model, weight_name
 from ..options import is_auto, option
 from ..prompts import fill_responses
 from ..select import rows_to_remove
-from ..splits import examples_for, hold_out
 from ..stream import return_freed_memory
-from .antidote import collect_norms
+from .antidote import collect_norms, harmful_examples
 from .base import Edit, Method, Prepared, Strength
 from .resta import PAIR, PairOptions, require_pair
 
@@ -189,11 +188,7 @@ class SignConflictRevert(Method):
         if options.score == "magnitude" or not ranked:
             return PreparedRevert(ctx, options, modules, None, report)
         torch.manual_seed(options.seed)
-        harmful = examples_for(options.data, builtin="harmful", column=options.column,
-                               response_column=options.response_column, max_samples=options.max_samples, seed=options.seed)
-        if ctx.searching and options.data is not None:
-            harmful, held = hold_out(harmful, ctx.run.search_samples, options.seed)
-            ctx.held_out["harmful"] = [e.prompt for e in held]
+        harmful = harmful_examples(ctx, options)
         model, tokenizer = ctx.model(), ctx.tokenizer()
         harmful = ctx.timed("generate_responses", lambda: fill_responses(
             model, tokenizer, harmful, options.max_new_tokens, options.generate_batch_size))
