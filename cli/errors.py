@@ -2,7 +2,7 @@
 
     0        done
     1        a gate failed (the command printed which)
-    2        a user error: one `error:` line (bad input, bad path), or click's usage message
+    2        a user error: one `error:` line (bad input, bad path, a usage error: unknown option, missing value)
     130      Ctrl-C
     128 + N  signal N: SIGTERM 143, SIGHUP 129
 
@@ -84,8 +84,14 @@ def exit_code(app: typer.Typer, argv: list[str] | None = None) -> int:
         print_error(f"{INTERRUPTED} ({signal.Signals(e.signum).name})", "terminated:")
         return 128 + e.signum
     except (typer.TyperException, click.ClickException) as e:
-        if type(e).__name__ != "NoArgsIsHelpError":  # that one's message, the help, is already printed
-            e.show()
+        if type(e).__name__ == "NoArgsIsHelpError":  # its message, the help, is already printed
+            return e.exit_code
+        # typer carries its own copy of click's exceptions: recognised by what they have, not by class
+        message = e.format_message() if hasattr(e, "format_message") else str(e)
+        context = getattr(e, "ctx", None)
+        if context is not None and any(c.__name__ == "UsageError" for c in type(e).__mro__):
+            message = f"{message.rstrip('.')} (see '{context.command_path} --help')"
+        print_error(message)
         return e.exit_code
     except BrokenPipeError:
         # Whoever read stdout (`| head`) has gone: say nothing more, and let the final flush go nowhere.
