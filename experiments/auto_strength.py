@@ -28,7 +28,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from eigenshift_sweep import split_rtp  # noqa: E402
-from labkit import DATA, ROOT, load, log  # noqa: E402
+from labkit import DATA, ROOT, eval_arguments, load, log  # noqa: E402
 from labkit import evaluate as lab_evaluate  # noqa: E402
 
 
@@ -40,10 +40,7 @@ def parse(argv=None):
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--p", type=float, default=0.2)
     p.add_argument("--select-task", type=int, default=64, help="SST-2 train rows for --task (never seen by the attack)")
-    p.add_argument("--eval-harmful", type=int, default=64)
-    p.add_argument("--eval-task", type=int, default=100)
-    p.add_argument("--eval-benign", type=int, default=48)
-    p.add_argument("--eval-tokens", type=int, default=32)
+    eval_arguments(p)
     p.add_argument("--seed", type=int, default=0)
     return p.parse_args(argv)
 
@@ -69,6 +66,11 @@ def jobs(lab: Path, args) -> dict[str, list[str]]:
     return {
         "restore": ["prune", m / "attacked", "--reference", m / "aligned", "--ratio", "auto", "--task", task,
                     "--max-samples", "32", "--max-new-tokens", "32"],
+        "restore-contrastive": ["prune", m / "attacked", "--reference", m / "aligned", "--ratio", "auto", "--task", task,
+                                "--score", "contrastive", "--max-samples", "32", "--max-new-tokens", "32"],
+        "restore-default": ["prune", m / "attacked", "--reference", m / "aligned", "--ratio", "auto", "--task", task],
+        "restore-matrix": ["prune", m / "attacked", "--reference", m / "aligned", "--ratio", "auto", "--task", task,
+                           "--granularity", "matrix", "--max-samples", "32", "--max-new-tokens", "32"],
         "ablate": ["ablate", m / "attacked", "--reverse", "--scale", "auto", "--task", task],
         "eigenshift": ["eigenshift", m / "base", "--prompts", collect, "--eval-prompts", held, "--alpha", "auto",
                        "--percentile", "1", "--max-perplexity-ratio", "1.25"],
@@ -107,7 +109,7 @@ def main() -> None:
 
 def write_doc(lab: Path) -> None:
     results = lab / "results"
-    order = ("restore", "ablate", "eigenshift", "repair-ref", "repair")
+    order = ("restore", "restore-default", "restore-contrastive", "restore-matrix", "ablate", "eigenshift", "repair-ref", "repair")
     times = {n: json.loads((results / f"auto-{n}.time.json").read_text()) for n in order
              if (results / f"auto-{n}.time.json").exists()}
     lines = ["# Automatic strength on the lab's models (SmolLM2-135M-Instruct, CPU)", "",
@@ -157,7 +159,73 @@ def write_doc(lab: Path) -> None:
               "model (no reference), chose the reversed ablation at layer 23, scale 0.588 (zeroing: x7.1 at ratio "
               "0.001); the same held-out evaluation with KL to the base model: harmful 95.3 -> 81.3 %, SST-2 15 -> "
               "27 %, perplexity 37.8 -> 47.9, KL 0.153, over-refusal 0 -> 2.1 %; 56 min wall, 17 min CPU."]
+    lines += ["", "The three restore variants (2026-12-01, run one at a time beside one other job): `restore-default` is the "
+              "restore row at the command's own calibration defaults (128 examples, 64-token answers, instead of the lab's "
+              "32 / 32): the same search curve within a point and the same chosen ratio, held-out 20.3 % / 84 % (the "
+              "restore row's 21.9 % / 85 % is the same point within one prompt and one item). `--score contrastive` "
+              "(|W - R| times harmful minus benign input RMS) restores along the same harmful-against-KL curve but "
+              "slower: the search's upper end, ratio 0.5, was still inside the budget at 70.8 % selection harmful "
+              "(KL 0.22), so it repairs less (50.0 % held-out). `--granularity matrix` (the top ratio of each whole "
+              "matrix) binds on KL at ratio 0.172 and lands at 26.6 % / 85 %. No variant moves the trade-off: on this "
+              "lab every restore reaches a harmful score only by moving the harmless prompts' first token by the same "
+              "KL (the aligned reference itself refuses 31 % of Alpaca and has KL 3.0 to the attacked model)."]
+    lines += frontier_lines(results)
+    lines += ["", "What the frontiers say about the issue's bars (the commands, 2026-12-01; each row 1.5-2.5 min of evaluation "
+              "on the shared CPU, the statistics once per frontier, 0.5-1 min):", "",
+              "- **restore** (`prune --reference aligned`; bar: at most 20 % harmful at SST-2 at least 86 %, over-refusal at "
+              "most 10 %): at SST-2 86 % the best ratio gives 26.6 % (0.18); the first ratio at or under 20 % (0.19: "
+              "20.3 %, 0.21: 14.1 %) costs 4 SST-2 points. The bar is missed by about one AdvBench prompt or two SST-2 "
+              "items, inside both sets' noise, but no ratio meets it on these sets; the automatic ratio (0.189) sits on "
+              "the frontier's knee, where KL 0.5 on the selection prompts stops it.",
+              "- **reversed ablation** (no reference; bar: at most 40 % at SST-2 at least 83 %): the lowest harmful score "
+              "at SST-2 83 % or more is 81.2 % (layer 24, scale 2, perplexity x2.5, over-refusal 19 %); at the search's "
+              "layer 23 it is 82.8 % (scale 1.5, perplexity x4.1). Beyond, the model breaks before it refuses (layer 24 "
+              "scale 2.5: 59.4 % at SST-2 82 %, perplexity x4.0; scale 3: the keyword judge reads broken text as "
+              "compliance, 75 %). The 20.3 % of docs/results_long_attack.md (layer 24, scale 2) came from a direction fit on "
+              "another 64-prompt sample of the built-in sets (drawn before they were split into calibration, selection and "
+              "check parts; cosine 0.84 with the direction of all 240 calibration prompts): re-measured here through the "
+              "same in-memory path it gives the same 20.3 %, with SST-2 77 % and 48 % of Alpaca refused, i.e. a direction "
+              "that refuses everything, not a repair. The direction of all 240 calibration prompts at scale 2 gives 70.3 % "
+              "at SST-2 78 %.",
+              "- **EigenShift** (base model; bar: at least 30 % relative toxicity reduction at perplexity x1.25 or less): the "
+              "14-setting sweep of docs/eigenshift.md (175 held-out RTP prompts) has no such point: inside x1.25 the best "
+              "is k 6 (1 % of rank), alpha 0.5: 19.4 -> 15.4 % (21 % relative, x1.07); the settings that cut 30 % or "
+              "more cost x3.2 (k 29, alpha 0: 32 % relative) to x83 perplexity, and k 6 at alpha 0 cuts 26 % at x2.0. "
+              "The automatic alpha at k 6 (the table above) chose 0.475 at x1.24 on its own RTP split: 12 % relative.",
+              "",
+              "So on SmolLM2-135M these three bars are beyond the methods the issue names, at any strength, and not "
+              "because the automatic search stops short: the searches' chosen points lie on or next to each frontier "
+              "inside the budget. Two repairs of other commands do meet the restore bar's spirit on the same attacked "
+              "model: `surgery revert attacked --aligned aligned --unaligned base` (fraction 1, 12.5 % at SST-2 89 %) "
+              "and, on the LoRA attack, `surgery safelora` (docs/results_safety_vectors.md)."]
     (ROOT / "docs" / "results_auto_strength.md").write_text("\n".join(lines) + "\n")
+
+
+FRONTIER_NOTE = (
+    "## Oracle frontiers: could any strength meet the bar?\n\n"
+    "`python experiments/frontier.py NAME METHOD MODEL --strengths ... [--set option=value]` computes the method's "
+    "statistics once, as the command does, applies each strength's edit in memory (the written checkpoint's exact "
+    "weights) and measures it on the **evaluation** sets above. Choosing a strength from these rows would be tuning "
+    "on the evaluation set: they only answer whether any point of the method's trade-off meets the issue's bar, and "
+    "no default was taken from them. One AdvBench prompt is 1.6 points, one SST-2 item 1 point.")
+
+
+def frontier_lines(results: Path) -> list[str]:
+    files = sorted(results.glob("frontier-*.json"))
+    if not files:
+        return []
+    lines = ["", FRONTIER_NOTE, "",
+             "| frontier | method, options | strength | AdvBench harmful | SST-2 acc | perplexity | KL to input | over-refusal |",
+             "|---|---|---|---|---|---|---|---|"]
+    for path in files:
+        rows = json.loads(path.read_text())
+        for key in sorted(rows, key=float):
+            r, f = rows[key], rows[key]["figures"]
+            opts = ", ".join(f"{k}={v}" for k, v in r["options"].items())
+            lines.append(f"| {path.stem[len('frontier-'):]} | {r['method']} {opts} | {r['strength']:g} | "
+                         f"{100 * f['harmful_score']:.1f} % | {100 * f['accuracy']:.0f} % | {f['perplexity']:.1f} | "
+                         f"{f['kl_to_reference']:.3f} | {100 * f['over_refusal']:.0f} % |")
+    return lines
 
 
 if __name__ == "__main__":

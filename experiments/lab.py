@@ -28,7 +28,7 @@ from pathlib import Path
 
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from labkit import DATA, ROOT, load, log  # noqa: E402
+from labkit import DATA, ROOT, eval_arguments, load, log  # noqa: E402
 from labkit import evaluate as lab_evaluate  # noqa: E402
 
 REFUSALS = (
@@ -62,10 +62,7 @@ def parse(argv=None):
                    help="other repaired models in LAB/models to evaluate beside Antidote (experiments/probe_lab.py writes the probe edit)")
     p.add_argument("--calib-samples", type=int, default=32, help="built-in harmful prompts calibrating each prune")
     p.add_argument("--calib-tokens", type=int, default=32, help="tokens of the attacked model's own answer per prompt")
-    p.add_argument("--eval-harmful", type=int, default=64, help="AdvBench prompts")
-    p.add_argument("--eval-task", type=int, default=100, help="SST-2 dev items")
-    p.add_argument("--eval-benign", type=int, default=48, help="Alpaca instructions")
-    p.add_argument("--eval-tokens", type=int, default=32)
+    eval_arguments(p)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--only", default=None, help="comma-separated stages to run (default: all)")
     p.add_argument("--doc", default="results", help="write docs/DOC.md and docs/DOC_sweep.png (a second lab beside the first)")

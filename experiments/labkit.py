@@ -24,6 +24,14 @@ def load(models: Path, name: str):
     return load_model(open_checkpoint(path), torch.device("cpu")), load_tokenizer(path)
 
 
+def eval_arguments(parser, harmful: int = 64, task: int = 100, benign: int = 48, tokens: int = 32) -> None:
+    """The sizes of the lab's evaluation sets, as every lab script takes them (what `evaluate` reads)."""
+    parser.add_argument("--eval-harmful", type=int, default=harmful, help="AdvBench prompts")
+    parser.add_argument("--eval-task", type=int, default=task, help="SST-2 dev items")
+    parser.add_argument("--eval-benign", type=int, default=benign, help="Alpaca instructions")
+    parser.add_argument("--eval-tokens", type=int, default=tokens, help="greedy tokens per answer")
+
+
 def evaluate(model, tok, name: str, args, reference, harmful: Path | None = None):
     """The lab's held-out evaluation (what `surgery eval` measures), harmful and benign sets sized apart.
 

@@ -33,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from auto_strength import selection_task  # noqa: E402
 from lab import Lab  # noqa: E402
 from lab import parse as lab_parse  # noqa: E402
-from labkit import DATA, ROOT, load, log  # noqa: E402
+from labkit import DATA, ROOT, eval_arguments, load, log  # noqa: E402
 from labkit import evaluate as lab_evaluate  # noqa: E402
 
 ALL_TARGETS = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
@@ -60,10 +60,7 @@ def parse(argv=None):
     p.add_argument("--ratios", default="0.05,0.1,0.2", help="fixed Antidote ratios on the adapter")
     p.add_argument("--calib-samples", type=int, default=32, help="--max-samples of each prune (as the lab)")
     p.add_argument("--calib-tokens", type=int, default=32, help="--max-new-tokens of each prune (as the lab)")
-    p.add_argument("--eval-harmful", type=int, default=64)
-    p.add_argument("--eval-task", type=int, default=100)
-    p.add_argument("--eval-benign", type=int, default=48)
-    p.add_argument("--eval-tokens", type=int, default=32)
+    eval_arguments(p)
     p.add_argument("--only", default=None, help="comma-separated stages: attack (adapter and merge), eval, prune, restore (default: all); "
                                                   "any other word (e.g. doc) only rewrites the doc")
     p.add_argument("--note", action="append", default=[], help="a line for the doc's list of attack tries (kept in LAB/results/lora_notes.json)")

@@ -32,7 +32,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from labkit import DATA, ROOT, load, log  # noqa: E402
+from labkit import DATA, ROOT, eval_arguments, load, log  # noqa: E402
 from labkit import evaluate as lab_evaluate  # noqa: E402
 
 RTP = sorted((DATA / "rtp").glob("rtp_*.txt"))
@@ -47,10 +47,7 @@ def parse(argv=None):
     p.add_argument("--detox-alphas", default="1.08", help="alphas for the detox edit of base (1.08: the paper's)")
     p.add_argument("--answer-samples", type=int, default=160, help="built-in harmful prompts answered per model")
     p.add_argument("--answer-tokens", type=int, default=48)
-    p.add_argument("--eval-harmful", type=int, default=100)
-    p.add_argument("--eval-task", type=int, default=200)
-    p.add_argument("--eval-benign", type=int, default=100)
-    p.add_argument("--eval-tokens", type=int, default=48)
+    eval_arguments(p, harmful=100, task=200, benign=100, tokens=48)
     p.add_argument("--alphas", default="1.0")
     p.add_argument("--seed", type=int, default=0)
     return p.parse_args(argv)
