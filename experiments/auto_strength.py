@@ -159,7 +159,7 @@ def write_doc(lab: Path) -> None:
               "model (no reference), chose the reversed ablation at layer 23, scale 0.588 (zeroing: x7.1 at ratio "
               "0.001); the same held-out evaluation with KL to the base model: harmful 95.3 -> 81.3 %, SST-2 15 -> "
               "27 %, perplexity 37.8 -> 47.9, KL 0.153, over-refusal 0 -> 2.1 %; 56 min wall, 17 min CPU."]
-    lines += ["", "The three restore variants (2026-12-01, run one at a time beside one other job): `restore-default` is the "
+    lines += ["", "The three restore variants (2026-12-01, each beside one or two other jobs on the 2 cores): `restore-default` is the "
               "restore row at the command's own calibration defaults (128 examples, 64-token answers, instead of the lab's "
               "32 / 32): the same search curve within a point and the same chosen ratio, held-out 20.3 % / 84 % (the "
               "restore row's 21.9 % / 85 % is the same point within one prompt and one item). `--score contrastive` "
