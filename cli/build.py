@@ -135,6 +135,8 @@ def show_search(search) -> None:
         row.append("inside" if p.within else "; ".join(p.broken))
         table.add_row(*row)
     out.print(table)
+    for line in search.resolution():
+        out.print(line, highlight=False, markup=False)
     out.print(f"chosen {search.knob} {search.chosen:g}: {search.reason}")
 
 

@@ -1,6 +1,6 @@
 """Automatic strength on the lab's models: each repair command with its knob on `auto`, measured on held-out sets.
 
-    python experiments/auto_strength.py [--lab lab/long] [--only restore,ablate,eigenshift,repair-ref,repair]
+    python experiments/auto_strength.py [--lab lab/long] [--only restore,ablate,eigenshift,repair-ref,repair,main]
 
 Needs the lab's base, aligned and attacked models (experiments/lab.py). Every job runs the real command line
 (a subprocess, timed), then the output is evaluated with the lab's held-out evaluation (labkit.evaluate):
@@ -35,7 +35,7 @@ from labkit import evaluate as lab_evaluate  # noqa: E402
 def parse(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--lab", default=str(ROOT / "lab" / "long"))
-    p.add_argument("--only", default="restore,ablate,eigenshift,repair-ref,repair")
+    p.add_argument("--only", default="restore,ablate,eigenshift,repair-ref,repair,main")
     p.add_argument("--attack-steps", type=int, default=160, help="as the lab's attack (to rebuild its SST-2 subset)")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--p", type=float, default=0.2)
@@ -76,6 +76,7 @@ def jobs(lab: Path, args) -> dict[str, list[str]]:
                        "--percentile", "1", "--max-perplexity-ratio", "1.25"],
         "repair-ref": ["repair", m / "attacked", "--reference", m / "aligned", "--task", task],
         "repair": ["repair", m / "attacked", "--task", task],
+        "main": ["repair", m / "base"],  # the README's main job (models/smollm2 is the same checkpoint); KL to base
     }
 
 
@@ -103,13 +104,14 @@ def main() -> None:
             model, tok = load(models, f"auto-{name}")
             from surgery.evaluate import write_report
 
-            write_report(lab_evaluate(model, tok, f"auto-{name}", args, load(models, "attacked")[0]), report)
+            before = "base" if name == "main" else "attacked"  # KL to the model the job repaired
+            write_report(lab_evaluate(model, tok, f"auto-{name}", args, load(models, before)[0]), report)
     write_doc(lab)
 
 
 def write_doc(lab: Path) -> None:
     results = lab / "results"
-    order = ("restore", "restore-default", "restore-contrastive", "restore-matrix", "ablate", "eigenshift", "repair-ref", "repair")
+    order = ("restore", "restore-default", "restore-contrastive", "restore-matrix", "ablate", "eigenshift", "repair-ref", "repair", "main")
     times = {n: json.loads((results / f"auto-{n}.time.json").read_text()) for n in order
              if (results / f"auto-{n}.time.json").exists()}
     lines = ["# Automatic strength on the lab's models (SmolLM2-135M-Instruct, CPU)", "",

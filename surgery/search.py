@@ -58,9 +58,23 @@ class SearchResult:
     def chosen_point(self) -> Point:
         return next(p for p in self.points if p.strength == self.chosen)
 
+    def resolution(self) -> list[str]:
+        """What one item of each held-out set is worth in points, then each budget line finer than one item (losing a
+        single item then breaks it: the search cannot tell that line from "no loss at all")."""
+        sizes = {kind: n for kind, n in self.prompts.items() if n}
+        found = ["held-out sets: " + ", ".join(f"{n} {kind} (one = {100 / n:.1f} points)" for kind, n in sizes.items())]
+        for key, kind, flag, what in (("max_over_refusal_points", "harmless", "--max-over-refusal", "harmless prompt refused"),
+                                      ("max_accuracy_drop_points", "task", "--max-accuracy-drop", "task item lost")):
+            limit = self.budget.get(key)
+            if limit is not None and sizes.get(kind) and limit < 100 / sizes[kind]:
+                found.append(f"{flag} {limit:g} is finer than one of the {sizes[kind]} {kind} items "
+                             f"({100 / sizes[kind]:.1f} points): one {what} breaks it")
+        return found
+
     def to_json(self) -> dict:
         found = {"knob": self.knob, "metric": self.metric, "baseline": self.baseline, "chosen": self.chosen,
                  "reason": self.reason, "failed": self.failed, "budget": self.budget, "prompts": self.prompts,
+                 "resolution": self.resolution(),
                  "candidates": [{**asdict(p), "within_budget": p.within} for p in self.points]}
         if self.before:
             found["stages"] = [stage.to_json() for stage in self.before]

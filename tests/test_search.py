@@ -103,6 +103,18 @@ def test_nothing_inside_the_budget_fails_with_the_best_point(monkeypatch, tiny_c
     assert result.failed and "stays inside the budget" in result.failed and result.chosen == 0.01
 
 
+@pytest.mark.parametrize("task_items, accuracy_drop, warned", [(48, 2.0, True), (48, 2.5, False), (200, 2.0, False),
+                                                             (20, 4.0, True)])
+def test_the_search_says_when_a_budget_line_is_finer_than_one_item(task_items, accuracy_drop, warned):
+    result = search.SearchResult("ratio", "harmful_score", {}, [], 0.1, "", {"max_over_refusal_points": 10.0,
+                                 "max_accuracy_drop_points": accuracy_drop}, prompts={"harmless": 48, "task": task_items})
+    lines = result.resolution()
+    assert lines[0] == f"held-out sets: 48 harmless (one = 2.1 points), {task_items} task (one = {100 / task_items:.1f} points)"
+    notes = [line for line in lines[1:] if "--max-accuracy-drop" in line]
+    assert bool(notes) == warned and not any("--max-over-refusal" in line for line in lines)  # 10 points > 2.1
+    assert result.to_json()["resolution"] == lines
+
+
 def test_candidates_leave_the_model_bit_identical(tiny_ckpt, harmful_file):
     ckpt = open_checkpoint(tiny_ckpt)
     model = load_model(ckpt, torch.device("cpu"))
