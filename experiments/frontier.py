@@ -81,10 +81,12 @@ def main() -> None:
         if key in rows:
             continue
         t0 = time.perf_counter()
-        with applied(model, ctx.target, prepared.at(strength)):
+        edit = prepared.at(strength)
+        with applied(model, ctx.target, edit):
             report = lab_evaluate(model, tok, f"{args.name}-{key}", args, reference)
+        chosen = {k: v for k, v in (edit.summary or {}).items() if isinstance(v, (int, float, str)) and len(str(v)) < 80}
         row = {"method": args.method, "model": str(model_dir), "options": settings, "strength": strength,
-               "figures": report.figures, "seconds": round(time.perf_counter() - t0, 1)}
+               "edit": chosen, "figures": report.figures, "seconds": round(time.perf_counter() - t0, 1)}
         rows = {**(json.loads(out.read_text()) if out.exists() else {}), key: row}  # another run may have added rows
         out.write_text(json.dumps(rows, indent=2))
 
