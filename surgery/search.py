@@ -203,14 +203,19 @@ def _mid(a: float, b: float, log: bool) -> float:
     return math.sqrt(a * b) if log and a > 0 and b > 0 else (a + b) / 2  # geometric midpoint on a log scale
 
 
-def search_strength(method, ctx, prepared, run, knob=None) -> SearchResult:
+def search_strength(method, ctx, prepared, run, knob=None, measurer=None, known=None) -> SearchResult:
     """The strongest strength inside the budget (or, with --target-harmful-score, the weakest that reaches it).
-    `knob`: another `Strength` than the method's (a method searching two knobs in turn, EigenShift)."""
+    `knob`: another `Strength` than the method's (a method searching two knobs in turn, EigenShift); `measurer`: one
+    that an earlier stage on the same prompts used (its baseline is not measured again); `known`: strength -> Point
+    already measured (the same edit as an earlier stage's point), not measured again."""
     knob, metric = knob or method.strength, method.repair_metric
-    measurer = Measurer(ctx, prepared, run, metric)
-    ctx.progress(f"measuring the unedited model on held-out prompts ({', '.join(f'{v} {k}' for k, v in measurer.prompts().items())})")
-    baseline = measurer.measure_baseline()
-    points: dict[float, Point] = {}
+    measurer = measurer or Measurer(ctx, prepared, run, metric)
+    measurer.prepared = prepared  # the repair figure comes from this stage's edit
+    if not measurer.baseline:
+        ctx.progress(f"measuring the unedited model on held-out prompts ({', '.join(f'{v} {k}' for k, v in measurer.prompts().items())})")
+        measurer.measure_baseline()
+    baseline = measurer.baseline
+    points: dict[float, Point] = {float(s): Point(float(s), dict(p.figures), list(p.broken)) for s, p in (known or {}).items()}
 
     def trial(strength: float) -> Point:
         strength = float(round(strength)) if knob.integer else float(f"{strength:.4g}")

@@ -39,10 +39,16 @@ class Knob:
         self.strength = Strength("factor", low, high, log=log, stronger=stronger)
 
 
+class Tried(list):
+    """The strengths (or states) a planted search measured, in order, and how many times it measured the baseline."""
+
+    baselines = 0
+
+
 def planted(monkeypatch, curve, metric="harmful_score", read=lambda point: point.strength):
     """Replace the measurement by `curve(read(point)) -> (perplexity_ratio, metric)`, budget x1.3; record what was read
     (by default the candidate's strength)."""
-    tried = []
+    tried = Tried()
 
     class Fake:
         def __init__(self, ctx, prepared, run, metric_):
@@ -52,6 +58,7 @@ def planted(monkeypatch, curve, metric="harmful_score", read=lambda point: point
             return {"held-out": 4}
 
         def measure_baseline(self):
+            tried.baselines += 1
             self.baseline.update(perplexity=10.0, over_refusal=0.0, **{metric: 1.0})
             return self.baseline
 
@@ -207,8 +214,11 @@ def test_eigenshift_alpha_auto_falls_back_to_alpha_at_one_component(monkeypatch,
     from surgery.methods.eigenshift import EigenShift
 
     prepared = FakeShift(rank=100)
-    planted_shift(monkeypatch, prepared, lambda k, a: (1 + 0.5 * k * (1 - a), 1 - 0.1 * k * (1 - a)))
+    tried = planted_shift(monkeypatch, prepared, lambda k, a: (1 + 0.5 * k * (1 - a), 1 - 0.1 * k * (1 - a)))
     ctx = context(tiny_ckpt, min_improvement=0.0)
     result = EigenShift().search(ctx, prepared, ctx.run)
     assert result.before[0].failed is not None and prepared.k == 1  # even one component removed breaks x1.3
     assert result.knob == "alpha" and result.failed is None and 0.4 <= result.chosen < 0.45  # 1 + 0.5(1 - a) <= 1.3
+    # the two stages share one baseline, and k 1 at alpha 0 (stage 1's point, stage 2's strong end) is measured once
+    assert tried.baselines == 1 and tried.count((1, 0.0)) == 1
+    assert any(p.strength == 0.0 and not p.within for p in result.points)  # still reported, with its figures

@@ -317,18 +317,19 @@ class EigenShift(Method):
         when no k did (even one component removed breaks the budget), alpha is searched at k = 1."""
         from dataclasses import replace
 
-        from ..search import Point, search_strength
+        from ..search import Measurer, Point, search_strength
 
         if not prepared.k_free:
             return super().search(ctx, prepared, run)
-        stage = search_strength(self, ctx, ComponentsAt(prepared, 0.0), run, knob=COMPONENTS)
+        measurer = Measurer(ctx, prepared, run, self.repair_metric)  # both stages: one baseline, the same prompts
+        stage = search_strength(self, ctx, ComponentsAt(prepared, 0.0), run, knob=COMPONENTS, measurer=measurer)
         prepared.use(int(stage.chosen))
+        point = stage.chosen_point()  # k components at alpha 0: the second stage's alpha 0, measured already
         if run.target_harmful_score is None and stage.failed is None:
-            point = stage.chosen_point()
             return replace(stage, knob="alpha", points=[Point(0.0, dict(point.figures), [])], chosen=0.0,
                            reason=f"alpha 0 (the components removed) at the chosen k {prepared.k}: {stage.reason}",
                            before=[stage])
-        result = search_strength(self, ctx, prepared, run)
+        result = search_strength(self, ctx, prepared, run, measurer=measurer, known={0.0: point})
         result.before = [stage]
         return result
 
