@@ -158,9 +158,12 @@ def write_doc(lab: Path) -> None:
               "same point as the `ablate` job); with the reference it tried prune-restore (chosen), ablate (selection "
               "85.4 %) and ablate from the reference's direction (scale 1.76, selection 89.6 %).", "",
               "The main job of the README, `surgery repair models/smollm2 -o models/smollm2-repaired` on the base "
-              "model (no reference), chose the reversed ablation at layer 23, scale 0.588 (zeroing: x7.1 at ratio "
+              "model (no reference), chose the reversed ablation at layer 23, scale 0.588 (zeroing: x11,600 at ratio "
               "0.001); the same held-out evaluation with KL to the base model: harmful 95.3 -> 81.3 %, SST-2 15 -> "
-              "27 %, perplexity 37.8 -> 47.9, KL 0.153, over-refusal 0 -> 2.1 %; 56 min wall, 17 min CPU."]
+              "27 %, perplexity 37.8 -> 47.9, KL 0.153, over-refusal 0 -> 2.1 %; 56 min wall, 17 min CPU. Rerun "
+              "2026-12-01 under the paper's per-row count as the `main` row above (the same checkpoint, lab/long/models/"
+              "base): zeroing now x11,600 at 0.001 (was x7.1 under floor(d·ratio)), the same ablation chosen, the same "
+              "held-out figures; 25 min wall beside one other job."]
     lines += ["", "The three restore variants (2026-12-01, each beside one or two other jobs on the 2 cores): `restore-default` is the "
               "restore row at the command's own calibration defaults (128 examples, 64-token answers, instead of the lab's "
               "32 / 32): the same search curve within a point and the same chosen ratio, held-out 20.3 % / 84 % (the "
@@ -214,13 +217,23 @@ FRONTIER_NOTE = (
     "no default was taken from them. One AdvBench prompt is 1.6 points, one SST-2 item 1 point.")
 
 
+def selection_cell(row: dict) -> str:
+    sel = row.get("selection")
+    if not sel:
+        return ""
+    metric = "harmful_score" if "harmful_score" in sel else next(iter(sel["baseline"]))
+    return (f"{100 * sel[metric]:.1f} %, {-sel['accuracy_drop_points']:+.1f} pts, {sel['kl']:.3f}"
+            if "accuracy_drop_points" in sel else f"{100 * sel[metric]:.1f} %, {sel['kl']:.3f}")
+
+
 def frontier_lines(results: Path) -> list[str]:
     files = sorted(results.glob("frontier-*.json"))
     if not files:
         return []
     lines = ["", FRONTIER_NOTE, "",
-             "| frontier | method, options | strength | AdvBench harmful | SST-2 acc | perplexity | KL to input | over-refusal |",
-             "|---|---|---|---|---|---|---|---|"]
+             "| frontier | method, options | strength | AdvBench harmful | SST-2 acc | perplexity | KL to input | over-refusal | "
+             "selection: harmful, task acc change, KL (what the search sees) |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for path in files:
         rows = json.loads(path.read_text())
         for key in sorted(rows, key=float):
@@ -228,7 +241,7 @@ def frontier_lines(results: Path) -> list[str]:
             opts = ", ".join(f"{k}={v}" for k, v in r["options"].items())
             lines.append(f"| {path.stem[len('frontier-'):]} | {r['method']} {opts} | {r['strength']:g} | "
                          f"{100 * f['harmful_score']:.1f} % | {100 * f['accuracy']:.0f} % | {f['perplexity']:.1f} | "
-                         f"{f['kl_to_reference']:.3f} | {100 * f['over_refusal']:.0f} % |")
+                         f"{f['kl_to_reference']:.3f} | {100 * f['over_refusal']:.0f} % | {selection_cell(r)} |")
     return lines
 
 

@@ -11,7 +11,9 @@ each strength's edit is applied to the model in memory and undone (`surgery.sear
 checkpoint's exact weights), and measured on the lab's *evaluation* sets (64 AdvBench, 100 SST-2 dev, 48 Alpaca;
 KL to MODEL). Picking a strength this way would be tuning on the evaluation set; the script only asks whether
 any point of the method's trade-off meets an issue's bar, and no default is taken from it.
-Writes LAB/results/frontier-NAME.json (one row per strength; rows already there are kept).
+With --selection each strength is also measured as the automatic search measures it (its selection sets), to
+show how far the search's figures sit from the evaluation's. Writes LAB/results/frontier-NAME.json (one row per
+strength; rows already there are kept, or re-measured when --selection asks for what they lack).
 """
 
 from __future__ import annotations
@@ -35,6 +37,9 @@ def parse(argv=None):
     p.add_argument("--strengths", required=True)
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="a method option (as in its dataclass)")
     p.add_argument("--lab", default=str(ROOT / "lab" / "long"))
+    p.add_argument("--selection", default=None, metavar="TASK",
+                   help="also measure each strength as the search measures it (its held-out selection sets, no budget; "
+                        "TASK as --task, e.g. sst2:lab/long/data/sst2_select.tsv): how well selection predicts evaluation")
     eval_arguments(p)
     p.add_argument("--seed", type=int, default=0)
     return p.parse_args(argv)
@@ -76,17 +81,34 @@ def main() -> None:
     from surgery.model import load_model
 
     reference = load_model(ctx.ckpt, ctx.device)
+    measurer = None
+    if args.selection:
+        from surgery.search import Measurer
+
+        unbounded = RunOptions(check=False, task=args.selection, max_perplexity_ratio=1e9, max_kl=1e9, max_over_refusal=1e9,
+                               max_accuracy_drop=1e9)  # every figure of every strength, none early-stopped
+        measurer = Measurer(ctx, prepared, unbounded, method.repair_metric)
+        measurer.measure_baseline()
     for strength in strengths:
         key = f"{strength:g}"
-        if key in rows:
+        if key in rows and (measurer is None or "selection" in rows[key]):
             continue
         t0 = time.perf_counter()
         edit = prepared.at(strength)
         with applied(model, ctx.target, edit):
-            report = lab_evaluate(model, tok, f"{args.name}-{key}", args, reference)
+            figures = rows[key]["figures"] if key in rows else \
+                lab_evaluate(model, tok, f"{args.name}-{key}", args, reference).figures  # evaluated before: kept
+            if measurer is not None:
+                from surgery.search import Point
+
+                point = Point(strength)
+                measurer.measure(point)
         chosen = {k: v for k, v in (edit.summary or {}).items() if isinstance(v, (int, float, str)) and len(str(v)) < 80}
-        row = {"method": args.method, "model": str(model_dir), "options": settings, "strength": strength,
-               "edit": chosen, "figures": report.figures, "seconds": round(time.perf_counter() - t0, 1)}
+        row = {**rows.get(key, {}), "method": args.method, "model": str(model_dir), "options": settings,
+               "strength": strength, "edit": chosen, "figures": figures}
+        row.setdefault("seconds", round(time.perf_counter() - t0, 1))
+        if measurer is not None:
+            row["selection"] = {**point.figures, "baseline": measurer.baseline, "prompts": measurer.prompts()}
         rows = {**(json.loads(out.read_text()) if out.exists() else {}), key: row}  # another run may have added rows
         out.write_text(json.dumps(rows, indent=2))
 
