@@ -138,7 +138,10 @@ class Measurer:
 
     def prompts(self) -> dict[str, int]:
         counts = {"harmless": len(self.harmless)}
-        if self.metric == "harmful_score":
+        custom = self.prepared.repair_prompts()
+        if custom is not None:
+            counts[{"toxicity": "toxic"}.get(self.metric, self.metric)] = custom  # the method's own held-out set
+        elif self.metric == "harmful_score":
             counts["harmful"] = len(self.harmful)
         if self.task:
             counts["task"] = len(self.task[0])

@@ -122,6 +122,16 @@ def test_the_search_says_when_a_budget_line_is_finer_than_one_item(task_items, a
     assert result.to_json()["resolution"] == lines
 
 
+def test_the_held_out_counts_name_the_methods_own_repair_set(tiny_ckpt):
+    class Toxic(Scale):
+        def repair_prompts(self):
+            return 24
+
+    ctx = context(tiny_ckpt)
+    assert search.Measurer(ctx, Toxic("x"), ctx.run, "toxicity").prompts() == {"harmless": 48, "toxic": 24}
+    assert search.Measurer(ctx, Scale("x"), ctx.run, "harmful_score").prompts() == {"harmless": 48, "harmful": 48}
+
+
 def test_candidates_leave_the_model_bit_identical(tiny_ckpt, harmful_file):
     ckpt = open_checkpoint(tiny_ckpt)
     model = load_model(ckpt, torch.device("cpu"))

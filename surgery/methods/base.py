@@ -75,6 +75,10 @@ class Prepared:
         (held-out harmful prompts not refused)."""
         return None
 
+    def repair_prompts(self) -> int | None:
+        """How many held-out prompts `repair_figure` measures (None: the driver's default set)."""
+        return None
+
 
 class Method:
     """Base of every registered repair method (see docs/architecture.md, "How to add a method")."""

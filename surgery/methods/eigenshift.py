@@ -263,6 +263,9 @@ class PreparedShift(Prepared):
                                      max_new_tokens=o.max_new_tokens, batch_size=o.batch_size, chat=o.chat,
                                      sample=o.sample, seed=o.seed)[0]
 
+    def repair_prompts(self) -> int:
+        return len(self.held_out)
+
     def finish(self, edit: Edit) -> None:
         """--eval: toxicity and perplexity before and after, on the loaded model (its head swapped in memory)."""
         from ..metrics import tph
@@ -295,6 +298,9 @@ class ComponentsAt(Prepared):
 
     def repair_figure(self, model, tokenizer) -> float:
         return self.prepared.repair_figure(model, tokenizer)
+
+    def repair_prompts(self) -> int:
+        return self.prepared.repair_prompts()
 
 
 COMPONENTS = Strength("k", low=1, high=1, log=True, integer=True, describe="components removed (alpha 0)")
