@@ -158,7 +158,7 @@ def write_doc(lab: Path) -> None:
               "same point as the `ablate` job); with the reference it tried prune-restore (chosen), ablate (selection "
               "85.4 %) and ablate from the reference's direction (scale 1.76, selection 89.6 %).", "",
               "The main job of the README, `surgery repair models/smollm2 -o models/smollm2-repaired` on the base "
-              "model (no reference), chose the reversed ablation at layer 23, scale 0.588 (zeroing: x11,600 at ratio "
+              "model (no reference), chose the reversed ablation at layer 23, scale 0.588 (zeroing: x7.1 at ratio "
               "0.001); the same held-out evaluation with KL to the base model: harmful 95.3 -> 81.3 %, SST-2 15 -> "
               "27 %, perplexity 37.8 -> 47.9, KL 0.153, over-refusal 0 -> 2.1 %; 56 min wall, 17 min CPU. Rerun "
               "2026-12-01 under the paper's per-row count as the `main` row above (the same checkpoint, lab/long/models/"
