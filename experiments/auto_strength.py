@@ -198,8 +198,10 @@ def write_doc(lab: Path) -> None:
               "another 64-prompt sample of the built-in sets (drawn before they were split into calibration, selection and "
               "check parts; cosine 0.84 with the direction of all 240 calibration prompts): re-measured here through the "
               "same in-memory path it gives the same 20.3 %, with SST-2 77 % and 48 % of Alpaca refused, i.e. a direction "
-              "that refuses everything, not a repair. The direction of all 240 calibration prompts at scale 2 gives 70.3 % "
-              "at SST-2 78 %.",
+              "that refuses everything, not a repair. The direction depends a great deal on its 64-prompt sample: at layer "
+              "24, scale 2, `--seed` 0 / 1 / 2 give 81.2 / 95.3 / 71.9 % (SST-2 86 / 89 / 88 %), all 240 calibration "
+              "prompts (`--max-samples 240`) 70.3 % at SST-2 78 %; on the selection prompts every one of them is past "
+              "the KL budget (0.87-1.16 against 0.5), so no search would choose them, and none is near 40 %.",
               "- **EigenShift** (base model; bar: at least 30 % relative toxicity reduction at perplexity x1.25 or less): the "
               "14-setting sweep of docs/eigenshift.md (175 held-out RTP prompts) has no such point: inside x1.25 the best "
               "is k 6 (1 % of rank), alpha 0.5: 19.4 -> 15.4 % (21 % relative, x1.07); the settings that cut 30 % or "
