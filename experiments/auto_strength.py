@@ -233,10 +233,9 @@ def plot_frontiers(results: Path, path: Path) -> Path | None:
     files = sorted(results.glob("frontier-*.json"))
     if not files:
         return None
-    import matplotlib
+    from surgery.plotting import pyplot, save
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
     from matplotlib.patches import Rectangle
 
     fig, ax = plt.subplots(figsize=(7.5, 5))
@@ -263,10 +262,7 @@ def plot_frontiers(results: Path, path: Path) -> Path | None:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, loc="lower left")
     ax.set_title("Oracle frontiers on the evaluation sets (SmolLM2-135M, 160-step attack)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save(fig, path, dpi=120)
 
 
 def selection_cell(row: dict) -> str:

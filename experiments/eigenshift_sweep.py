@@ -177,10 +177,9 @@ def table(results: dict) -> str:
 
 
 def plot(results: dict, path: Path, tag: str) -> None:
-    import matplotlib
+    from surgery.plotting import pyplot, save
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, ax = plt.subplots(figsize=(6.5, 4.5))
     base = results["base"]
@@ -197,9 +196,8 @@ def plot(results: dict, path: Path, tag: str) -> None:
     ax.set_ylabel("toxic continuations of held-out RTP prompts (%)")
     ax.set_title(f"EigenShift on SmolLM2-135M-Instruct ({tag})")
     ax.legend(fontsize=8)
-    fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
+    save(fig, path, dpi=120)
 
 
 if __name__ == "__main__":

@@ -281,10 +281,9 @@ def write_results(rows, times, args) -> None:
 
 
 def plot_sweep(sweep, by_name, path: Path) -> None:
-    import matplotlib
+    from surgery.plotting import pyplot, save
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, ax = plt.subplots(figsize=(5.5, 4))
     labels = {"prune": "Antidote, weights zeroed", "restore": "Antidote --reference aligned (restored)",
@@ -305,8 +304,7 @@ def plot_sweep(sweep, by_name, path: Path) -> None:
     ax.set_ylabel("AdvBench harmful score (%)")
     ax.set_title("Antidote pruning ratio sweep (SmolLM2-135M)")
     ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    save(fig, path, dpi=120)
 
 
 if __name__ == "__main__":

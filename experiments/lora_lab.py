@@ -355,10 +355,9 @@ class LoraLab:
 
 
 def plot(rows, path: Path) -> None:
-    import matplotlib
+    from surgery.plotting import pyplot, save
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, ax = plt.subplots(figsize=(5.5, 4))
     for name, f, _, _ in rows:
@@ -370,9 +369,7 @@ def plot(rows, path: Path) -> None:
     ax.set_ylim(-5, 105)
     ax.set_title("LoRA attack and repairs (SmolLM2-135M)")
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save(fig, path, dpi=120)
 
 
 if __name__ == "__main__":

@@ -298,10 +298,9 @@ def write_doc(lab: Path) -> None:
 
 
 def plot(rs: list[dict], path: Path) -> None:
-    import matplotlib
+    from surgery.plotting import pyplot, save
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
     import matplotlib.ticker
 
     markers = {"reference": "s", "resta": "o", "revert": "^", "safelora": "D", "prune": "P"}
@@ -333,9 +332,7 @@ def plot(rs: list[dict], path: Path) -> None:
     axes[0].set_xlim(-5, 105)
     axes[0].legend(fontsize=7, loc="center left")
     fig.suptitle("Safety-vector repairs of the lab's attacked SmolLM2-135M (held-out evaluation)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save(fig, path, dpi=120)
 
 
 if __name__ == "__main__":

@@ -167,12 +167,10 @@ def write_layer_table(table: dict[int, tuple[float, float]], path: Path) -> None
 
 def plot_layers(table: dict[int, tuple[float, float]], path: Path, title: str) -> None:
     """Held-out (and train) probe accuracy per hidden-state index."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from surgery.plotting import pyplot, save
 
     xs = sorted(table)
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(7, 3.5))
     ax.plot(xs, [table[x][1] for x in xs], marker="o", label="held-out")
     ax.plot(xs, [table[x][0] for x in xs], linestyle="--", alpha=0.6, label="train")
@@ -182,6 +180,4 @@ def plot_layers(table: dict[int, tuple[float, float]], path: Path, title: str) -
     ax.set_title(title, fontsize=9)
     ax.grid(alpha=0.3)
     ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save(fig, path)

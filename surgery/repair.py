@@ -152,11 +152,10 @@ def repair_checkpoint(model_dir: str | Path, output: str | Path, options: Repair
 
 def plot_candidates(todo: list[Candidate], winner: Candidate, path: Path) -> Path | None:
     """Every candidate's search points (held-out harmful score against perplexity ratio), the written one marked."""
-    try:
-        import matplotlib
+    from .plotting import pyplot, save
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+    try:
+        plt = pyplot()
     except ImportError:
         return None
     fig, ax = plt.subplots(figsize=(6, 4))
@@ -171,7 +170,4 @@ def plot_candidates(todo: list[Candidate], winner: Candidate, path: Path) -> Pat
     ax.set_xlabel("perplexity ratio (held-out harmless)")
     ax.set_ylabel("held-out harmful score (%)")
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save(fig, path)

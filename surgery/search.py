@@ -303,11 +303,10 @@ def _describe(p: Point, metric: str) -> str:
 
 def plot_search(result: SearchResult, path: str | Path) -> Path | None:
     """Repair figure against perplexity ratio for every candidate, the chosen one marked (needs matplotlib)."""
-    try:
-        import matplotlib
+    from .plotting import pyplot, save
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+    try:
+        plt = pyplot()
     except ImportError:
         return None
     fig, ax = plt.subplots(figsize=(5.5, 3.8))
@@ -328,8 +327,4 @@ def plot_search(result: SearchResult, path: str | Path) -> Path | None:
     ax.set_xlabel("perplexity ratio (held-out harmless)")
     ax.set_ylabel(f"held-out {result.metric} (%)")
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save(fig, path)
