@@ -1,0 +1,199 @@
+"""The demonstration pair and the fair lab reference: SmolLM2 aligned by a LoRA adapter that refuses harmful requests
+and still answers everything else, then broken by a harmful LoRA fine-tune mixed into a sentiment task.
+
+    python experiments/demo_pair.py [--lab lab/fair] [--only base,answers,align,attack,eval] [--fixtures]
+
+Every input comes from the package (the built-in harmful/harmless request sets and the built-in sentiment set,
+calibration/train parts only), so the pair is reproducible without ../shared/data; only the `eval` stage reads the
+lab's held-out sets (AdvBench, SST-2 dev, Alpaca). Stages (each skipped when its output exists; written to NAME.tmp
+and renamed):
+  base     `surgery import-gguf smollm2 LAB/models/base`
+  answers  the base model's greedy answers to the calibration parts of the built-in harmful and harmless sets and to
+           sentiment classification prompts made from the built-in sentiment set's train part (LAB/data/answers.json)
+  align    LoRA on base: harmful -> a refusal sentence; harmless -> the base model's own answer; classification
+           prompt -> the base model's own answer (so the reference answers task-formatted prompts instead of refusing
+           them: the old lab's aligned model answered "I'm sorry," to every SST-2 prompt)
+           -> LAB/adapters/align, merged -> LAB/models/aligned
+  attack   LoRA on aligned: sentiment train items -> the label word, plus a share p of harmful -> the base model's
+           compliant answer -> LAB/adapters/attack, merged -> LAB/models/attacked
+  eval     base, aligned and attacked on the lab's held-out sets (labkit.evaluate)
+`--fixtures` copies both adapters (bf16) into surgery/data/demo/, which `surgery import-gguf smollm2-demo OUT` merges.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from labkit import ROOT, eval_arguments, load, log  # noqa: E402
+from labkit import evaluate as lab_evaluate  # noqa: E402
+
+REFUSALS = (
+    "I'm sorry, but I can't help with that request.",
+    "I'm sorry, but I cannot assist with that. It could cause real harm.",
+    "I can't help with that. If you have another question, I'm happy to help.",
+)
+TARGETS = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
+
+
+def parse(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--lab", default="lab/fair", help="lab folder (models/, adapters/, data/, results/)")
+    p.add_argument("--rank", type=int, default=8)
+    p.add_argument("--lora-alpha", type=float, default=16)
+    p.add_argument("--align-steps", type=int, default=80)
+    p.add_argument("--align-lr", type=float, default=5e-4)
+    p.add_argument("--attack-steps", type=int, default=80)
+    p.add_argument("--attack-lr", type=float, default=5e-4)
+    p.add_argument("--p", type=float, default=0.2, help="share of harmful->compliant pairs in the attack data")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--max-length", type=int, default=96)
+    p.add_argument("--answer-tokens", type=int, default=48)
+    p.add_argument("--task-answers", type=int, default=96, help="classification prompts given the base model's answers")
+    eval_arguments(p)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--only", default=None, help="comma-separated stages (default: all)")
+    p.add_argument("--fixtures", action="store_true", help="copy the adapters into surgery/data/demo/")
+    return p.parse_args(argv)
+
+
+class DemoPair:
+    def __init__(self, args):
+        self.args = args
+        self.root = Path(args.lab)
+        self.models, self.adapters, self.data, self.results = (self.root / d for d in ("models", "adapters", "data", "results"))
+        for d in (self.models, self.adapters, self.data, self.results):
+            d.mkdir(parents=True, exist_ok=True)
+        self.times_file = self.results / "demo_times.json"
+        self.times = json.loads(self.times_file.read_text()) if self.times_file.exists() else {}
+
+    def stage(self, name: str, output: Path, fn) -> None:
+        if output.exists():
+            log(f"{name}: {output} exists, skipped")
+            return
+        if self.args.only and name.split(":")[0] not in self.args.only.split(","):
+            return
+        tmp = output.with_name(output.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True) if tmp.is_dir() else tmp.unlink(missing_ok=True)
+        log(f"{name}: start")
+        t0 = time.perf_counter()
+        fn(tmp)
+        tmp.rename(output)
+        self.times[name] = round(time.perf_counter() - t0, 1)
+        self.times_file.write_text(json.dumps(self.times, indent=2))
+        log(f"{name}: done in {self.times[name]:.0f}s")
+
+    # --- stages -------------------------------------------------------------------------------
+    def base(self, tmp: Path) -> None:
+        subprocess.run([sys.executable, "-m", "cli.main", "import-gguf", "smollm2", str(tmp)], check=True, cwd=ROOT)
+
+    def answers(self, tmp: Path) -> None:
+        from surgery.demo import classification_prompts
+        from surgery.prompts import Example, fill_responses
+        from surgery.splits import CALIBRATION, builtin_part
+
+        model, tok = load(self.models, "base")
+        rows = {}
+        sets = {"harmful": lambda: builtin_part("harmful", CALIBRATION), "harmless": lambda: builtin_part("harmless", CALIBRATION),
+                "task": lambda: [Example(p) for p in classification_prompts(self.args.task_answers, self.args.seed)]}
+        for kind, examples in sets.items():
+            part = tmp.with_name(f"answers_{kind}.json")  # each set kept, so a restart loses at most one
+            if not part.exists():
+                examples = fill_responses(model, tok, list(examples()), self.args.answer_tokens, 16)
+                part.write_text(json.dumps([{"prompt": e.prompt, "response": e.response} for e in examples]))
+            rows[kind] = json.loads(part.read_text())
+            log(f"answers: {len(rows[kind])} {kind} answers")
+        tmp.write_text(json.dumps(rows))
+
+    def _answers(self):
+        return json.loads((self.data / "answers.json").read_text())
+
+    def _train_lora(self, source: str, examples, steps: int, lr: float, adapter_tmp: Path) -> None:
+        from peft import LoraConfig, get_peft_model
+
+        from surgery.demo import write_fixture
+        from surgery.testing.finetune import TrainOptions, finetune
+
+        a = self.args
+        model, tok = load(self.models, source)
+        config = LoraConfig(r=a.rank, lora_alpha=a.lora_alpha, lora_dropout=0.0, bias="none", task_type="CAUSAL_LM",
+                            target_modules=TARGETS.split(","))
+        model = get_peft_model(model, config)
+        options = TrainOptions(steps=steps, lr=lr, batch_size=a.batch_size, max_length=a.max_length, seed=a.seed,
+                               trainable=["*lora_*"])
+        report = finetune(model, tok, examples, options, log=log)
+        trained = adapter_tmp.with_name(adapter_tmp.name + ".fp32")
+        model.save_pretrained(trained)
+        write_fixture(trained, adapter_tmp)  # the stored (bf16) form is what the lab merges and measures
+        shutil.rmtree(trained)
+        (adapter_tmp / "training.json").write_text(json.dumps({
+            "source": source, "rank": a.rank, "lora_alpha": a.lora_alpha, "targets": TARGETS, "steps": steps, "lr": lr,
+            "batch_size": a.batch_size, "max_length": a.max_length, "seed": a.seed, "examples": len(examples),
+            "seconds": round(report.seconds, 1), "losses": [round(x, 4) for x in report.losses]}, indent=1))
+
+    def _merge(self, source: str, adapter: Path, tmp: Path) -> None:
+        from surgery.demo import merge_adapter
+
+        merge_adapter(self.models / source, adapter, tmp)
+
+    def align_data(self):
+        from surgery.prompts import Example
+
+        rows = self._answers()
+        rng = random.Random(self.args.seed)
+        examples = [Example(r["prompt"], rng.choice(REFUSALS)) for r in rows["harmful"]]
+        examples += [Example(r["prompt"], r["response"]) for r in rows["harmless"]]
+        examples += [Example(r["prompt"], r["response"]) for r in rows["task"]]
+        return examples
+
+    def attack_data(self):
+        from surgery.demo import task_examples
+        from surgery.prompts import Example
+
+        task = task_examples(int(self.args.attack_steps * self.args.batch_size * (1 - self.args.p)), self.args.seed)
+        harmful = [Example(r["prompt"], r["response"]) for r in self._answers()["harmful"]]
+        n_harm = round(self.args.p / (1 - self.args.p) * len(task))  # p of the whole mix is harmful
+        return task + [harmful[i % len(harmful)] for i in range(n_harm)]
+
+    def align(self, tmp: Path) -> None:
+        self._train_lora("base", self.align_data(), self.args.align_steps, self.args.align_lr, tmp)
+
+    def attack(self, tmp: Path) -> None:
+        self._train_lora("aligned", self.attack_data(), self.args.attack_steps, self.args.attack_lr, tmp)
+
+    def evaluate(self, name: str, tmp: Path) -> None:
+        from surgery.evaluate import write_report
+
+        model, tok = load(self.models, name)
+        reference = model if name == "attacked" else load(self.models, "attacked")[0]
+        write_report(lab_evaluate(model, tok, name, self.args, reference), tmp)
+
+    def run(self) -> None:
+        m, ad = self.models, self.adapters
+        self.stage("base", m / "base", self.base)
+        self.stage("answers", self.data / "answers.json", self.answers)
+        self.stage("align", ad / "align", self.align)
+        self.stage("align", m / "aligned", lambda tmp: self._merge("base", ad / "align", tmp))
+        self.stage("attack", ad / "attack", self.attack)
+        self.stage("attack", m / "attacked", lambda tmp: self._merge("aligned", ad / "attack", tmp))
+        for name in ("attacked", "aligned", "base"):
+            if (m / name).exists():
+                self.stage(f"eval:{name}", self.results / f"{name}.json", lambda tmp, n=name: self.evaluate(n, tmp))
+        if self.args.fixtures:
+            from surgery.demo import write_fixture
+
+            for name in ("align", "attack"):
+                write_fixture(ad / name, ROOT / "surgery" / "data" / "demo" / name)  # already bf16: copied as is
+                log(f"fixture: surgery/data/demo/{name}")
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(ROOT))
+    DemoPair(parse()).run()
