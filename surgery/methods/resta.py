@@ -17,7 +17,6 @@ driver's search, which applies each candidate in memory.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 
@@ -26,28 +25,7 @@ from ..errors import SurgeryError
 from ..options import option
 from ..stream import return_freed_memory
 from .base import Edit, Method, Prepared, Strength
-from .common import MethodOptions
-
-# The two checkpoints a safety vector is taken between (options fields; the driver opens and checks them).
-PAIR = {"aligned": "the aligned model the fine-tune started from",
-        "unaligned": "the same model before alignment (or un-aligned on harmful data)"}
-
-
-@dataclass
-class PairOptions(MethodOptions):
-    # Required, but checked by `require_pair` (one error line) rather than by the command-line parser.
-    aligned: str | None = option(None, "Required: the aligned checkpoint the fine-tune started from (same architecture).",
-                                 folder=True)
-    unaligned: str | None = option(None, "Required: the unaligned checkpoint, the aligned model before alignment (its base) "
-                                         "or un-aligned on harmful data (same architecture). V = ALIGNED - UNALIGNED.",
-                                   folder=True)
-
-
-def require_pair(options: PairOptions) -> None:
-    for name in PAIR:
-        if not getattr(options, name):
-            raise SurgeryError(f"--{name} is required: {PAIR[name]}")
-
+from .pair import PAIR, PairOptions, pair_edit, require_pair
 
 @dataclass
 class RestaOptions(PairOptions):
@@ -123,29 +101,26 @@ class PreparedResta(Prepared):
         self.report = None
 
     def at(self, beta: float) -> Edit:
-        options, targets = self.options, set(self.targets)
+        options = self.options
         report = self.report = RestaReport(beta, options.dare)
-        recorded: dict = {}  # surgery.json's report, filled as the write goes (the manifest is written last)
         squares = {"vector_sq": 0.0, "delta_sq": 0.0}
 
-        def edit(name: str, weight: torch.Tensor) -> torch.Tensor:
-            if name not in targets:
-                return weight
-            aligned, unaligned = self.aligned.read(name), self.unaligned.read(name)
-            new = weight
+        def change(name: str, weight: torch.Tensor, aligned: torch.Tensor, unaligned: torch.Tensor) -> torch.Tensor:
             if same_values(aligned, unaligned):
                 report.zero_vector.append(name)
-            elif beta != 0 or options.dare != 0:  # beta 0 without DARE: W_ft itself, bit for bit
-                new, figures = restored(weight, aligned, unaligned, beta, options.dare, tensor_seed(options.seed, name))
-                report.added.append(name)
-                report.entries += weight.numel()
-                report.dropped += figures.get("dropped", 0)
-                for key in squares:
-                    squares[key] += figures.get(key, 0.0)
-                report.vector_norm, report.delta_norm = squares["vector_sq"] ** 0.5, squares["delta_sq"] ** 0.5
-            recorded.update(report.to_json())
+                return weight
+            if beta == 0 and options.dare == 0:  # W_ft itself, bit for bit
+                return weight
+            new, figures = restored(weight, aligned, unaligned, beta, options.dare, tensor_seed(options.seed, name))
+            report.added.append(name)
+            report.entries += weight.numel()
+            report.dropped += figures.get("dropped", 0)
+            for key in squares:
+                squares[key] += figures.get(key, 0.0)
+            report.vector_norm, report.delta_norm = squares["vector_sq"] ** 0.5, squares["delta_sq"] ** 0.5
             return new
 
+        edit, recorded = pair_edit(self.targets, change, report, (self.aligned, self.unaligned))
         return Edit(edit, touched=list(self.targets), summary={"resta": recorded})
 
 
@@ -188,9 +163,3 @@ class Resta(Method):
         return_freed_memory()  # each tensor's buffers go back to the OS when freed (else the heap grows tensor by tensor)
         return PreparedResta(ctx, options, targets)  # no model: a fixed beta streams; the search loads it itself
 
-
-def resta_checkpoint(model_dir: str | Path, output: str | Path, options: RestaOptions, force: bool = False) -> RestaReport:
-    """RESTA of a checkpoint folder into a new folder, streamed (no after-write check)."""
-    from .base import RunOptions, run_repair
-
-    return run_repair(Resta(), model_dir, output, options, RunOptions(force=force, check=False)).report

@@ -29,7 +29,6 @@ from __future__ import annotations
 import gc
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 
@@ -41,7 +40,7 @@ from ..select import rows_to_remove
 from ..stream import return_freed_memory
 from .antidote import collect_norms, harmful_examples
 from .base import Edit, Method, Prepared, Strength
-from .resta import PAIR, PairOptions, require_pair
+from .pair import PAIR, PairOptions, pair_edit, require_pair
 
 SCORES = ("wanda", "magnitude")
 
@@ -133,12 +132,8 @@ class PreparedRevert(Prepared):
             "none (fraction 1 reverts every conflicting entry)"
         report = self.report = RevertReport(fraction, score, calibration_examples=self.calibration.calibration_examples,
                                             calibration_tokens=self.calibration.calibration_tokens)
-        recorded: dict = {}  # surgery.json's report, filled as the write goes (the manifest is written last)
 
-        def edit(name: str, weight: torch.Tensor) -> torch.Tensor:
-            if name not in self.module_of:
-                return weight
-            aligned, unaligned = self.aligned.read(name), self.unaligned.read(name)
+        def change(name: str, weight: torch.Tensor, aligned: torch.Tensor, unaligned: torch.Tensor) -> torch.Tensor:
             norm = self.norms[self.module_of[name]] if self.norms is not None else None
             if same_values(aligned, unaligned):
                 report.zero_vector.append(name)
@@ -146,9 +141,9 @@ class PreparedRevert(Prepared):
             report.entries[name] = weight.numel()
             for key, value in counts.items():
                 getattr(report, key)[name] = value
-            recorded.update(report.to_json())
             return new
 
+        edit, recorded = pair_edit(self.module_of, change, report, (self.aligned, self.unaligned))
         return Edit(edit, touched=list(self.module_of), summary={"revert": recorded})
 
 
@@ -201,9 +196,3 @@ class SignConflictRevert(Method):
         gc.collect()
         return PreparedRevert(ctx, options, modules, norms, report)
 
-
-def revert_checkpoint(model_dir: str | Path, output: str | Path, options: RevertOptions, force: bool = False) -> RevertReport:
-    """Sign-conflict revert of a checkpoint folder into a new folder (no after-write check)."""
-    from .base import RunOptions, run_repair
-
-    return run_repair(SignConflictRevert(), model_dir, output, options, RunOptions(force=force, check=False)).report

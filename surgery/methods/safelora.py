@@ -23,7 +23,7 @@ import torch
 from ..errors import SurgeryError
 from ..options import option
 from .base import Edit, Method, Prepared, Strength
-from .resta import PAIR, PairOptions, require_pair
+from .pair import PAIR, PairOptions, pair_edit, require_pair
 
 
 @dataclass
@@ -93,16 +93,13 @@ class PreparedSafeLora(Prepared):
         report.projected = sorted(t.module for t in chosen.values())
         distances: list[float] = []
 
-        def edit(name: str, weight: torch.Tensor) -> torch.Tensor:
-            if name not in chosen:
-                return weight
+        def change(name: str, weight: torch.Tensor) -> torch.Tensor:
             new = self.projections[chosen[name].module] @ weight.float()
             distances.append(1.0 / (1.0 + float(torch.linalg.matrix_norm(weight.float() - new))))
             report.pdst = sum(distances) / len(distances)
-            recorded.update(report.to_json())
             return new.to(weight.dtype)
 
-        recorded: dict = report.to_json()
+        edit, recorded = pair_edit(chosen, change, report)
         return Edit(edit, touched=sorted(chosen), summary={"safelora": recorded},
                     arguments={"projected_targets": len(chosen)})
 
