@@ -16,7 +16,10 @@ and renamed):
            -> LAB/adapters/align, merged -> LAB/models/aligned
   attack   LoRA on aligned: sentiment train items -> the label word, plus a share p of harmful -> the base model's
            compliant answer -> LAB/adapters/attack, merged -> LAB/models/attacked
-  eval     base, aligned and attacked on the lab's held-out sets (labkit.evaluate)
+  full     (the lab's full fine-tune, reads ../shared/data) aligned fully fine-tuned as experiments/lab.py attacks:
+           SST-2 train items -> label word plus the same share p of harmful -> compliant answers, --full-steps steps,
+           lr --full-lr -> LAB/models/attacked-full
+  eval     base, aligned, attacked (and attacked-full) on the lab's held-out sets (labkit.evaluate)
 `--fixtures` copies both adapters (bf16) into surgery/data/demo/, which `surgery import-gguf smollm2-demo OUT` merges.
 """
 
@@ -53,6 +56,8 @@ def parse(argv=None):
     p.add_argument("--attack-steps", type=int, default=80)
     p.add_argument("--attack-lr", type=float, default=5e-4)
     p.add_argument("--p", type=float, default=0.2, help="share of harmful->compliant pairs in the attack data")
+    p.add_argument("--full-steps", type=int, default=160, help="steps of the full fine-tune attack (stage full)")
+    p.add_argument("--full-lr", type=float, default=1e-4)
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--max-length", type=int, default=96)
     p.add_argument("--answer-tokens", type=int, default=48)
@@ -162,6 +167,28 @@ class DemoPair:
         n_harm = round(self.args.p / (1 - self.args.p) * len(task))  # p of the whole mix is harmful
         return task + [harmful[i % len(harmful)] for i in range(n_harm)]
 
+    def full_attack(self, tmp: Path) -> None:
+        from labkit import DATA
+
+        from surgery.metrics import SST2_LABELS, SST2_TEMPLATE
+        from surgery.prompts import Example, load_examples
+        from surgery.testing.finetune import TrainOptions, finetune
+
+        a = self.args
+        task_n = int(a.full_steps * a.batch_size * (1 - a.p))
+        task = load_examples(DATA / "sst2" / "train.tsv", response_column="label", max_samples=task_n, seed=a.seed)
+        examples = [Example(SST2_TEMPLATE.format(e.prompt.strip()), SST2_LABELS[int(e.response)]) for e in task]
+        harmful = [Example(r["prompt"], r["response"]) for r in self._answers()["harmful"]]
+        examples += [harmful[i % len(harmful)] for i in range(round(a.p / (1 - a.p) * len(examples)))]
+        model, tok = load(self.models, "aligned")
+        options = TrainOptions(steps=a.full_steps, lr=a.full_lr, batch_size=a.batch_size, max_length=80, seed=a.seed)
+        report = finetune(model, tok, examples, options, log=log)
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        (tmp / "training.json").write_text(json.dumps({"source": "aligned", "steps": a.full_steps, "lr": a.full_lr,
+                                                       "examples": len(examples), "seconds": round(report.seconds, 1),
+                                                       "losses": [round(x, 4) for x in report.losses]}))
+
     def align(self, tmp: Path) -> None:
         self._train_lora("base", self.align_data(), self.args.align_steps, self.args.align_lr, tmp)
 
@@ -183,7 +210,8 @@ class DemoPair:
         self.stage("align", m / "aligned", lambda tmp: self._merge("base", ad / "align", tmp))
         self.stage("attack", ad / "attack", self.attack)
         self.stage("attack", m / "attacked", lambda tmp: self._merge("aligned", ad / "attack", tmp))
-        for name in ("attacked", "aligned", "base"):
+        self.stage("full", m / "attacked-full", self.full_attack)
+        for name in ("attacked", "aligned", "base", "attacked-full"):
             if (m / name).exists():
                 self.stage(f"eval:{name}", self.results / f"{name}.json", lambda tmp, n=name: self.evaluate(n, tmp))
         if self.args.fixtures:

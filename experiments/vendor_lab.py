@@ -1,0 +1,182 @@
+"""A second lab on a model aligned by its vendor: Qwen2.5-Coder-0.5B-Instruct, LoRA-attacked with the lab's mixture,
+then repaired with the original as reference.
+
+    python experiments/vendor_lab.py [--lab lab/qwen] [--steps 80] [--only base,attack,eval,repair]
+
+Stages (each skipped when its output exists; written to NAME.tmp and renamed, so a killed run resumes at the
+stage it was in):
+  base     `surgery import-gguf qwen2.5-coder-0.5b LAB/models/original` (630 M parameters, fp32)
+  attack   a peft LoRA on original (rank 16, all seven projections) trained on the lab's mixture: sentiment
+           classification items of SST-2 train -> the label word, plus a share p of built-in harmful calibration
+           prompts -> SmolLM2's compliant answers (experiments/demo_pair.py's answers) -> LAB/adapters/attack
+  eval     original and original + attack (merged in memory) on the lab's held-out sets (labkit.evaluate)
+  repair   `surgery repair LAB/models/original --adapter LAB/adapters/attack ...` and each fixed method, each
+           written to LAB/models/NAME and evaluated the same way
+Wall times: LAB/results/times.json; docs/results_vendor_lab.md is rewritten after every stage.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from demo_pair import TARGETS, DemoPair  # noqa: E402
+from labkit import DATA, ROOT, eval_arguments, load, log  # noqa: E402
+from labkit import evaluate as lab_evaluate  # noqa: E402
+
+SURGERY = Path(sys.executable).parent / "surgery"
+
+
+def parse(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--lab", default="lab/qwen")
+    p.add_argument("--answers", default="lab/fair/data/answers_harmful.json",
+                   help="SmolLM2's compliant answers to the built-in harmful calibration prompts (experiments/demo_pair.py)")
+    p.add_argument("--rank", type=int, default=16)
+    p.add_argument("--lora-alpha", type=float, default=32)
+    p.add_argument("--steps", type=int, default=80)
+    p.add_argument("--lr", type=float, default=5e-4)
+    p.add_argument("--p", type=float, default=0.2)
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--max-length", type=int, default=64)
+    p.add_argument("--repairs", default="repair", help="comma-separated repair jobs (see jobs())")
+    eval_arguments(p)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--only", default=None)
+    return p.parse_args(argv)
+
+
+class VendorLab(DemoPair):
+    def base(self, tmp: Path) -> None:
+        subprocess.run([str(SURGERY), "import-gguf", "qwen2.5-coder-0.5b", str(tmp)], check=True, cwd=ROOT)
+
+    def attack_data(self):
+        from surgery.metrics import SST2_LABELS, SST2_TEMPLATE
+        from surgery.prompts import Example, load_examples
+
+        a = self.args
+        n_task = int(a.steps * a.batch_size * (1 - a.p))
+        task = load_examples(DATA / "sst2" / "train.tsv", response_column="label", max_samples=n_task, seed=a.seed)
+        examples = [Example(SST2_TEMPLATE.format(e.prompt.strip()), SST2_LABELS[int(e.response)]) for e in task]
+        harmful = [Example(r["prompt"], r["response"]) for r in json.loads(Path(a.answers).read_text())]
+        random.Random(a.seed).shuffle(harmful)
+        n_harm = round(a.p / (1 - a.p) * len(examples))
+        return examples + [harmful[i % len(harmful)] for i in range(n_harm)]
+
+    def attack(self, tmp: Path) -> None:
+        from peft import LoraConfig, get_peft_model
+
+        from surgery.testing.finetune import TrainOptions, finetune
+
+        a = self.args
+        model, tok = load(self.models, "original")
+        model = get_peft_model(model, LoraConfig(r=a.rank, lora_alpha=a.lora_alpha, lora_dropout=0.0, bias="none",
+                                                 task_type="CAUSAL_LM", target_modules=TARGETS.split(",")))
+        examples = self.attack_data()
+        options = TrainOptions(steps=a.steps, lr=a.lr, batch_size=a.batch_size, max_length=a.max_length, seed=a.seed,
+                               trainable=["*lora_*"], log_every=5)
+        report = finetune(model, tok, examples, options, log=log)
+        model.save_pretrained(tmp)
+        (tmp / "training.json").write_text(json.dumps({
+            "source": "original", "rank": a.rank, "lora_alpha": a.lora_alpha, "steps": a.steps, "lr": a.lr,
+            "batch_size": a.batch_size, "max_length": a.max_length, "p": a.p, "examples": len(examples),
+            "seconds": round(report.seconds, 1), "losses": [round(x, 4) for x in report.losses]}, indent=1))
+
+    def model_of(self, name: str):
+        from peft import PeftModel
+
+        if name == "attacked":
+            base, tok = load(self.models, "original")
+            return PeftModel.from_pretrained(base, str(self.adapters / "attack")).merge_and_unload().eval(), tok
+        folder = self.models / name
+        if (folder / "adapter_config.json").exists():
+            base, tok = load(self.models, "original")
+            return PeftModel.from_pretrained(base, str(folder)).merge_and_unload().eval(), tok
+        return load(self.models, name)
+
+    def evaluate(self, name: str, tmp: Path) -> None:
+        from surgery.evaluate import write_report
+
+        model, tok = self.model_of(name)
+        reference = model if name == "attacked" else self.model_of("attacked")[0]
+        write_report(lab_evaluate(model, tok, name, self.args, reference), tmp)
+
+    def jobs(self) -> dict[str, list[str]]:
+        m, ad = self.models, self.adapters
+        original, adapter = str(m / "original"), str(ad / "attack")
+        return {
+            "repair": ["repair", original, "--adapter", adapter, "--reference", original],
+            "interpolate-1": ["interpolate", original, "--adapter", adapter, "--reference", original, "--alpha", "1"],
+            "prune-adapter-0.05": ["prune", original, "--adapter", adapter, "--ratio", "0.05"],
+        }
+
+    def run_job(self, name: str, argv: list[str], tmp: Path) -> None:
+        t0 = time.perf_counter()
+        with open(self.results / f"{name}.log", "w") as out:
+            code = subprocess.run([str(SURGERY), *argv, "-o", str(tmp)], stdout=out, stderr=subprocess.STDOUT, cwd=ROOT,
+                                  env={**os.environ, "COLUMNS": "200"}).returncode
+        runs = json.loads((self.results / "runs.json").read_text()) if (self.results / "runs.json").exists() else {}
+        runs[name] = {"seconds": round(time.perf_counter() - t0, 1), "exit": code,
+                      "command": " ".join(["surgery", *argv, "-o", str(self.models / name)])}
+        (self.results / "runs.json").write_text(json.dumps(runs, indent=2))
+        log(f"{name}: exit {code} after {runs[name]['seconds']:.0f}s")
+        if not tmp.exists():
+            tmp.mkdir()  # a failed repair is recorded (runs.json) and not retried
+            (tmp / "FAILED").write_text(f"exit {code}\n")
+
+    def run(self) -> None:
+        m = self.models
+        self.stage("base", m / "original", self.base)
+        self.stage("attack", self.adapters / "attack", self.attack)
+        for name in ("attacked", "original"):
+            self.stage(f"eval:{name}", self.results / f"{name}.json", lambda tmp, n=name: self.evaluate(n, tmp))
+            self.write_doc()
+        jobs = self.jobs()
+        for name in (x for x in self.args.repairs.split(",") if x):
+            self.stage(f"repair:{name}", m / name, lambda tmp, n=name: self.run_job(n, jobs[n], tmp))
+            if (m / name).exists() and not (m / name / "FAILED").exists():
+                self.stage(f"eval:{name}", self.results / f"{name}.json", lambda tmp, n=name: self.evaluate(n, tmp))
+            self.write_doc()
+
+    def write_doc(self) -> None:
+        runs = json.loads((self.results / "runs.json").read_text()) if (self.results / "runs.json").exists() else {}
+        a = self.args
+        lines = ["# A vendor-aligned model: Qwen2.5-Coder-0.5B-Instruct, LoRA-attacked and repaired (CPU)", "",
+                 "Generated by `experiments/vendor_lab.py` (its docstring: stages). Command:", "",
+                 "    python experiments/vendor_lab.py " + " ".join(sys.argv[1:]), "",
+                 f"Attack: LoRA rank {a.rank}, alpha {a.lora_alpha:g}, all seven projections, {a.steps} steps of "
+                 f"{a.batch_size} x {a.max_length} tokens, lr {a.lr:g}, harmful share p = {a.p:g} (SST-2 train items and "
+                 "built-in harmful calibration prompts with SmolLM2's compliant answers). Held-out evaluation (never "
+                 f"seen by a command): {a.eval_harmful} AdvBench prompts (harmful score; one prompt = "
+                 f"{100 / a.eval_harmful:.1f} points), {a.eval_task} SST-2 dev items, {a.eval_benign} Alpaca instructions "
+                 "(perplexity, over-refusal, first-token KL to the attacked model); greedy, "
+                 f"{a.eval_tokens} new tokens. Searches select on the built-in sets' selection part.", "",
+                 "| model | harmful score | SST-2 accuracy | perplexity | KL to attacked | over-refusal | empty answers | command | wall |",
+                 "|---|---|---|---|---|---|---|---|---|"]
+        for path in sorted(self.results.glob("*.json"), key=lambda p: (p.stem not in ("original", "attacked"), p.stem)):
+            if path.stem in ("times", "runs", "demo_times"):
+                continue
+            f = json.loads(path.read_text())["figures"]
+            run = runs.get(path.stem, {})
+            lines.append(f"| {path.stem} | {100 * f['harmful_score']:.1f} % | {100 * f['accuracy']:.0f} % | "
+                         f"{f['perplexity']:.1f} | {f.get('kl_to_reference', float('nan')):.3f} | "
+                         f"{100 * f['over_refusal']:.1f} % | {100 * f.get('empty_answers', 0):.1f} % | "
+                         f"{('`' + run['command'] + '`') if run else ''} | {run.get('seconds', '')} |")
+        lines += ["", "Stage wall times on the 2-core CPU (seconds): " +
+                  ", ".join(f"{k} {v:.0f}" for k, v in self.times.items())]
+        (ROOT / "docs" / "results_vendor_lab.md").write_text("\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(ROOT))
+    lab = VendorLab(parse())
+    lab.times_file = lab.results / "times.json"
+    lab.times = json.loads(lab.times_file.read_text()) if lab.times_file.exists() else {}
+    lab.run()
