@@ -103,7 +103,7 @@ def main() -> None:
 
                 point = Point(strength)
                 measurer.measure(point)
-        chosen = {k: v for k, v in (edit.summary or {}).items() if isinstance(v, (int, float, str)) and len(str(v)) < 80}
+        chosen = {k: v for k, v in edit.report().items() if isinstance(v, (int, float, str)) and len(str(v)) < 80}
         row = {**rows.get(key, {}), "method": args.method, "model": str(model_dir), "options": settings,
                "strength": strength, "edit": chosen, "figures": figures}
         row.setdefault("seconds", round(time.perf_counter() - t0, 1))

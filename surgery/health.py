@@ -1,8 +1,9 @@
 """Did a repair leave the model working? A quick before/after check on harmless prompts.
 
-Every repair command (`prune`, `edit`, `ablate`) writes a new checkpoint; this measures, on a few
-built-in harmless prompts, the perplexity of the input and of the output and the first-token KL
-divergence between them, and records the figures in the output's manifest. It exists because the
+Every repair command writes a new checkpoint; this measures, on a few built-in harmless prompts, the
+perplexity of the input and of the output and the first-token KL divergence between them. The driver
+runs it on the staged output, before the output is renamed into place, and puts the figures in its
+manifest (surgery.methods.base.write_repair). It exists because the
 lab showed a repair at its published defaults can break a small model outright (Antidote zeroing at
 5 % took SmolLM2-135M's perplexity from 40 to 2.6 million) while the command reported success: the
 user should hear that from the command, not from production.
@@ -13,14 +14,12 @@ One model is loaded at a time, so the check's memory is one model plus activatio
 from __future__ import annotations
 
 import gc
-import json
-import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 
-from .checkpoint import MANIFEST_NAME, Checkpoint, open_checkpoint
+from .checkpoint import Checkpoint, open_checkpoint
 from .metrics import mean_kl, next_token_logprobs, perplexity
 from .model import load_model, load_tokenizer, resolve_device
 from .splits import CHECK, builtin_part
@@ -86,22 +85,3 @@ def health_check(before: str | Path | Checkpoint, after: str | Path | Checkpoint
     ppl_before, p = _measure(before, prompts, dev, batch_size, allow_pickle)
     ppl_after, q = _measure(after, prompts, dev, batch_size)
     return HealthCheck(len(prompts), ppl_before, ppl_after, mean_kl(p, q), max_perplexity_ratio)
-
-
-def record_check(output: str | Path, check: HealthCheck, failed: str | None = None) -> None:
-    """Add the check (and, when the output fails its budget, why) to the output's manifest."""
-    _update_manifest(output, check=check.to_json(), failed=failed)
-
-
-def record_failure(output: str | Path, failed: str) -> None:
-    _update_manifest(output, failed=failed)
-
-
-def _update_manifest(output: str | Path, **entries) -> None:
-    """Rewrite the output's manifest with `entries` (written whole to a sibling, then renamed over it)."""
-    path = Path(output) / MANIFEST_NAME
-    manifest = json.loads(path.read_text())
-    manifest.update({k: v for k, v in entries.items() if v is not None})
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(manifest, indent=2, default=str) + "\n")
-    os.replace(tmp, path)

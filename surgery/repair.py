@@ -140,13 +140,8 @@ def repair_checkpoint(model_dir: str | Path, output: str | Path, options: Repair
                   f"is above --max-harmful-score {100 * options.max_harmful_score:.1f}%")
     comparison = {"repair": {"chosen": winner.label, "candidates": [c.to_json() for c in todo], "failed": failed}}
     result = write_repair(REGISTRY[winner.method], winner.ctx, winner.prepared, winner.options, run, output, winner.search,
-                          extra_report=comparison)
-    if failed and not result.failed:
-        from .health import record_failure
-
-        result.failed = failed
-        record_failure(output, failed)
-    plot_candidates(todo, winner, Path(output) / "repair.png")
+                          extra_report=comparison, failed=failed,
+                          extra_files={"repair.png": lambda path: plot_candidates(todo, winner, path)})
     return RepairAllReport(Path(output), todo, winner, result, result.failed or failed)
 
 

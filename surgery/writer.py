@@ -32,6 +32,19 @@ from .checkpoint import (
 )
 from .errors import SurgeryError
 
+# Fault injection, for tests only: `FAULT(step)` is called at every step of a write (see `step`); it may raise. The
+# environment variable SURGERY_KILL_AT=STEP makes the process kill itself (SIGKILL) at that step instead.
+FAULT: Callable[[str], None] | None = None
+KILL_AT_ENV = "SURGERY_KILL_AT"
+
+
+def step(name: str) -> None:
+    """Mark a step of writing an output (tests inject failures and kills here; otherwise nothing happens)."""
+    if FAULT is not None:
+        FAULT(name)
+    if os.environ.get(KILL_AT_ENV) == name:
+        os.kill(os.getpid(), signal.SIGKILL)
+
 
 @dataclass(frozen=True)
 class PlannedTensor:
@@ -196,6 +209,7 @@ def staged_output(output: str | Path, inputs: Path | list[Path], force: bool = F
     created: list[Path] = []
     try:
         yield tmp
+        step("rename")
         with _signals_held():
             for folder in reversed([output.parent, *output.parent.parents]):
                 if not folder.exists():
@@ -205,6 +219,7 @@ def staged_output(output: str | Path, inputs: Path | list[Path], force: bool = F
                 _exchange(tmp, output)  # tmp now holds the old output, removed below
             else:
                 tmp.rename(output)
+        step("renamed")
     except BaseException:
         with _signals_held():
             for folder in reversed(created):
@@ -306,6 +321,7 @@ def write_checkpoint(
     force: bool = False,
     order: list[str] | None = None,
     inputs: list[Path] | None = None,
+    finish: Callable[[Path, dict], None] | None = None,
 ) -> WriteReport:
     """Write `ckpt` to `output` with each tensor passed through `edit(name, tensor)`.
 
@@ -314,6 +330,10 @@ def write_checkpoint(
     SHA-256 of input and output weight files, and the fraction of each tensor that changed.
     `inputs` are the other folders and files the run read (references, probes, data): the output may
     neither be nor hold nor sit inside any of them, nor `ckpt`'s folder.
+    `finish(folder, manifest)` runs in the staged folder once its weights, index and config are written: it may
+    add files (plots) and entries to the manifest (the after-write check, a failure) before the manifest is
+    written, once, and the folder is renamed into place, last. A run stopped at any point leaves no output or a
+    complete one.
     """
     output = Path(output)
     added = added or {}
@@ -346,36 +366,48 @@ def write_checkpoint(
                 w.file.close()
         for w in writers.values():
             w.close()
+        step("weights")
         if len(layout) > 1 or ckpt.sharded:
             _write_index(tmp, layout)
         if config_updates:
             config = {**ckpt.config, **config_updates}
             (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+        step("config")
         output_hashes = {shard: sha256_file(tmp / shard) for shard in layout}
-        manifest = {
-            "tool": "model-surgery",
-            "version": __version__,
-            "method": method,
-            "command": _command_line(),
-            "arguments": arguments,
-            "input": str(ckpt.path.resolve()),
-            "input_sha256": input_hashes,
-            "output_sha256": output_hashes,
-            "config_updates": config_updates or {},
-            "copied_files": copied,
-            "changed_fraction": changed,
-            "report": report or {},
-        }
-        for role in ("base", "adapter"):  # an adapter and its base, or a base with an adapter merged in
-            other = getattr(ckpt, role, None)
-            if other is not None:
-                manifest[role] = str(other.path.resolve())
-                manifest[f"{role}_sha256"] = {p.name: sha256_file(p) for p in other.weight_files()}
-        previous = _previous_manifest(ckpt.path / MANIFEST_NAME)
-        if previous is not None:
-            manifest["previous"] = previous
+        manifest = build_manifest(ckpt, method, arguments, input_hashes, output_hashes, config_updates, copied, changed, report)
+        if finish is not None:
+            finish(tmp, manifest)
+        step("manifest")
         (tmp / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2, default=str) + "\n")
     return WriteReport(output, copied, changed, input_hashes, output_hashes, manifest)
+
+
+def build_manifest(ckpt: Checkpoint, method: str, arguments: dict, input_hashes: dict, output_hashes: dict,
+                   config_updates: dict | None, copied: list[str], changed: dict, report: dict | None) -> dict:
+    """surgery.json: what was run on what, the hashes of input and output weights, what changed, the method's report."""
+    manifest = {
+        "tool": "model-surgery",
+        "version": __version__,
+        "method": method,
+        "command": _command_line(),
+        "arguments": arguments,
+        "input": str(ckpt.path.resolve()),
+        "input_sha256": input_hashes,
+        "output_sha256": output_hashes,
+        "config_updates": config_updates or {},
+        "copied_files": copied,
+        "changed_fraction": changed,
+        "report": report or {},
+    }
+    for role in ("base", "adapter"):  # an adapter and its base, or a base with an adapter merged in
+        other = getattr(ckpt, role, None)
+        if other is not None:
+            manifest[role] = str(other.path.resolve())
+            manifest[f"{role}_sha256"] = {p.name: sha256_file(p) for p in other.weight_files()}
+    previous = _previous_manifest(ckpt.path / MANIFEST_NAME)
+    if previous is not None:
+        manifest["previous"] = previous
+    return manifest
 
 
 def _previous_manifest(path: Path) -> dict | None:

@@ -113,3 +113,95 @@ def test_added_tensor_and_config_update(make_ckpt, tmp_path):
     assert torch.equal(new["lm_head.weight"], head)
     assert torch.equal(new["model.embed_tokens.weight"], ckpt.read("model.embed_tokens.weight"))
     assert json.loads((tmp_path / "out" / "config.json").read_text())["tie_word_embeddings"] is False
+
+
+# --- a run stopped at any step of its write: no output, or a complete one whose manifest tells the truth ----------
+
+STEPS = ["weights", "config", "plot", "check", "manifest", "rename", "renamed"]
+
+
+class Stop(Exception):
+    pass
+
+
+@pytest.fixture(scope="module")
+def searched_prune(tmp_path_factory):
+    """A magnitude prune searched under a budget nothing meets (so its output must say failed), prepared once."""
+    from surgery.methods import get_method
+    from surgery.methods.antidote import PruneOptions
+    from surgery.methods.base import RunOptions, open_context, prepare_and_search
+    from surgery.testing.tiny import save_tiny_checkpoint
+
+    model = save_tiny_checkpoint(tmp_path_factory.mktemp("stop") / "model")
+    method, options = get_method("prune"), PruneOptions(ratio="auto", score="magnitude", device="cpu")
+    run = RunOptions(search_samples=4, search_tokens=2, min_improvement=0.0, max_kl=1e-5)
+    ctx = open_context(method, model, options, run, searching=True)
+    prepared, search = prepare_and_search(method, ctx, options, run)
+    assert search.failed  # nothing inside the budget
+    return method, ctx, prepared, options, run, search
+
+
+@pytest.mark.parametrize("at", STEPS + [None])
+def test_a_write_stopped_at_any_step_leaves_no_output_or_a_true_one(searched_prune, tmp_path, monkeypatch, at):
+    import surgery.writer as writer
+    from surgery.methods.base import write_repair
+
+    method, ctx, prepared, options, run, search = searched_prune
+    seen = []
+
+    def fault(step):
+        seen.append(step)
+        if step == at:
+            raise Stop(step)
+
+    monkeypatch.setattr(writer, "FAULT", fault)
+    out = tmp_path / "out"
+    if at is None:
+        result = write_repair(method, ctx, prepared, options, run, out, search)
+        assert result.failed == search.failed and result.check is not None
+    else:
+        with pytest.raises(Stop):
+            write_repair(method, ctx, prepared, options, run, out, search)
+    assert seen == STEPS[: STEPS.index(at) + 1] if at else seen == STEPS  # every step was reached, in this order
+    assert [p.name for p in tmp_path.iterdir()] == (["out"] if at in ("renamed", None) else [])  # no staged folder left
+    if at not in ("renamed", None):
+        return
+    manifest = json.loads((out / MANIFEST_NAME).read_text())
+    assert manifest["failed"] == search.failed  # written before the rename: a failing output never looks passed
+    assert manifest["check"]["prompts"] > 0 and manifest["check"]["passed"] in (True, False)
+    assert manifest["report"]["search"]["chosen"] == search.chosen and (out / "search.png").is_file()
+    from surgery.checkpoint import sha256_file
+
+    assert manifest["output_sha256"] == {"model.safetensors": sha256_file(out / "model.safetensors")}
+
+
+KILLED = """
+import sys
+from cli.main import main
+main(sys.argv[1:])
+"""
+
+
+@pytest.mark.parametrize("at", ["check", "renamed"])
+def test_a_kill_at_a_step_leaves_no_output_or_a_true_one(tiny_ckpt, tmp_path, at):
+    """SIGKILL (nothing can be cleaned up): before the rename no output exists; after it, the output is complete."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    out = tmp_path / "work" / "out"
+    out.parent.mkdir()
+    argv = ["prune", tiny_ckpt, "-o", out, "--ratio", "auto", "--score", "magnitude", "--device", "cpu",
+            "--search-samples", "4", "--search-tokens", "2", "--min-improvement", "0", "--max-kl", "1e-5"]
+    env = {**os.environ, "SURGERY_KILL_AT": at}
+    run = subprocess.run([sys.executable, "-c", KILLED, *map(str, argv)], cwd=Path(__file__).resolve().parents[1],
+                         env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == -signal.SIGKILL, run.stderr
+    if at == "check":
+        assert not out.exists()  # a staged folder may remain (hidden, beside it), never a partial output
+        assert all(p.name.startswith(".out.surgery-tmp-") for p in out.parent.iterdir())
+        return
+    manifest = json.loads((out / MANIFEST_NAME).read_text())
+    assert manifest["failed"] and "check" in manifest and (out / "search.png").is_file()

@@ -50,9 +50,15 @@ class Edit:
     added: dict[str, torch.Tensor] = field(default_factory=dict)  # new tensors (EigenShift's untied head)
     config_updates: dict = field(default_factory=dict)
     order: list[str] | None = None  # write order (the streamed prune: layer by layer)
-    summary: dict = field(default_factory=dict)  # the method's report in surgery.json
+    # The method's report in surgery.json: a dict, or a function giving it, which the driver calls once, after every
+    # tensor went through fn (a report filled as the edit is written: the reference methods, EigenShift's before/after).
+    summary: dict | Callable[[], dict] = field(default_factory=dict)
     arguments: dict = field(default_factory=dict)  # resolved values recorded beside the options
     streamed: bool = False  # no model is held: the after-write check and the search are unavailable
+
+    def report(self) -> dict:
+        """The method's report, serialised (a copy: the driver adds the search and timings to it)."""
+        return dict(self.summary()) if callable(self.summary) else dict(self.summary)
 
 
 class Prepared:
@@ -340,21 +346,22 @@ def prepare_and_search(method: Method, ctx: Context, options, run: RunOptions):
 
 
 def write_repair(method: Method, ctx: Context, prepared: Prepared, options, run: RunOptions, output, search=None,
-                 extra_report: dict | None = None) -> RepairReport:
-    """Write the edit at the options' strength, its manifest and plot, then the after-write check (budget gate)."""
-    from ..health import health_check, record_check, record_failure
-    from ..writer import write_checkpoint
+                 extra_report: dict | None = None, failed: str | None = None,
+                 extra_files: dict[str, Callable[[Path], Any]] | None = None) -> RepairReport:
+    """Write the edit at the options' strength. Its report, plot and after-write check (the budget gate) are done in
+    the staged folder, so the manifest is written once, complete, and the folder renamed into place last.
+
+    `extra_report` joins the method's report; `failed` is a failure known beforehand (surgery repair's gate), recorded
+    unless the search or the check failed first; `extra_files` (name -> write(path)) are more files for the output."""
+    from ..health import health_check
+    from ..writer import step, write_checkpoint
 
     value = getattr(options, method.strength.field) if method.strength else None
     edit = prepared.at(value)
     prepared.finish(edit)
     ctx.release_model()
     t0 = time.perf_counter()
-    summary = dict(edit.summary)
-    if search is not None:
-        summary["search"] = search.to_json()
-    summary.update(extra_report or {})
-    summary["seconds"] = {k: round(v, 1) for k, v in ctx.timings.items()}  # prepare (statistics), search
+    seconds = {k: round(v, 1) for k, v in ctx.timings.items()}  # prepare (statistics), search
     arguments = {**schema.arguments(options), **edit.arguments, "run": schema.arguments(run)}
     target, fn = ctx.target, edit.fn
     if ctx.adapter is not None and getattr(options, "merge", False):
@@ -363,30 +370,46 @@ def write_repair(method: Method, ctx: Context, prepared: Prepared, options, run:
 
         repaired = merged_tensors(ctx.adapter, {n: edit.fn(n, ctx.adapter.read(n)) for n in ctx.adapter.tensors})
         target, fn = ctx.source, (lambda name, tensor: repaired.get(name, tensor))
-    write_checkpoint(target, output, fn, method=method.manifest_id, arguments=arguments, added=edit.added or None,
-                     config_updates=edit.config_updates or None, report=summary, force=run.force, order=edit.order,
-                     inputs=[ctx.ckpt.path, *input_paths(options)])
-    ctx.timings["write"] = time.perf_counter() - t0
-    if search is not None:
-        from ..search import plot_search
-
-        plot_search(search, Path(output) / "search.png")
-    result = RepairReport(method.name, Path(output), report=prepared.report, summary=summary, search=search,
-                          strength=value, seconds=ctx.timings)
+    result = RepairReport(method.name, Path(output), report=prepared.report, search=search, strength=value,
+                          seconds=ctx.timings)
     result.failed = search.failed if search is not None else None
-    if run.check and not edit.streamed:
-        t0 = time.perf_counter()
-        ctx.progress("checking the output on held-out harmless prompts")
-        check = health_check(ctx.source, written_model(ctx, target, output), device=options.device,
-                             max_perplexity_ratio=run.max_perplexity_ratio)
-        result.check = check
-        ctx.timings["check"] = time.perf_counter() - t0
-        if result.failed is None and not check.passed:
-            result.failed = (f"perplexity on the check grew x{check.perplexity_ratio:.2f}, above --max-perplexity-ratio "
-                             f"{run.max_perplexity_ratio:g}")
-        record_check(output, check, failed=result.failed)
-    elif result.failed is not None:
-        record_failure(output, result.failed)
+
+    def finish(folder: Path, manifest: dict) -> None:
+        """In the staged folder, every tensor written: the report (serialised once), plots, the check, the verdict."""
+        ctx.timings["write"] = time.perf_counter() - t0
+        summary = edit.report()
+        if search is not None:
+            summary["search"] = search.to_json()
+        summary.update(extra_report or {})
+        summary["seconds"] = seconds
+        result.summary = manifest["report"] = summary
+        if search is not None:
+            from ..search import plot_search
+
+            step("plot")
+            plot_search(search, folder / "search.png")
+        for name, write in (extra_files or {}).items():
+            step("plot")
+            write(folder / name)
+        if run.check and not edit.streamed:
+            step("check")
+            t1 = time.perf_counter()
+            ctx.progress("checking the output on held-out harmless prompts")
+            check = health_check(ctx.source, written_model(ctx, target, folder), device=options.device,
+                                 max_perplexity_ratio=run.max_perplexity_ratio)
+            result.check = check
+            ctx.timings["check"] = time.perf_counter() - t1
+            if result.failed is None and not check.passed:
+                result.failed = (f"perplexity on the check grew x{check.perplexity_ratio:.2f}, above "
+                                 f"--max-perplexity-ratio {run.max_perplexity_ratio:g}")
+            manifest["check"] = check.to_json()
+        result.failed = result.failed or failed
+        if result.failed is not None:
+            manifest["failed"] = result.failed
+
+    write_checkpoint(target, output, fn, method=method.manifest_id, arguments=arguments, added=edit.added or None,
+                     config_updates=edit.config_updates or None, force=run.force, order=edit.order,
+                     inputs=[ctx.ckpt.path, *input_paths(options)], finish=finish)
     return result
 
 
