@@ -34,15 +34,6 @@ def matches(name: str, patterns: list[str]) -> bool:
     return any(fnmatch.fnmatchcase(name, p) or fnmatch.fnmatchcase(name, f"*.{p}") for p in patterns)
 
 
-def in_decoder_block(name: str) -> bool:
-    return BLOCK.search(name) is not None
-
-
-def block_index(name: str) -> int | None:
-    m = BLOCK.search(name)
-    return int(m.group(3)) if m else None
-
-
 def is_residual_writer(tensor: str) -> bool:
     return RESIDUAL_WRITER.search(tensor) is not None
 

@@ -12,12 +12,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .arch import matches
+from .arch import BLOCK, matches
 from .checkpoint import Checkpoint, first_line
 from .errors import SurgeryError
-
-# A decoder block's modules carry a numeric index after the block list's name ("model.layers.3.mlp").
-_BLOCK = re.compile(r"(^|\.)(layers|h|blocks|block)\.\d+\.")
 
 
 def resolve_device(device: str) -> torch.device:
@@ -261,7 +258,7 @@ def linear_targets(model: nn.Module, patterns: list[str] | None = None) -> list[
     """
     names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
     if not patterns:
-        return [n for n in names if _BLOCK.search(n)]
+        return [n for n in names if BLOCK.search(n)]
     chosen = [n for n in names if matches(n, patterns)]
     if not chosen:
         raise SurgeryError(f"--targets {','.join(patterns)} matches no Linear module (e.g. {names[0] if names else 'none'})")

@@ -8,18 +8,16 @@ next layer's inputs. The statistics equal those of a full forward pass (same ops
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
+from .arch import layer_of
 from .calibrate import InputNorms
 from .checkpoint import Checkpoint
 from .errors import SurgeryError
 from .model import load_config
-
-_LAYER_INDEX = re.compile(r"\.(\d+)\.")
 
 
 def return_freed_memory() -> bool:
@@ -72,14 +70,6 @@ def decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
         if isinstance(module, nn.ModuleList) and len(module) == depth:
             return name, module
     raise SurgeryError(f"cannot find the decoder blocks of architecture '{model.config.model_type}' for streaming")
-
-
-def layer_of(name: str, prefix: str) -> int:
-    """Decoder layer index of a tensor/module name, or -1 for tensors outside the blocks."""
-    if not name.startswith(prefix + "."):
-        return -1
-    m = _LAYER_INDEX.match(name[len(prefix) :] + ".")
-    return int(m.group(1)) if m else -1
 
 
 def _materialise(model: nn.Module, ckpt: Checkpoint, prefix: str, device, dtype) -> None:

@@ -6,10 +6,9 @@ import torch
 import surgery.kernels
 import surgery.select as select
 from surgery.errors import SurgeryError
+from surgery.kernels.keys import key_to_float, order_keys
 from surgery.select import (
     global_threshold,
-    key_to_float,
-    order_keys,
     prune_matrix,
     prune_rows,
     rows_to_remove,

@@ -21,7 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..select import key_to_float, pick_digit
+from .keys import key_to_float, pick_digit
 
 DIGIT_BITS = 8  # radix digit: 4 passes over a 32-bit key, 256-bin histograms
 MAX_ROW_BLOCK = 2048  # columns handled per step of a row program
@@ -30,7 +30,7 @@ GLOBAL_BLOCK = 4096  # elements per step of a global-histogram program
 
 @triton.jit
 def _order_key(score):
-    """fp32 -> uint32 with the same order (the map of `surgery.select.order_keys`)."""
+    """fp32 -> uint32 with the same order (the map of `surgery.kernels.keys.order_keys`)."""
     score = tl.where(score != score, float("-inf"), score)  # NaN counts as -inf
     score = tl.where(score == 0.0, 0.0, score)  # -0.0 and +0.0 are one score: give them one key
     bits = score.to(tl.uint32, bitcast=True)

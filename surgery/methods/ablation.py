@@ -45,8 +45,6 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..arch import RESIDUAL_WRITER as WRITERS
-from ..arch import TOKEN_EMBEDDING as EMBEDDING
 from ..arch import is_residual_writer, is_token_embedding
 from ..checkpoint import open_checkpoint
 from ..errors import SurgeryError

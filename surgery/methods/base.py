@@ -220,10 +220,6 @@ class Context:
     def _count(self) -> None:
         self.forward_passes += 1
 
-    @property
-    def model_loaded(self) -> bool:
-        return self._model is not None
-
     def release_model(self) -> None:
         self._model = None
         gc.collect()
