@@ -2,30 +2,32 @@
 
 from __future__ import annotations
 
+import importlib
 import sys
 
 from surgery.methods import REGISTRY
 
 from .app import app
 from .build import repair_command
-from .commands import ablate, edit, eigenshift, prune, resta, revert, safelora
 from .commands.eval import eval_command
 from .commands.import_gguf import import_gguf_command
 from .commands.probe_train import probe_train_command
 from .commands.repair import repair_command as repair_all_command
 from .errors import exit_code
 
-# What each repair method prints (its options come from its schema: cli/build.py).
-PRINTERS = {"prune": (prune.show, prune.show_plan), "edit": (edit.show, edit.show_plan),
-            "ablate": (ablate.show, None), "eigenshift": (eigenshift.show, None),
-            "resta": (resta.show, resta.show_plan), "revert": (revert.show, revert.show_plan),
-            "safelora": (safelora.show, safelora.show_plan)}
 
+def printers(method) -> tuple:
+    """(show, show_plan) of a method's command, from the module its `printer` names (cli/commands/NAME.py by default)."""
+    module = method.printer_module()
+    if module is None:
+        return (lambda result, options: None), None
+    found = importlib.import_module(module)
+    return found.show, getattr(found, "show_plan", None)
 
 
 def register_command(target, method) -> None:
-    """Give a registered method its command on `target`, generated from its options schema."""
-    show, plan = PRINTERS.get(method.name, (lambda result, options: None, None))
+    """Give a registered method its command on `target`, generated from its options schema, printed by its printer."""
+    show, plan = printers(method)
     target.command(method.name, help=method.summary)(repair_command(method, show, plan))
 
 

@@ -14,9 +14,11 @@ the same unedited model, which is loaded once and shared: each candidate's searc
 
 from __future__ import annotations
 
+import itertools
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Callable
 
 from .errors import SurgeryError
@@ -24,6 +26,44 @@ from .methods import REGISTRY, RunOptions
 from .methods.base import open_context, prepare_and_search, refuse_output, write_repair
 from .methods.common import MethodOptions
 from .options import option, validate_fields
+
+
+# What a user may give `surgery repair` besides MODEL: each candidate is offered for some of these.
+INPUTS = ("reference", "unaligned", "probe", "adapter")
+
+
+def offers() -> dict[str, list[frozenset[str]]]:
+    """Candidate label -> every combination of INPUTS with which a registered method offers it, found by asking each
+    method's `repair_candidates` with placeholder paths (it depends only on which inputs are given). In registry order;
+    methods whose repair figure is not the harmful score (EigenShift: toxicity) are not compared, so not listed."""
+    found: dict[str, list[frozenset[str]]] = {}
+    combos = [frozenset(c) for size in range(len(INPUTS) + 1) for c in itertools.combinations(INPUTS, size)]
+    for method in REGISTRY.values():
+        if method.repair_metric != "harmful_score":
+            continue
+        for combo in combos:
+            given = SimpleNamespace(**{k: (f"<{k}>" if k in combo else None) for k in INPUTS}, methods=None,
+                                    max_harmful_score=None, device="auto", allow_pickle=False)
+            for label, _ in method.repair_candidates(given):
+                found.setdefault(label, []).append(combo)
+    return found
+
+
+def needs(label: str) -> str:
+    """What `--methods LABEL` needs from the user, in words, from `offers` (empty for an unknown label)."""
+    combos = offers().get(label)
+    if not combos:
+        return ""
+    minimal = [c for c in combos if not any(other < c for other in combos)]
+    def flags(names) -> str:
+        spelled = [f"--{n}" for n in INPUTS if n in names]
+        return ", ".join(spelled[:-1]) + " and " + spelled[-1] if len(spelled) > 1 else "".join(spelled)
+
+    excluded = [n for n in INPUTS if all(n not in m and (m | {n}) not in combos for m in minimal)]
+    if all(not m for m in minimal):
+        return f"it is offered only without {flags(excluded)}" if excluded else ""
+    hint = "it needs " + " or ".join(flags(m) for m in minimal if m)
+    return hint + (f" (and no {flags(excluded)})" if excluded else "")
 
 
 @dataclass
@@ -34,8 +74,7 @@ class RepairOptions(MethodOptions):
                                          "with --reference, RESTA and the sign-conflict revert join the candidates.", folder=True)
     probe: str | None = option(None, "A probe from `surgery probe-train`: the probe edit joins the candidates.", folder=True)
     methods: list[str] | None = option(None, "Comma-separated candidates to try (default: every one that applies): "
-                                             "prune, prune-restore, prune-adapter, ablate, ablate-from-reference, "
-                                             "edit, resta, revert, safelora.", patterns=True)
+                                             f"{', '.join(offers())}.", patterns=True)
     max_harmful_score: float | None = option(None, "CI gate: exit 1 unless the chosen repair's held-out harmful score is at "
                                                    "most this share (0-1).", low=0.0, high=1.0)
 
@@ -76,10 +115,8 @@ def candidates(options: RepairOptions) -> list[Candidate]:
     known = {c.label for c in offered}
     for w in wanted:
         if w not in known:
-            needs = {"prune-restore": "--reference (and no --adapter)", "ablate-from-reference": "--reference",
-                     "edit": "--probe", "resta": "--reference and --unaligned", "revert": "--reference and --unaligned",
-                     "prune-adapter": "--adapter", "safelora": "--adapter, --reference and --unaligned"}
-            hint = f": it needs {needs[w]}" if w in needs else f" (with what was given: {', '.join(sorted(known))})"
+            hint = needs(w)
+            hint = f": {hint}" if hint else f" (with what was given: {', '.join(sorted(known))})"
             raise SurgeryError(f"--methods: no candidate '{w}'{hint}")
     return [c for c in offered if c.label in wanted]
 

@@ -28,7 +28,7 @@ from surgery.testing.tiny import save_tiny_checkpoint
 from .conftest import cli, folder_hashes
 from .test_adapter import file_adapter, merged_checkpoint
 from .test_probe_edit import make_probe
-from .test_safety_vector import pair_args
+from .test_safety_vector import derived_checkpoint, pair_args
 from .toy_method import Scale
 
 TOY = Scale()
@@ -61,6 +61,11 @@ def eigenshift_args(model: Path, inputs: Path, monkeypatch) -> list:
             "--alpha", "0.9"]
 
 
+def reference_args(model: Path, inputs: Path) -> list:
+    """--reference for a contract run: a checkpoint of the model's own layout (the model is its fine-tune)."""
+    return ["--reference", derived_checkpoint(model, inputs / "reference", seed=11, scale=0.005)]
+
+
 # The one table: method name -> its extra arguments on a tiny checkpoint, from (model folder, a folder for its
 # inputs, monkeypatch). Arguments are chosen so the output stays sound (the after-write check gates at x2).
 ARGS = {
@@ -75,6 +80,7 @@ ARGS = {
                                          "--max-samples", "4", "--max-new-tokens", "4", "--fraction", "0.5"],
     "safelora": lambda model, inputs, mp: ["--adapter", file_adapter(model, inputs / "adapter"),
                                            *pair_args(model, inputs), "--layers", "2", "--merge"],
+    "interpolate": lambda model, inputs, mp: [*reference_args(model, inputs), "--alpha", "0.5"],
     TOY.name: lambda model, inputs, mp: ["--factor", "0.1"],
 }
 

@@ -34,6 +34,7 @@ class Scale(Method):
     summary = "Toy: scale every residual-stream writer by (1 - factor)."
     Options = ScaleOptions
     strength = Strength("factor", low=0.0, high=0.5, describe="share of each writer's output removed")
+    printer = None  # no cli/commands/scale.py: the command prints only the check line
 
     def prepare(self, ctx, options: ScaleOptions) -> PreparedScale:
         return PreparedScale([n for n in ctx.ckpt.tensors if is_residual_writer(n)])

@@ -7,13 +7,14 @@ from .ablation import DirectionAblation
 from .antidote import Antidote
 from .base import Edit, Method, Prepared, RepairReport, RunOptions, Strength, run_repair
 from .eigenshift import EigenShift
+from .interpolate import Interpolate
 from .probe_edit import ProbeEdit
 from .resta import Resta
 from .safelora import SafeLora
 from .revert import SignConflictRevert
 
 REGISTRY: dict[str, Method] = {m.name: m for m in (Antidote(), ProbeEdit(), DirectionAblation(), EigenShift(),
-                                                 Resta(), SignConflictRevert(), SafeLora())}
+                                                 Resta(), SignConflictRevert(), SafeLora(), Interpolate())}
 
 
 def register(method: Method) -> Method:

@@ -101,13 +101,24 @@ class Method:
     # (it edits the adapter's own tensors and writes an adapter folder; --merge writes it merged).
     adapter_mode: ClassVar[str] = "merge"
     may_be_the_model: ClassVar[frozenset] = frozenset()  # references that may be MODEL itself (SafeLoRA's --aligned)
+    # What the command prints: a module (dotted path) with show(result, options) and optionally show_plan(plan, options).
+    # "": cli/commands/<name>.py (dashes as underscores); None: only the check line (the toy of tests/toy_method.py).
+    printer: ClassVar[str | None] = ""
 
     def validate(self, options) -> None:
         """Cross-field rules (the schema checks each field on its own)."""
 
+    def printer_module(self) -> str | None:
+        """The module holding this command's printer (see `printer`), or None."""
+        if self.printer is None:
+            return None
+        return self.printer or f"cli.commands.{self.name.replace('-', '_')}"
+
     def repair_candidates(self, given) -> list[tuple[str, Any]]:
         """What `surgery repair` tries with this method, as (label, options with the strength on auto), given the
-        user's `surgery.repair.RepairOptions` (a reference? a probe?). Default: nothing."""
+        user's `surgery.repair.RepairOptions` (a reference? a probe?). Default: nothing. It must depend only on which
+        inputs are given: `surgery repair` also asks it with placeholder paths, to list the labels (`--methods`) and
+        what each needs (surgery.repair.offers)."""
         return []
 
     def plan(self, ctx: "Context", options) -> Any:
