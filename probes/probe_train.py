@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from surgery.checkpoint import open_checkpoint
+from surgery.checkpoint import open_checkpoint, refuse_nonfinite
 from surgery.errors import SurgeryError
 from surgery.model import load_model, load_tokenizer, resolve_device
 from surgery.prompts import load_examples
@@ -50,6 +50,8 @@ class ProbeOptions:
     c: float | None = None  # None: chosen by cross-validation on the train split
     device: str = "auto"
     adapter: str | None = None  # a peft LoRA folder on the model: the probe reads base + adapter
+    allow_pickle: bool = False  # accept pickle-only weights (read weights-only)
+    allow_nonfinite: bool = False  # accept weights holding NaN or Inf (refused by default, before any work)
 
     def validate(self) -> None:
         if self.pooling not in POOLINGS:
@@ -107,7 +109,9 @@ def train_probe_checkpoint(model_dir: str | Path, positive: str | Path, negative
     options.validate()
     from surgery.adapter import with_adapter
 
-    ckpt = with_adapter(open_checkpoint(model_dir), options.adapter)
+    ckpt = with_adapter(open_checkpoint(model_dir, options.allow_pickle), options.adapter, options.allow_pickle)
+    if not options.allow_nonfinite:
+        refuse_nonfinite(ckpt)
     num_layers = int(ckpt.config.get("num_hidden_layers", 0))
     layers = options.layers(num_layers)
     pos = load_examples(positive, column=options.column, response_column=options.response_column,

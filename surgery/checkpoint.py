@@ -163,6 +163,72 @@ def sha256_file(path: Path, chunk: int = 1 << 24) -> str:
     return h.hexdigest()
 
 
+# Floating-point dtypes (the only ones that can hold NaN or Inf).
+FLOAT_DTYPES = frozenset(d for d in SAFETENSORS_DTYPES.values() if d.is_floating_point)
+_CHECK_BYTES = 1 << 26  # bytes read at a time by the finiteness check (64 MiB)
+_FINITE_FILES: set[tuple[str, int, int]] = set()  # (file, size, mtime): weight files already found finite
+
+
+def refuse_nonfinite(ckpt: "Checkpoint", role: str = "") -> None:
+    """Refuse weights holding NaN or Inf, naming the first such tensor and its file (--allow-nonfinite lets them through).
+
+    One streamed pass over the floating-point tensors, in file order, at most 64 MiB read at a time, before any work;
+    a file already found finite (same path, size and modification time) is not read again. A base with an adapter
+    merged in is checked as its two parts; pickle weights (already in memory) are checked there.
+    """
+    parts = [ckpt.base, ckpt.adapter] if getattr(ckpt, "adapter", None) is not None else [ckpt]
+    for part in parts:
+        state = getattr(part, "state", None)
+        if state is not None:
+            for name, tensor in state.items():
+                if tensor.dtype in FLOAT_DTYPES:
+                    _refuse_if_bad(name, part.path / part.pickle_files[0], [tensor], role)
+            continue
+        for shard in part.shards:
+            _check_file(part.path / shard, [t for t in part.tensors.values() if t.shard == shard], role)
+
+
+def _check_file(path: Path, tensors: list[TensorInfo], role: str) -> None:
+    stat = path.stat()
+    key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
+    if key in _FINITE_FILES:
+        return
+    with open(path, "rb") as f:
+        (header_len,) = struct.unpack("<Q", f.read(8))
+        start = 8 + header_len
+        for info in sorted(tensors, key=lambda t: t.start):
+            if info.dtype in FLOAT_DTYPES and info.nbytes:
+                _refuse_if_bad(info.name, path, _chunks(f, start + info.start, info.nbytes, info.dtype), role)
+    _FINITE_FILES.add(key)
+
+
+def _chunks(f, offset: int, nbytes: int, dtype: torch.dtype):
+    """One tensor's values, read from an open file in pieces of at most _CHECK_BYTES (whole elements)."""
+    size = _itemsize(dtype)
+    step = max(size, _CHECK_BYTES // size * size)
+    f.seek(offset)
+    for done in range(0, nbytes, step):
+        raw = bytearray(f.read(min(step, nbytes - done)))
+        yield torch.frombuffer(raw, dtype=torch.uint8).view(dtype)
+
+
+def _refuse_if_bad(name: str, path: Path, chunks, role: str) -> None:
+    nan = inf = total = 0
+    for chunk in chunks:
+        if chunk.dtype.itemsize == 1:  # float8: few reductions are implemented for it
+            chunk = chunk.float()
+        total += chunk.numel()
+        # A NaN or Inf anywhere makes the sum non-finite (cheaper than an elementwise test); a non-finite sum may also
+        # be an overflow of large finite values, so only the exact count below decides.
+        if nan or inf or not bool(chunk.sum(dtype=torch.float32 if chunk.dtype != torch.float64 else None).isfinite()):
+            nan += int(chunk.isnan().sum())
+            inf += int(chunk.isinf().sum())
+    if nan or inf:
+        what = " and ".join(f"{n} {kind}" for n, kind in ((nan, "NaN"), (inf, "Inf")) if n)
+        raise SurgeryError(f"{role + ': ' if role else ''}tensor {name} in {path} holds {what} (of {total} values): bad "
+                           "weights are refused before any work; pass --allow-nonfinite to use them anyway")
+
+
 @dataclass
 class Checkpoint:
     """A validated checkpoint folder: config, tensor index, and lazy reads of single tensors."""
@@ -207,9 +273,6 @@ class Checkpoint:
         info = self.tensors[name]
         with safe_open(str(self.path / info.shard), framework="pt") as f:
             return f.get_tensor(name)
-
-    def total_bytes(self) -> int:
-        return sum(t.nbytes for t in self.tensors.values())
 
     def fingerprint(self) -> str:
         """A short identity of the architecture: model type and every tensor's name, shape and dtype."""

@@ -13,7 +13,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from .checkpoint import open_checkpoint
+from .checkpoint import open_checkpoint, refuse_nonfinite
 from .errors import SurgeryError
 from .judges import refusal_judge, toxicity_judge
 from .metrics import (
@@ -34,6 +34,7 @@ class EvalOptions:
     reference: str | None = None
     adapter: str | None = None  # a peft LoRA folder on the model (the base): base + adapter is measured
     allow_pickle: bool = False
+    allow_nonfinite: bool = False  # accept weights holding NaN or Inf (refused by default, before any work)
     judge: str = "keywords"
     toxicity_judge: str = "profanity"
     max_samples: int = 100  # per prompt set (seeded random subset)
@@ -181,6 +182,10 @@ def evaluate_checkpoint(model_dir: str | Path, options: EvalOptions, log=None) -
 
     ckpt = with_adapter(open_checkpoint(model_dir, options.allow_pickle), options.adapter, options.allow_pickle)
     reference_ckpt = open_checkpoint(options.reference, options.allow_pickle) if options.reference else None
+    if not options.allow_nonfinite:
+        refuse_nonfinite(ckpt)
+        if reference_ckpt is not None:
+            refuse_nonfinite(reference_ckpt, "--reference")
     device = resolve_device(options.device)
     tokenizer = load_tokenizer(ckpt.path)
     model = load_model(ckpt, device)

@@ -23,7 +23,7 @@ from typing import Callable
 
 from .errors import SurgeryError
 from .methods import REGISTRY, RunOptions
-from .methods.base import open_context, prepare_and_search, refuse_output, write_repair
+from .methods.base import open_context, prepare_and_search, refuse_nonfinite_inputs, refuse_output, write_repair
 from .methods.common import MethodOptions
 from .options import option, validate_fields
 
@@ -146,6 +146,8 @@ def repair_checkpoint(model_dir: str | Path, output: str | Path, options: Repair
     for c in todo:  # every candidate's own rules, before any model is loaded
         REGISTRY[c.method].validate(c.options)
         validate_fields(c.options)
+    if not run.allow_nonfinite:  # bad weights: one error before any work (each candidate would refuse them alike)
+        refuse_nonfinite_inputs(model_dir, options)
     say = progress or (lambda message: None)
     shared = {}  # the unedited model, by how the candidate sees an adapter (merged, or its own LoRA matrices)
     for i, c in enumerate(todo):

@@ -1,4 +1,5 @@
 import json
+import math
 import struct
 
 import pytest
@@ -84,3 +85,62 @@ def test_header_parser_reports_every_tensor(tiny_ckpt):
     header = read_shard_header(tiny_ckpt / "model.safetensors")
     assert len(header.tensors) == len(open_checkpoint(tiny_ckpt).tensors)
     assert header.metadata.get("format") == "pt"
+
+
+# --- finiteness: NaN or Inf anywhere is refused, naming the tensor, its file and the count --------------------------
+
+
+def _weights(folder, tensors, dtype):
+    from safetensors.torch import save_file
+
+    folder.mkdir()
+    (folder / "config.json").write_text('{"model_type": "llama"}')
+    save_file({k: v.to(dtype) for k, v in tensors.items()}, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    return open_checkpoint(folder)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+def test_nonfinite_found_in_any_chunk_and_counted(tmp_path, monkeypatch, dtype):
+    import surgery.checkpoint as checkpoint
+
+    monkeypatch.setattr(checkpoint, "_CHECK_BYTES", 64)  # many pieces per tensor: the bad values sit in the last ones
+    bad = torch.zeros(40, 8)
+    bad[39, 7], bad[38, 0], bad[30, 1] = math.nan, math.inf, -math.inf
+    ckpt = _weights(tmp_path / "m", {"a": torch.ones(3), "b": bad, "i": torch.arange(4)}, dtype)
+    with pytest.raises(SurgeryError) as e:
+        checkpoint.refuse_nonfinite(ckpt, "--reference")
+    assert str(e.value).startswith(f"--reference: tensor b in {tmp_path / 'm' / 'model.safetensors'} holds 1 NaN and 2 Inf "
+                                   "(of 320 values)")
+
+
+def test_finite_weights_pass_even_when_their_sum_overflows(tmp_path):
+    import surgery.checkpoint as checkpoint
+
+    big = torch.full((64,), 3e38)  # finite values whose float32 sum is inf: the exact test decides
+    checkpoint.refuse_nonfinite(_weights(tmp_path / "m", {"big": big, "neg": -big}, torch.float32))
+
+
+def test_a_file_found_finite_is_not_read_again_until_it_changes(tmp_path, monkeypatch):
+    import surgery.checkpoint as checkpoint
+
+    ckpt = _weights(tmp_path / "m", {"w": torch.ones(4, 4)}, torch.float32)
+    reads = []
+    real = checkpoint._chunks
+    monkeypatch.setattr(checkpoint, "_chunks", lambda *a: reads.append(1) or real(*a))
+    checkpoint.refuse_nonfinite(ckpt)
+    checkpoint.refuse_nonfinite(ckpt)
+    assert reads == [1]
+    spoiled = _weights(tmp_path / "n", {"w": torch.full((4, 4), math.nan)}, torch.float32)
+    with pytest.raises(SurgeryError, match="holds 16 NaN"):
+        checkpoint.refuse_nonfinite(spoiled)
+
+
+def test_nonfinite_pickle_weights_refused(tmp_path):
+    from surgery.checkpoint import refuse_nonfinite
+
+    folder = tmp_path / "p"
+    folder.mkdir()
+    (folder / "config.json").write_text('{"model_type": "llama"}')
+    torch.save({"w": torch.tensor([1.0, math.inf])}, folder / "pytorch_model.bin")
+    with pytest.raises(SurgeryError, match="tensor w in .*pytorch_model.bin holds 1 Inf"):
+        refuse_nonfinite(open_checkpoint(folder, allow_pickle=True))

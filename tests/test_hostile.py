@@ -10,14 +10,15 @@ checks the contract of docs/reliability.md:
     successful one only the output is new;
   - no pickle ran: the marker file a malicious pickle would create does not exist.
 
-Add a row here for every new hostile input. Cases that need the driver or the CLI modules to call a
-function of cli/errors.py or surgery/writer.py are marked xfail(strict=False) until that wiring lands.
+Add a row here for every new hostile input; a case that covers every command takes them from the registry
+(`_every_command`), so a new method is covered by it without a row.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import shutil
 import signal
@@ -308,31 +309,26 @@ class Case:
     build: Callable[[World], list]  # makes the hostile input in the world, returns the command line
     expect: str = "error"  # "error" (one error: line, exit 2), "usage" (the same, with the command's --help named), "ok" (exit 0)
     needle: str = ""  # must appear in the error line (or the usage message)
-    wiring: str | None = None  # xfail until this is wired in a file owned elsewhere
     skip_as_root: bool = False  # permissions mean nothing to root
 
     def param(self):
-        marks = []
-        if self.wiring:
-            marks.append(pytest.mark.xfail(reason=f"needs wiring: {self.wiring}", strict=False))
-        if self.skip_as_root:
-            marks.append(pytest.mark.skipif(IS_ROOT, reason="root may write anywhere"))
+        marks = [pytest.mark.skipif(IS_ROOT, reason="root may write anywhere")] if self.skip_as_root else []
         return pytest.param(self, id=self.name, marks=marks)
 
 
 CASES: list[Case] = []
 
 
-def case(name, expect="error", needle="", wiring=None, skip_as_root=False):
+def case(name, expect="error", needle="", skip_as_root=False):
     def register(build):
-        CASES.append(Case(name, build, expect, needle, wiring, skip_as_root))
+        CASES.append(Case(name, build, expect, needle, skip_as_root))
         return build
     return register
 
 
-def cases(name, builds: dict, expect="error", needle="", wiring=None):
+def cases(name, builds: dict, expect="error", needle=""):
     for key, build in builds.items():
-        CASES.append(Case(f"{name}[{key}]", build, expect, needle, wiring))
+        CASES.append(Case(f"{name}[{key}]", build, expect, needle))
 
 
 # Output paths: the input, inside it, holding it, the current folder, links, things that are not folders.
@@ -762,6 +758,13 @@ def _(w):
     return prune_calibrated(w, None, None, "--allow-pickle")
 
 
+@case("pickle-only, probe-train --allow-pickle", expect="ok")
+def _(w):
+    to_pickle(w, w.model)
+    w.outputs.append(w.out)
+    return probe_train(w, None, None, "--allow-pickle")
+
+
 # Tokenizer and chat template.
 @case("unknown tokenizer_class", needle="tokenizer_class")
 def _(w):
@@ -922,6 +925,119 @@ def _(w):
     return prune(w)
 
 
+# Bad weights are bad input: NaN or Inf in any tensor a command reads is refused before any work, for every
+# registered method (its contract-suite arguments), eval, probe-train and repair.
+class _NoPatch:
+    """The contract arguments' monkeypatch, unused here: the refusal comes before any judge runs."""
+
+    def setattr(self, *args, **kwargs):
+        pass
+
+
+def registered(w: World, name: str, model=None, *extra) -> list:
+    """The command line of a registered method on the world's model: the contract suite's arguments for it."""
+    from .test_contract import ARGS
+
+    return [name, model or w.model, "-o", w.out, "--device", "cpu", "--no-check", *ARGS[name](w.model, w.inputs, _NoPatch()),
+            *extra]
+
+
+def repair_all(w: World, model=None, out=None, *extra) -> list:
+    return ["repair", model or w.model, "-o", out or w.out, "--device", "cpu", "--search-samples", "2", "--search-tokens",
+            "2", *extra]
+
+
+def spoil(folder: Path, tensor: str, value: float, shard: str = "model.safetensors") -> None:
+    """Set one entry of `tensor` to `value` (NaN, Inf) in a folder's weight file."""
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(str(folder / shard))
+    tensors[tensor].view(-1)[5] = value
+    save_file(tensors, str(folder / shard), metadata={"format": "pt"})
+
+
+def _every_command() -> dict[str, Callable[[World], list]]:
+    from surgery.methods import REGISTRY
+
+    return {**{name: (lambda name: lambda w: registered(w, name))(name) for name in REGISTRY},
+            "eval": lambda w: evaluate(w), "probe-train": lambda w: probe_train(w), "repair": lambda w: repair_all(w)}
+
+
+EMBED = "model.embed_tokens.weight"
+
+
+def spoiled(build: Callable[[World], list], tensor: str, value: float) -> Callable[[World], list]:
+    """The command line `build` gives (its inputs made from the sound model), run on the model with `tensor` spoiled."""
+    def make(w):
+        argv = build(w)
+        spoil(w.model, tensor, value)
+        return argv
+    return make
+
+
+for label, tensor, value in [("NaN in layer 0 q_proj", Q, math.nan), ("Inf in the embeddings", EMBED, math.inf)]:
+    cases(label, {c: spoiled(build, tensor, value) for c, build in _every_command().items()}, needle=f"tensor {tensor} in ")
+
+
+@case("NaN weights: the error names the tensor, its file, the count", needle=f"tensor {Q} in inputs/model/model.safetensors "
+      "holds 1 NaN (of 1024 values)")
+def _(w):
+    spoil(w.model, Q, math.nan)
+    os.chdir(w.root)  # the file is named as given on the command line
+    return ["prune", Path("inputs/model"), "-o", w.out, "--score", "magnitude"]
+
+
+@case("NaN weights, --allow-nonfinite", expect="ok")
+def _(w):
+    spoil(w.model, Q, math.nan)
+    w.outputs.append(w.out)
+    return prune(w, None, None, "--allow-nonfinite")
+
+
+@case("Inf in --reference", needle="--reference: tensor")
+def _(w):
+    reference = w.copy("plain", "reference")
+    spoil(reference, EMBED, -math.inf)
+    return prune(w, None, None, "--reference", reference)
+
+
+@case("NaN in --unaligned", needle="--unaligned: tensor")
+def _(w):
+    argv = registered(w, "resta")
+    spoil(w.inputs / "unaligned", Q, math.nan)
+    return argv
+
+
+@case("NaN in --adapter", needle="adapter_model.safetensors holds 1 NaN")
+def _(w):
+    argv = registered(w, "safelora")
+    adapter = w.inputs / "adapter"
+    spoil(adapter, next(n for n in open_checkpoint_adapter_names(adapter) if n.endswith("lora_B.weight")), math.nan,
+          shard="adapter_model.safetensors")
+    return argv
+
+
+@case("NaN in eval --reference", needle="--reference: tensor")
+def _(w):
+    reference = w.copy("plain", "reference")
+    spoil(reference, Q, math.nan)
+    return evaluate(w, None, "--reference", reference, "--benign", w.prompts)
+
+
+@case("NaN in repair --reference", needle="--reference: tensor")
+def _(w):
+    reference = w.copy("plain", "reference")
+    spoil(reference, Q, math.nan)
+    return repair_all(w, None, None, "--reference", reference)
+
+
+def open_checkpoint_adapter_names(folder: Path) -> list[str]:
+    from safetensors import safe_open
+
+    with safe_open(str(folder / "adapter_model.safetensors"), "pt") as f:
+        return sorted(f.keys())
+
+
 # The command line itself: click's message as one error: line naming the command's --help, exit 2, never a traceback.
 for name, argv, needle in [
     ("missing -o", lambda w: ["eigenshift", w.model, "--prompts", w.prompts], "-o"),
@@ -1051,9 +1167,11 @@ def test_hostile_input(case: Case, world: World, capsys):
 
 
 def test_campaign_covers_every_command():
+    from surgery.methods import REGISTRY
+
     names = " ".join(c.name for c in CASES)
     assert len({c.name for c in CASES}) == len(CASES)  # ids are unique
-    for command in ("prune", "eval", "probe-train", "edit", "ablate", "eigenshift"):
+    for command in [*REGISTRY, "eval", "probe-train", "repair"]:
         assert f"[{command}]" in names, command
     assert "import-gguf" in names or "GGUF" in names
 

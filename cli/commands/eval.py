@@ -56,6 +56,8 @@ def eval_command(
     seed: int = typer.Option(0),
     device: str = typer.Option("auto", help="cpu, cuda or auto."),
     allow_pickle: bool = typer.Option(False, "--allow-pickle", help="Accept .bin/.pt weights (loading them can run code)."),
+    allow_nonfinite: bool = typer.Option(False, "--allow-nonfinite", help="Measure weights holding NaN or Inf (refused by "
+                                                                          "default, before any work)."),
     json_path: Path = typer.Option(None, "--json", help="Write the same figures (and sample answers) as JSON."),
     max_harmful_score: float = typer.Option(None, help="CI gate: exit 1 when the harmful score is above this share (0-1)."),
     min_accuracy: float = typer.Option(None, help="CI gate: exit 1 when task accuracy is below this share (0-1)."),
@@ -64,7 +66,7 @@ def eval_command(
     options = EvalOptions(
         harmful=str(harmful) if harmful else None, benign=str(benign) if benign else None, task=task,
         toxic=str(toxic) if toxic else None, reference=str(reference) if reference else None,
-        adapter=str(adapter) if adapter else None, allow_pickle=allow_pickle, judge=judge,
+        adapter=str(adapter) if adapter else None, allow_pickle=allow_pickle, allow_nonfinite=allow_nonfinite, judge=judge,
         toxicity_judge=toxicity_judge, max_samples=max_samples, max_task_samples=max_task_samples,
         max_new_tokens=max_new_tokens, batch_size=batch_size, seed=seed, device=device,
         max_harmful_score=max_harmful_score, min_accuracy=min_accuracy,

@@ -42,6 +42,10 @@ def probe_train_command(
     device: str = typer.Option("auto", help="cpu, cuda or auto."),
     adapter: Path = typer.Option(None, help="A peft LoRA adapter folder on MODEL: the probe reads base + adapter."),
     force: bool = typer.Option(False, "--force", help="Replace an existing output folder."),
+    allow_pickle: bool = typer.Option(False, "--allow-pickle", help="Accept .bin/.pt weights (read weights-only; loading "
+                                                                    "them can run code)."),
+    allow_nonfinite: bool = typer.Option(False, "--allow-nonfinite", help="Work on weights holding NaN or Inf (refused by "
+                                                                          "default, before any work)."),
 ) -> None:
     """Train a linear probe (logistic regression or the paper's softmax head) on pooled hidden states."""
     options = ProbeOptions(
@@ -49,6 +53,7 @@ def probe_train_command(
         seed=seed, chat=chat, positive_name=positive_name,
         negative_name=negative_name, column=column, response_column=response_column, max_samples=max_samples,
         max_length=max_length, batch_size=batch_size, c=c, device=device, adapter=str(adapter) if adapter else None,
+        allow_pickle=allow_pickle, allow_nonfinite=allow_nonfinite,
     )
     with err.status("reading hidden states and fitting the probe"):
         report = train_probe_checkpoint(model, positive, negative, output, options, force=force)

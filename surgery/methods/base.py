@@ -22,7 +22,7 @@ import torch
 
 from .. import options as schema
 from ..arch import not_itself, same_architecture
-from ..checkpoint import Checkpoint, open_checkpoint
+from ..checkpoint import Checkpoint, open_checkpoint, refuse_nonfinite
 from ..errors import SurgeryError
 from ..model import load_model, load_tokenizer, resolve_device
 from ..options import option
@@ -141,6 +141,8 @@ class RunOptions:
 
     force: bool = option(False, "Replace an existing output folder (only once the new one is complete).", flag="--force")
     dry_run: bool = option(False, "Show what would change and write nothing.", flag="--dry-run")
+    allow_nonfinite: bool = option(False, "Work on weights holding NaN or Inf (the model, a reference, an adapter); "
+                                          "they are refused by default, before any work.", flag="--allow-nonfinite")
     check: bool = option(True, "After writing, compare the output with its input on built-in harmless prompts "
                                "(perplexity, first-token KL; recorded in surgery.json) and fail past the budget.",
                          flag="--check/--no-check")
@@ -335,7 +337,23 @@ def open_context(method: Method, model_dir, options, run: RunOptions, progress=N
     references = {f: open_reference(ckpt, p, schema.flag_of(_field(options, f)), options.allow_pickle,
                                     may_be_itself=merged or f in method.may_be_the_model)
                   for f, p in reference_paths(method, options).items()}
+    if not run.allow_nonfinite and not run.dry_run:  # a dry run reads headers only
+        for role, opened in [("", ckpt), ("--adapter", adapter), *((schema.flag_of(_field(options, f)), r)
+                                                                  for f, r in references.items())]:
+            if opened is not None:
+                refuse_nonfinite(opened, role)
     return Context(ckpt, references, run, options.device, progress, searching=searching, adapter=adapter)
+
+
+def refuse_nonfinite_inputs(model_dir, options) -> None:
+    """NaN or Inf in the model (with its --adapter), --reference or --unaligned: refused, one error (surgery repair, whose
+    candidates each open these)."""
+    from ..adapter import with_adapter
+
+    refuse_nonfinite(with_adapter(open_checkpoint(model_dir, options.allow_pickle), options.adapter, options.allow_pickle))
+    for flag in ("reference", "unaligned"):
+        if getattr(options, flag, None):
+            refuse_nonfinite(open_checkpoint(getattr(options, flag), options.allow_pickle), f"--{flag}")
 
 
 def prepare_and_search(method: Method, ctx: Context, options, run: RunOptions):
