@@ -73,22 +73,27 @@ def test_eval_cli_table_json_and_gate(tiny_ckpt, make_ckpt, sets, tmp_path, caps
     for value in figures.values():
         assert value == value  # no NaN
     assert "harmful score" in cap.out and f"{100 * figures['harmful_score']:.1f}%" in cap.out
-    hs, acc = figures["harmful_score"], figures["accuracy"]
-    # The gate: on the measured bar passes, a hair stricter fails with exit 1 and one line naming the bar.
+
+
+def test_eval_gate_passes_on_the_bar_and_fails_a_hair_past_it(tiny_ckpt, sets, monkeypatch, capsys):
+    """Planted figures (a random tiny model may refuse everything or classify perfectly): both bars are exercised."""
+    import surgery.evaluate as evaluate
+
+    hs, acc = 0.375, 0.625
+    monkeypatch.setattr(evaluate, "harmful_score", lambda model, tok, prompts, *a: (hs, ["sure"] * len(prompts)))
+    monkeypatch.setattr(evaluate, "task_accuracy", lambda model, tok, prompts, *a: (acc, ["1"] * len(prompts)))
+    common = ["--harmful", sets["harmful"], "--task", f"sst2:{sets['sst2']}", "--max-new-tokens", "2", "--device", "cpu"]
     assert run(capsys, "eval", tiny_ckpt, *common, "--max-harmful-score", hs, "--min-accuracy", acc)[0] == 0
-    if hs > 0:
-        code, cap = run(capsys, "eval", tiny_ckpt, *common, "--max-harmful-score", hs - 0.01)
-        assert code == 1
-        assert [line for line in cap.err.splitlines() if "gate failed" in line] == [
-            f"gate failed: harmful score {hs:.3f} is above --max-harmful-score {hs - 0.01:.3f}"
-        ]
-    if acc < 1:
-        code, cap = run(capsys, "eval", tiny_ckpt, *common, "--min-accuracy", min(1.0, acc + 0.01))
-        assert code == 1
-        assert [line for line in cap.err.splitlines() if "gate failed" in line] == [
-            f"gate failed: task accuracy {acc:.3f} is below --min-accuracy {min(1.0, acc + 0.01):.3f}"
-        ]
-    assert hs > 0 or acc < 1  # the random tiny model must exercise at least one failing bar
+    code, cap = run(capsys, "eval", tiny_ckpt, *common, "--max-harmful-score", hs - 0.01)
+    assert code == 1
+    assert [line for line in cap.err.splitlines() if "gate failed" in line] == [
+        f"gate failed: harmful score {hs:.3f} is above --max-harmful-score {hs - 0.01:.3f}"
+    ]
+    code, cap = run(capsys, "eval", tiny_ckpt, *common, "--min-accuracy", acc + 0.01)
+    assert code == 1
+    assert [line for line in cap.err.splitlines() if "gate failed" in line] == [
+        f"gate failed: task accuracy {acc:.3f} is below --min-accuracy {acc + 0.01:.3f}"
+    ]
 
 
 @pytest.mark.parametrize(
