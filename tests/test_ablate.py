@@ -5,9 +5,10 @@ import torch
 
 from cli.main import main
 from surgery.methods.ablation import (
-    EMBEDDING, WRITERS, AblateOptions, ablate_checkpoint, auc, behaviour_key, candidate_layers, choose_layer,
+    AblateOptions, ablate_checkpoint, auc, behaviour_key, candidate_layers, choose_layer,
     difference_of_means, intervened, orthogonalise, refusal_direction,
 )
+from surgery.arch import is_residual_writer, is_token_embedding
 from surgery.checkpoint import MANIFEST_NAME, open_checkpoint
 from surgery.errors import SurgeryError
 from surgery.testing.tiny import save_tiny_checkpoint, tiny_llama
@@ -79,9 +80,9 @@ def test_the_forward_intervention_is_the_weight_edit(tied, embeddings, scale):
     edited = copy.deepcopy(model)
     with torch.no_grad():
         for name, p in edited.named_parameters():
-            if WRITERS.search(name):
+            if is_residual_writer(name):
                 p.copy_(orthogonalise(p, r, scale))
-            elif embeddings and EMBEDDING.search(name):
+            elif embeddings and is_token_embedding(name):
                 p.copy_(orthogonalise(p, r, scale, embedding=True))
     ids = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(6))
     with torch.no_grad():

@@ -10,7 +10,7 @@ import typer
 from cli.build import parameters
 from cli.commands.eval import eval_command
 from cli.commands.probe_train import probe_train_command
-from probes.probe_train import ProbeOptions
+from surgery.probes.probe_train import ProbeOptions
 from surgery.evaluate import EvalOptions
 from surgery.methods import REGISTRY, RunOptions
 from surgery.options import schema

@@ -144,7 +144,7 @@ class World:
 
     def make_probe(self) -> Path:
         """A probe for the model (same fingerprint), as `surgery probe-train` would write it."""
-        from probes.artifact import Probe, ProbeMeta, save_probe
+        from surgery.probes.artifact import Probe, ProbeMeta, save_probe
 
         ckpt = open_checkpoint(self.model)
         hidden, layers = ckpt.config["hidden_size"], ckpt.config["num_hidden_layers"]

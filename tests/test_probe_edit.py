@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from cli.main import main
-from probes.artifact import Probe, ProbeMeta, save_probe
+from surgery.probes.artifact import Probe, ProbeMeta, save_probe
 from surgery.checkpoint import MANIFEST_NAME, open_checkpoint
 from surgery.errors import SurgeryError
 from surgery.methods.probe_edit import PAPER_FRACTION, EditOptions, edit_checkpoint, gate_tensors, plan_edit, row_cosines

@@ -4,9 +4,9 @@ import pytest
 import torch
 
 from cli.main import main
-from probes import ProbeOptions, fit_probe, load_probe, pool, pooled_hidden_states, train_probe_checkpoint
-from probes.artifact import META_NAME, WEIGHTS_NAME
-from probes.collect import encode_texts
+from surgery.probes import ProbeOptions, fit_probe, load_probe, pool, pooled_hidden_states, train_probe_checkpoint
+from surgery.probes.artifact import META_NAME, WEIGHTS_NAME
+from surgery.probes.collect import encode_texts
 from surgery.checkpoint import open_checkpoint
 from surgery.errors import SurgeryError
 from surgery.testing.tiny import char_tokenizer, save_tiny_checkpoint, tiny_llama
@@ -101,7 +101,7 @@ def test_probe_json_with_unknown_keys_loads_and_keeps_them(tiny_ckpt, classes, t
     meta_file.write_text(json.dumps({**json.loads(meta_file.read_text()), "data": "set-a", "future": 3}))
     probe = load_probe(tmp_path / "probe", open_checkpoint(tiny_ckpt))
     assert probe.meta.extra == {"data": "set-a", "future": 3} and probe.meta.layer == 2
-    from probes.artifact import save_probe
+    from surgery.probes.artifact import save_probe
     save_probe(probe, tmp_path / "again")
     assert load_probe(tmp_path / "again").meta.extra == {"data": "set-a", "future": 3}
     meta_file.write_text(json.dumps({"layer": 2}))  # required fields missing: a clear error, not a TypeError
@@ -178,7 +178,7 @@ def templated_tokenizer():
 
 
 def test_content_pool_masks_exactly_the_templates_tokens():
-    from probes.collect import encode_examples
+    from surgery.probes.collect import encode_examples
     from surgery.prompts import Example
 
     tok = templated_tokenizer()
@@ -209,7 +209,7 @@ def test_content_pool_masks_exactly_the_templates_tokens():
 
 
 def test_default_pool_follows_chat_and_responses():
-    from probes.collect import default_pool
+    from surgery.probes.collect import default_pool
     from surgery.prompts import Example
 
     assert default_pool(False, [Example("a", "b")]) == "all"
@@ -229,7 +229,7 @@ def test_content_pooling_recovers_a_planted_direction_that_all_pooling_misses():
     examples are shorter, so with every token pooled the template's share (and c) tells the classes apart too."""
     import random
 
-    from probes.collect import encode_examples
+    from surgery.probes.collect import encode_examples
     from surgery.prompts import Example
 
     tok, rng, g = templated_tokenizer(), random.Random(0), torch.Generator().manual_seed(0)
@@ -267,7 +267,7 @@ def planted(n=600, d=24, shift=3.0, seed=0):
 
 
 def test_paper_classifier_reaches_the_planted_accuracy():
-    from probes.train import fit_paper_probe
+    from surgery.probes.train import fit_paper_probe
 
     x, labels, u = planted()  # classes +-3 along u: Bayes accuracy 99.9 %
     fitted = fit_paper_probe(x, labels, test_fraction=0.25, seed=0, epochs=40, lr=1e-2)
@@ -285,7 +285,7 @@ def test_paper_classifier_reaches_the_planted_accuracy():
 
 def test_paper_recipe_on_little_data_leaves_a_mostly_random_row():
     """The authors' 9 epochs at lr 1e-4 on 160 training examples are 90 Adam steps: W[1] is still mostly its init."""
-    from probes.train import MOSTLY_RANDOM, PAPER_EPOCHS, PAPER_LR, fit_paper_probe
+    from surgery.probes.train import MOSTLY_RANDOM, PAPER_EPOCHS, PAPER_LR, fit_paper_probe
 
     x, labels, _ = planted(n=200, d=64, shift=1.0)
     fitted = fit_paper_probe(x, labels, 0.2, 0, PAPER_EPOCHS, PAPER_LR)

@@ -7,8 +7,8 @@ from pathlib import Path
 import typer
 from rich.table import Table
 
-from probes.probe_train import PLOT_NAME, ProbeOptions, train_probe_checkpoint
-from probes.train import MOSTLY_RANDOM, PAPER_BATCH
+from surgery.probes.probe_train import PLOT_NAME, ProbeOptions, train_probe_checkpoint
+from surgery.probes.train import MOSTLY_RANDOM, PAPER_BATCH
 
 from ..console import err, out
 

@@ -131,7 +131,7 @@ def difference_of_means(harmful: torch.Tensor, harmless: torch.Tensor) -> torch.
 
 def held_out_split(n_harmful: int, n_harmless: int, held_out: float, seed: int):
     """Labels (1 = harmful, harmful first) and the seeded, stratified fit / held-out indices."""
-    from probes.train import split_indices
+    from ..probes.train import split_indices
 
     labels = np.array([1] * n_harmful + [0] * n_harmless)
     fit, test = split_indices(labels, held_out, seed)
@@ -262,7 +262,7 @@ def orthogonalise(weight: torch.Tensor, r: torch.Tensor, scale: float, embedding
 
 def last_token_states(model, tokenizer, prompts: list[str], layers: list[int], options: AblateOptions) -> dict[int, torch.Tensor]:
     """Residual stream at the last prompt token (chat template with the generation prompt)."""
-    from probes.collect import encode_texts, pooled_hidden_states, render
+    from ..probes.collect import encode_texts, pooled_hidden_states, render
 
     from ..prompts import Example
 

@@ -71,8 +71,8 @@ class EditPlan:
     layer_of: dict[str, int] = field(default_factory=dict)
     probe_norm: float = 0.0  # ||w||: alpha is in these units (the probe row is not normalised)
     mean_row_norm: float = 0.0  # mean norm of the selected rows
-    paper_alpha_per_alpha: float = 2.0  # probes.artifact.Probe.paper_alpha_per_alpha
-    probe_meta: Any = None  # probes.artifact.ProbeMeta
+    paper_alpha_per_alpha: float = 2.0  # surgery.probes.artifact.Probe.paper_alpha_per_alpha
+    probe_meta: Any = None  # surgery.probes.artifact.ProbeMeta
     gate_check: Any = None  # surgery.gates.GateCheck, when measured
     centred_norms: dict[int, float] = field(default_factory=dict)  # --centre: layer -> ||w_l||
 
@@ -129,7 +129,7 @@ def select_rows(cosines: dict[str, torch.Tensor], k: int) -> dict[str, list[int]
 
 
 def load_checked_probe(ckpt: Checkpoint, probe_dir: str | Path, gates: dict[str, int]):
-    from probes.artifact import load_probe
+    from ..probes.artifact import load_probe
 
     probe = load_probe(probe_dir, ckpt)
     width = ckpt.tensors[next(iter(gates))].shape[1]
@@ -187,7 +187,7 @@ CHECK_MAX_LENGTH = 256  # tokens per input, as probe-train's default
 def encode_for_probe(tokenizer, examples, meta, pool: str | None = None):
     """(ids, pool masks, pool) of `examples` read as the probe read its data: with its chat setting and its tokens,
     except that inputs without responses are read as content when the probe pooled responses."""
-    from probes.collect import default_pool, encode_examples
+    from ..probes.collect import default_pool, encode_examples
 
     pool = pool or meta.pool
     if pool == "response" and any(ex.response is None for ex in examples):

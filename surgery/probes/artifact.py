@@ -3,7 +3,7 @@
 Row 1 of `weight` is the undesired class (--positive, e.g. "toxic"). A `logistic` probe keeps row 0 at
 zero, so that softmax(W h + b)[1] = sigmoid(w·h + b) is exactly the fitted binary logistic regression and
 row 1 is the whole logit-difference direction D. A `paper` probe keeps both trained rows, and row 1 is
-what the paper adds to gate rows: D/2 plus its random initialisation (probes.train.fit_paper_probe).
+what the paper adds to gate rows: D/2 plus its random initialisation (surgery.probes.train.fit_paper_probe).
 probe.json files written before `pool` and `classifier` existed read as `all` and `logistic`, which is
 what they were.
 """
@@ -17,8 +17,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from surgery.checkpoint import Checkpoint, read_shard_header
-from surgery.errors import SurgeryError
+from ..checkpoint import Checkpoint, read_shard_header
+from ..errors import SurgeryError
 
 from .collect import POOLINGS, POOLS
 from .train import CLASSIFIERS
@@ -49,7 +49,7 @@ class ProbeMeta:
     test_fraction: float = 0.2
     c: float | None = 1.0  # logistic regression inverse regularisation strength (None: the paper classifier)
     pool: str = "all"  # which tokens were pooled (all, content, response); older probes pooled every token
-    classifier: str = "logistic"  # logistic or paper (probes.train)
+    classifier: str = "logistic"  # logistic or paper (surgery.probes.train)
     epochs: int | None = None  # paper classifier: the training recipe and how much of row 1 is still random
     lr: float | None = None
     steps: int = 0

@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import torch
 
-from surgery.errors import SurgeryError
-from surgery.prompts import Example, chat_text, pad_batches
+from ..errors import SurgeryError
+from ..prompts import Example, chat_text, pad_batches
 
 POOLINGS = ("mean", "last")  # how the chosen tokens are reduced
 POOLS = ("all", "content", "response")  # which tokens are reduced

@@ -2,8 +2,8 @@
 
 Wang et al. 2024 ("Model Surgery", arXiv 2407.08770) §3.1: a 2-class linear probe on the mean of the
 final hidden state over the tokens of plain text. --positive is the undesired class (probe row 1).
---pool says which tokens are pooled (with --chat, not the template's own: see probes.collect),
---pooling how, --classifier which head is fitted (probes.train).
+--pool says which tokens are pooled (with --chat, not the template's own: see surgery.probes.collect),
+--pooling how, --classifier which head is fitted (surgery.probes.train).
 """
 
 from __future__ import annotations
@@ -14,11 +14,11 @@ from pathlib import Path
 
 import torch
 
-from surgery.checkpoint import open_checkpoint, refuse_nonfinite
-from surgery.errors import SurgeryError
-from surgery.model import load_model, load_tokenizer, resolve_device
-from surgery.prompts import load_examples
-from surgery.writer import check_output_path, staged_output
+from ..checkpoint import open_checkpoint, refuse_nonfinite
+from ..errors import SurgeryError
+from ..model import load_model, load_tokenizer, resolve_device
+from ..prompts import load_examples
+from ..writer import check_output_path, staged_output
 
 from .artifact import Probe, ProbeMeta, save_probe
 from .collect import POOLINGS, POOLS, default_pool, encode_examples, layer_count, pooled_hidden_states
@@ -107,7 +107,7 @@ def train_probe_checkpoint(model_dir: str | Path, positive: str | Path, negative
                            options: ProbeOptions, force: bool = False) -> ProbeReport:
     """Train and save a probe; the output folder appears complete or not at all."""
     options.validate()
-    from surgery.adapter import with_adapter
+    from ..adapter import with_adapter
 
     ckpt = with_adapter(open_checkpoint(model_dir, options.allow_pickle), options.adapter, options.allow_pickle)
     if not options.allow_nonfinite:
@@ -171,7 +171,7 @@ def write_layer_table(table: dict[int, tuple[float, float]], path: Path) -> None
 
 def plot_layers(table: dict[int, tuple[float, float]], path: Path, title: str) -> None:
     """Held-out (and train) probe accuracy per hidden-state index."""
-    from surgery.plotting import pyplot, save
+    from ..plotting import pyplot, save
 
     xs = sorted(table)
     plt = pyplot()

@@ -15,12 +15,12 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from surgery.errors import SurgeryError
+from ..errors import SurgeryError
 
 
 @dataclass
 class FittedProbe:
-    """Binary logistic regression in two-row softmax form (see `probes.artifact`)."""
+    """Binary logistic regression in two-row softmax form (see `surgery.probes.artifact`)."""
 
     weight: torch.Tensor  # [2, hidden] fp32; row 1 is the undesired (positive) class (logistic: row 0 is all zeros)
     bias: torch.Tensor  # [2]
