@@ -81,6 +81,8 @@ ARGS = {
     "safelora": lambda model, inputs, mp: ["--adapter", file_adapter(model, inputs / "adapter"),
                                            *pair_args(model, inputs), "--layers", "2", "--merge"],
     "interpolate": lambda model, inputs, mp: [*reference_args(model, inputs), "--alpha", "0.5"],
+    "safe-delta": lambda model, inputs, mp: [*reference_args(model, inputs), "--data", text_file(inputs, "harmful.txt", HARMFUL),
+                                             "--max-samples", "4", "--max-new-tokens", "4", "--budget", "0.1"],
     TOY.name: lambda model, inputs, mp: ["--factor", "0.1"],
 }
 

@@ -35,6 +35,7 @@ import torch
 
 from cli.errors import run_cli
 from surgery.checkpoint import INDEX_NAME, open_checkpoint
+from surgery.methods import REGISTRY
 
 from surgery.testing.tiny import char_tokenizer, save_tiny_checkpoint
 
@@ -214,7 +215,21 @@ def import_gguf(w: World, source=None, out=None, *extra) -> list:
     return ["import-gguf", source or w.gguf(), out or w.out, *extra]
 
 
-WRITERS = {"prune": prune, "probe-train": probe_train, "edit": edit, "ablate": ablate, "eigenshift": eigenshift}
+def contract_writer(name: str) -> Callable:
+    """A registered method without a hand-made line above: its contract-suite arguments (tests/test_contract.py ARGS),
+    made from the pristine model (the world's model may be spoiled or pickled by then)."""
+    def build(w: World, model=None, out=None, *extra) -> list:
+        from .test_contract import ARGS
+
+        return [name, model or w.model, "-o", out or w.out, "--device", "cpu", "--no-check",
+                *ARGS[name](w.pristine["plain"], w.inputs, _NoPatch()), *extra]
+    return build
+
+
+HAND_MADE = {"prune": prune, "edit": edit, "ablate": ablate, "eigenshift": eigenshift}
+# Every registered method (a new one cannot slip past the output-path and pickle cases), repair and probe-train.
+WRITERS = {**{name: HAND_MADE.get(name) or contract_writer(name) for name in REGISTRY},
+           "repair": lambda w, model=None, out=None, *extra: repair_all(w, model, out, *extra), "probe-train": probe_train}
 LOADERS = {"prune": prune_calibrated, "eval": lambda w, m=None, o=None: evaluate(w, m), "probe-train": probe_train,
            "ablate": ablate, "eigenshift": eigenshift}
 OPENERS = {**WRITERS, "eval": LOADERS["eval"]}

@@ -60,7 +60,7 @@ def test_repair_writes_the_method_with_the_lowest_held_out_harmful_score(monkeyp
     assert code == 0, cap.err
     assert manifest["method"] == "antidote-prune" and manifest["arguments"]["reference"] == str(ref)
     tried = {c["candidate"]: c for c in manifest["report"]["repair"]["candidates"]}
-    assert set(tried) == {"prune-restore", "ablate", "ablate-from-reference", "interpolate"}
+    assert set(tried) == {"prune-restore", "ablate", "ablate-from-reference", "interpolate", "safe-delta"}
     assert manifest["report"]["repair"]["chosen"] == "prune-restore"
     assert (tmp_path / "out" / "repair.png").is_file()
     assert (folder_hashes(model), folder_hashes(ref)) == before

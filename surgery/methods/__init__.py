@@ -10,11 +10,13 @@ from .eigenshift import EigenShift
 from .interpolate import Interpolate
 from .probe_edit import ProbeEdit
 from .resta import Resta
+from .safe_delta import SafeDelta
 from .safelora import SafeLora
 from .revert import SignConflictRevert
 
 REGISTRY: dict[str, Method] = {m.name: m for m in (Antidote(), ProbeEdit(), DirectionAblation(), EigenShift(),
-                                                 Resta(), SignConflictRevert(), SafeLora(), Interpolate())}
+                                                 Resta(), SignConflictRevert(), SafeLora(), Interpolate(),
+                                                 SafeDelta())}
 
 
 def register(method: Method) -> Method:

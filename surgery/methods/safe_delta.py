@@ -1,0 +1,356 @@
+"""Safe Delta (Lu et al., ICML 2025, arXiv 2505.12038): keep as much of the fine-tune delta as a safety budget allows,
+and compensate what is kept so each layer's output on safety data stays close to the aligned model's.
+
+For every Linear of the decoder (weight W [rows, cols], input width cols):
+
+    X        the ALIGNED model's inputs to that Linear on the safety calibration set (harmful prompt + safe response,
+             prompt and response tokens, padding excluded); modules that read the same input (q/k/v, gate/up) share H
+    H        = 2 X Xᵀ / N                        (N: tokens; every rule below is unchanged by the scale of H)
+    H'       = H + λI,  λ = DAMP · mean(diag H)  (DAMP 0.01; a column never seen, H_jj = 0, gets H_jj = 1 first)
+    U        upper Cholesky factor of H'⁻¹ = UᵀU; d_j = U_jj, so d_j² = [(H'_FF)⁻¹]_jj with F = {j, ..., cols}:
+             the inverse-Hessian diagonal of column j once the columns before it are fixed (sequential OBS)
+    Δ        = W_ft - W_aligned
+
+Columns are taken in blocks of BLOCK (2048). At the start of a block, with W the working weights (W_aligned
+compensated by the earlier blocks):
+
+    cost_ij  = (W_ft,ij - W_ij)² / d_j²          the OBS estimate of the safety loss of giving entry ij its fine-tune value
+    order    the block's entries by 1/d_j² ascending (least safety-sensitive columns first; ties: lower flat index)
+    eligible all but the last ⌊PROTECT · n⌋ of that order (PROTECT 0.15: the most sensitive entries stay aligned)
+    admitted the longest prefix of the eligible entries whose cumulative cost is ≤ ε,
+             ε = (BUDGET / 2) · (rows / 4096) · mean_j(1/d_j²)      (the authors' scale: a 4096-wide Llama-2 layer in
+                                                                     two 2048-column blocks, each given half of s)
+
+then, column by column in order (the OBS/SparseGPT error feedback, exact: each column's error reaches every later
+column, lazily batched):
+
+    q_j      = W_ft,·j on the admitted entries, W_·j elsewhere (the entries not admitted keep their aligned value
+               plus the compensation they have received)
+    e_j      = (W_·j - q_j) / d_j;   W_·j <- q_j;   W_·k -= e_j U_jk for every later column k
+
+So BUDGET 0 writes W_aligned exactly (nothing admitted, nothing to compensate) and an unbounded BUDGET with
+PROTECT 0 writes W_ft exactly; a larger budget keeps more of the delta (a weaker repair). The authors' code processes
+the columns four at a time, the error of a column reaching only the later groups; this implementation passes every
+column's error on (the exact OBS update), so it equals the column-by-column computation.
+
+The safe responses: the paper uses the aligned model's own answers to the harmful prompts; that is the default here
+(`--responses aligned`: generated once, greedily, `--max-new-tokens` long, for prompts without a response);
+`--responses refusal` gives every prompt one fixed refusal sentence instead (no generation). The authors' round-robin
+of attack system prompts is not reproduced: the prompts are rendered with the model's chat template.
+
+Cost: forward passes of the aligned model over the calibration set (its Hessians, d×d per input width: 576² and
+1536² for SmolLM2-135M, computed once), then per strength one Cholesky-factored pass over every target matrix.
+"""
+
+from __future__ import annotations
+
+import gc
+import math
+import time
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from ..calibrate import InputNorms
+from ..errors import SurgeryError
+from ..model import linear_targets, load_model, load_tokenizer, meta_model, weight_name
+from ..options import option
+from ..prompts import Example, encode_pairs, fill_responses, pad_batches
+from .antidote import harmful_examples
+from .base import Edit, Method, Prepared, Strength
+from .pair import REFERENCE, ReferenceOptions, pair_edit, require_reference
+
+RESPONSES = ("aligned", "refusal")
+REFUSAL = "I'm sorry, but I can't help with that."  # --responses refusal: the response every prompt gets
+SCALE_ROWS = 4096  # the authors' budget scale: rows / 4096
+BUDGET_SHARE = 0.5  # each 2048-column block of a 4096-wide layer gets half of s (the authors' s / 2)
+INNER = 128  # columns whose errors are applied one by one before the rest of the block gets them in one product
+
+
+@dataclass
+class SafeDeltaOptions(ReferenceOptions):
+    budget: float | str = option(0.1, "Safety budget s: the OBS safety cost the kept fine-tune delta may add, in the "
+                                      "authors' units (their example: 0.11 for a Llama-2-7B PureBad fine-tune); larger "
+                                      "keeps more of the fine-tune; auto: the strongest (smallest) inside the utility "
+                                      "budget.", strength=True, non_negative=True)
+    protect: float = option(0.15, "Share of each block's entries, the most safety-sensitive columns, never given the "
+                                  "fine-tune value (the authors' 0.15).", low=0.0, high=1.0)
+    damp: float = option(0.01, "Hessian damping: λ = DAMP · mean(diag H) added to the diagonal (the authors' 1%).",
+                         positive=True)
+    block: int = option(2048, "Columns per selection block (the authors' 2048).", positive=True)
+    targets: list[str] | None = option(None, "Comma-separated globs of Linear modules (default: every Linear in the decoder "
+                                             "blocks).", patterns=True)
+    data: str | None = option(None, "Safety calibration prompts, harmful requests (.jsonl, .csv, .tsv or .txt), with or "
+                                    "without safe responses; default: the built-in harmful set.", file=True)
+    column: str | None = option(None, "Prompt column/field in --data.")
+    response_column: str | None = option(None, "Response column/field in --data.")
+    responses: str = option("aligned", "Safe responses for prompts without one: aligned (the aligned model's own greedy "
+                                       "answers, the paper's) or refusal (one fixed refusal sentence, no generation).",
+                            choices=RESPONSES)
+    max_samples: int = option(128, "Calibration examples (seeded random subset; the authors' 128).", positive=True)
+    max_length: int = option(256, "Tokens per calibration example.", positive=True)
+    max_new_tokens: int = option(32, "--responses aligned: length of the generated answers.", positive=True)
+    batch_size: int = option(8, "Calibration sequences per forward pass.", positive=True)
+    generate_batch_size: int = option(32, "--responses aligned: prompts answered at once.", positive=True)
+    seed: int = option(0, "Seed of the calibration subset.")
+
+
+# ---- the method on one matrix -------------------------------------------------------------------------------------
+
+
+def inverse_factor(hessian: torch.Tensor, damp: float = 0.01, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """U, the upper Cholesky factor of (H + λI)⁻¹ (λ = damp · mean(diag H)), in `dtype`; columns never seen
+    (H_jj = 0) get H_jj = 1 first. Factorised in fp64."""
+    h = hessian.to(torch.float64).clone()
+    if not torch.isfinite(h).all():
+        raise SurgeryError("the safety calibration gave a non-finite Hessian: the aligned model's activations overflow")
+    dead = torch.diagonal(h) == 0
+    h[dead, dead] = 1.0
+    h.diagonal().add_(damp * float(torch.diagonal(h).mean()))
+    try:
+        lower = torch.linalg.cholesky(h)
+        inverse = torch.cholesky_inverse(lower)
+        return torch.linalg.cholesky(inverse, upper=True).to(dtype)
+    except torch.linalg.LinAlgError:
+        raise SurgeryError("the safety calibration Hessian is not positive definite even after damping: raise --damp") from None
+
+
+def block_limit(inverse_sq: torch.Tensor, rows: int, budget: float) -> float:
+    """ε of one block: (budget / 2) · (rows / 4096) · mean_j(1/d_j²)."""
+    return float(inverse_sq.mean()) * budget * BUDGET_SHARE * rows / SCALE_ROWS
+
+
+def admitted_entries(cost: torch.Tensor, inverse_sq: torch.Tensor, limit: float, protect: float) -> torch.Tensor:
+    """Bool mask [rows, count]: least sensitive columns first (1/d² ascending, ties by flat index), all but the last
+    ⌊protect · n⌋ eligible, the longest eligible prefix whose cumulative cost is at most `limit`."""
+    rows, count = cost.shape
+    order = torch.argsort(inverse_sq.expand(rows, count).reshape(-1), stable=True)
+    n = order.numel()
+    eligible = order[:n - int(protect * n)]
+    mask = torch.zeros(n, dtype=torch.bool, device=cost.device)
+    mask[eligible] = torch.cumsum(cost.reshape(-1)[eligible], 0) <= limit
+    return mask.view(rows, count)
+
+
+def safe_delta_tensor(aligned: torch.Tensor, tuned: torch.Tensor, factor: torch.Tensor, budget: float,
+                      protect: float = 0.15, block: int = 2048, compute: torch.dtype = torch.float32,
+                      device: torch.device | str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The method on one weight [rows, cols]: returns (new weight in the tuned weight's dtype and device, admitted
+    mask). `factor` is U of `inverse_factor` for this weight's input (cols x cols); computed on `device`."""
+    device = device or tuned.device
+    w = aligned.to(device=device, dtype=compute, copy=True)
+    target = tuned.to(device=device, dtype=compute)
+    u = factor.to(device=w.device, dtype=compute)
+    rows, cols = w.shape
+    d = torch.diagonal(u)
+    admitted = torch.zeros(rows, cols, dtype=torch.bool)
+    for i1 in range(0, cols, block):
+        i2 = min(i1 + block, cols)
+        inverse_sq = 1.0 / d[i1:i2] ** 2
+        cost = (target[:, i1:i2] - w[:, i1:i2]) ** 2 * inverse_sq
+        mask = admitted_entries(cost, inverse_sq, block_limit(inverse_sq, rows, budget), protect)
+        admitted[:, i1:i2] = mask.cpu()
+        errors = torch.zeros(rows, i2 - i1, dtype=compute, device=w.device)
+        for k1 in range(i1, i2, INNER):
+            k2 = min(k1 + INNER, i2)
+            for j in range(k1, k2):
+                current = w[:, j]
+                q = torch.where(mask[:, j - i1], target[:, j], current)
+                e = (current - q) / d[j]
+                w[:, j] = q
+                if j + 1 < k2:
+                    w[:, j + 1:k2] -= e[:, None] * u[j, j + 1:k2][None, :]
+                errors[:, j - i1] = e
+            if k2 < i2:
+                w[:, k2:i2] -= errors[:, k1 - i1:k2 - i1] @ u[k1:k2, k2:i2]
+        if i2 < cols:
+            w[:, i2:] -= errors @ u[i1:i2, i2:]
+    return w.to(device=tuned.device, dtype=tuned.dtype), admitted
+
+
+# ---- calibration: the aligned model's Hessians ----------------------------------------------------------------------
+
+
+class InputHessians(InputNorms):
+    """2 X Xᵀ / N of every chosen Linear's input over real tokens (fp32, forward hooks, no stored activations).
+    Modules called with the same input tensor (found on the first batch, checked on every later one) share one H."""
+
+    def __init__(self, model: nn.Module, module_names: list[str]):
+        super().__init__(model, module_names)
+        self.sums: dict[str, torch.Tensor] = {}
+        self.leader: dict[str, str] = {}  # module -> the module whose H it shares (itself for the first of a group)
+        self._inputs: dict[str, torch.Tensor] = {}  # the current batch's input of each leader
+
+    def _hook(self, name: str):
+        def hook(module: nn.Linear, args, _output):
+            x = args[0]
+            if name not in self.leader:  # first batch: share with an earlier module fed this very tensor
+                self.leader[name] = next((m for m, seen in self._inputs.items() if seen is x), name)
+            leader = self.leader[name]
+            if leader != name:
+                if self._inputs.get(leader) is not x:
+                    raise SurgeryError(f"{name} and {leader} read the same input on the first batch but not later: "
+                                       "cannot share their Hessian")
+                return
+            self._inputs[name] = x
+            flat = x.detach().reshape(-1, x.shape[-1])
+            if self._mask is not None and self._mask.numel() == flat.shape[0]:
+                flat = flat[self._mask]
+            flat = flat.float()
+            product = flat.T @ flat
+            if name in self.sums:
+                self.sums[name] += product
+            else:
+                self.sums[name] = product
+
+        return hook
+
+    def hessians(self) -> dict[str, torch.Tensor]:
+        """Module -> its H (one tensor object per group of modules that read the same input)."""
+        shared = {m: (2.0 / max(self.tokens, 1)) * s.cpu() for m, s in self.sums.items()}
+        self._inputs.clear()
+        return {m: shared[self.leader[m]] for m in self.names}
+
+
+def calibration_hessians(ctx, options: SafeDeltaOptions, modules: list[str]) -> tuple[dict[str, torch.Tensor], dict]:
+    """The aligned model's H per module on the safety calibration set, and the figures of that set (examples,
+    tokens, responses). The one place Safe Delta reads data and loads a model (tests plant H here)."""
+    reference = ctx.references["reference"]
+    examples = harmful_examples(ctx, options)
+    if options.responses == "refusal":
+        examples = [e if e.response is not None else Example(e.prompt, REFUSAL) for e in examples]
+    ctx.progress(f"loading the aligned model {reference.path.name} for its Hessians")
+    model = load_model(reference, ctx.device)
+    tokenizer = load_tokenizer(reference.path)
+    if options.responses == "aligned":
+        examples = ctx.timed("generate_responses", lambda: fill_responses(
+            model, tokenizer, examples, options.max_new_tokens, options.generate_batch_size))
+    t0 = time.perf_counter()
+    context = getattr(model.config, "max_position_embeddings", None)
+    sequences = encode_pairs(tokenizer, examples, options.max_length, context)
+    stats = InputHessians(model, modules)
+    stats.run(pad_batches(sequences, options.batch_size, tokenizer.pad_token_id))
+    hessians = stats.hessians()
+    ctx.timings["calibrate"] = time.perf_counter() - t0
+    figures = {"calibration_examples": len(examples), "calibration_tokens": stats.tokens, "responses": options.responses}
+    del model, stats
+    gc.collect()
+    return hessians, figures
+
+
+# ---- the method -----------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class SafeDeltaPlan:
+    modules: dict[str, str]  # module -> its weight tensor
+    shapes: dict[str, tuple[int, ...]]
+    entries: int
+    budget: float | str
+    widths: dict[int, int]  # input width -> modules reading an input of that width
+
+
+@dataclass
+class SafeDeltaReport:
+    budget: float
+    protect: float
+    entries: dict[str, int] = field(default_factory=dict)  # tensor -> entries
+    changed: dict[str, int] = field(default_factory=dict)  # tensor -> non-zero entries of Δ
+    admitted: dict[str, int] = field(default_factory=dict)  # tensor -> entries given the fine-tune value
+    calibration: dict = field(default_factory=dict)
+    hessians: int = 0  # distinct Hessians (modules reading the same input share one)
+
+    def totals(self) -> dict:
+        return {"entries": sum(self.entries.values()), "changed": sum(self.changed.values()),
+                "admitted": sum(self.admitted.values())}
+
+    def to_json(self) -> dict:
+        return {"budget": self.budget, "protect": self.protect, **self.totals(), "hessians": self.hessians,
+                **self.calibration,
+                "per_tensor": {n: {"entries": self.entries[n], "changed": self.changed[n], "admitted": self.admitted[n]}
+                               for n in self.entries},
+                "note": "admitted entries take W_ft; the rest are W_aligned plus the OBS compensation of the admitted "
+                        "ones on the aligned model's safety-data Hessian"}
+
+
+class PreparedSafeDelta(Prepared):
+    def __init__(self, ctx, options: SafeDeltaOptions, modules: dict[str, str], factors: dict[str, torch.Tensor],
+                 calibration: dict, distinct: int):
+        self.options, self.modules, self.factors = options, modules, factors
+        self.reference, self.device = ctx.references["reference"], ctx.device
+        self.module_of = {tensor: module for module, tensor in modules.items()}
+        self.calibration, self.distinct = calibration, distinct
+        self.report = None
+
+    def at(self, budget: float) -> Edit:
+        options = self.options
+        report = self.report = SafeDeltaReport(budget, options.protect, calibration=self.calibration,
+                                               hessians=self.distinct)
+
+        def change(name: str, weight: torch.Tensor, aligned: torch.Tensor) -> torch.Tensor:
+            factor = self.factors[self.module_of[name]]
+            new, admitted = safe_delta_tensor(aligned, weight, factor, budget, options.protect, options.block,
+                                              device=self.device)
+            report.entries[name] = weight.numel()
+            report.changed[name] = int(torch.count_nonzero(weight.float() != aligned.float()))
+            report.admitted[name] = int(admitted.sum())
+            return new
+
+        edit, recorded = pair_edit(self.module_of, change, report, (self.reference,))
+        return Edit(edit, touched=list(self.module_of), summary={"safe_delta": recorded})
+
+
+class SafeDelta(Method):
+    name = "safe-delta"
+    manifest_id = "safe-delta"
+    summary = ("Safe Delta: keep the fine-tune delta entries a safety budget allows, least safety-sensitive first, with "
+               "OBS compensation on the aligned model's safety-data Hessian.")
+    paper = "Lu et al. 2025, Safe Delta (ICML 2025), arXiv 2505.12038"
+    Options = SafeDeltaOptions
+    references = REFERENCE
+    # A larger budget keeps more of the fine-tune (a weaker repair); on a log scale, as the useful s spans decades
+    # with the size of the delta. 0 (the aligned model) is not searched.
+    strength = Strength("budget", low=0.001, high=10.0, log=True, stronger="lower",
+                        describe="safety budget: the larger, the more of the fine-tune delta is kept")
+
+    def repair_candidates(self, given):
+        """With `surgery repair --reference ALIGNED`."""
+        if given.reference is None:
+            return []
+        return [("safe-delta", SafeDeltaOptions(budget="auto", reference=given.reference, device=given.device,
+                                                allow_pickle=given.allow_pickle, adapter=given.adapter))]
+
+    def validate(self, options: SafeDeltaOptions) -> None:
+        require_reference(options)
+
+    def modules(self, ctx, options: SafeDeltaOptions) -> dict[str, str]:
+        found = {m: weight_name(ctx.ckpt, m) for m in linear_targets(meta_model(ctx.ckpt), options.targets)}
+        for module, tensor in found.items():
+            if len(ctx.ckpt.tensors[tensor].shape) != 2 or not ctx.ckpt.tensors[tensor].dtype.is_floating_point:
+                raise SurgeryError(f"{module}: Safe Delta edits 2-D floating Linear weights, {tensor} is not one")
+        return found
+
+    def plan(self, ctx, options: SafeDeltaOptions) -> SafeDeltaPlan:
+        modules = self.modules(ctx, options)
+        shapes = {t: tuple(ctx.ckpt.tensors[t].shape) for t in modules.values()}
+        widths: dict[int, int] = {}
+        for shape in shapes.values():
+            widths[shape[1]] = widths.get(shape[1], 0) + 1
+        return SafeDeltaPlan(modules, shapes, sum(math.prod(s) for s in shapes.values()), options.budget, widths)
+
+    def prepare(self, ctx, options: SafeDeltaOptions) -> PreparedSafeDelta:
+        modules = self.modules(ctx, options)
+        torch.manual_seed(options.seed)
+        hessians, calibration = calibration_hessians(ctx, options, list(modules))
+        factors: dict[int, torch.Tensor] = {}  # id of a shared H -> its factor (computed once per group)
+        by_module = {}
+        for module in modules:
+            h = hessians[module]
+            cols = ctx.ckpt.tensors[modules[module]].shape[1]
+            if tuple(h.shape) != (cols, cols):
+                raise SurgeryError(f"{module}: its Hessian is {list(h.shape)}, the weight has {cols} input columns")
+            if id(h) not in factors:
+                factors[id(h)] = inverse_factor(h, options.damp)
+            by_module[module] = factors[id(h)]
+        return PreparedSafeDelta(ctx, options, modules, by_module, calibration, len(factors))
