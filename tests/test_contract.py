@@ -417,3 +417,43 @@ def test_on_an_adapter_the_method_repairs_base_plus_adapter_merged(method, tmp_p
     assert manifest["adapter_sha256"] == {"adapter_model.safetensors": sha256(adapter / "adapter_model.safetensors")}
     assert manifest["adapter"] == str(adapter.resolve())
     assert (folder_hashes(model), folder_hashes(adapter)) == before
+
+
+def offered_labels(method) -> set[str]:
+    """Every label `method.repair_candidates` offers for some combination of what `surgery repair` may be given."""
+    import itertools
+    from types import SimpleNamespace
+
+    from surgery.repair import INPUTS
+
+    labels = set()
+    for size in range(len(INPUTS) + 1):
+        for combo in itertools.combinations(INPUTS, size):
+            given = SimpleNamespace(**{k: (f"<{k}>" if k in combo else None) for k in INPUTS}, device="cpu",
+                                    allow_pickle=False, methods=None, max_harmful_score=None)
+            labels |= {label for label, _ in method.repair_candidates(given)}
+    return labels
+
+
+def test_the_table_of_names_in_docs_matches_the_registry():
+    """docs/architecture.md's one mapping of names: command, class, module, printer, manifest id, repair labels."""
+    from cli.main import printers
+    from surgery.repair import offers
+
+    text = (Path(__file__).resolve().parents[1] / "docs" / "architecture.md").read_text()
+    table = text.split("### One table of names", 1)[1].split("| command |", 1)[1].split("\n\n", 1)[0]
+    rows = {}
+    for line in table.splitlines():
+        if line.startswith("| `"):
+            cells = [c.strip().strip("`") for c in line.strip().strip("|").split("|")]
+            rows[cells[0]] = cells
+    assert set(rows) == set(REGISTRY), sorted(set(rows) ^ set(REGISTRY))
+    for name, method in REGISTRY.items():
+        _, cls, module, printer, manifest, labels = rows[name]
+        assert cls == type(method).__name__ and module == type(method).__module__.rsplit(".", 1)[1] + ".py", name
+        assert printer == method.printer_module().rsplit(".", 1)[1] + ".py" and callable(printers(method)[0]), name
+        assert manifest == method.manifest_id, name
+        listed = set() if labels.startswith("(") else {label.strip() for label in labels.split(",")}
+        assert listed == (offered_labels(method) if method.repair_metric == "harmful_score" else set()), name
+    assert list(offers()) == [label for m in REGISTRY.values() if m.repair_metric == "harmful_score"
+                              for label in rows[m.name][5].split(", ")]  # the --methods help, in registry order
