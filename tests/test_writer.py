@@ -205,3 +205,36 @@ def test_a_kill_at_a_step_leaves_no_output_or_a_true_one(tiny_ckpt, tmp_path, at
         return
     manifest = json.loads((out / MANIFEST_NAME).read_text())
     assert manifest["failed"] and "check" in manifest and (out / "search.png").is_file()
+
+
+def test_the_method_report_is_serialised_once_after_the_write(searched_prune, tmp_path):
+    """Edit.summary may hold a report object the edit fills tensor by tensor: the driver serialises it once, when
+    every tensor has gone through the edit, into a dict of its own (nothing aliases the method's objects)."""
+    from surgery.methods.base import Edit, Prepared, write_repair
+
+    method, ctx, prepared, options, run, search = searched_prune
+
+    class Counted:
+        def __init__(self):
+            self.tensors, self.serialised = 0, 0
+
+        def to_json(self):
+            self.serialised += 1
+            return {"tensors": self.tensors}
+
+    report = Counted()
+
+    def fn(name, tensor):
+        report.tensors += 1
+        return tensor
+
+    class Fixed(Prepared):
+        def at(self, value):
+            return Edit(fn, summary={"counted": report, "plain": 3})
+
+    from dataclasses import replace
+
+    write_repair(method, ctx, Fixed(), options, replace(run, check=False), tmp_path / "out")
+    written = json.loads((tmp_path / "out" / MANIFEST_NAME).read_text())["report"]
+    n = len(open_checkpoint(tmp_path / "out").tensors)
+    assert report.serialised == 1 and written["counted"] == {"tensors": n} and written["plain"] == 3

@@ -50,15 +50,17 @@ class Edit:
     added: dict[str, torch.Tensor] = field(default_factory=dict)  # new tensors (EigenShift's untied head)
     config_updates: dict = field(default_factory=dict)
     order: list[str] | None = None  # write order (the streamed prune: layer by layer)
-    # The method's report in surgery.json: a dict, or a function giving it, which the driver calls once, after every
-    # tensor went through fn (a report filled as the edit is written: the reference methods, EigenShift's before/after).
+    # The method's report in surgery.json: a dict, or a function giving it; a value with `to_json` (a report object the
+    # edit fills as tensors go through fn: the reference methods) is serialised. The driver does both once, after every
+    # tensor is written (and after Prepared.finish: EigenShift's before/after).
     summary: dict | Callable[[], dict] = field(default_factory=dict)
     arguments: dict = field(default_factory=dict)  # resolved values recorded beside the options
     streamed: bool = False  # no model is held: the after-write check and the search are unavailable
 
     def report(self) -> dict:
-        """The method's report, serialised (a copy: the driver adds the search and timings to it)."""
-        return dict(self.summary()) if callable(self.summary) else dict(self.summary)
+        """The method's report, serialised (a new dict: the driver adds the search and timings to it)."""
+        summary = self.summary() if callable(self.summary) else self.summary
+        return {k: v.to_json() if hasattr(v, "to_json") else v for k, v in summary.items()}
 
 
 class Prepared:

@@ -245,7 +245,7 @@ class PreparedShift(Prepared):
         return Edit(lambda name, tensor: new_head if name == head.target else tensor,
                     touched=[] if tied_new else [head.target], added={head.target: new_head} if tied_new else {},
                     config_updates={"tie_word_embeddings": False} if head.tied else {},
-                    summary=self.report.summary(), arguments={"k_resolved": self.k})
+                    summary=self.report.summary, arguments={"k_resolved": self.k})  # read once, after finish
 
     def _make_report(self, alpha: float) -> None:
         d, states = self.d, self.states
@@ -280,7 +280,6 @@ class PreparedShift(Prepared):
         self.report.before, self.report.after = before, after
         self.report.tph = tph(100 * before["toxicity"], 100 * after["toxicity"], before["perplexity"], after["perplexity"])
         self.ctx.timings["evaluate"] = time.perf_counter() - t0
-        edit.summary.update(self.report.summary())
 
 
 class ComponentsAt(Prepared):

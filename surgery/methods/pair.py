@@ -6,7 +6,7 @@ rule that they are given, and the per-tensor edit closure every member builds it
 
 The closure (`pair_edit`) passes every tensor outside the method's targets through untouched; on a target it reads
 the same tensor from each reference checkpoint (one tensor of each at a time: the write stays streamed), calls the
-method's per-tensor function, and refreshes the method's report in surgery.json after every tensor.
+method's per-tensor function, which fills the method's report; the driver serialises that report once, after the write.
 """
 
 from __future__ import annotations
@@ -60,21 +60,18 @@ def require_reference(options: ReferenceOptions) -> None:
 
 
 def pair_edit(targets: Iterable[str], change: Callable[..., torch.Tensor], report, references: Sequence = ()
-              ) -> tuple[Callable[[str, torch.Tensor], torch.Tensor], dict]:
-    """The edit closure of a reference method, and the dict surgery.json's report is read from.
+              ) -> tuple[Callable[[str, torch.Tensor], torch.Tensor], object]:
+    """The edit closure of a reference method, and the report object it is written with (for the `Edit` summary: the
+    driver serialises it, `report.to_json()`, once every tensor has gone through the closure).
 
     `change(name, weight, *tensors)` gets the model's tensor and the same tensor read from each of `references`
-    (checkpoints, in order) and returns the new tensor; tensors outside `targets` are returned as they are. After
-    every target, `report.to_json()` is copied into the returned dict (the manifest is written last, so it holds the
-    report of the whole write)."""
+    (checkpoints, in order), fills `report` as it goes, and returns the new tensor; tensors outside `targets` are
+    returned as they are."""
     chosen = set(targets)
-    recorded: dict = dict(report.to_json())
 
     def edit(name: str, weight: torch.Tensor) -> torch.Tensor:
         if name not in chosen:
             return weight
-        new = change(name, weight, *(ref.read(name) for ref in references))
-        recorded.update(report.to_json())
-        return new
+        return change(name, weight, *(ref.read(name) for ref in references))
 
-    return edit, recorded
+    return edit, report
