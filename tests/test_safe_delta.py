@@ -199,3 +199,20 @@ def test_missing_reference_is_one_error_line(tmp_path, capsys, no_model):
     lines = [line for line in err.splitlines() if line.strip()]
     assert code == 2 and len(lines) == 1 and lines[0].startswith("error: --reference is required"), err
     assert sorted(tmp_path.rglob("*")) == listing
+
+
+def test_auto_budget_searches_from_the_smallest_budget_and_writes_the_chosen_one_exactly(tmp_path, capsys, monkeypatch):
+    plant(monkeypatch, [])
+    tuned, aligned, _ = family(tmp_path)
+    manifest = run(tuned, aligned, tmp_path / "out", "--budget", "auto", "--search-samples", "4", "--search-tokens", "4",
+                   "--search-steps", "1", "--min-improvement", "0", capsys=capsys)
+    search = manifest["report"]["search"]
+    budget = manifest["arguments"]["budget"]
+    assert search["chosen"] == budget and 0.001 <= budget <= 100
+    tried = [c["strength"] for c in search["candidates"]]  # weakest first
+    assert tried[-1] == 0.001 and tried == sorted(tried, reverse=True)  # stronger = lower: the smallest is the strongest
+    ft, a, out = tensors(tuned), tensors(aligned), tensors(tmp_path / "out")
+    for name, figures in manifest["report"]["safe_delta"]["per_tensor"].items():
+        kept = out[name] == ft[name]
+        assert torch.equal(out[name], torch.where(kept, ft[name], a[name])), name  # diagonal H: no compensation
+        assert figures["admitted"] == int(kept.sum())
