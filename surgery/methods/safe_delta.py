@@ -47,6 +47,7 @@ from __future__ import annotations
 import gc
 import math
 import time
+import weakref
 from dataclasses import dataclass, field
 
 import torch
@@ -180,20 +181,21 @@ class InputHessians(InputNorms):
         super().__init__(model, module_names)
         self.sums: dict[str, torch.Tensor] = {}
         self.leader: dict[str, str] = {}  # module -> the module whose H it shares (itself for the first of a group)
-        self._inputs: dict[str, torch.Tensor] = {}  # the current batch's input of each leader
+        self._inputs: dict[str, weakref.ref] = {}  # each leader's latest input, held weakly (activations are freed)
 
     def _hook(self, name: str):
         def hook(module: nn.Linear, args, _output):
             x = args[0]
             if name not in self.leader:  # first batch: share with an earlier module fed this very tensor
-                self.leader[name] = next((m for m, seen in self._inputs.items() if seen is x), name)
+                self.leader[name] = next((m for m, seen in self._inputs.items() if seen() is x), name)
             leader = self.leader[name]
             if leader != name:
-                if self._inputs.get(leader) is not x:
+                seen = self._inputs.get(leader)
+                if seen is None or seen() is not x:
                     raise SurgeryError(f"{name} and {leader} read the same input on the first batch but not later: "
                                        "cannot share their Hessian")
                 return
-            self._inputs[name] = x
+            self._inputs[name] = weakref.ref(x)
             flat = x.detach().reshape(-1, x.shape[-1])
             if self._mask is not None and self._mask.numel() == flat.shape[0]:
                 flat = flat[self._mask]
@@ -208,6 +210,9 @@ class InputHessians(InputNorms):
 
     def hessians(self) -> dict[str, torch.Tensor]:
         """Module -> its H (one tensor object per group of modules that read the same input)."""
+        missing = [m for m in self.names if m not in self.leader]
+        if missing:
+            raise SurgeryError(f"{missing[0]} was not called by the calibration forward passes: no Hessian for it")
         shared = {m: (2.0 / max(self.tokens, 1)) * s.cpu() for m, s in self.sums.items()}
         self._inputs.clear()
         return {m: shared[self.leader[m]] for m in self.names}
