@@ -114,30 +114,51 @@ def _no_plan(plan, options) -> None:
 
 
 def show_search(search) -> None:
-    """The candidates' table and the chosen point; a search in stages (EigenShift's k, then alpha) shows each."""
+    """The candidates' table and the chosen point; a search in stages (EigenShift's k, then alpha) shows each. Each
+    figure judged by generation is shown as "proxy / generated" (generated only for the confirmed points)."""
     from rich.table import Table
+
+    from surgery import figures as F
 
     for stage in search.before:
         show_search(stage)
     metric = search.metric.replace("_", " ")
-    table = Table(search.knob, f"held-out {metric}", "perplexity", "KL", "over-refusal", *(["accuracy"] if any(
-        "accuracy" in p.figures for p in search.points) else []), "budget",
-        title=f"automatic {search.knob}: input {metric} {100 * search.baseline[search.metric]:.1f}%")
+    proxy = F.PROXY_OF.get(search.metric)
+    task = any(F.ACCURACY_PROXY in p.figures or F.ACCURACY in p.figures for p in search.points)
+    pair = "proxy / generated"
+    table = Table(search.knob, f"held-out {metric}" + (f" ({pair})" if proxy else ""), "perplexity",
+                  "KL" + (" (input, reference)" if F.KL_REFERENCE in search.baseline else ""), f"over-refusal ({pair})",
+                  *([f"accuracy ({pair})"] if task else []), "budget", "s",
+                  title=f"automatic {search.knob}: input {metric} " + (
+                      f"{100 * search.baseline[search.metric]:.1f}%" if search.metric in search.baseline else
+                      f"{100 * search.baseline.get(proxy, float('nan')):.1f}% (proxy)"))
+
+    def both(f, keys, fmt) -> str:  # "proxy / generated", "-" for a figure not measured
+        shown = [fmt(f[k]) if k in f else "-" for k in keys]
+        return " / ".join(shown) if any(s != "-" for s in shown) else "-"
+
+    share, points, drop = (lambda v: f"{100 * v:.1f}%"), (lambda v: f"{v:+.1f} pts"), (lambda v: f"{-v:+.1f} pts")
     for p in search.points:
         f = p.figures
+        kl = f"{f[F.KL]:.3g}" if F.KL in f else "-"
+        if F.KL_REFERENCE in f:
+            kl += f" ({f[F.KL_INPUT]:.3g}, {f[F.KL_REFERENCE]:.3g})"
         row = [f"{p.strength:g}" + (" *" if p.strength == search.chosen else ""),
-               f"{100 * f[search.metric]:.1f}%" if search.metric in f else "-",
-               f"x{f['perplexity_ratio']:.3g}" if "perplexity_ratio" in f else "-",
-               f"{f['kl']:.3g}" if "kl" in f else "-",
-               f"{f['over_refusal_points']:+.1f} pts" if "over_refusal_points" in f else "-"]
-        if any("accuracy" in q.figures for q in search.points):
-            row.append(f"{-f['accuracy_drop_points']:+.1f} pts" if "accuracy_drop_points" in f else "-")
+               both(f, (proxy, search.metric), share) if proxy else both(f, (search.metric,), share),
+               f"x{f[F.PERPLEXITY_RATIO]:.3g}" if F.PERPLEXITY_RATIO in f else "-", kl,
+               both(f, (F.OVER_REFUSAL_PROXY_POINTS, F.OVER_REFUSAL_POINTS), points)]
+        if task:
+            row.append(both(f, (F.ACCURACY_PROXY_DROP_POINTS, F.ACCURACY_DROP_POINTS), drop))
         row.append("inside" if p.within else "; ".join(p.broken))
+        row.append(f"{p.seconds:.1f}")
         table.add_row(*row)
     out.print(table)
     for line in search.resolution():
         out.print(line, highlight=False, markup=False)
-    out.print(f"chosen {search.knob} {search.chosen:g}: {search.reason}")
+    out.print(f"chosen {search.knob} {search.chosen:g}: {search.reason}", highlight=False, markup=False)
+    if search.bound:
+        out.print(f"bound by {search.bound}; {search.forward_passes} forward passes, {search.seconds:.1f}s",
+                  highlight=False, markup=False)
 
 
 def report_check(result, run: RunOptions) -> None:

@@ -9,18 +9,27 @@ join; with a probe, the probe edit joins; with an adapter, Antidote prunes the a
 paper) and every other candidate works on base + adapter merged. EigenShift lowers toxicity, not the harmful score, so it is not compared here.
 
 All candidates are measured on the same selection prompts (the built-in sets' selection part) against
-the same unedited model, which is loaded once and shared: each candidate's search leaves it bit-identical.
+the same unedited model, which is loaded once and shared: each candidate's search leaves it bit-identical. One
+Measurer serves every candidate (one baseline; with --reference, the reference's first-token log-probabilities once),
+and one calibration cache (`ctx.cache`): two methods asking for the same statistic (prune-restore and revert: the
+model's own answers to the harmful calibration prompts and the input norms over them) compute it once.
+
+Every measured point of every method is numbered in surgery.json (`report.repair.points`); `--pick N --from
+OUT/surgery.json` writes point N's method at its strength without searching (the same tensors as that method run at
+that fixed strength).
 """
 
 from __future__ import annotations
 
 import itertools
+import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Callable
 
+from . import figures as F
 from .errors import SurgeryError
 from .methods import REGISTRY, RunOptions
 from .methods.base import open_context, prepare_and_search, refuse_nonfinite_inputs, refuse_output, write_repair
@@ -77,6 +86,10 @@ class RepairOptions(MethodOptions):
                                              f"{', '.join(offers())}.", patterns=True)
     max_harmful_score: float | None = option(None, "CI gate: exit 1 unless the chosen repair's held-out harmful score is at "
                                                    "most this share (0-1).", low=0.0, high=1.0)
+    pick: int | None = option(None, "Write point N of an earlier `surgery repair`'s report (its numbered table; --from "
+                                    "names its surgery.json) at its strength, without searching.", positive=True)
+    pick_from: str | None = option(None, "With --pick: the surgery.json (or the output folder) of the earlier `surgery "
+                                         "repair` of this MODEL.", flag="--from")
 
 
 @dataclass
@@ -89,6 +102,7 @@ class Candidate:
     ctx: object = None
     error: str | None = None
     seconds: float = 0.0
+    resolved: dict = field(default_factory=dict)  # options the preparation resolved (ablation's layer): for --pick
 
     def figure(self, key: str) -> float | None:
         return self.search.chosen_point().figures.get(key) if self.search is not None else None
@@ -98,10 +112,32 @@ class Candidate:
         return self.search is not None and self.search.failed is None
 
     def to_json(self) -> dict:
-        return {"candidate": self.label, "method": self.method, "seconds": round(self.seconds, 1), "error": self.error,
+        timings = self.ctx.timings if self.ctx is not None else {}
+        return {"candidate": self.label, "method": self.method, "seconds": round(self.seconds, 1),
+                "prepare_seconds": round(timings.get("prepare", 0.0), 1),
+                "search_seconds": round(timings.get("search", 0.0), 1), "error": self.error,
+                "knob": self.search.knob if self.search else None,
                 "chosen": self.search.chosen if self.search else None,
                 "inside_budget": self.inside, "failed": self.search.failed if self.search else self.error,
+                "bound": self.search.bound if self.search else None,
+                "forward_passes": self.search.forward_passes if self.search else None,
                 "figures": self.search.chosen_point().figures if self.search else {}}
+
+
+def measured_points(todo: list[Candidate]) -> list[dict]:
+    """Every measured point of every candidate, numbered from 1 (what --pick N names), with its figures: the proxies
+    for every point, the generated ones where it was confirmed."""
+    rows: list[dict] = []
+    for c in todo:
+        if c.search is None:
+            continue
+        for stage in [*c.search.before, c.search]:
+            for p in stage.points:
+                rows.append({"n": len(rows) + 1, "candidate": c.label, "method": c.method, "knob": stage.knob,
+                             "strength": p.strength, "chosen": stage is c.search and p.strength == c.search.chosen,
+                             "within_budget": p.within, "confirmed": p.confirmed, "broken": p.broken,
+                             "proxy_broken": p.proxy_broken, "figures": p.figures, "resolved": c.resolved})
+    return rows
 
 
 def candidates(options: RepairOptions) -> list[Candidate]:
@@ -129,6 +165,8 @@ class RepairAllReport:
     result: object = None  # the written method's RepairReport
     failed: str | None = None
     seconds: dict[str, float] = field(default_factory=dict)
+    points: list[dict] = field(default_factory=list)  # every measured point, numbered (measured_points)
+    picked: dict | None = None  # --pick: the point written
 
 
 def repair_checkpoint(model_dir: str | Path, output: str | Path, options: RepairOptions, run: RunOptions | None = None,
@@ -140,6 +178,11 @@ def repair_checkpoint(model_dir: str | Path, output: str | Path, options: Repair
     run.validate()
     if run.dry_run:
         raise SurgeryError("surgery repair searches on the model: --dry-run is not available (use a method's own --dry-run)")
+    if (options.pick is None) != (options.pick_from is None):
+        raise SurgeryError("--pick N and --from PATH go together: --from names the surgery.json of an earlier `surgery "
+                           "repair`, --pick the number of its point to write")
+    if options.pick is not None:
+        return pick_checkpoint(model_dir, output, options, run, progress)
     todo = candidates(options)
     refuse_output(Path(output), [Path(model_dir), *[Path(p) for p in (options.reference, options.unaligned, options.probe,
                                                                        options.adapter) if p]], run.force)
@@ -149,7 +192,13 @@ def repair_checkpoint(model_dir: str | Path, output: str | Path, options: Repair
     if not run.allow_nonfinite:  # bad weights: one error before any work (each candidate would refuse them alike)
         refuse_nonfinite_inputs(model_dir, options)
     say = progress or (lambda message: None)
-    shared = {}  # the unedited model, by how the candidate sees an adapter (merged, or its own LoRA matrices)
+    from . import search
+    from .checkpoint import open_checkpoint
+
+    anchor = open_checkpoint(options.reference, options.allow_pickle) if options.reference else None
+    # By how the candidate sees an adapter (merged, or its own LoRA matrices): the unedited model, one Measurer (one
+    # baseline for every candidate) and one calibration cache.
+    shared, measurers, caches = {}, {}, {}
     for i, c in enumerate(todo):
         method = REGISTRY[c.method]
         t0 = time.perf_counter()
@@ -159,8 +208,14 @@ def repair_checkpoint(model_dir: str | Path, output: str | Path, options: Repair
             kind = "adapter" if c.ctx.adapter is not None else "model"
             if kind in shared:
                 c.ctx._model, c.ctx._tokenizer = shared[kind]
-            c.prepared, c.search = prepare_and_search(method, c.ctx, c.options, run)
+            c.ctx.cache = caches.setdefault(kind, {})
+            if kind not in measurers:
+                measurers[kind] = search.Measurer(c.ctx, None, run, F.HARMFUL, anchor=anchor)
+            c.ctx.measurer = measurers[kind]
             shared[kind] = (c.ctx.model(), c.ctx.tokenizer())
+            c.prepared, c.search = prepare_and_search(method, c.ctx, c.options, run)
+            resolved = getattr(c.prepared, "resolved", None)
+            c.resolved = resolved() if resolved else {}
         except SurgeryError as e:
             c.error = str(e)
         c.seconds = time.perf_counter() - t0
@@ -168,20 +223,78 @@ def repair_checkpoint(model_dir: str | Path, output: str | Path, options: Repair
     pool = inside or [c for c in todo if c.search is not None]
     if not pool:
         raise SurgeryError("no candidate repair could be measured: " + "; ".join(f"{c.label}: {c.error}" for c in todo))
-    winner = min(pool, key=lambda c: (round(c.figure("harmful_score") if c.figure("harmful_score") is not None else 1.0, 6),
-                                      c.figure("perplexity_ratio") or 1.0))
+    winner = min(pool, key=lambda c: (round(c.figure(F.HARMFUL) if c.figure(F.HARMFUL) is not None else 1.0, 6),
+                                      c.figure(F.PERPLEXITY_RATIO) or 1.0))
     failed = None
     if not inside:
         failed = "no method repairs inside the budget: " + "; ".join(
             f"{c.label}: {c.search.failed if c.search else c.error}" for c in todo)
-    elif options.max_harmful_score is not None and winner.figure("harmful_score") > options.max_harmful_score:
-        failed = (f"the best repair ({winner.label}, held-out harmful score {100 * winner.figure('harmful_score'):.1f}%) "
+    elif options.max_harmful_score is not None and winner.figure(F.HARMFUL) > options.max_harmful_score:
+        failed = (f"the best repair ({winner.label}, held-out harmful score {100 * winner.figure(F.HARMFUL):.1f}%) "
                   f"is above --max-harmful-score {100 * options.max_harmful_score:.1f}%")
-    comparison = {"repair": {"chosen": winner.label, "candidates": [c.to_json() for c in todo], "failed": failed}}
+    points = measured_points(todo)
+    comparison = {"repair": {"chosen": winner.label, "candidates": [c.to_json() for c in todo], "points": points,
+                             "failed": failed}}
     result = write_repair(REGISTRY[winner.method], winner.ctx, winner.prepared, winner.options, run, output, winner.search,
                           extra_report=comparison, failed=failed,
                           extra_files={"repair.png": lambda path: plot_candidates(todo, winner, path)})
-    return RepairAllReport(Path(output), todo, winner, result, result.failed or failed)
+    return RepairAllReport(Path(output), todo, winner, result, result.failed or failed, points=points)
+
+
+def read_point(path: str | Path, n: int, model_dir) -> tuple[Path, dict]:
+    """Point `n` of an earlier `surgery repair`'s surgery.json (a file, or the output folder holding it), which must have
+    measured MODEL."""
+    path = Path(path)
+    path = path / "surgery.json" if path.is_dir() else path
+    try:
+        manifest = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise SurgeryError(f"--from {path}: cannot read it as a surgery.json ({type(e).__name__}: {e})") from None
+    points = ((manifest.get("report") or {}).get("repair") or {}).get("points") if isinstance(manifest, dict) else None
+    if not points:
+        raise SurgeryError(f"--from {path}: not the output of a `surgery repair` (no report.repair.points)")
+    if not 1 <= n <= len(points):
+        raise SurgeryError(f"--pick {n}: {path} numbers its points 1 to {len(points)}")
+    measured = manifest.get("input")
+    if measured and Path(measured).resolve() != Path(model_dir).resolve():
+        raise SurgeryError(f"--from {path} measured {measured}, not {Path(model_dir).resolve()}: run `surgery repair` on "
+                           "this model first")
+    return path, points[n - 1]
+
+
+def pick_checkpoint(model_dir, output, options: RepairOptions, run: RunOptions, progress=None) -> RepairAllReport:
+    """--pick N --from PATH: point N's method at its strength, written as that method's fixed-strength run would write it
+    (its statistics prepared once; nothing measured)."""
+    from dataclasses import replace
+
+    path, point = read_point(options.pick_from, options.pick, model_dir)
+    offered = {c.label: c for c in candidates(replace(options, methods=None))}
+    c = offered.get(point.get("candidate"))
+    if c is None:
+        hint = needs(str(point.get("candidate")))
+        raise SurgeryError(f"--pick {options.pick}: point {options.pick} is {point.get('candidate')}, not a candidate with "
+                           f"what was given" + (f" ({hint})" if hint else ""))
+    method = REGISTRY[c.method]
+    if not method.strength or point.get("knob") != method.strength.field:
+        raise SurgeryError(f"--pick {options.pick}: point {options.pick} is a {point.get('knob')} stage of {c.label}, "
+                           "not its strength")
+    setattr(c.options, method.strength.field, float(point["strength"]))
+    for name, value in (point.get("resolved") or {}).items():
+        setattr(c.options, name, value)
+    method.validate(c.options)
+    validate_fields(c.options)
+    refuse_output(Path(output), [Path(model_dir), *[Path(p) for p in (options.reference, options.unaligned, options.probe,
+                                                                       options.adapter) if p]], run.force)
+    if not run.allow_nonfinite:
+        refuse_nonfinite_inputs(model_dir, options)
+    say = progress or (lambda message: None)
+    t0 = time.perf_counter()
+    c.ctx = open_context(method, model_dir, c.options, run, lambda m: say(f"[pick {options.pick} {c.label}] {m}"))
+    c.prepared, _ = prepare_and_search(method, c.ctx, c.options, run)
+    picked = {**point, "from": str(path)}
+    result = write_repair(method, c.ctx, c.prepared, c.options, run, output, None, extra_report={"repair": {"picked": picked}})
+    c.seconds = time.perf_counter() - t0
+    return RepairAllReport(Path(output), [c], c, result, result.failed, picked=picked)
 
 
 def plot_candidates(todo: list[Candidate], winner: Candidate, path: Path) -> Path | None:
@@ -196,11 +309,12 @@ def plot_candidates(todo: list[Candidate], winner: Candidate, path: Path) -> Pat
     for c in todo:
         if c.search is None:
             continue
-        pts = sorted((p for p in c.search.points if "harmful_score" in p.figures), key=lambda p: p.figures["perplexity_ratio"])
-        ax.plot([p.figures["perplexity_ratio"] for p in pts], [100 * p.figures["harmful_score"] for p in pts], "o-",
+        # the confirmed points (generated and judged): the proxies of the others are in surgery.json
+        pts = sorted((p for p in c.search.points if F.HARMFUL in p.figures), key=lambda p: p.figures[F.PERPLEXITY_RATIO])
+        ax.plot([p.figures[F.PERPLEXITY_RATIO] for p in pts], [100 * p.figures[F.HARMFUL] for p in pts], "o-",
                 label=c.label + (" (written)" if c is winner else ""), linewidth=2.5 if c is winner else 1)
-    if winner.search is not None:
-        ax.scatter([1.0], [100 * winner.search.baseline["harmful_score"]], marker="s", c="black", label="input")
+    if winner.search is not None and F.HARMFUL in winner.search.baseline:
+        ax.scatter([1.0], [100 * winner.search.baseline[F.HARMFUL]], marker="s", c="black", label="input")
     ax.set_xlabel("perplexity ratio (held-out harmless)")
     ax.set_ylabel("held-out harmful score (%)")
     ax.legend(fontsize=8)

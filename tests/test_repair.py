@@ -3,6 +3,7 @@
 import json
 
 import pytest
+import torch
 
 import surgery.search as search
 from cli.main import main
@@ -20,13 +21,21 @@ def run(argv, capsys):
 
 
 def planted(monkeypatch, harmful_after: dict):
-    """Each method's candidates reach a planted held-out harmful score (the input's is 0.9), budget always kept."""
+    """Each method's candidates reach a planted held-out harmful score (the input's is 0.9), budget always kept. `surgery
+    repair` makes one measurer for every candidate (returned: the list of those made): the score follows the candidate
+    being searched (`prepared`, set by the search)."""
+    made = []
 
     class Fake:
-        def __init__(self, ctx, prepared, run, metric):
-            kind = "prune" if isinstance(prepared, PreparedPrune) else "ablate" if isinstance(prepared, PreparedAblation) else "?"
-            self.after = harmful_after.get(kind, 0.8)  # another method: a planted score that never wins
-            self.baseline = {}
+        def __init__(self, ctx, prepared, run, metric, **kw):
+            self.baseline, self.prepared, self.anchor = {}, prepared, kw.get("anchor")
+            made.append(self)
+
+        @property
+        def after(self):
+            kind = ("prune" if isinstance(self.prepared, PreparedPrune) else
+                    "ablate" if isinstance(self.prepared, PreparedAblation) else "?")
+            return harmful_after.get(kind, 0.8)  # another method: a planted score that never wins
 
         def prompts(self):
             return {"harmful": 4, "harmless": 4}
@@ -38,7 +47,11 @@ def planted(monkeypatch, harmful_after: dict):
         def measure(self, point):
             point.figures.update(perplexity_ratio=1.1, kl=0.01, over_refusal_points=0.0, harmful_score=self.after)
 
+        def confirm(self, point):
+            point.confirmed = True
+
     monkeypatch.setattr(search, "Measurer", Fake)
+    return made
 
 
 def test_repair_writes_the_method_with_the_lowest_held_out_harmful_score(monkeypatch, make_ckpt, tmp_path, capsys):
@@ -53,9 +66,10 @@ def test_repair_writes_the_method_with_the_lowest_held_out_harmful_score(monkeyp
     real = surgery.model.load_model
     for module in (surgery.methods.base, surgery.methods.ablation, surgery.health):
         monkeypatch.setattr(module, "load_model", lambda *a, **k: loads.append(a[0].path.name) or real(*a, **k))
-    planted(monkeypatch, {"prune": 0.2, "ablate": 0.5})
+    made = planted(monkeypatch, {"prune": 0.2, "ablate": 0.5})
     code, cap = run(["repair", model, "-o", tmp_path / "out", "--reference", ref, "--device", "cpu",
                      "--search-steps", "1"], capsys)
+    assert len(made) == 1 and made[0].anchor is not None  # one measurer (one baseline) for all, KL to the reference too
     manifest = json.loads((tmp_path / "out" / "surgery.json").read_text())
     assert code == 0, cap.err
     assert manifest["method"] == "antidote-prune" and manifest["arguments"]["reference"] == str(ref)
@@ -65,7 +79,8 @@ def test_repair_writes_the_method_with_the_lowest_held_out_harmful_score(monkeyp
     assert (tmp_path / "out" / "repair.png").is_file()
     assert (folder_hashes(model), folder_hashes(ref)) == before
     # MODEL loaded once for every candidate; the reference once more for its direction; the check loads input and output.
-    assert sorted(loads) == sorted(["model", "ref", "model", "out"])
+    # (the check reads the output in its staged folder, .out.surgery-tmp-*, before the rename)
+    assert sorted("out" if n.startswith(".out.") else n for n in loads) == sorted(["model", "ref", "model", "out"])
 
 
 def test_repair_gate_fails_when_no_method_reaches_the_bar(monkeypatch, tiny_ckpt, tmp_path, capsys):
@@ -107,3 +122,65 @@ def test_repair_on_an_adapter_prunes_the_adapter_or_writes_base_plus_adapter_mer
     else:  # base + adapter merged, then ablated: a full checkpoint naming the adapter
         assert "model.safetensors" in written and manifest["adapter"] == str(adapter.resolve())
     assert (folder_hashes(tiny_ckpt), folder_hashes(adapter)) == before
+
+
+def test_pick_writes_the_same_tensors_as_a_fresh_fixed_strength_run(monkeypatch, make_ckpt, tmp_path, capsys):
+    """Every measured point is numbered in surgery.json; --pick N --from writes point N's method at its strength without
+    searching, tensor for tensor what that method writes at that fixed strength."""
+    from safetensors.torch import load_file
+
+    model, ref = make_ckpt("model"), make_ckpt("ref", seed=1)
+    made = planted(monkeypatch, {"prune": 0.2, "ablate": 0.5})
+    code, cap = run(["repair", model, "-o", tmp_path / "searched", "--reference", ref, "--device", "cpu", "--search-steps", "1",
+                     "--methods", "prune-restore,ablate", "--no-check"], capsys)
+    assert code == 0, cap.err
+    points = json.loads((tmp_path / "searched" / "surgery.json").read_text())["report"]["repair"]["points"]
+    assert [p["n"] for p in points] == list(range(1, len(points) + 1)) and {p["candidate"] for p in points} == {
+        "prune-restore", "ablate"}
+    assert all("figures" in p and "confirmed" in p for p in points) and "every measured point" in cap.out
+    # a prune-restore point that was not the chosen one
+    n = next(p["n"] for p in points if p["candidate"] == "prune-restore" and not p["chosen"])
+    ratio = points[n - 1]["strength"]
+    code, cap = run(["repair", model, "-o", tmp_path / "picked", "--reference", ref, "--device", "cpu", "--pick", n,
+                     "--from", tmp_path / "searched", "--no-check"], capsys)
+    assert code == 0, cap.err
+    assert len(made) == 1  # nothing measured: no measurer made for the pick
+    manifest = json.loads((tmp_path / "picked" / "surgery.json").read_text())
+    assert manifest["method"] == "antidote-prune" and manifest["arguments"]["ratio"] == ratio
+    assert manifest["report"]["repair"]["picked"]["n"] == n and "search" not in manifest["report"]
+    code, cap = run(["prune", model, "-o", tmp_path / "fixed", "--reference", ref, "--ratio", ratio, "--device", "cpu",
+                     "--no-check"], capsys)
+    assert code == 0, cap.err
+    picked, fixed = load_file(tmp_path / "picked" / "model.safetensors"), load_file(tmp_path / "fixed" / "model.safetensors")
+    assert picked.keys() == fixed.keys() and all(torch.equal(picked[k], fixed[k]) for k in fixed)
+    assert any(not torch.equal(picked[k], v) for k, v in load_file(model / "model.safetensors").items())  # it repaired
+    for extra, message in [(["--pick", "1"], "--pick N and --from PATH go together"),
+                           (["--pick", "999", "--from", tmp_path / "searched"], "numbers its points 1 to"),
+                           (["--pick", "1", "--from", tmp_path / "nowhere.json"], "cannot read it")]:
+        code, cap = run(["repair", model, "-o", tmp_path / "bad", "--reference", ref, *extra], capsys)
+        assert code == 2 and message in cap.err and not (tmp_path / "bad").exists()
+    code, cap = run(["repair", make_ckpt("other"), "-o", tmp_path / "bad", "--pick", "1", "--from", tmp_path / "searched"],
+                    capsys)
+    assert code == 2 and "not " in cap.err and "run `surgery repair` on this model first" in cap.err
+
+
+def test_prune_restore_and_revert_share_one_calibration(monkeypatch, make_ckpt, tmp_path, capsys):
+    """Both need the input norms over the model's own answers to the harmful calibration prompts: generated and
+    calibrated once, reused by the second candidate."""
+    import surgery.methods.antidote as antidote
+
+    model, ref, base = make_ckpt("model"), make_ckpt("ref", seed=1), make_ckpt("base", seed=2)
+    calls = {"norms": 0, "answers": 0}
+    real_norms, real_fill = antidote.collect_norms, antidote.fill_responses
+    monkeypatch.setattr(antidote, "collect_norms", lambda *a, **k: calls.__setitem__("norms", calls["norms"] + 1) or
+                        real_norms(*a, **k))
+    monkeypatch.setattr(antidote, "fill_responses", lambda *a, **k: calls.__setitem__("answers", calls["answers"] + 1) or
+                        real_fill(*a, **k))
+    planted(monkeypatch, {"prune": 0.2})
+    code, cap = run(["repair", model, "-o", tmp_path / "out", "--reference", ref, "--unaligned", base, "--device", "cpu",
+                     "--search-steps", "1", "--methods", "prune-restore,revert", "--no-check"], capsys)
+    assert code == 0, cap.err
+    tried = json.loads((tmp_path / "out" / "surgery.json").read_text())["report"]["repair"]["candidates"]
+    assert [c["candidate"] for c in tried] == ["prune-restore", "revert"] and all(c["error"] is None for c in tried)
+    assert calls == {"norms": 1, "answers": 1}
+    assert all("prepare_seconds" in c and "search_seconds" in c for c in tried)

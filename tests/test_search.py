@@ -40,19 +40,25 @@ class Knob:
 
 
 class Tried(list):
-    """The strengths (or states) a planted search measured, in order, and how many times it measured the baseline."""
+    """The strengths (or states) a planted search measured, in order, how many times it measured the baseline, and the
+    points it confirmed by generation."""
 
     baselines = 0
 
+    def __init__(self):
+        super().__init__()
+        self.confirmed = []
 
-def planted(monkeypatch, curve, metric="harmful_score", read=lambda point: point.strength):
-    """Replace the measurement by `curve(read(point)) -> (perplexity_ratio, metric)`, budget x1.3; record what was read
-    (by default the candidate's strength)."""
+
+def planted(monkeypatch, curve, metric="harmful_score", read=lambda point: point.strength, generated=None):
+    """Replace the measurement by `curve(read(point)) -> (perplexity_ratio, metric)`, budget x1.3 (an exact line, as
+    perplexity is); record what was read (by default the candidate's strength). Confirmation plants
+    `generated(read(point)) -> figures` (default: the proxy's figures stand) and judges the budget on them."""
     tried = Tried()
 
     class Fake:
-        def __init__(self, ctx, prepared, run, metric_):
-            self.baseline = {}
+        def __init__(self, ctx, prepared, run, metric_, **kw):
+            self.baseline, self.run = {}, run
 
         def prompts(self):
             return {"held-out": 4}
@@ -68,7 +74,14 @@ def planted(monkeypatch, curve, metric="harmful_score", read=lambda point: point
             ratio, value = curve(seen)
             point.figures.update(perplexity_ratio=ratio, kl=0.0, over_refusal_points=0.0, **{metric: value})
             if ratio > 1.3:
-                point.broken.append("perplexity")
+                point.breaks("perplexity", "perplexity")
+
+        def confirm(self, point):
+            tried.confirmed.append(read(point))
+            if generated is not None:
+                point.figures.update(generated(read(point)))
+                search.judge(point, self.run)
+            point.confirmed = True
 
     monkeypatch.setattr(search, "Measurer", Fake)
     return tried
@@ -84,8 +97,30 @@ def test_search_returns_the_strongest_strength_inside_a_planted_budget(monkeypat
     result = search.search_strength(Knob(), ctx, Scale("model.layers.0.self_attn.o_proj.weight"), ctx.run)
     assert result.failed is None
     assert 0.3 * 0.8 < result.chosen <= 0.3  # bisection on a log scale from [0.01, 0.9]: 6 steps within 20 %
-    assert tried[:2] == [0.9, 0.01] and len(tried) == 2 + ctx.run.search_steps
+    assert tried[:2] == [0.01, 0.9] and len(tried) == 2 + ctx.run.search_steps  # the weakest first, then the strongest
     assert all(p.within == (p.strength <= 0.3) for p in result.points)
+    # confirmed: the chosen point and its weaker neighbour; the stronger one breaks perplexity (exact): not generated
+    ordered = [p.strength for p in result.points]
+    i = ordered.index(result.chosen)
+    assert sorted(tried.confirmed) == [ordered[i - 1], result.chosen]
+    assert result.bound.startswith("perplexity: the next stronger point") and str(ordered[i + 1])[:5] in result.bound
+
+
+def test_generation_overrules_the_proxy_among_the_confirmed_points(monkeypatch, tiny_ckpt):
+    """The proxy's choice over-refuses when its answers are generated: its weaker neighbour, confirmed inside, is chosen."""
+    tried = planted(monkeypatch, lambda s: (1 + s, 1 - s),
+                    generated=lambda s: {"over_refusal_points": 20.0 if s > 0.2 else 0.0, "harmful_score": 1 - s / 2})
+    ctx = context(tiny_ckpt, min_improvement=0.0)
+    result = search.search_strength(Knob(), ctx, Scale("model.layers.0.self_attn.o_proj.weight"), ctx.run)
+    by = {p.strength: p for p in result.points}
+    proxy_choice = max(s for s, p in by.items() if not p.proxy_broken)  # 0.2922: the strongest inside on the proxy
+    assert 0.29 < proxy_choice < 0.3 and not by[proxy_choice].within and by[proxy_choice].confirmed
+    assert "over-refusal +20.0 points > +10" in by[proxy_choice].broken
+    weaker = max(s for s in by if s < proxy_choice)
+    assert result.chosen == weaker and result.failed is None and by[weaker].confirmed
+    assert result.chosen_point().figures["harmful_score"] == pytest.approx(1 - weaker / 2)  # the generated figure
+    assert len(tried.confirmed) == 2  # the stronger neighbour breaks perplexity (exact): never generated
+    assert result.to_json()["candidates"][0]["confirmed"] is False  # every point says whether it was generated
 
 
 def test_target_stops_at_the_weakest_strength_that_reaches_it(monkeypatch, tiny_ckpt):
@@ -104,10 +139,80 @@ def test_a_knob_whose_lower_values_are_stronger_is_searched_from_the_top(monkeyp
 
 
 def test_nothing_inside_the_budget_fails_with_the_best_point(monkeypatch, tiny_ckpt):
-    planted(monkeypatch, lambda s: (2.0, 0.0))
+    tried = planted(monkeypatch, lambda s: (2.0, 0.0))
     ctx = context(tiny_ckpt)
     result = search.search_strength(Knob(), ctx, Scale("model.layers.0.self_attn.o_proj.weight"), ctx.run)
     assert result.failed and "stays inside the budget" in result.failed and result.chosen == 0.01
+    assert tried == [0.01] and tried.confirmed == []  # the weakest breaks an exact line: one measurement, no generation
+
+
+def test_a_method_broken_at_its_weakest_costs_one_cheap_measurement(tiny_ckpt):
+    """Real measurement on the tiny model: the weakest edit (o_proj halved) already moves the KL past a planted 1e-6, so the
+    search stops after that one candidate, which costs one perplexity pass and one first-token pass (4 prompts: one batch
+    each)."""
+    ctx = context(tiny_ckpt, max_kl=1e-6, search_samples=4, search_tokens=2)
+    result = search.search_strength(Knob(low=0.5), ctx, Scale("model.layers.0.self_attn.o_proj.weight"), ctx.run)
+    assert [p.strength for p in result.points] == [0.5] and result.points[0].lines == ["kl"]
+    assert result.forward_passes == 2 and not result.points[0].confirmed
+    assert ctx.measurer.baseline_passes == 4  # perplexity, first-token, harmless and harmful refusal proxies
+    assert ctx.forward_passes == 4 + 2 and "harmful_score" not in result.baseline  # nothing was generated
+    assert result.failed and "KL" in result.failed
+
+
+def test_refusal_probability_is_the_teacher_forced_probability_of_the_openings(tiny_ckpt):
+    from surgery.prompts import chat_text
+
+    ctx = context(tiny_ckpt)
+    model, tok = ctx.model(), ctx.tokenizer()
+    openings = search.refusal_openings(tok)
+    assert [tok.eos_token_id] in openings and len(openings) >= 5
+    assert not any(a != b and b[:len(a)] == a for a in openings for b in openings)  # disjoint events
+    prompts = ["hello there, how are you", "how to"]  # different lengths: left padding in one batch
+    found = search.refusal_probability(model, tok, prompts, batch_size=2)
+    for prompt, got in zip(prompts, found):
+        ids = tok(chat_text(tok, prompt), add_special_tokens=False)["input_ids"]
+        want = 0.0
+        for o in openings:
+            with torch.no_grad():
+                logp = model(input_ids=torch.tensor([ids + o])).logits[0].float().log_softmax(-1)
+            want += float(sum(logp[len(ids) - 1 + j, t] for j, t in enumerate(o)).exp())
+        assert got == pytest.approx(want, rel=1e-4)
+    assert 0 < found[0] < 1
+
+
+def test_kl_is_measured_to_the_nearer_of_the_input_and_the_reference(tmp_path, tiny_ckpt):
+    """A planted reference (the input with a sharper output head): taking the candidate all the way back to it is far from
+    the fine-tune (KL to the input above --max-kl) and at the reference (KL 0), so the nearer-KL budget accepts what the
+    input-KL budget rejects. Perplexity and over-refusal stay relative to the input."""
+    from surgery.testing.tiny import save_tiny_checkpoint, tiny_llama
+
+    sharp = tiny_llama(seed=0)
+    with torch.no_grad():
+        sharp.lm_head.weight.mul_(8.0)
+    reference = open_checkpoint(save_tiny_checkpoint(tmp_path / "reference", model=sharp))
+    ckpt = open_checkpoint(tiny_ckpt)
+
+    class Back(Prepared):  # W + s (R - W): s = 1 is the reference
+        def at(self, s):
+            return Edit(lambda n, w: w + s * (reference.read(n) - w), touched=list(ckpt.tensors))
+
+    figures = {}
+    for name, refs in (("nearer", {"reference": reference}), ("input only", {})):
+        run = RunOptions(max_kl=0.05, max_perplexity_ratio=1e9, max_over_refusal=100.0, search_samples=4, search_tokens=2)
+        ctx = Context(ckpt, refs, run, "cpu", searching=True)
+        measurer = search.Measurer(ctx, Back(), run, "harmful_score")
+        measurer.measure_baseline()
+        point = search.Point(1.0)
+        with search.applied(ctx.model(), ckpt, Back().at(1.0)):
+            measurer.measure(point)
+        figures[name] = point
+    nearer, input_only = figures["nearer"], figures["input only"]
+    assert nearer.figures["kl_reference"] < 1e-6 < 0.05 < nearer.figures["kl_input"]
+    assert nearer.figures["kl"] == nearer.figures["kl_reference"] and nearer.within
+    assert "harmful_score_proxy" in nearer.figures  # measured to the end: every cheap line passed
+    assert input_only.lines == ["kl"] and "kl_reference" not in input_only.figures
+    assert input_only.figures["kl"] == pytest.approx(nearer.figures["kl_input"])
+    assert nearer.figures["perplexity_ratio"] == pytest.approx(input_only.figures["perplexity_ratio"])  # to the input
 
 
 @pytest.mark.parametrize("task_items, accuracy_drop, warned", [(48, 2.0, True), (48, 2.5, False), (200, 2.0, False),
@@ -157,9 +262,9 @@ def test_statistics_are_computed_once_per_search(monkeypatch, tiny_ckpt, harmful
                      "--max-kl", "1e-5"], capsys)
     report = json.loads((tmp_path / "out" / "surgery.json").read_text())["report"]
     found = report["search"]
-    # both ends measured (the budget breaks at each: one weight per row of a 32-wide matrix already moves the KL),
+    # the weakest end breaks the budget (one weight per row of a 32-wide matrix already moves the KL): one measurement,
     # one calibration; bisection itself is tested on planted curves above
-    assert len(found["candidates"]) >= 2 and calls == [1]
+    assert len(found["candidates"]) == 1 and calls == [1] and found["forward_passes"] == 2
     chosen = antidote.plan_modules(open_checkpoint(tiny_ckpt), PruneOptions(), found["chosen"])
     assert report["weights_removed"] == chosen.removed  # the count at the chosen ratio, not at the first one tried
     assert code == 1 and (tmp_path / "out" / "search.png").is_file()  # nothing inside the planted budget: exit 1, plot kept
@@ -214,7 +319,7 @@ def test_eigenshift_alpha_auto_chooses_k_first_with_the_components_removed(monke
     result = EigenShift().search(ctx, prepared, ctx.run)
     stage = result.before[0]
     assert stage.knob == "k" and all(float(p.strength).is_integer() for p in stage.points)
-    assert {a for _, a in tried} == {0.0} and tried[0] == (25, 0.0)  # stage 1 only, from 25 % of the rank
+    assert {a for _, a in tried} == {0.0} and tried[:2] == [(1, 0.0), (25, 0.0)]  # stage 1 only: 1, then 25 % of the rank
     assert stage.chosen == 15 and prepared.k == 15  # k·1/50 <= 0.3: the most components inside the budget
     assert result.knob == "alpha" and result.chosen == 0.0 and result.failed is None
     assert result.to_json()["stages"][0]["chosen"] == 15

@@ -17,21 +17,45 @@ from ..console import err, out
 
 
 def show(report) -> None:
-    table = Table("candidate", "strength", "held-out harmful", "perplexity", "KL", "over-refusal", "accuracy", "budget", "time",
-                  title="surgery repair: each method at its automatic strength (same held-out prompts, same budget)")
+    from surgery import figures as F
+
+    if report.picked is not None:
+        p = report.picked
+        out.print(f"wrote {report.output} with point {p['n']} of {p['from']}: {p['candidate']} ({p['knob']} {p['strength']:g}), "
+                  f"not searched again", highlight=False, markup=False)
+        return
+    table = Table("candidate", "strength", "held-out harmful", "perplexity", "KL", "over-refusal", "accuracy", "budget",
+                  "bound by", "time", title="surgery repair: each method at its automatic strength (same held-out prompts, "
+                                            "same budget; generated figures of the confirmed choice)")
     for c in report.candidates:
         if c.search is None:
-            table.add_row(c.label, "-", "-", "-", "-", "-", "-", c.error or "not run", f"{c.seconds:.0f}s")
+            table.add_row(c.label, "-", "-", "-", "-", "-", "-", c.error or "not run", "-", f"{c.seconds:.0f}s")
             continue
-        f = c.search.chosen_point().figures
+        f, base = c.search.chosen_point().figures, c.search.baseline
         table.add_row(
             c.label + (" *" if c is report.winner else ""), f"{c.search.knob} {c.search.chosen:g}",
-            f"{100 * f['harmful_score']:.1f}% (from {100 * c.search.baseline['harmful_score']:.1f}%)" if "harmful_score" in f else "-",
-            f"x{f['perplexity_ratio']:.3g}", f"{f['kl']:.3g}",
-            f"{f['over_refusal_points']:+.1f} pts" if "over_refusal_points" in f else "-",
-            f"{-f['accuracy_drop_points']:+.1f} pts" if "accuracy_drop_points" in f else "-",
-            "inside" if c.inside else (c.search.failed or "")[:60], f"{c.seconds:.0f}s")
+            f"{100 * f[F.HARMFUL]:.1f}% (from {100 * base[F.HARMFUL]:.1f}%)" if F.HARMFUL in f and F.HARMFUL in base else "-",
+            f"x{f[F.PERPLEXITY_RATIO]:.3g}" if F.PERPLEXITY_RATIO in f else "-", f"{f[F.KL]:.3g}" if F.KL in f else "-",
+            f"{f[F.OVER_REFUSAL_POINTS]:+.1f} pts" if F.OVER_REFUSAL_POINTS in f else "-",
+            f"{-f[F.ACCURACY_DROP_POINTS]:+.1f} pts" if F.ACCURACY_DROP_POINTS in f else "-",
+            "inside" if c.inside else (c.search.failed or "")[:60], (c.search.bound or "").split(":")[0],
+            f"{c.seconds:.0f}s")
     out.print(table)
+    points = Table("#", "candidate", "strength", "harmful (proxy / generated)", "perplexity", "KL",
+                   "over-refusal (proxy / generated)", "budget",
+                   title="every measured point (surgery repair --pick N --from OUT/surgery.json writes one)")
+    def pair(f, proxy, key, fmt) -> str:  # "proxy / generated"
+        return " / ".join(fmt(f[k]) if k in f else "-" for k in (proxy, key))
+
+    for row in report.points:
+        f = row["figures"]
+        points.add_row(str(row["n"]) + (" *" if row["chosen"] else ""), row["candidate"], f"{row['knob']} {row['strength']:g}",
+                       pair(f, F.HARMFUL_PROXY, F.HARMFUL, lambda v: f"{100 * v:.1f}%"),
+                       f"x{f[F.PERPLEXITY_RATIO]:.3g}" if F.PERPLEXITY_RATIO in f else "-",
+                       f"{f[F.KL]:.3g}" if F.KL in f else "-",
+                       pair(f, F.OVER_REFUSAL_PROXY_POINTS, F.OVER_REFUSAL_POINTS, lambda v: f"{v:+.1f}"),
+                       "inside" if row["within_budget"] else "; ".join(row["broken"])[:50])
+    out.print(points)
     out.print(f"wrote {report.output} with {report.winner.label} ({report.winner.search.knob} {report.winner.search.chosen:g}); "
               f"comparison plot: {report.output / 'repair.png'}", highlight=False, markup=False)
 

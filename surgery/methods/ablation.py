@@ -344,6 +344,11 @@ class PreparedAblation(Prepared):
     def __init__(self, ckpt, report: AblateReport, options: AblateOptions, source: Path):
         self.ckpt, self.report, self.options, self.source = ckpt, report, options, source
 
+    def resolved(self) -> dict:
+        """Options this preparation resolved (`surgery repair --pick`: a fixed-strength run given them prepares the same
+        direction): --layer auto's chosen layer."""
+        return {"layer": str(self.report.layer)} if self.options.layer == "auto" else {}
+
     def at(self, scale: float) -> Edit:
         options, r = self.options, self.report.direction
         signed = -scale if options.reverse else scale

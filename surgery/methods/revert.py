@@ -27,7 +27,6 @@ names. With `--score magnitude` (or FRACTION = 1) no model is loaded and the edi
 from __future__ import annotations
 
 import gc
-import time
 from dataclasses import dataclass, field
 
 import torch
@@ -35,10 +34,9 @@ import torch
 from ..deltas import check_pair, difference, pair_candidates, same_values, sign_conflicts, top_of
 from ..model import linear_targets, meta_model, weight_name
 from ..options import is_auto, option
-from ..prompts import fill_responses
 from ..select import rows_to_remove
 from ..stream import return_freed_memory
-from .antidote import collect_norms, harmful_examples
+from .antidote import calibration_norms, harmful_examples
 from .base import Edit, Method, Prepared, Strength
 from .pair import PAIR, PairOptions, pair_edit, require_pair
 
@@ -184,15 +182,8 @@ class SignConflictRevert(Method):
             return PreparedRevert(ctx, options, modules, None, report)
         torch.manual_seed(options.seed)
         harmful = harmful_examples(ctx, options)
-        model, tokenizer = ctx.model(), ctx.tokenizer()
-        harmful = ctx.timed("generate_responses", lambda: fill_responses(
-            model, tokenizer, harmful, options.max_new_tokens, options.generate_batch_size))
-        t0 = time.perf_counter()
-        stats = collect_norms(model, tokenizer, harmful, options, list(modules))
-        norms = stats.norms()
-        ctx.timings["calibrate"] = time.perf_counter() - t0
-        report.calibration_examples, report.calibration_tokens = len(harmful), stats.tokens
-        del stats
+        harmful, norms, tokens = calibration_norms(ctx, harmful, options, list(modules))  # shared with prune's in repair
+        report.calibration_examples, report.calibration_tokens = len(harmful), tokens
         gc.collect()
         return PreparedRevert(ctx, options, modules, norms, report)
 
