@@ -20,7 +20,9 @@ from .metrics import (
     SST2_LABELS, SST2_TEMPLATE, first_token_kl, harmful_score, perplexity, refusal_rate, task_accuracy, toxicity_rate,
 )
 from .model import load_model, load_tokenizer, resolve_device
-from .prompts import load_examples
+from .prompts import Example, load_examples
+from .splits import sample
+from .tasks import is_builtin, sentiment_part
 
 TASKS = ("sst2",)
 
@@ -75,7 +77,7 @@ class EvalOptions:
         name, sep, path = (self.task or "").partition(":")
         if not sep or name not in TASKS:
             raise SurgeryError(f"--task must be NAME:FILE with NAME one of {', '.join(TASKS)}, got '{self.task}'")
-        if not Path(path).is_file():
+        if not Path(path).is_file() and not is_builtin(path):
             raise SurgeryError(f"--task file {path} does not exist")
         return name, Path(path)
 
@@ -94,8 +96,12 @@ class EvalReport:
         return asdict(self)
 
 
-def sst2_items(path: str | Path, max_samples: int | None, seed: int) -> tuple[list[str], list[int]]:
-    """SST-2 rows (a `label` column of 0/1 and a sentence column) as classification prompts and labels."""
+def sst2_items(path: str | Path, max_samples: int | None, seed: int, part: str = "evaluation") -> tuple[list[str], list[int]]:
+    """SST-2 rows (a `label` column of 0/1 and a sentence column) as classification prompts and labels; `builtin`:
+    the named part of the built-in sentiment set (surgery/tasks.py)."""
+    if is_builtin(path):
+        rows = sample([Example(s, str(y)) for s, y in sentiment_part(part)], max_samples, seed)
+        return [SST2_TEMPLATE.format(r.prompt) for r in rows], [int(r.response) for r in rows]
     rows = load_examples(path, response_column="label", max_samples=max_samples, seed=seed)
     if any(r.response not in ("0", "1") for r in rows):
         raise SurgeryError(f"{path}: SST-2 needs a 'label' column of 0/1 beside the sentence")

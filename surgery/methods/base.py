@@ -156,7 +156,7 @@ class RunOptions:
                                 "harmless prompts.", positive=True)
     max_over_refusal: float = option(10.0, "Utility budget for auto strength: the most held-out harmless prompts refused, "
                                            "in points above the input.", non_negative=True)
-    task: str | None = option(None, "Your fine-tune task as NAME:FILE (e.g. sst2:dev.tsv): auto strength keeps its accuracy "
+    task: str | None = option(None, "Your fine-tune task as NAME:FILE (e.g. sst2:dev.tsv; sst2:builtin is the package's sentiment set): auto strength keeps its accuracy "
                                     "within --max-accuracy-drop.")
     max_accuracy_drop: float = option(2.0, "Utility budget with --task: the most task accuracy may fall, in points.",
                                       non_negative=True)
@@ -176,7 +176,7 @@ class RunOptions:
             name, sep, path = self.task.partition(":")
             if not sep or name not in TASKS:
                 raise SurgeryError(f"--task must be NAME:FILE with NAME one of {', '.join(TASKS)}, got '{self.task}'")
-            if not Path(path).is_file():
+            if not Path(path).is_file() and path != "builtin":  # builtin: the package's sentiment set (surgery/tasks.py)
                 raise SurgeryError(f"--task file {path} does not exist")
 
 
