@@ -11,10 +11,11 @@ from typing import Any, Callable, Optional
 
 import typer
 
+from surgery.errors import SurgeryError
 from surgery.methods import Method, RunOptions, run_repair
 from surgery.options import field_types, schema
 
-from .console import err, out
+from .console import err, out, progress, summary
 
 MODEL_HELP = "Checkpoint folder to repair (never modified)."
 OUTPUT_HELP = "Folder for the repaired checkpoint."
@@ -82,24 +83,106 @@ def repair_command(method: Method, show: Callable, show_plan: Callable | None = 
     """The `surgery METHOD` command: MODEL, -o OUTPUT, the method's options, then the shared RunOptions."""
     output = inspect.Parameter("output", inspect.Parameter.KEYWORD_ONLY,
                                default=typer.Option(None, "--output", "-o", help=OUTPUT_HELP), annotation=Optional[Path])
-    params = [positional("model", MODEL_HELP), output, *parameters(method.Options), *parameters(RunOptions)]
+    params = [positional("model", MODEL_HELP), output, *parameters(method.Options), *parameters(RunOptions), json_option()]
 
     def body(values: dict) -> None:
-        model, target = values.pop("model"), values.pop("output")
+        model, target, json_path = values.pop("model"), values.pop("output"), values.pop("json_path")
         options = build_options(method.Options, values)
         run = build_options(RunOptions, values)
-        with err.status(f"{method.name}: preparing") as status:
+        check_json_path(json_path, [model])
+        with progress(f"{method.name}: preparing") as status:
             result = run_repair(method, model, target, options, run, progress=status.update)
         if run.dry_run:
             (show_plan or _no_plan)(result.plan, options)
+            write_json(json_path, {"command": method.name, "dry_run": True, "exit_status": 0})
+            summary(f"{method.name} dry run: nothing written, {status.elapsed():.0f} s")
             return
         if result.search is not None:
             show_search(result.search)
         show(result, options)
-        report_check(result, run)
+        write_json(json_path, run_json(method.name, result))
+        report_check(result, run, repair_summary(method.name, result, status.elapsed()))
 
     doc = f"{method.summary}\n\n{method.paper}" if method.paper else method.summary
     return make_command(method.name, doc, params, body)
+
+
+def json_option() -> inspect.Parameter:
+    """`--json FILE`: the command's report as JSON (written on exit 1 too, so CI can read why; not on a usage error)."""
+    return inspect.Parameter("json_path", inspect.Parameter.KEYWORD_ONLY, annotation=Optional[Path], default=typer.Option(
+        None, "--json", help="Write the report (the manifest's report, the chosen point, the check, the exit status) as "
+                             "JSON to this file, also when the command exits 1."))
+
+
+def check_json_path(path: Path | None, inputs: list) -> None:
+    """Refuse an unusable --json FILE before any work (one error line, exit 2)."""
+    if path is None:
+        return
+    from surgery.writer import check_side_file
+
+    if not Path(path).parent.is_dir():
+        raise SurgeryError(f"--json: folder {Path(path).parent} does not exist")
+    check_side_file(path, [Path(p) for p in inputs if p is not None])
+
+
+def write_json(path: Path | None, payload: dict) -> None:
+    """Write `payload` to --json FILE, complete or not at all."""
+    if path is None:
+        return
+    import json
+    import os
+
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.surgery-tmp-{os.getpid()}")
+    try:
+        tmp.write_text(json.dumps(payload, indent=2, default=str) + "\n")
+        tmp.replace(path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def run_json(command: str, result) -> dict:
+    """The --json report of a written repair: read back from the output's surgery.json, so its figures are the manifest's."""
+    import json
+
+    from surgery.checkpoint import MANIFEST_NAME
+
+    manifest = json.loads((Path(result.output) / MANIFEST_NAME).read_text())
+    search = result.search
+    chosen = None
+    if search is not None:
+        point = next((p for p in manifest["report"].get("search", {}).get("candidates", [])
+                      if p.get("strength") == search.chosen), None)
+        chosen = {"knob": search.knob, "strength": search.chosen, "figures": (point or {}).get("figures")}
+    elif result.strength is not None:
+        chosen = {"strength": result.strength}
+    return {"command": command, "exit_status": 1 if result.failed else 0, "failed": result.failed,
+            "output": str(result.output), "method": manifest.get("method"), "chosen": chosen,
+            "report": manifest.get("report"), "check": manifest.get("check")}
+
+
+def repair_summary(command: str, result, seconds: float) -> str:
+    """`METHOD wrote OUT (knob s): harmful a% -> b% on N held-out prompts, perplexity xR, T s`, each part when known."""
+    from surgery import figures as F
+
+    head = f"{command} wrote {result.output}"
+    parts = []
+    search = result.search
+    if search is not None:
+        head += f" ({search.knob.replace('_', ' ')} {search.chosen:g})"
+        f, base = search.chosen_point().figures, search.baseline
+        for key, label in ((F.HARMFUL, "harmful"), (F.HARMFUL_PROXY, "harmful (proxy)")):
+            if key in f and key in base:
+                n = search.prompts.get("harmful")
+                parts.append(f"{label} {100 * base[key]:.1f}% -> {100 * f[key]:.1f}%" + (f" on {n} held-out prompts" if n else ""))
+                break
+    elif result.strength is not None:
+        head += f" (strength {result.strength:g})"
+    if result.check is not None:
+        parts.append(f"perplexity x{result.check.perplexity_ratio:.3g} on {result.check.prompts} check prompts")
+    if result.failed:
+        parts.append(f"FAILED: {result.failed}")
+    return head + (": " + ", ".join(parts) if parts else "") + f", {seconds:.0f} s"
 
 
 def show_written(result) -> None:
@@ -161,12 +244,15 @@ def show_search(search) -> None:
                   highlight=False, markup=False)
 
 
-def report_check(result, run: RunOptions) -> None:
-    """The after-write check's line, then exit 1 when the output failed its budget (the output stays, marked failed)."""
+def report_check(result, run: RunOptions, final: str | None = None) -> None:
+    """The after-write check's line, the command's summary line (`final`), then exit 1 when the output failed its
+    budget (the output stays, marked failed)."""
     if result.check is not None:
         out.print(result.check.summary(), style="bold red" if not result.check.passed else None, highlight=False)
     elif run.check:
         out.print("check skipped: streamed (it would load the whole model); measure the output with `surgery eval`")
+    if final is not None:
+        summary(final)
     if result.failed:
         err.print(f"failed: {result.failed} ({result.output} is written for inspection; surgery.json says it failed)",
                   style="bold red", highlight=False, markup=False, soft_wrap=True)

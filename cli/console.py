@@ -19,6 +19,8 @@ class LiteralConsole(Console):
     def print(self, *objects, **kwargs) -> None:
         if objects and isinstance(objects[0], str) and (m := _LABEL.fullmatch(objects[0])):
             objects = (Text.assemble((m["label"], m["style"]), m["rest"]), *objects[1:])
+        if plain():
+            objects, kwargs = _plain_print(self, objects, kwargs)
         super().print(*objects, **kwargs)
 
 
@@ -30,3 +32,106 @@ def print_error(message: str, label: str = "error:") -> None:
     """One line on stderr, never wrapped: `label message`, the message as given with its line breaks joined."""
     one_line = re.sub(r"\s*\n\s*", " ", message.strip())  # only line breaks go: a path's own spaces stay
     err.print(Text.assemble((label, "bold red"), " ", one_line), soft_wrap=True, highlight=False)
+
+
+# --- Output a CI log can read --------------------------------------------------------------------------------------
+# Without a terminal (stdout or stderr redirected, or a CI variable set) there are no spinners or live displays:
+# progress is one plain line per stage, tables are Markdown (no cell cut to fit 80 columns), lines are never wrapped.
+
+_COUNT = re.compile(r"\b(?P<i>\d+)\s*(?:/|of)\s*(?P<n>\d+)\b")
+
+
+def plain() -> bool:
+    """True when the output goes to a log, not a person's terminal."""
+    import os
+
+    if os.environ.get("CI", "").strip().lower() not in ("", "0", "false", "no"):
+        return True
+    return not (out.is_terminal and err.is_terminal)
+
+
+def markdown_table(table) -> str:
+    """A rich Table as a Markdown table (its title a line above it), every cell whole and every row on one line."""
+    def cell(value) -> str:
+        text = value.plain if isinstance(value, Text) else str(value)
+        return re.sub(r"\s*\n\s*", " ", text).replace("|", "\\|")
+
+    columns = table.columns
+    rows = [[cell(c.header) for c in columns]]
+    rows.append(["---"] * len(columns))
+    for i in range(table.row_count):
+        rows.append([cell(c._cells[i]) if i < len(c._cells) else "" for c in columns])
+    lines = ["| " + " | ".join(r) + " |" for r in rows]
+    title = table.title.plain if isinstance(table.title, Text) else table.title
+    return "\n".join(([f"{title}:"] if title else []) + lines)
+
+
+def _plain_print(console: Console, objects, kwargs) -> tuple:
+    from rich.table import Table
+
+    if objects and isinstance(objects[0], Table):
+        return (markdown_table(objects[0]), *objects[1:]), {**kwargs, "soft_wrap": True, "highlight": False}
+    return objects, {**kwargs, "soft_wrap": True}
+
+
+class Progress:
+    """What a long command is doing: a spinner on a terminal; in a log, one line per stage with the seconds since the
+    start and, when the message counts (`3/8`, `3 of 8`), an estimate of the time left from the average so far."""
+
+    def __init__(self, title: str):
+        import time
+
+        self.title, self._clock = title, time.perf_counter
+        self.start = self._clock()
+        self._status = None
+        self._counted: tuple[str, int, float] | None = None
+
+    def __enter__(self) -> "Progress":
+        if plain():
+            self.line(f"{self.title}")
+        else:
+            self._status = err.status(self.title)
+            self._status.__enter__()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._status is not None:
+            self._status.__exit__(*exc)
+
+    def line(self, message: str) -> None:
+        err.print(f"[{self.elapsed():7.1f}s] {message}", highlight=False, soft_wrap=True)
+
+    def elapsed(self) -> float:
+        return self._clock() - self.start
+
+    def estimate(self, message: str) -> str:
+        """' (about N s left)' when the message says item i of n and items before it were timed."""
+        m = _COUNT.search(message)
+        if m is None:
+            return ""
+        i, n = int(m["i"]), int(m["n"])
+        key = f"{message[:m.start()]}#/{n}"
+        now = self._clock()
+        if self._counted is None or self._counted[0] != key or i < self._counted[1]:
+            self._counted = (key, i, now)  # (what is counted, its first item seen, when that item began)
+        if i == self._counted[1]:
+            return ""
+        _, first, began = self._counted
+        left = (now - began) / (i - first) * (n - i + 1)
+        return f" (about {left:.0f}s left)"
+
+    def update(self, message: str) -> None:
+        if self._status is not None:
+            self._status.update(message)
+            return
+        self.line(message + self.estimate(message))
+
+
+def progress(title: str) -> Progress:
+    """`with progress("prune: preparing") as p: work(progress=p.update)`."""
+    return Progress(title)
+
+
+def summary(text: str) -> None:
+    """The last line of a command: `summary: ...`, on stdout, one line."""
+    out.print(f"summary: {text}", highlight=False, soft_wrap=True)

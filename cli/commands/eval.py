@@ -9,9 +9,10 @@ import typer
 from rich.table import Table
 
 from surgery.errors import SurgeryError
-from surgery.evaluate import EvalOptions, EvalReport, evaluate_checkpoint, write_report
+from surgery.evaluate import EvalOptions, EvalReport, evaluate_checkpoint
 
-from ..console import err, out
+from ..build import write_json
+from ..console import err, out, progress, summary
 
 # figure key -> (label, shown as a percentage?)
 FIGURES = {
@@ -78,11 +79,16 @@ def eval_command(
         if not json_path.parent.is_dir():
             raise SurgeryError(f"--json: folder {json_path.parent} does not exist")
         check_side_file(json_path, [p for p in (model, reference, adapter) if p is not None])
-    report = evaluate_checkpoint(model, options, log=lambda m: err.print(m, highlight=False))
+    with progress(f"eval: measuring {model}") as status:
+        report = evaluate_checkpoint(model, options, log=status.update)
     show_report(report)
     if json_path is not None:
-        write_report(report, json_path, inputs=[p for p in (model, reference, adapter) if p is not None])
+        write_json(json_path, {**report.to_json(), "exit_status": 1 if report.misses else 0})
         out.print(f"wrote {json_path}")
+    figures = ", ".join(f"{FIGURES[k][0].split(' (')[0]} " + (f"{100 * v:.1f}%" if FIGURES[k][1] else f"{v:.4g}")
+                        for k, v in report.figures.items() if k in FIGURES)
+    summary(f"eval of {model}: {figures or 'nothing measured'}"
+            + (f"; gate FAILED: {'; '.join(report.misses)}" if report.misses else "") + f", {status.elapsed():.0f} s")
     if report.misses:
         err.print(f"[bold red]gate failed:[/] {'; '.join(report.misses)}", highlight=False, soft_wrap=True)
         sys.exit(1)

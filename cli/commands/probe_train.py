@@ -10,7 +10,8 @@ from rich.table import Table
 from surgery.probes.probe_train import PLOT_NAME, ProbeOptions, train_probe_checkpoint
 from surgery.probes.train import MOSTLY_RANDOM, PAPER_BATCH
 
-from ..console import err, out
+from ..build import check_json_path, write_json
+from ..console import err, out, progress, summary
 
 
 def probe_train_command(
@@ -42,6 +43,7 @@ def probe_train_command(
     device: str = typer.Option("auto", help="cpu, cuda or auto."),
     adapter: Path = typer.Option(None, help="A peft LoRA adapter folder on MODEL: the probe reads base + adapter."),
     force: bool = typer.Option(False, "--force", help="Replace an existing output folder."),
+    json_path: Path = typer.Option(None, "--json", help="Write the probe's report (accuracies, layer, sizes) as JSON to this file."),
     allow_pickle: bool = typer.Option(False, "--allow-pickle", help="Accept .bin/.pt weights (read weights-only; loading "
                                                                     "them can run code)."),
     allow_nonfinite: bool = typer.Option(False, "--allow-nonfinite", help="Work on weights holding NaN or Inf (refused by "
@@ -55,7 +57,8 @@ def probe_train_command(
         max_length=max_length, batch_size=batch_size, c=c, device=device, adapter=str(adapter) if adapter else None,
         allow_pickle=allow_pickle, allow_nonfinite=allow_nonfinite,
     )
-    with err.status("reading hidden states and fitting the probe"):
+    check_json_path(json_path, [model, positive, negative, adapter])
+    with progress("reading hidden states and fitting the probe") as status:
         report = train_probe_checkpoint(model, positive, negative, output, options, force=force)
     meta = report.probe.meta
     if len(report.layer_accuracy) > 1:
@@ -82,5 +85,13 @@ def probe_train_command(
                       f"authors ran about 81k): raise --epochs or --lr, or use --classifier logistic", style="bold red",
                       highlight=False, markup=False, soft_wrap=True)
     out.print(f"wrote {report.output} ({', '.join(f'{k} {v:.1f}s' for k, v in report.seconds.items())})")
+    from dataclasses import asdict, is_dataclass
+
+    write_json(json_path, {"command": "probe-train", "exit_status": 0, "output": str(report.output),
+                           "probe": asdict(meta) if is_dataclass(meta) else vars(meta),
+                           "layer_accuracy": {str(k): list(v) for k, v in report.layer_accuracy.items()},
+                           "seconds": report.seconds})
+    summary(f"probe-train wrote {report.output}: hidden state {meta.layer}/{meta.num_layers}, held-out accuracy "
+            f"{meta.test_accuracy:.3f} on {meta.n_test} examples, {status.elapsed():.0f} s")
 
 

@@ -12,8 +12,9 @@ from rich.table import Table
 from surgery.methods import RunOptions
 from surgery.repair import RepairOptions, repair_checkpoint
 
-from ..build import MODEL_HELP, build_options, make_command, parameters, positional, report_check
-from ..console import err, out
+from ..build import (MODEL_HELP, build_options, check_json_path, json_option, make_command, parameters, positional, repair_summary,
+                     report_check, run_json, write_json)
+from ..console import out, progress
 
 
 def show(report) -> None:
@@ -61,15 +62,22 @@ def show(report) -> None:
 
 
 def _body(values: dict) -> None:
-    model, target = values.pop("model"), values.pop("output")
+    model, target, json_path = values.pop("model"), values.pop("output"), values.pop("json_path")
     options = build_options(RepairOptions, values)
     run = build_options(RunOptions, values)
-    with err.status("surgery repair: preparing") as status:
+    check_json_path(json_path, [model, options.reference, options.unaligned, options.probe, options.adapter])
+    with progress("surgery repair: preparing") as status:
         report = repair_checkpoint(model, target, options, run, progress=status.update)
     show(report)
     result = report.result
     result.failed = report.failed
-    report_check(result, run)
+    found = run_json("repair", result)
+    found["candidates"] = [c.to_json() for c in report.candidates]
+    found["winner"] = report.winner.label if report.winner is not None else None
+    found["picked"] = report.picked
+    write_json(json_path, found)
+    label = report.winner.label if report.winner is not None else (report.picked or {}).get("candidate", "")
+    report_check(result, run, repair_summary("repair", result, status.elapsed()).replace("repair wrote", f"repair ({label}) wrote", 1))
 
 
 repair_command = make_command(
@@ -77,5 +85,5 @@ repair_command = make_command(
     [positional("model", MODEL_HELP),
      inspect.Parameter("output", inspect.Parameter.KEYWORD_ONLY, default=typer.Option(..., "--output", "-o",
                        help="Folder for the repaired checkpoint."), annotation=Optional[Path]),
-     *parameters(RepairOptions), *[p for p in parameters(RunOptions) if p.name != "dry_run"]],
+     *parameters(RepairOptions), *[p for p in parameters(RunOptions) if p.name != "dry_run"], json_option()],
     _body)
