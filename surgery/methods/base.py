@@ -152,8 +152,9 @@ class RunOptions:
                                               "harmless prompts. The after-write check exits 1 past it (the output stays "
                                               "for inspection); --ratio/--scale/--alpha auto search inside it.",
                                          low=1.0)
-    max_kl: float = option(0.5, "Utility budget for auto strength: the most first-token KL (input || repaired) on held-out "
-                                "harmless prompts.", positive=True)
+    max_kl: float = option(0.5, "Utility budget for auto strength: the most first-token KL on held-out harmless prompts, "
+                                "to the nearer of the input and (when the method has one) the reference: moving back "
+                                "toward the model before the fine-tune is not a cost.", positive=True)
     max_over_refusal: float = option(10.0, "Utility budget for auto strength: the most held-out harmless prompts refused, "
                                            "in points above the input.", non_negative=True)
     task: str | None = option(None, "Your fine-tune task as NAME:FILE (e.g. sst2:dev.tsv; sst2:builtin is the package's sentiment set): auto strength keeps its accuracy "
@@ -165,9 +166,12 @@ class RunOptions:
                                                       "inside the budget.", low=0.0, high=1.0)
     min_improvement: float = option(5.0, "Auto strength fails (exit 1) unless the chosen repair lowers the held-out harmful "
                                          "(or toxicity) share by at least this many points.", non_negative=True)
-    search_samples: int = option(48, "Auto strength: held-out prompts per set measured for each candidate.", positive=True)
-    search_tokens: int = option(24, "Auto strength: tokens of each held-out answer judged per candidate.", positive=True)
-    search_steps: int = option(6, "Auto strength: candidates tried by bisection after the two ends.", positive=True)
+    search_samples: int = option(48, "Auto strength: held-out prompts per set measured for each candidate (forward passes) "
+                                     "and generated from for the confirmed ones.", positive=True)
+    search_tokens: int = option(24, "Auto strength: tokens of each held-out answer generated and judged to confirm the "
+                                    "chosen point and its neighbours.", positive=True)
+    search_steps: int = option(6, "Auto strength: candidates tried by bisection after the two ends (forward passes only).",
+                               positive=True)
 
     def validate(self) -> None:
         if self.task is not None:
