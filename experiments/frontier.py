@@ -89,6 +89,7 @@ def main() -> None:
                                max_accuracy_drop=1e9)  # every figure of every strength, none early-stopped
         measurer = Measurer(ctx, prepared, unbounded, method.repair_metric)
         measurer.measure_baseline()
+        measurer.measure_generated_baseline()  # every strength is confirmed below: proxy and generated figures both
     for strength in strengths:
         key = f"{strength:g}"
         if key in rows and (measurer is None or "selection" in rows[key]):
@@ -103,6 +104,7 @@ def main() -> None:
 
                 point = Point(strength)
                 measurer.measure(point)
+                measurer.confirm(point)
         chosen = {k: v for k, v in edit.report().items() if isinstance(v, (int, float, str)) and len(str(v)) < 80}
         row = {**rows.get(key, {}), "method": args.method, "model": str(model_dir), "options": settings,
                "strength": strength, "edit": chosen, "figures": figures}
