@@ -84,11 +84,12 @@ class Progress:
         self.title, self._clock = title, time.perf_counter
         self.start = self._clock()
         self._status = None
+        self._untitled = False
         self._counted: tuple[str, int, float] | None = None
 
     def __enter__(self) -> "Progress":
         if plain():
-            self.line(f"{self.title}")
+            self._untitled = True  # the title is printed with the first update: a bad input stays one error line
         else:
             self._status = err.status(self.title)
             self._status.__enter__()
@@ -124,6 +125,9 @@ class Progress:
         if self._status is not None:
             self._status.update(message)
             return
+        if self._untitled:
+            self._untitled = False
+            self.line(self.title)
         self.line(message + self.estimate(message))
 
 
