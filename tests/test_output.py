@@ -167,3 +167,16 @@ def test_every_command_offers_json():
     group = typer.main.get_command(app)
     for name, command in group.commands.items():
         assert any("--json" in p.opts for p in command.params), name
+
+
+def test_eval_gate_failure_writes_json_with_exit_status_and_summary(tiny_ckpt, harmful_file, tmp_path, capsys):
+    report = tmp_path / "eval.json"
+    code, out, err = cli(["eval", tiny_ckpt, "--harmful", harmful_file, "--max-samples", "4", "--max-new-tokens", "2",
+                          "--device", "cpu", "--max-harmful-score", "0", "--json", report], capsys)
+    data = json.loads(report.read_text())
+    assert code == 1 and data["exit_status"] == 1 and data["misses"]  # a random tiny model refuses nothing
+    assert data["figures"]["harmful_score"] > 0 and data["counts"]["harmful"] == 4
+    assert_log_readable(out, err)
+    line = out.splitlines()[-1]
+    assert line.startswith("summary: eval of") and "gate FAILED" in line
+    assert f"harmful score {100 * data['figures']['harmful_score']:.1f}%" in line
