@@ -171,7 +171,7 @@ def test_cli_dry_run_lists_rows_per_layer_and_writes_nothing(tiny_ckpt, tmp_path
     cap = capsys.readouterr().out
     plan, _ = plan_edit(tiny_ckpt, tmp_path / "p", EditOptions(count=12))
     for layer, n in plan.per_layer().items():
-        assert f"│ {layer}" in cap and f"{n}" in cap
+        assert f"| {layer} |" in cap and f"{n}" in cap  # a Markdown table: output captured, not a terminal
     assert sum(plan.per_layer().values()) == 12 and "12 of 128 gate_proj rows" in cap
     assert set(tmp_path.iterdir()) == before
 
@@ -311,7 +311,7 @@ def test_dry_run_measures_the_gate_check_only_when_check_files_are_named(tmp_pat
           "--check-positive", str(pos), "--check-negative", str(neg)])
     cap = capsys.readouterr()
     lines = [line for line in cap.out.splitlines() if "undesired (6)" in line or "desired (6)" in line]
-    assert len(lines) == 2 and "0.000  │ 0.500 │ +50.0 pts" in lines[0] and "1.000  │ 0.500 │ -50.0 pts" in lines[1]
+    assert len(lines) == 2 and "0.000 | 0.500 | +50.0 pts" in lines[0] and "1.000 | 0.500 | -50.0 pts" in lines[1]
     assert "warning" not in cap.err and sorted(tmp_path.rglob("*")) == before
 
 
