@@ -37,8 +37,11 @@ def main() -> None:
         answers[bs] = generate(model, tokenizer, prompts, args.tokens, bs)
         first = next(iter(answers.values()))
         same = sum(a == b for a, b in zip(first, answers[bs]))
-        print(f"batch {bs}: {time.perf_counter() - t0:.1f} s for {len(prompts)} prompts x {args.tokens} tokens; "
-              f"{same}/{len(prompts)} answers identical to batch {next(iter(answers))}", flush=True)
+        print(
+            f"batch {bs}: {time.perf_counter() - t0:.1f} s for {len(prompts)} prompts x {args.tokens} tokens; "
+            f"{same}/{len(prompts)} answers identical to batch {next(iter(answers))}",
+            flush=True,
+        )
 
 
 if __name__ == "__main__":

@@ -120,7 +120,9 @@ def row_table(args, device: torch.device, copy_bw: float) -> list[str]:
                     try:
                         seconds, peak = timed(methods[method], device, args.repeats)
                     except torch.OutOfMemoryError:
-                        lines.append(f"| {model} | {name} | {rows}×{cols} | {args.dtype} | {ratio} | {method} | out of memory | | | |")
+                        lines.append(
+                            f"| {model} | {name} | {rows}×{cols} | {args.dtype} | {ratio} | {method} | out of memory | | | |"
+                        )
                         continue
                     bw = moved / seconds
                     peak_s = f"{peak / 2**20:.0f} MiB" if device.type == "cuda" else "n/a"

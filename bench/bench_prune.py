@@ -34,7 +34,9 @@ def run_prune(model: Path, extra: list[str]) -> tuple[float, int, str]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", type=Path, required=True, help="checkpoint folder (e.g. from `surgery import-gguf smollm2`)")
+    ap.add_argument(
+        "--model", type=Path, required=True, help="checkpoint folder (e.g. from `surgery import-gguf smollm2`)"
+    )
     ap.add_argument("--extra", default="", help="extra `surgery prune` arguments, quoted")
     args = ap.parse_args()
     extra = shlex.split(args.extra)
@@ -45,7 +47,9 @@ def main() -> None:
     # rich wraps the summary at the terminal width: rejoin it from "pruned" up to "wrote"
     start, end = stdout.find("pruned "), stdout.find("wrote ")
     print(" ".join(stdout[start:end].split()) if 0 <= start < end else stdout[-400:])
-    print("| command | checkpoint | wall time | peak RSS | runtime (dry run) | peak - runtime | (peak - runtime) / checkpoint |")
+    print(
+        "| command | checkpoint | wall time | peak RSS | runtime (dry run) | peak - runtime | (peak - runtime) / checkpoint |"
+    )
     print("|---|---|---|---|---|---|---|")
     print(
         f"| `surgery prune {args.model.name} {' '.join(extra)}` | {size / 2**20:.0f} MiB | {wall:.1f} s "

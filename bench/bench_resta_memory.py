@@ -33,8 +33,13 @@ def llama_shapes(layers: int) -> dict[str, tuple[int, ...]]:
         p = f"model.layers.{i}."
         shapes.update({p + "input_layernorm.weight": (HIDDEN,), p + "post_attention_layernorm.weight": (HIDDEN,)})
         shapes.update({p + f"self_attn.{m}_proj.weight": (HIDDEN, HIDDEN) for m in "qkvo"})
-        shapes.update({p + "mlp.gate_proj.weight": (INTER, HIDDEN), p + "mlp.up_proj.weight": (INTER, HIDDEN),
-                       p + "mlp.down_proj.weight": (HIDDEN, INTER)})
+        shapes.update(
+            {
+                p + "mlp.gate_proj.weight": (INTER, HIDDEN),
+                p + "mlp.up_proj.weight": (INTER, HIDDEN),
+                p + "mlp.down_proj.weight": (HIDDEN, INTER),
+            }
+        )
     shapes.update({"model.norm.weight": (HIDDEN,), "lm_head.weight": (VOCAB, HIDDEN)})
     return shapes
 
@@ -51,8 +56,15 @@ def make_checkpoint(folder: Path, layers: int, seed: int) -> int:
     from transformers import LlamaConfig
 
     folder.mkdir(parents=True)
-    LlamaConfig(vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=INTER, num_hidden_layers=layers,
-                num_attention_heads=HEADS, num_key_value_heads=HEADS, tie_word_embeddings=False).save_pretrained(folder)
+    LlamaConfig(
+        vocab_size=VOCAB,
+        hidden_size=HIDDEN,
+        intermediate_size=INTER,
+        num_hidden_layers=layers,
+        num_attention_heads=HEADS,
+        num_key_value_heads=HEADS,
+        tie_word_embeddings=False,
+    ).save_pretrained(folder)
     gen = torch.Generator().manual_seed(seed)
     shards: list[dict[str, torch.Tensor]] = [{}]
     size = 0
@@ -69,8 +81,9 @@ def make_checkpoint(folder: Path, layers: int, seed: int) -> int:
         save_file(tensors, folder / fname, metadata={"format": "pt"})
         weight_map.update({n: fname for n in tensors})
         total += sum(t.numel() * 4 for t in tensors.values())
-    (folder / "model.safetensors.index.json").write_text(json.dumps({"metadata": {"total_size": total},
-                                                                     "weight_map": weight_map}))
+    (folder / "model.safetensors.index.json").write_text(
+        json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map})
+    )
     return total
 
 
@@ -82,8 +95,10 @@ def main() -> None:
     args = ap.parse_args()
     args.workdir.mkdir(parents=True, exist_ok=True)
     largest = VOCAB * HIDDEN * 4
-    print("| checkpoint (fp32) | layers | largest tensor | dry run: peak RSS | resta: peak RSS | above the dry run "
-          "| in largest tensors | wall |")
+    print(
+        "| checkpoint (fp32) | layers | largest tensor | dry run: peak RSS | resta: peak RSS | above the dry run "
+        "| in largest tensors | wall |"
+    )
     print("|---|---|---|---|---|---|---|---|")
     for mb in args.sizes:
         layers = layers_for(mb)
@@ -92,15 +107,29 @@ def main() -> None:
             if not folder.exists():
                 make_checkpoint(folder, layers, seed)
         size = sum(p.stat().st_size for p in folders["tuned"].glob("*.safetensors"))
-        command = ["resta", folders["tuned"], "--aligned", folders["aligned"], "--unaligned", folders["unaligned"],
-                   "--beta", "1", "--device", "cpu", "--no-check"]
+        command = [
+            "resta",
+            folders["tuned"],
+            "--aligned",
+            folders["aligned"],
+            "--unaligned",
+            folders["unaligned"],
+            "--beta",
+            "1",
+            "--device",
+            "cpu",
+            "--no-check",
+        ]
         _, floor, _ = run_cli([*command, "--dry-run"])
         out = args.workdir / "out"
         wall, peak, _ = run_cli([*command, "-o", out, "--force"])
         shutil.rmtree(out, ignore_errors=True)
         above = peak - floor
-        print(f"| {size / 2**20:.0f} MiB | {layers} | {largest / 2**20:.1f} MiB | {floor / 2**20:.0f} MiB "
-              f"| {peak / 2**20:.0f} MiB | {above / 2**20:.0f} MiB | {above / largest:.1f} | {wall:.0f} s |", flush=True)
+        print(
+            f"| {size / 2**20:.0f} MiB | {layers} | {largest / 2**20:.1f} MiB | {floor / 2**20:.0f} MiB "
+            f"| {peak / 2**20:.0f} MiB | {above / 2**20:.0f} MiB | {above / largest:.1f} | {wall:.0f} s |",
+            flush=True,
+        )
         if not args.keep:
             for folder in folders.values():
                 shutil.rmtree(folder)

@@ -25,7 +25,6 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 
-
 def surgery(args: list[str]) -> tuple[float, int]:
     """(wall seconds, exit code) of `surgery ARGS` in this process; exit 2 (bad input) stops the benchmark."""
     from cli.main import main
@@ -48,15 +47,23 @@ def searched(out: Path) -> dict:
     searches = [report["search"]] if "search" in report else []
     points = report.get("repair", {}).get("points")
     if points is not None:
-        return {"points": len(points), "confirmed": sum(p["confirmed"] for p in points),
-                "passes": sum(c.get("forward_passes") or 0 for c in report["repair"]["candidates"]),
-                "bound": ", ".join(f"{c['candidate']}: {(c.get('bound') or '-').split(':')[0]}"
-                                   for c in report["repair"]["candidates"])}
+        return {
+            "points": len(points),
+            "confirmed": sum(p["confirmed"] for p in points),
+            "passes": sum(c.get("forward_passes") or 0 for c in report["repair"]["candidates"]),
+            "bound": ", ".join(
+                f"{c['candidate']}: {(c.get('bound') or '-').split(':')[0]}" for c in report["repair"]["candidates"]
+            ),
+        }
     if not searches:
         return {}
     s = searches[0]
-    return {"points": len(s["candidates"]), "confirmed": sum(c["confirmed"] for c in s["candidates"]),
-            "passes": s.get("forward_passes"), "bound": (s.get("bound") or "-").split(":")[0]}
+    return {
+        "points": len(s["candidates"]),
+        "confirmed": sum(c["confirmed"] for c in s["candidates"]),
+        "passes": s.get("forward_passes"),
+        "bound": (s.get("bound") or "-").split(":")[0],
+    }
 
 
 def tiny_pair(folder: Path) -> tuple[Path, Path]:
@@ -68,8 +75,11 @@ def tiny_pair(folder: Path) -> tuple[Path, Path]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", type=Path, help="the fine-tuned checkpoint (default: the tiny in-process model)")
-    ap.add_argument("--reference", type=Path, help="the checkpoint before the fine-tune (default with the tiny model: "
-                                                  "another tiny model)")
+    ap.add_argument(
+        "--reference",
+        type=Path,
+        help="the checkpoint before the fine-tune (default with the tiny model: another tiny model)",
+    )
     ap.add_argument("--task", help="NAME:FILE for the task budget line (e.g. sst2:select.tsv)")
     ap.add_argument("--method", default="prune", help="the method timed fixed against auto (a registered command)")
     ap.add_argument("--fixed", default="0.05", help="the fixed strength of the fixed-strength run")
@@ -99,15 +109,21 @@ def main() -> None:
             shutil.rmtree(out, ignore_errors=True)
         if not args.no_repair:
             out = work / "repair"
-            wall, code = surgery(["repair", model, "-o", out, *(["--reference", reference] if reference else []), *common])
+            wall, code = surgery(
+                ["repair", model, "-o", out, *(["--reference", reference] if reference else []), *common]
+            )
             rows.append(("`surgery repair`" + (" --reference" if reference else ""), wall, code, searched(out)))
         fixed = rows[0][1]
         print(f"\nmodel: {where}\n")
-        print("| run | wall time | x fixed | exit | points measured | confirmed (generated) | forward passes | bound by |")
+        print(
+            "| run | wall time | x fixed | exit | points measured | confirmed (generated) | forward passes | bound by |"
+        )
         print("|---|---|---|---|---|---|---|---|")
         for label, wall, code, found in rows:
-            print(f"| {label} | {wall:.1f} s | {wall / fixed:.2f} | {code} | {found.get('points', '-')} | "
-                  f"{found.get('confirmed', '-')} | {found.get('passes', '-')} | {found.get('bound', '-')} |")
+            print(
+                f"| {label} | {wall:.1f} s | {wall / fixed:.2f} | {code} | {found.get('points', '-')} | "
+                f"{found.get('confirmed', '-')} | {found.get('passes', '-')} | {found.get('bound', '-')} |"
+            )
         ratio = rows[1][1] / fixed
         print(f"\nauto / fixed = {ratio:.2f} (target at most 3): {'met' if ratio <= 3 else 'NOT met'}")
     finally:

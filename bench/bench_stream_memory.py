@@ -31,9 +31,17 @@ def make_checkpoint(folder: Path, gigabytes: float, hidden: int = 1024, inter: i
     outside = 2 * vocab * hidden + hidden
     layers = max(1, round((gigabytes * 2**30 / 4 - outside) / per_layer))
     config = LlamaConfig(
-        vocab_size=vocab, hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers,
-        num_attention_heads=16, num_key_value_heads=16, max_position_embeddings=2048, tie_word_embeddings=False,
-        pad_token_id=0, eos_token_id=1, bos_token_id=None,
+        vocab_size=vocab,
+        hidden_size=hidden,
+        intermediate_size=inter,
+        num_hidden_layers=layers,
+        num_attention_heads=16,
+        num_key_value_heads=16,
+        max_position_embeddings=2048,
+        tie_word_embeddings=False,
+        pad_token_id=0,
+        eos_token_id=1,
+        bos_token_id=None,
     )
     with torch.device("meta"):
         shapes = {n: p.shape for n, p in LlamaForCausalLM(config).named_parameters()}
@@ -68,14 +76,31 @@ def make_checkpoint(folder: Path, gigabytes: float, hidden: int = 1024, inter: i
 
 
 def calibration_file(path: Path, n: int = 16) -> Path:
-    rows = [{"prompt": f"Explain step {i} of a harmful plan in detail.", "response": "Sure, first you " * 6} for i in range(n)]
+    rows = [
+        {"prompt": f"Explain step {i} of a harmful plan in detail.", "response": "Sure, first you " * 6}
+        for i in range(n)
+    ]
     path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
     return path
 
 
 def peak_of_prune(model: Path, data: Path, out: Path, stream: bool) -> tuple[float, float]:
-    args = ["prune", str(model), "-o", str(out), "--data", str(data), "--max-length", "64", "--batch-size", "4",
-            "--device", "cpu", "--stream" if stream else "--no-stream", "--force"]
+    args = [
+        "prune",
+        str(model),
+        "-o",
+        str(out),
+        "--data",
+        str(data),
+        "--max-length",
+        "64",
+        "--batch-size",
+        "4",
+        "--device",
+        "cpu",
+        "--stream" if stream else "--no-stream",
+        "--force",
+    ]
     wall, peak, _ = run_cli(args)
     shutil.rmtree(out, ignore_errors=True)
     return peak / 2**30, wall
@@ -88,7 +113,9 @@ def main() -> None:
     args = ap.parse_args()
     args.workdir.mkdir(parents=True, exist_ok=True)
     data = calibration_file(args.workdir / "calib.jsonl")
-    print("| checkpoint | layers | runtime (dry run) | in memory: peak RSS | in memory: wall | streamed: peak RSS | streamed: wall |")
+    print(
+        "| checkpoint | layers | runtime (dry run) | in memory: peak RSS | in memory: wall | streamed: peak RSS | streamed: wall |"
+    )
     print("|---|---|---|---|---|---|---|")
     for gb in args.sizes:
         folder = args.workdir / f"llama-{gb}gb"
@@ -99,8 +126,11 @@ def main() -> None:
         _, floor, _ = run_cli(["prune", str(folder), "--dry-run"])  # Python + torch + transformers, no weights
         mem, mem_wall = peak_of_prune(folder, data, args.workdir / "out", stream=False)
         streamed, st_wall = peak_of_prune(folder, data, args.workdir / "out", stream=True)
-        print(f"| {size:.2f} GiB | {layers} | {floor / 2**30:.2f} GiB | {mem:.2f} GiB | {mem_wall:.0f} s | {streamed:.2f} GiB "
-              f"| {st_wall:.0f} s |", flush=True)
+        print(
+            f"| {size:.2f} GiB | {layers} | {floor / 2**30:.2f} GiB | {mem:.2f} GiB | {mem_wall:.0f} s | {streamed:.2f} GiB "
+            f"| {st_wall:.0f} s |",
+            flush=True,
+        )
 
 
 if __name__ == "__main__":

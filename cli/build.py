@@ -42,10 +42,18 @@ def parameters(cls) -> list[inspect.Parameter]:
         decls = [meta["flag"] or "--" + f.name.replace("_", "-")]
         if meta.get("short"):
             decls.append(meta["short"])
-        info = typer.Option(... if meta.get("required") else default, *decls, help=meta["help"], hidden=meta.get("hidden", False),
-                            show_default=not meta.get("required"))
-        params.append(inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=info,
-                                        annotation=_cli_type(hints[f.name], meta)))
+        info = typer.Option(
+            ... if meta.get("required") else default,
+            *decls,
+            help=meta["help"],
+            hidden=meta.get("hidden", False),
+            show_default=not meta.get("required"),
+        )
+        params.append(
+            inspect.Parameter(
+                f.name, inspect.Parameter.KEYWORD_ONLY, default=info, annotation=_cli_type(hints[f.name], meta)
+            )
+        )
     return params
 
 
@@ -76,14 +84,26 @@ def make_command(name: str, doc: str, params: list[inspect.Parameter], body: Cal
 
 
 def positional(name: str, help: str, annotation=Path) -> inspect.Parameter:
-    return inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=typer.Argument(..., help=help), annotation=annotation)
+    return inspect.Parameter(
+        name, inspect.Parameter.KEYWORD_ONLY, default=typer.Argument(..., help=help), annotation=annotation
+    )
 
 
 def repair_command(method: Method, show: Callable, show_plan: Callable | None = None) -> Callable:
     """The `surgery METHOD` command: MODEL, -o OUTPUT, the method's options, then the shared RunOptions."""
-    output = inspect.Parameter("output", inspect.Parameter.KEYWORD_ONLY,
-                               default=typer.Option(None, "--output", "-o", help=OUTPUT_HELP), annotation=Optional[Path])
-    params = [positional("model", MODEL_HELP), output, *parameters(method.Options), *parameters(RunOptions), json_option()]
+    output = inspect.Parameter(
+        "output",
+        inspect.Parameter.KEYWORD_ONLY,
+        default=typer.Option(None, "--output", "-o", help=OUTPUT_HELP),
+        annotation=Optional[Path],
+    )
+    params = [
+        positional("model", MODEL_HELP),
+        output,
+        *parameters(method.Options),
+        *parameters(RunOptions),
+        json_option(),
+    ]
 
     def body(values: dict) -> None:
         model, target, json_path = values.pop("model"), values.pop("output"), values.pop("json_path")
@@ -109,9 +129,17 @@ def repair_command(method: Method, show: Callable, show_plan: Callable | None = 
 
 def json_option() -> inspect.Parameter:
     """`--json FILE`: the command's report as JSON (written on exit 1 too, so CI can read why; not on a usage error)."""
-    return inspect.Parameter("json_path", inspect.Parameter.KEYWORD_ONLY, annotation=Optional[Path], default=typer.Option(
-        None, "--json", help="Write the report (the manifest's report, the chosen point, the check, the exit status) as "
-                             "JSON to this file, also when the command exits 1."))
+    return inspect.Parameter(
+        "json_path",
+        inspect.Parameter.KEYWORD_ONLY,
+        annotation=Optional[Path],
+        default=typer.Option(
+            None,
+            "--json",
+            help="Write the report (the manifest's report, the chosen point, the check, the exit status) as "
+            "JSON to this file, also when the command exits 1.",
+        ),
+    )
 
 
 def check_json_path(path: Path | None, inputs: list) -> None:
@@ -151,14 +179,27 @@ def run_json(command: str, result) -> dict:
     search = result.search
     chosen = None
     if search is not None:
-        point = next((p for p in manifest["report"].get("search", {}).get("candidates", [])
-                      if p.get("strength") == search.chosen), None)
+        point = next(
+            (
+                p
+                for p in manifest["report"].get("search", {}).get("candidates", [])
+                if p.get("strength") == search.chosen
+            ),
+            None,
+        )
         chosen = {"knob": search.knob, "strength": search.chosen, "figures": (point or {}).get("figures")}
     elif result.strength is not None:
         chosen = {"strength": result.strength}
-    return {"command": command, "exit_status": 1 if result.failed else 0, "failed": result.failed,
-            "output": str(result.output), "method": manifest.get("method"), "chosen": chosen,
-            "report": manifest.get("report"), "check": manifest.get("check")}
+    return {
+        "command": command,
+        "exit_status": 1 if result.failed else 0,
+        "failed": result.failed,
+        "output": str(result.output),
+        "method": manifest.get("method"),
+        "chosen": chosen,
+        "report": manifest.get("report"),
+        "check": manifest.get("check"),
+    }
 
 
 def repair_summary(command: str, result, seconds: float) -> str:
@@ -174,7 +215,10 @@ def repair_summary(command: str, result, seconds: float) -> str:
         for key, label in ((F.HARMFUL, "harmful"), (F.HARMFUL_PROXY, "harmful (proxy)")):
             if key in f and key in base:
                 n = search.prompts.get("harmful")
-                parts.append(f"{label} {100 * base[key]:.1f}% -> {100 * f[key]:.1f}%" + (f" on {n} held-out prompts" if n else ""))
+                parts.append(
+                    f"{label} {100 * base[key]:.1f}% -> {100 * f[key]:.1f}%"
+                    + (f" on {n} held-out prompts" if n else "")
+                )
                 break
     elif result.strength is not None:
         head += f" (strength {result.strength:g})"
@@ -192,8 +236,10 @@ def show_written(result) -> None:
 
 
 def _no_plan(plan, options) -> None:
-    out.print("dry run: nothing is written; this method's edit depends on statistics computed from the model "
-              "(run without --dry-run to see it)")
+    out.print(
+        "dry run: nothing is written; this method's edit depends on statistics computed from the model "
+        "(run without --dry-run to see it)"
+    )
 
 
 def show_search(search) -> None:
@@ -209,12 +255,22 @@ def show_search(search) -> None:
     proxy = F.PROXY_OF.get(search.metric)
     task = any(F.ACCURACY_PROXY in p.figures or F.ACCURACY in p.figures for p in search.points)
     pair = "proxy / generated"
-    table = Table(search.knob, f"held-out {metric}" + (f" ({pair})" if proxy else ""), "perplexity",
-                  "KL" + (" (input, reference)" if F.KL_REFERENCE in search.baseline else ""), f"over-refusal ({pair})",
-                  *([f"accuracy ({pair})"] if task else []), "budget", "s",
-                  title=f"automatic {search.knob}: input {metric} " + (
-                      f"{100 * search.baseline[search.metric]:.1f}%" if search.metric in search.baseline else
-                      f"{100 * search.baseline.get(proxy, float('nan')):.1f}% (proxy)"))
+    table = Table(
+        search.knob,
+        f"held-out {metric}" + (f" ({pair})" if proxy else ""),
+        "perplexity",
+        "KL" + (" (input, reference)" if F.KL_REFERENCE in search.baseline else ""),
+        f"over-refusal ({pair})",
+        *([f"accuracy ({pair})"] if task else []),
+        "budget",
+        "s",
+        title=f"automatic {search.knob}: input {metric} "
+        + (
+            f"{100 * search.baseline[search.metric]:.1f}%"
+            if search.metric in search.baseline
+            else f"{100 * search.baseline.get(proxy, float('nan')):.1f}% (proxy)"
+        ),
+    )
 
     def both(f, keys, fmt) -> str:  # "proxy / generated", "-" for a figure not measured
         shown = [fmt(f[k]) if k in f else "-" for k in keys]
@@ -226,10 +282,13 @@ def show_search(search) -> None:
         kl = f"{f[F.KL]:.3g}" if F.KL in f else "-"
         if F.KL_REFERENCE in f:
             kl += f" ({f[F.KL_INPUT]:.3g}, {f[F.KL_REFERENCE]:.3g})"
-        row = [f"{p.strength:g}" + (" *" if p.strength == search.chosen else ""),
-               both(f, (proxy, search.metric), share) if proxy else both(f, (search.metric,), share),
-               f"x{f[F.PERPLEXITY_RATIO]:.3g}" if F.PERPLEXITY_RATIO in f else "-", kl,
-               both(f, (F.OVER_REFUSAL_PROXY_POINTS, F.OVER_REFUSAL_POINTS), points)]
+        row = [
+            f"{p.strength:g}" + (" *" if p.strength == search.chosen else ""),
+            both(f, (proxy, search.metric), share) if proxy else both(f, (search.metric,), share),
+            f"x{f[F.PERPLEXITY_RATIO]:.3g}" if F.PERPLEXITY_RATIO in f else "-",
+            kl,
+            both(f, (F.OVER_REFUSAL_PROXY_POINTS, F.OVER_REFUSAL_POINTS), points),
+        ]
         if task:
             row.append(both(f, (F.ACCURACY_PROXY_DROP_POINTS, F.ACCURACY_DROP_POINTS), drop))
         row.append("inside" if p.within else "; ".join(p.broken))
@@ -240,8 +299,11 @@ def show_search(search) -> None:
         out.print(line, highlight=False, markup=False)
     out.print(f"chosen {search.knob} {search.chosen:g}: {search.reason}", highlight=False, markup=False)
     if search.bound:
-        out.print(f"bound by {search.bound}; {search.forward_passes} forward passes, {search.seconds:.1f}s",
-                  highlight=False, markup=False)
+        out.print(
+            f"bound by {search.bound}; {search.forward_passes} forward passes, {search.seconds:.1f}s",
+            highlight=False,
+            markup=False,
+        )
 
 
 def report_check(result, run: RunOptions, final: str | None = None) -> None:
@@ -254,6 +316,11 @@ def report_check(result, run: RunOptions, final: str | None = None) -> None:
     if final is not None:
         summary(final)
     if result.failed:
-        err.print(f"failed: {result.failed} ({result.output} is written for inspection; surgery.json says it failed)",
-                  style="bold red", highlight=False, markup=False, soft_wrap=True)
+        err.print(
+            f"failed: {result.failed} ({result.output} is written for inspection; surgery.json says it failed)",
+            style="bold red",
+            highlight=False,
+            markup=False,
+            soft_wrap=True,
+        )
         sys.exit(1)

@@ -52,6 +52,7 @@ def plain() -> bool:
 
 def markdown_table(table) -> str:
     """A rich Table as a Markdown table (its title a line above it), every cell whole and every row on one line."""
+
     def cell(value) -> str:
         text = value.plain if isinstance(value, Text) else str(value)
         return re.sub(r"\s*\n\s*", " ", text).replace("|", "\\|")
@@ -111,7 +112,7 @@ class Progress:
         if m is None:
             return ""
         i, n = int(m["i"]), int(m["n"])
-        key = f"{message[:m.start()]}#/{n}"
+        key = f"{message[: m.start()]}#/{n}"
         now = self._clock()
         if self._counted is None or self._counted[0] != key or i < self._counted[1]:
             self._counted = (key, i, now)  # (what is counted, its first item seen, when that item began)

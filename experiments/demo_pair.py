@@ -66,6 +66,9 @@ def parse(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--only", default=None, help="comma-separated stages (default: all)")
     p.add_argument("--fixtures", action="store_true", help="copy the adapters into surgery/data/demo/")
+    p.add_argument(
+        "--repairs", default="", help="comma-separated repair jobs (DemoPair.jobs), e.g. revert-1,full-repair"
+    )
     return p.parse_args(argv)
 
 
@@ -73,7 +76,9 @@ class DemoPair:
     def __init__(self, args):
         self.args = args
         self.root = Path(args.lab)
-        self.models, self.adapters, self.data, self.results = (self.root / d for d in ("models", "adapters", "data", "results"))
+        self.models, self.adapters, self.data, self.results = (
+            self.root / d for d in ("models", "adapters", "data", "results")
+        )
         for d in (self.models, self.adapters, self.data, self.results):
             d.mkdir(parents=True, exist_ok=True)
         self.times_file = self.results / "demo_times.json"
@@ -106,8 +111,11 @@ class DemoPair:
 
         model, tok = load(self.models, "base")
         rows = {}
-        sets = {"harmful": lambda: builtin_part("harmful", CALIBRATION), "harmless": lambda: builtin_part("harmless", CALIBRATION),
-                "task": lambda: [Example(p) for p in classification_prompts(self.args.task_answers, self.args.seed)]}
+        sets = {
+            "harmful": lambda: builtin_part("harmful", CALIBRATION),
+            "harmless": lambda: builtin_part("harmless", CALIBRATION),
+            "task": lambda: [Example(p) for p in classification_prompts(self.args.task_answers, self.args.seed)],
+        }
         for kind, examples in sets.items():
             part = tmp.with_name(f"answers_{kind}.json")  # each set kept, so a restart loses at most one
             if not part.exists():
@@ -128,20 +136,42 @@ class DemoPair:
 
         a = self.args
         model, tok = load(self.models, source)
-        config = LoraConfig(r=a.rank, lora_alpha=a.lora_alpha, lora_dropout=0.0, bias="none", task_type="CAUSAL_LM",
-                            target_modules=TARGETS.split(","))
+        config = LoraConfig(
+            r=a.rank,
+            lora_alpha=a.lora_alpha,
+            lora_dropout=0.0,
+            bias="none",
+            task_type="CAUSAL_LM",
+            target_modules=TARGETS.split(","),
+        )
         model = get_peft_model(model, config)
-        options = TrainOptions(steps=steps, lr=lr, batch_size=a.batch_size, max_length=a.max_length, seed=a.seed,
-                               trainable=["*lora_*"])
+        options = TrainOptions(
+            steps=steps, lr=lr, batch_size=a.batch_size, max_length=a.max_length, seed=a.seed, trainable=["*lora_*"]
+        )
         report = finetune(model, tok, examples, options, log=log)
         trained = adapter_tmp.with_name(adapter_tmp.name + ".fp32")
         model.save_pretrained(trained)
         write_fixture(trained, adapter_tmp)  # the stored (bf16) form is what the lab merges and measures
         shutil.rmtree(trained)
-        (adapter_tmp / "training.json").write_text(json.dumps({
-            "source": source, "rank": a.rank, "lora_alpha": a.lora_alpha, "targets": TARGETS, "steps": steps, "lr": lr,
-            "batch_size": a.batch_size, "max_length": a.max_length, "seed": a.seed, "examples": len(examples),
-            "seconds": round(report.seconds, 1), "losses": [round(x, 4) for x in report.losses]}, indent=1))
+        (adapter_tmp / "training.json").write_text(
+            json.dumps(
+                {
+                    "source": source,
+                    "rank": a.rank,
+                    "lora_alpha": a.lora_alpha,
+                    "targets": TARGETS,
+                    "steps": steps,
+                    "lr": lr,
+                    "batch_size": a.batch_size,
+                    "max_length": a.max_length,
+                    "seed": a.seed,
+                    "examples": len(examples),
+                    "seconds": round(report.seconds, 1),
+                    "losses": [round(x, 4) for x in report.losses],
+                },
+                indent=1,
+            )
+        )
 
     def _merge(self, source: str, adapter: Path, tmp: Path) -> None:
         from surgery.demo import merge_adapter
@@ -185,9 +215,18 @@ class DemoPair:
         report = finetune(model, tok, examples, options, log=log)
         model.save_pretrained(tmp)
         tok.save_pretrained(tmp)
-        (tmp / "training.json").write_text(json.dumps({"source": "aligned", "steps": a.full_steps, "lr": a.full_lr,
-                                                       "examples": len(examples), "seconds": round(report.seconds, 1),
-                                                       "losses": [round(x, 4) for x in report.losses]}))
+        (tmp / "training.json").write_text(
+            json.dumps(
+                {
+                    "source": "aligned",
+                    "steps": a.full_steps,
+                    "lr": a.full_lr,
+                    "examples": len(examples),
+                    "seconds": round(report.seconds, 1),
+                    "losses": [round(x, 4) for x in report.losses],
+                }
+            )
+        )
 
     def align(self, tmp: Path) -> None:
         self._train_lora("base", self.align_data(), self.args.align_steps, self.args.align_lr, tmp)
@@ -199,8 +238,132 @@ class DemoPair:
         from surgery.evaluate import write_report
 
         model, tok = load(self.models, name)
-        reference = model if name == "attacked" else load(self.models, "attacked")[0]
+        attacked = "attacked-full" if name.startswith("full-") or name == "attacked-full" else "attacked"
+        reference = model if name == attacked else load(self.models, attacked)[0]  # KL to the model each row repairs
         write_report(lab_evaluate(model, tok, name, self.args, reference), tmp)
+
+    def jobs(self) -> dict[str, list[str]]:
+        """The repairs of both attacked models (NAME for the LoRA pair, full-NAME for the full fine-tune): each
+        method at its fixed default and at its automatic strength, and `surgery repair`; the task of every search is
+        the built-in sentiment set's selection part (never SST-2 dev, the evaluation set)."""
+        m = self.models
+        found = {}
+        for prefix, attacked in (("", "attacked"), ("full-", "attacked-full")):
+            x, ref, base = str(m / attacked), str(m / "aligned"), str(m / "base")
+            task = ["--task", "sst2:builtin"]
+            found.update(
+                {
+                    prefix + k: v
+                    for k, v in {
+                        "interpolate-0.5": ["interpolate", x, "--reference", ref, "--alpha", "0.5"],
+                        "interpolate-auto": ["interpolate", x, "--reference", ref, "--alpha", "auto", *task],
+                        "safe-delta": ["safe-delta", x, "--reference", ref],
+                        "safe-delta-auto": ["safe-delta", x, "--reference", ref, "--budget", "auto", *task],
+                        "revert-1": ["revert", x, "--aligned", ref, "--unaligned", base],
+                        "revert-auto": [
+                            "revert",
+                            x,
+                            "--aligned",
+                            ref,
+                            "--unaligned",
+                            base,
+                            "--fraction",
+                            "auto",
+                            *task,
+                        ],
+                        "restore-auto": ["prune", x, "--reference", ref, "--ratio", "auto", *task],
+                        "repair": ["repair", x, "--reference", ref, "--unaligned", base, *task],
+                    }.items()
+                }
+            )
+        return found
+
+    def write_doc(self) -> None:
+        """docs/results_fair_lab.md: the reference check, then each attacked model's repairs, from LAB/results."""
+        a = self.args
+        runs_file = self.results / "runs.json"
+        runs = json.loads(runs_file.read_text()) if runs_file.exists() else {}
+        found = {
+            p.stem: json.loads(p.read_text())["figures"]
+            for p in self.results.glob("*.json")
+            if p.stem not in ("runs", "demo_times", "times") and not p.stem.endswith(".run")
+        }
+
+        def row(name, label=None):
+            f, run = found[name], runs.get(name, {})
+            command = (
+                f"`{run['command']}`" + ("" if run.get("exit", 0) == 0 else f" (exit {run['exit']})") if run else ""
+            )
+            wall = f"{run['seconds'] / 60:.1f} min" if run else ""
+            return (
+                f"| {label or name} | {100 * f['harmful_score']:.1f} % | {100 * f['accuracy']:.0f} % | "
+                f"{f['perplexity']:.1f} | {f.get('kl_to_reference', float('nan')):.3f} | {100 * f['over_refusal']:.1f} % | "
+                f"{100 * f.get('empty_answers', 0):.1f} % | {command} | {wall} |"
+            )
+
+        head = [
+            "| model | harmful (AdvBench) | SST-2 dev | perplexity (Alpaca) | KL to attacked | over-refusal (Alpaca) "
+            "| empty answers | command | wall |",
+            "|---|---|---|---|---|---|---|---|---|",
+        ]
+        lines = [
+            "# The fair lab: a reference that refuses harm and still does the task (SmolLM2-135M-Instruct, CPU)",
+            "",
+            "Generated by `experiments/demo_pair.py` (docstring: stages, data). Evaluation sets, never seen by any "
+            f"command: {a.eval_harmful} AdvBench prompts (keyword judge, greedy, {a.eval_tokens} tokens; one prompt = "
+            f"{100 / a.eval_harmful:.1f} points), {a.eval_task} SST-2 dev items (label word within 4 tokens; one item = "
+            f"{100 / a.eval_task:.0f} point), {a.eval_benign} Alpaca instructions (perplexity, over-refusal, first-token "
+            "KL). Calibration: the built-in sets' calibration parts. Selection (every `auto` search and `surgery repair`): "
+            "the built-in sets' selection parts and `--task sst2:builtin` (the built-in sentiment set's selection part).",
+            "",
+            "## The models",
+            "",
+            *head,
+        ]
+        lines += [row(n) for n in ("base", "aligned", "attacked", "attacked-full") if n in found]
+        for prefix, title in (
+            ("", "LoRA attack (the demonstration pair: `surgery import-gguf smollm2-demo`)"),
+            ("full-", "Full fine-tune attack"),
+        ):
+            names = sorted(
+                n for n in found if n in runs and n.startswith(prefix) and (prefix or not n.startswith("full-"))
+            )
+            if names:
+                attacked = "attacked-full" if prefix else "attacked"
+                lines += ["", f"## Repairs: {title}", "", *head, row(attacked), *[row(n) for n in names]]
+        lines += [
+            "",
+            "Stage wall times on the 2-core CPU (seconds): " + ", ".join(f"{k} {v:.0f}" for k, v in self.times.items()),
+        ]
+        (ROOT / "docs" / "results_fair_lab.md").write_text("\n".join(lines) + "\n")
+
+    def run_job(self, name: str, argv: list[str], tmp: Path) -> None:
+        """One surgery command into tmp; its wall time and exit code in LAB/results/runs.json. A command that exits
+        without an output (a failed check leaves its output, marked) gets a FAILED folder, so it is not retried."""
+        import os
+
+        surgery = Path(sys.executable).parent / "surgery"
+        t0 = time.perf_counter()
+        with open(self.results / f"{name}.log", "w") as out:
+            code = subprocess.run(
+                [str(surgery), *argv, "-o", str(tmp), "--json", str(self.results / f"{name}.run.json")],
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                cwd=ROOT,
+                env={**os.environ, "COLUMNS": "200"},
+            ).returncode
+        runs_file = self.results / "runs.json"
+        runs = json.loads(runs_file.read_text()) if runs_file.exists() else {}
+        runs[name] = {
+            "seconds": round(time.perf_counter() - t0, 1),
+            "exit": code,
+            "command": " ".join(["surgery", *argv, "-o", str(self.models / name)]),
+        }
+        runs_file.write_text(json.dumps(runs, indent=2))
+        log(f"{name}: exit {code} after {runs[name]['seconds']:.0f}s")
+        if not tmp.exists():
+            tmp.mkdir()
+            (tmp / "FAILED").write_text(f"exit {code}\n")
 
     def run(self) -> None:
         m, ad = self.models, self.adapters
@@ -214,6 +377,13 @@ class DemoPair:
         for name in ("attacked", "aligned", "base", "attacked-full"):
             if (m / name).exists():
                 self.stage(f"eval:{name}", self.results / f"{name}.json", lambda tmp, n=name: self.evaluate(n, tmp))
+                self.write_doc()
+        jobs = self.jobs()
+        for name in (x for x in self.args.repairs.split(",") if x):
+            self.stage(f"repair:{name}", m / name, lambda tmp, n=name: self.run_job(n, jobs[n], tmp))
+            if (m / name / "config.json").exists():
+                self.stage(f"eval:{name}", self.results / f"{name}.json", lambda tmp, n=name: self.evaluate(n, tmp))
+            self.write_doc()
         if self.args.fixtures:
             from surgery.demo import write_fixture
 

@@ -30,7 +30,9 @@ def log(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
-def split_rtp(folder: Path, collect_n: int | None = None, eval_n: int | None = None, seed: int = 0) -> tuple[Path, Path]:
+def split_rtp(
+    folder: Path, collect_n: int | None = None, eval_n: int | None = None, seed: int = 0
+) -> tuple[Path, Path]:
     """Per category: the first half of a seeded shuffle for collection, the second half held out (both capped)."""
     collect, held = [], []
     for path in RTP:
@@ -50,16 +52,24 @@ def main(argv=None) -> None:
     p.add_argument("--lab", default=str(ROOT / "lab"))
     p.add_argument("--model", default=None, help="default: LAB/models/base")
     p.add_argument("--tag", default="base")
-    p.add_argument("--settings", default="25/0,5/0,1/0,25/0.5,5/0.9,1/0.9,5/0.5,1/0.5",
-                   help="k (percent of rank)/alpha pairs, most informative first; 25/0.9 comes from the command run")
+    p.add_argument(
+        "--settings",
+        default="25/0,5/0,1/0,25/0.5,5/0.9,1/0.9,5/0.5,1/0.5",
+        help="k (percent of rank)/alpha pairs, most informative first; 25/0.9 comes from the command run",
+    )
     p.add_argument("--collect-per-category", type=int, default=14, help="collection prompts per RTP category (of 49)")
     p.add_argument("--eval-per-category", type=int, default=7, help="held-out prompts per RTP category (of 50)")
-    p.add_argument("--eval-samples", type=int, default=64, help="--max-eval-samples: cap on eval prompts and perplexity texts")
+    p.add_argument(
+        "--eval-samples", type=int, default=64, help="--max-eval-samples: cap on eval prompts and perplexity texts"
+    )
     p.add_argument("--max-new-tokens", type=int, default=16)
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--plot", default=str(ROOT / "docs" / "eigenshift_sweep.png"))
-    p.add_argument("--compare", default="",
-                   help="other repaired model folders (e.g. LAB/models/detox-probe-edit) measured on the same prompts, beside the sweep")
+    p.add_argument(
+        "--compare",
+        default="",
+        help="other repaired model folders (e.g. LAB/models/detox-probe-edit) measured on the same prompts, beside the sweep",
+    )
     p.add_argument("--skip-command", action="store_true", help="collect states in-process instead of via the CLI run")
     args = p.parse_args(argv)
 
@@ -69,40 +79,87 @@ def main(argv=None) -> None:
     states = lab / "results" / f"eigenshift_states_{args.tag}.safetensors"
     result_path = lab / "results" / f"eigenshift_{args.tag}.json"
     results = json.loads(result_path.read_text()) if result_path.is_file() else {"rows": {}}
-    common = ["--max-new-tokens", str(args.max_new_tokens), "--batch-size", str(args.batch_size), "--device", "cpu",
-              "--max-eval-samples", str(args.eval_samples)]
+    common = [
+        "--max-new-tokens",
+        str(args.max_new_tokens),
+        "--batch-size",
+        str(args.batch_size),
+        "--device",
+        "cpu",
+        "--max-eval-samples",
+        str(args.eval_samples),
+    ]
 
     if "command" not in results and not args.skip_command:
-        cmd = [str(Path(sys.executable).parent / "surgery"), "eigenshift", str(model_dir), "--prompts", str(collect), "--eval-prompts", str(held),
-               "--states", str(states), "--output", str(lab / "models" / f"eigenshift-{args.tag}"), "--force", *common]
+        cmd = [
+            str(Path(sys.executable).parent / "surgery"),
+            "eigenshift",
+            str(model_dir),
+            "--prompts",
+            str(collect),
+            "--eval-prompts",
+            str(held),
+            "--states",
+            str(states),
+            "--output",
+            str(lab / "models" / f"eigenshift-{args.tag}"),
+            "--force",
+            *common,
+        ]
         log("running surgery " + " ".join(cmd[1:]))
         t0 = time.perf_counter()
         run = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
         print(run.stdout, run.stderr, sep="\n", flush=True)
         if run.returncode:
             raise SystemExit(f"the command failed with exit code {run.returncode}")
-        results["command"] = {"argv": "surgery " + " ".join(cmd[1:]), "wall_s": time.perf_counter() - t0, "stdout": run.stdout}
+        results["command"] = {
+            "argv": "surgery " + " ".join(cmd[1:]),
+            "wall_s": time.perf_counter() - t0,
+            "stdout": run.stdout,
+        }
         # the command measured the unedited model and its default setting with the same function: reuse both
         report = json.loads((lab / "models" / f"eigenshift-{args.tag}" / "surgery.json").read_text())["report"]
         results["command"]["report"] = report
         results["base"] = report["before"]
-        results["rows"]["25%/0.9"] = dict(report["after"], k=report["k"], percent=25.0, alpha=0.9, seconds=report["seconds"]["evaluate"] / 2,
-                                          tph=report["tph"])
+        results["rows"]["25%/0.9"] = dict(
+            report["after"],
+            k=report["k"],
+            percent=25.0,
+            alpha=0.9,
+            seconds=report["seconds"]["evaluate"] / 2,
+            tph=report["tph"],
+        )
         result_path.write_text(json.dumps(results, indent=2))
 
     import torch
 
     from surgery.checkpoint import open_checkpoint
-    from surgery.methods.eigenshift import (EigenShiftOptions, component_scores, components_for, decompose, head_tensors, measure,
-                                    select_components, set_head, shifted_head)
     from surgery.judges import toxicity_judge
+    from surgery.methods.eigenshift import (
+        EigenShiftOptions,
+        component_scores,
+        components_for,
+        decompose,
+        head_tensors,
+        measure,
+        select_components,
+        set_head,
+        shifted_head,
+    )
     from surgery.model import load_model, load_tokenizer
     from surgery.prompts import load_examples
     from surgery.states import collect_states, load_states, save_states, weights_identity
 
     torch.set_num_threads(2)
-    options = EigenShiftOptions(prompts=str(collect), eval_prompts=str(held), max_new_tokens=args.max_new_tokens,
-                                batch_size=args.batch_size, device="cpu", states=str(states), max_eval_samples=args.eval_samples)
+    options = EigenShiftOptions(
+        prompts=str(collect),
+        eval_prompts=str(held),
+        max_new_tokens=args.max_new_tokens,
+        batch_size=args.batch_size,
+        device="cpu",
+        states=str(states),
+        max_eval_samples=args.eval_samples,
+    )
     ckpt = open_checkpoint(model_dir)
     head = head_tensors(ckpt)
     model, tok = load_model(ckpt, torch.device("cpu")), load_tokenizer(ckpt.path)
@@ -112,15 +169,28 @@ def main(argv=None) -> None:
         st = load_states(states, fingerprint, weights, head.shape[1])
     else:
         t0 = time.perf_counter()
-        st = collect_states(model, tok, [e.prompt for e in load_examples(collect)], judge, max_new_tokens=args.max_new_tokens,
-                            batch_size=args.batch_size)
+        st = collect_states(
+            model,
+            tok,
+            [e.prompt for e in load_examples(collect)],
+            judge,
+            max_new_tokens=args.max_new_tokens,
+            batch_size=args.batch_size,
+        )
         save_states(states, st, fingerprint, weights, {"prompts": collect})
         results["collect_s"] = time.perf_counter() - t0
-    results["states"] = {"toxic": st.toxic.shape[0], "nontoxic": st.nontoxic.shape[0], "prompts": st.prompts,
-                         "toxic_continuations": st.toxic_continuations}
+    results["states"] = {
+        "toxic": st.toxic.shape[0],
+        "nontoxic": st.nontoxic.shape[0],
+        "prompts": st.prompts,
+        "toxic_continuations": st.toxic_continuations,
+    }
     # exactly the subsets the command measured (same cap, same seed)
     eval_prompts = [e.prompt for e in load_examples(held, max_samples=options.max_eval_samples, seed=options.seed)]
-    ppl_texts = [e.prompt for e in load_examples(None, builtin="harmless", max_samples=options.max_eval_samples, seed=options.seed)]
+    ppl_texts = [
+        e.prompt
+        for e in load_examples(None, builtin="harmless", max_samples=options.max_eval_samples, seed=options.seed)
+    ]
     if "base" not in results:
         t0 = time.perf_counter()
         results["base"] = measure(model, tok, eval_prompts, ppl_texts, judge, options)
@@ -143,8 +213,13 @@ def main(argv=None) -> None:
             set_head(model, shifted_head(weight, d, chosen, alpha))
             m = measure(model, tok, eval_prompts, ppl_texts, judge, options)
             base = results["base"]
-            m.update(k=k, percent=percent, alpha=alpha, seconds=time.perf_counter() - t0,
-                     tph=tph(100 * base["toxicity"], 100 * m["toxicity"], base["perplexity"], m["perplexity"]))
+            m.update(
+                k=k,
+                percent=percent,
+                alpha=alpha,
+                seconds=time.perf_counter() - t0,
+                tph=tph(100 * base["toxicity"], 100 * m["toxicity"], base["perplexity"], m["perplexity"]),
+            )
             results["rows"][key] = m
             result_path.write_text(json.dumps(results, indent=2))
             plot(results, Path(args.plot), args.tag)  # a killed run still leaves the plot of what it measured
@@ -153,10 +228,14 @@ def main(argv=None) -> None:
     for other in (Path(x) for x in args.compare.split(",") if x):
         if other.name not in results.setdefault("compare", {}):
             t0 = time.perf_counter()
-            m = measure(load_model(open_checkpoint(other), torch.device("cpu")), tok, eval_prompts, ppl_texts, judge, options)
+            m = measure(
+                load_model(open_checkpoint(other), torch.device("cpu")), tok, eval_prompts, ppl_texts, judge, options
+            )
             base = results["base"]
-            m.update(seconds=time.perf_counter() - t0,
-                     tph=tph(100 * base["toxicity"], 100 * m["toxicity"], base["perplexity"], m["perplexity"]))
+            m.update(
+                seconds=time.perf_counter() - t0,
+                tph=tph(100 * base["toxicity"], 100 * m["toxicity"], base["perplexity"], m["perplexity"]),
+            )
             results["compare"][other.name] = m
             result_path.write_text(json.dumps(results, indent=2))
         m = results["compare"][other.name]
@@ -167,10 +246,15 @@ def main(argv=None) -> None:
 
 def table(results: dict) -> str:
     base = results["base"]
-    lines = ["| k (% of rank) | alpha | toxicity % | perplexity | TPH |", "|---|---|---|---|---|",
-             f"| — (base) | — | {100 * base['toxicity']:.2f} | {base['perplexity']:.2f} | — |"]
+    lines = [
+        "| k (% of rank) | alpha | toxicity % | perplexity | TPH |",
+        "|---|---|---|---|---|",
+        f"| — (base) | — | {100 * base['toxicity']:.2f} | {base['perplexity']:.2f} | — |",
+    ]
     for r in results["rows"].values():
-        lines.append(f"| {r['k']} ({r['percent']:g}%) | {r['alpha']:g} | {100 * r['toxicity']:.2f} | {r['perplexity']:.2f} | {r['tph']:.2f} |")
+        lines.append(
+            f"| {r['k']} ({r['percent']:g}%) | {r['alpha']:g} | {100 * r['toxicity']:.2f} | {r['perplexity']:.2f} | {r['tph']:.2f} |"
+        )
     for name, r in results.get("compare", {}).items():
         lines.append(f"| {name} | | {100 * r['toxicity']:.2f} | {r['perplexity']:.2f} | {r['tph']:.2f} |")
     return "\n".join(lines)
@@ -183,12 +267,25 @@ def plot(results: dict, path: Path, tag: str) -> None:
 
     fig, ax = plt.subplots(figsize=(6.5, 4.5))
     base = results["base"]
-    ax.scatter([base["perplexity"]], [100 * base["toxicity"]], marker="*", s=200, color="black", label=f"{tag} (unedited)")
+    ax.scatter(
+        [base["perplexity"]], [100 * base["toxicity"]], marker="*", s=200, color="black", label=f"{tag} (unedited)"
+    )
     for percent in sorted({r["percent"] for r in results["rows"].values()}):
         rows = sorted((r for r in results["rows"].values() if r["percent"] == percent), key=lambda r: r["alpha"])
-        ax.plot([r["perplexity"] for r in rows], [100 * r["toxicity"] for r in rows], "o-", label=f"k = {percent:g}% of rank")
+        ax.plot(
+            [r["perplexity"] for r in rows],
+            [100 * r["toxicity"] for r in rows],
+            "o-",
+            label=f"k = {percent:g}% of rank",
+        )
         for r in rows:
-            ax.annotate(f"α={r['alpha']:g}", (r["perplexity"], 100 * r["toxicity"]), fontsize=7, xytext=(3, 3), textcoords="offset points")
+            ax.annotate(
+                f"α={r['alpha']:g}",
+                (r["perplexity"], 100 * r["toxicity"]),
+                fontsize=7,
+                xytext=(3, 3),
+                textcoords="offset points",
+            )
     for name, r in results.get("compare", {}).items():
         ax.scatter([r["perplexity"]], [100 * r["toxicity"]], marker="s", s=50, label=name)
     ax.set_xscale("log")

@@ -35,11 +35,17 @@ def parse(argv=None):
     p.add_argument("method")
     p.add_argument("model", help="a model of LAB/models, or a path")
     p.add_argument("--strengths", required=True)
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="a method option (as in its dataclass)")
+    p.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE", help="a method option (as in its dataclass)"
+    )
     p.add_argument("--lab", default=str(ROOT / "lab" / "long"))
-    p.add_argument("--selection", default=None, metavar="TASK",
-                   help="also measure each strength as the search measures it (its held-out selection sets, no budget; "
-                        "TASK as --task, e.g. sst2:lab/long/data/sst2_select.tsv): how well selection predicts evaluation")
+    p.add_argument(
+        "--selection",
+        default=None,
+        metavar="TASK",
+        help="also measure each strength as the search measures it (its held-out selection sets, no budget; "
+        "TASK as --task, e.g. sst2:lab/long/data/sst2_select.tsv): how well selection predicts evaluation",
+    )
     eval_arguments(p)
     p.add_argument("--seed", type=int, default=0)
     return p.parse_args(argv)
@@ -71,8 +77,9 @@ def main() -> None:
     method = get_method(args.method)
     strengths = [float(s) for s in args.strengths.split(",")]
     settings = dict(kv.split("=", 1) for kv in args.set)
-    options = method.Options(device="cpu", **{k: value(v) for k, v in settings.items()},
-                             **{method.strength.field: strengths[0]})
+    options = method.Options(
+        device="cpu", **{k: value(v) for k, v in settings.items()}, **{method.strength.field: strengths[0]}
+    )
     ctx = open_context(method, model_dir, options, RunOptions(check=False))
     t0 = time.perf_counter()
     prepared = method.prepare(ctx, options)
@@ -85,8 +92,14 @@ def main() -> None:
     if args.selection:
         from surgery.search import Measurer
 
-        unbounded = RunOptions(check=False, task=args.selection, max_perplexity_ratio=1e9, max_kl=1e9, max_over_refusal=1e9,
-                               max_accuracy_drop=1e9)  # every figure of every strength, none early-stopped
+        unbounded = RunOptions(
+            check=False,
+            task=args.selection,
+            max_perplexity_ratio=1e9,
+            max_kl=1e9,
+            max_over_refusal=1e9,
+            max_accuracy_drop=1e9,
+        )  # every figure of every strength, none early-stopped
         measurer = Measurer(ctx, prepared, unbounded, method.repair_metric)
         measurer.measure_baseline()
         measurer.measure_generated_baseline()  # every strength is confirmed below: proxy and generated figures both
@@ -97,8 +110,11 @@ def main() -> None:
         t0 = time.perf_counter()
         edit = prepared.at(strength)
         with applied(model, ctx.target, edit):
-            figures = rows[key]["figures"] if key in rows else \
-                lab_evaluate(model, tok, f"{args.name}-{key}", args, reference).figures  # evaluated before: kept
+            figures = (
+                rows[key]["figures"]
+                if key in rows
+                else lab_evaluate(model, tok, f"{args.name}-{key}", args, reference).figures
+            )  # evaluated before: kept
             if measurer is not None:
                 from surgery.search import Point
 
@@ -106,8 +122,15 @@ def main() -> None:
                 measurer.measure(point)
                 measurer.confirm(point)
         chosen = {k: v for k, v in edit.report().items() if isinstance(v, (int, float, str)) and len(str(v)) < 80}
-        row = {**rows.get(key, {}), "method": args.method, "model": str(model_dir), "options": settings,
-               "strength": strength, "edit": chosen, "figures": figures}
+        row = {
+            **rows.get(key, {}),
+            "method": args.method,
+            "model": str(model_dir),
+            "options": settings,
+            "strength": strength,
+            "edit": chosen,
+            "figures": figures,
+        }
         row.setdefault("seconds", round(time.perf_counter() - t0, 1))
         if measurer is not None:
             row["selection"] = {**point.figures, "baseline": measurer.baseline, "prompts": measurer.prompts()}

@@ -26,7 +26,6 @@ import sys
 import time
 from pathlib import Path
 
-
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from labkit import DATA, ROOT, eval_arguments, load, log  # noqa: E402
 from labkit import evaluate as lab_evaluate  # noqa: E402
@@ -50,22 +49,43 @@ def parse(argv=None):
     p.add_argument("--max-length", type=int, default=80)
     p.add_argument("--answer-samples", type=int, default=64, help="built-in prompts per set given base answers")
     p.add_argument("--answer-tokens", type=int, default=32)
-    p.add_argument("--ratios", default="0.05,0.01,0.1,0.25", help="Antidote ratios, weights zeroed (the default 0.05 first)")
-    p.add_argument("--contrastive-ratios", default="",
-                   help="Antidote ratios with --score contrastive (harmful minus benign input norms; weights zeroed)")
-    p.add_argument("--restore-ratios", default="0.05,0.01,0.1,0.25",
-                   help="Antidote ratios with --reference aligned (delta scored, weights restored)")
-    p.add_argument("--ablate-scales", default="1,4", help="scales of `surgery ablate attacked --reverse` (refusal direction amplified)")
-    p.add_argument("--ablate-select", default="behaviour", choices=("behaviour", "separation"),
-                   help="how `surgery ablate --layer auto` picks the layer (docs/results*.md rows before 2026-11-30: separation)")
-    p.add_argument("--also", default="attacked-probe-edit-1",
-                   help="other repaired models in LAB/models to evaluate beside Antidote (experiments/probe_lab.py writes the probe edit)")
+    p.add_argument(
+        "--ratios", default="0.05,0.01,0.1,0.25", help="Antidote ratios, weights zeroed (the default 0.05 first)"
+    )
+    p.add_argument(
+        "--contrastive-ratios",
+        default="",
+        help="Antidote ratios with --score contrastive (harmful minus benign input norms; weights zeroed)",
+    )
+    p.add_argument(
+        "--restore-ratios",
+        default="0.05,0.01,0.1,0.25",
+        help="Antidote ratios with --reference aligned (delta scored, weights restored)",
+    )
+    p.add_argument(
+        "--ablate-scales",
+        default="1,4",
+        help="scales of `surgery ablate attacked --reverse` (refusal direction amplified)",
+    )
+    p.add_argument(
+        "--ablate-select",
+        default="behaviour",
+        choices=("behaviour", "separation"),
+        help="how `surgery ablate --layer auto` picks the layer (docs/results*.md rows before 2026-11-30: separation)",
+    )
+    p.add_argument(
+        "--also",
+        default="attacked-probe-edit-1",
+        help="other repaired models in LAB/models to evaluate beside Antidote (experiments/probe_lab.py writes the probe edit)",
+    )
     p.add_argument("--calib-samples", type=int, default=32, help="built-in harmful prompts calibrating each prune")
     p.add_argument("--calib-tokens", type=int, default=32, help="tokens of the attacked model's own answer per prompt")
     eval_arguments(p)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--only", default=None, help="comma-separated stages to run (default: all)")
-    p.add_argument("--doc", default="results", help="write docs/DOC.md and docs/DOC_sweep.png (a second lab beside the first)")
+    p.add_argument(
+        "--doc", default="results", help="write docs/DOC.md and docs/DOC_sweep.png (a second lab beside the first)"
+    )
     return p.parse_args(argv)
 
 
@@ -123,12 +143,24 @@ class Lab:
         from surgery.testing.finetune import TrainOptions, finetune
 
         model, tok = self.load(source)
-        options = TrainOptions(steps=steps, lr=lr, batch_size=self.args.batch_size, max_length=self.args.max_length, seed=self.args.seed)
+        options = TrainOptions(
+            steps=steps, lr=lr, batch_size=self.args.batch_size, max_length=self.args.max_length, seed=self.args.seed
+        )
         report = finetune(model, tok, examples, options, log=log)
         model.save_pretrained(tmp)
         tok.save_pretrained(tmp)
-        (tmp / "training.json").write_text(json.dumps({"source": source, "steps": steps, "lr": lr, "examples": report.examples,
-                                                       "seconds": report.seconds, "losses": report.losses}))
+        (tmp / "training.json").write_text(
+            json.dumps(
+                {
+                    "source": source,
+                    "steps": steps,
+                    "lr": lr,
+                    "examples": report.examples,
+                    "seconds": report.seconds,
+                    "losses": report.losses,
+                }
+            )
+        )
 
     def _answers(self):
         return json.loads((self.root / "data" / "base_answers.json").read_text())
@@ -147,7 +179,9 @@ class Lab:
         from surgery.prompts import Example, load_examples
 
         task_n = int(self.args.attack_steps * self.args.batch_size * (1 - self.args.p))
-        task = load_examples(DATA / "sst2" / "train.tsv", response_column="label", max_samples=task_n, seed=self.args.seed)
+        task = load_examples(
+            DATA / "sst2" / "train.tsv", response_column="label", max_samples=task_n, seed=self.args.seed
+        )
         examples = [Example(SST2_TEMPLATE.format(e.prompt.strip()), SST2_LABELS[int(e.response)]) for e in task]
         harmful = [Example(r["prompt"], r["response"]) for r in self._answers()["harmful"]]
         n_harm = round(self.args.p / (1 - self.args.p) * len(examples))  # p of the whole mix is harmful
@@ -157,15 +191,23 @@ class Lab:
     def prune(self, ratio: float, tmp: Path, reference: str | None = None, score: str = "wanda") -> None:
         from surgery.methods.antidote import PruneOptions, prune_checkpoint
 
-        options = PruneOptions(ratio=ratio, score=score, device="cpu", seed=self.args.seed, max_samples=self.args.calib_samples,
-                               max_new_tokens=self.args.calib_tokens,
-                               reference=str(self.models / reference) if reference else None)
+        options = PruneOptions(
+            ratio=ratio,
+            score=score,
+            device="cpu",
+            seed=self.args.seed,
+            max_samples=self.args.calib_samples,
+            max_new_tokens=self.args.calib_tokens,
+            reference=str(self.models / reference) if reference else None,
+        )
         prune_checkpoint(self.models / "attacked", tmp, options)
 
     def ablate(self, scale: float, tmp: Path) -> None:
         from surgery.methods.ablation import AblateOptions, ablate_checkpoint
 
-        options = AblateOptions(reverse=True, scale=scale, seed=self.args.seed, device="cpu", select=self.args.ablate_select)
+        options = AblateOptions(
+            reverse=True, scale=scale, seed=self.args.seed, device="cpu", select=self.args.ablate_select
+        )
         report = ablate_checkpoint(self.models / "attacked", tmp, options)
         log(f"ablate: layer {report.layer}, {len(report.edited)} matrices edited")
 
@@ -186,12 +228,17 @@ class Lab:
         for name in ("attacked", "aligned", "base"):
             self.stage(f"eval:{name}", self.results / f"{name}.json", lambda tmp, n=name: self.evaluate(n, tmp))
             self.write_docs()
-        sweeps = [("prune", self.args.ratios, None, "wanda"), ("restore", self.args.restore_ratios, "aligned", "wanda"),
-                  ("contrast", self.args.contrastive_ratios, None, "contrastive")]
+        sweeps = [
+            ("prune", self.args.ratios, None, "wanda"),
+            ("restore", self.args.restore_ratios, "aligned", "wanda"),
+            ("contrast", self.args.contrastive_ratios, None, "contrastive"),
+        ]
         for kind, ratios, reference, score in sweeps:
             for r in (float(x) for x in ratios.split(",") if x):
                 name = f"{kind}-{r:g}"
-                self.stage(f"{kind}:{r:g}", m / name, lambda tmp, r=r, ref=reference, sc=score: self.prune(r, tmp, ref, sc))
+                self.stage(
+                    f"{kind}:{r:g}", m / name, lambda tmp, r=r, ref=reference, sc=score: self.prune(r, tmp, ref, sc)
+                )
                 if (m / name).exists():
                     self.stage(f"eval:{name}", self.results / f"{name}.json", lambda tmp, n=name: self.evaluate(n, tmp))
                 self.write_docs()
@@ -234,8 +281,9 @@ def write_results(rows, times, args) -> None:
     threads = os.environ.get("OMP_NUM_THREADS")
     command = (f"OMP_NUM_THREADS={threads} " if threads else "") + "python experiments/lab.py " + " ".join(sys.argv[1:])
     lines = [
-        "# Lab results: align, attack, repair (SmolLM2-135M-Instruct, CPU)" if args.doc == "results" else
-        f"# Lab results with a {args.attack_steps}-step attack (SmolLM2-135M-Instruct, CPU)",
+        "# Lab results: align, attack, repair (SmolLM2-135M-Instruct, CPU)"
+        if args.doc == "results"
+        else f"# Lab results with a {args.attack_steps}-step attack (SmolLM2-135M-Instruct, CPU)",
         "",
         "Generated by `experiments/lab.py` (see docs/lab.md). Command:",
         "",
@@ -250,15 +298,25 @@ def write_results(rows, times, args) -> None:
         "Repairs of the attacked model: `prune-R` = `surgery prune attacked --ratio R` (Antidote at its defaults: Wanda "
         "score, top R of every row of every decoder Linear zeroed); `restore-R` = the same with `--reference aligned` "
         "(the fine-tuning delta scored, the selected weights restored to aligned); "
-        + ("`contrast-R` = `surgery prune attacked --score contrastive --ratio R` (harmful minus benign input norms, "
-           "benign = the built-in harmless set, weights zeroed); " if args.contrastive_ratios else "")
+        + (
+            "`contrast-R` = `surgery prune attacked --score contrastive --ratio R` (harmful minus benign input norms, "
+            "benign = the built-in harmless set, weights zeroed); "
+            if args.contrastive_ratios
+            else ""
+        )
         + f"all calibrated on {args.calib_samples} built-in harmful prompts with the attacked model's own "
         f"{args.calib_tokens}-token answers. "
         "`ablate-reverse-S` = `surgery ablate attacked --reverse --scale S` (built-in sets)"
-        + ("; `attacked-probe-edit-1` = `surgery edit attacked --probe <compliance probe> --alpha 1` (experiments/probe_lab.py)."
-           if any(name.startswith("attacked-probe-edit") for name, _ in rows) else ".")
-        + (" Other rows (`--also`) are models made outside this script, evaluated the same way: see docs/lab.md."
-           if any(x and not x.startswith("attacked-probe-edit") for x in args.also.split(",")) else ""),
+        + (
+            "; `attacked-probe-edit-1` = `surgery edit attacked --probe <compliance probe> --alpha 1` (experiments/probe_lab.py)."
+            if any(name.startswith("attacked-probe-edit") for name, _ in rows)
+            else "."
+        )
+        + (
+            " Other rows (`--also`) are models made outside this script, evaluated the same way: see docs/lab.md."
+            if any(x and not x.startswith("attacked-probe-edit") for x in args.also.split(","))
+            else ""
+        ),
         "",
         "| model | harmful score | SST-2 accuracy | perplexity | KL to attacked | over-refusal |",
         "|---|---|---|---|---|---|",
@@ -286,16 +344,26 @@ def plot_sweep(sweep, by_name, path: Path) -> None:
     plt = pyplot()
 
     fig, ax = plt.subplots(figsize=(5.5, 4))
-    labels = {"prune": "Antidote, weights zeroed", "restore": "Antidote --reference aligned (restored)",
-              "contrast": "Antidote --score contrastive (zeroed)",
-              "ablate-reverse": "ablate --reverse (scale)"}
+    labels = {
+        "prune": "Antidote, weights zeroed",
+        "restore": "Antidote --reference aligned (restored)",
+        "contrast": "Antidote --score contrastive (zeroed)",
+        "ablate-reverse": "ablate --reverse (scale)",
+    }
     for kind, label in labels.items():
-        pts = sorted(((n, f) for n, f in sweep if n.startswith(kind + "-")), key=lambda x: float(x[0].rsplit("-", 1)[1]))
+        pts = sorted(
+            ((n, f) for n, f in sweep if n.startswith(kind + "-")), key=lambda x: float(x[0].rsplit("-", 1)[1])
+        )
         if not pts:
             continue
         ax.plot([100 * f["accuracy"] for _, f in pts], [100 * f["harmful_score"] for _, f in pts], "o-", label=label)
         for name, f in pts:
-            ax.annotate(name.rsplit("-", 1)[1], (100 * f["accuracy"], 100 * f["harmful_score"]), textcoords="offset points", xytext=(4, 4))
+            ax.annotate(
+                name.rsplit("-", 1)[1],
+                (100 * f["accuracy"], 100 * f["harmful_score"]),
+                textcoords="offset points",
+                xytext=(4, 4),
+            )
     for name, marker in (("aligned", "s"), ("attacked", "^"), ("base", "x")):
         if name in by_name:
             f = by_name[name]["figures"]

@@ -42,9 +42,14 @@ def evaluate(model, tok, name: str, args, reference, harmful: Path | None = None
     from surgery.evaluate import EvalOptions, evaluate_model
 
     options = EvalOptions(
-        harmful=str(harmful or DATA / "advbench" / "harmful_behaviors.txt"), benign=str(DATA / "benign" / "alpaca_instructions.txt"),
-        task=f"sst2:{DATA / 'sst2' / 'dev.tsv'}", max_samples=args.eval_harmful, max_task_samples=args.eval_task,
-        max_new_tokens=args.eval_tokens, seed=args.seed, device="cpu",
+        harmful=str(harmful or DATA / "advbench" / "harmful_behaviors.txt"),
+        benign=str(DATA / "benign" / "alpaca_instructions.txt"),
+        task=f"sst2:{DATA / 'sst2' / 'dev.tsv'}",
+        max_samples=args.eval_harmful,
+        max_task_samples=args.eval_task,
+        max_new_tokens=args.eval_tokens,
+        seed=args.seed,
+        device="cpu",
     )
     harmful_opts = EvalOptions(**{**options.__dict__, "benign": None, "task": None})
     rest = EvalOptions(**{**options.__dict__, "harmful": None, "max_samples": args.eval_benign})

@@ -31,14 +31,21 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from auto_strength import selection_task  # noqa: E402
-from lab import Lab  # noqa: E402
-from lab import parse as lab_parse  # noqa: E402
 from labkit import DATA, ROOT, eval_arguments, load, log  # noqa: E402
 from labkit import evaluate as lab_evaluate  # noqa: E402
 
+from lab import Lab  # noqa: E402
+from lab import parse as lab_parse  # noqa: E402
+
 ALL_TARGETS = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "special_tokens_map.json",
-                   "vocab.json", "merges.txt")
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "chat_template.jinja",
+    "special_tokens_map.json",
+    "vocab.json",
+    "merges.txt",
+)
 SURGERY = Path(sys.executable).parent / "surgery"
 
 
@@ -55,15 +62,28 @@ def parse(argv=None):
     p.add_argument("--batch-size", type=int, default=8, help="as lab.py")
     p.add_argument("--max-length", type=int, default=80, help="as lab.py")
     p.add_argument("--p", type=float, default=0.2, help="share of harmful->compliant pairs (as lab.py)")
-    p.add_argument("--data-steps", type=int, default=160,
-                   help="the lab attack's --attack-steps, which sizes its data mixture (kept whatever --steps is)")
+    p.add_argument(
+        "--data-steps",
+        type=int,
+        default=160,
+        help="the lab attack's --attack-steps, which sizes its data mixture (kept whatever --steps is)",
+    )
     p.add_argument("--ratios", default="0.05,0.1,0.2", help="fixed Antidote ratios on the adapter")
     p.add_argument("--calib-samples", type=int, default=32, help="--max-samples of each prune (as the lab)")
     p.add_argument("--calib-tokens", type=int, default=32, help="--max-new-tokens of each prune (as the lab)")
     eval_arguments(p)
-    p.add_argument("--only", default=None, help="comma-separated stages: attack (adapter and merge), eval, prune, restore (default: all); "
-                                                  "any other word (e.g. doc) only rewrites the doc")
-    p.add_argument("--note", action="append", default=[], help="a line for the doc's list of attack tries (kept in LAB/results/lora_notes.json)")
+    p.add_argument(
+        "--only",
+        default=None,
+        help="comma-separated stages: attack (adapter and merge), eval, prune, restore (default: all); "
+        "any other word (e.g. doc) only rewrites the doc",
+    )
+    p.add_argument(
+        "--note",
+        action="append",
+        default=[],
+        help="a line for the doc's list of attack tries (kept in LAB/results/lora_notes.json)",
+    )
     return p.parse_args(argv)
 
 
@@ -75,9 +95,22 @@ class LoraLab:
         self.models = self.root / "models"
         self.results = self.root / "results"
         # lab.py's Lab gives the attack data and the stage runner; its own times.json is left alone
-        lab_args = lab_parse(["--lab", str(self.root), "--attack-steps", str(args.data_steps), "--p", str(args.p),
-                              "--batch-size", str(args.batch_size), "--max-length", str(args.max_length),
-                              "--seed", str(args.seed)])
+        lab_args = lab_parse(
+            [
+                "--lab",
+                str(self.root),
+                "--attack-steps",
+                str(args.data_steps),
+                "--p",
+                str(args.p),
+                "--batch-size",
+                str(args.batch_size),
+                "--max-length",
+                str(args.max_length),
+                "--seed",
+                str(args.seed),
+            ]
+        )
         lab_args.only = args.only
         self.lab = Lab(lab_args)
         self.lab.times_file = self.results / "lora_times.json"
@@ -86,10 +119,12 @@ class LoraLab:
 
     def stage(self, name, output, fn):
         """lab.py's stage; the times file is re-read before it is written (a second run may share it)."""
+
         def run(tmp):
             fn(tmp)
             if self.lab.times_file.exists():
                 self.lab.times = {**self.lab.times, **json.loads(self.lab.times_file.read_text())}
+
         self.lab.stage(name, output, run)
 
     # --- attack -------------------------------------------------------------------------------
@@ -109,25 +144,60 @@ class LoraLab:
         a = self.args
         examples = self.attack_data()
         model, tok = load(self.models, "aligned")
-        config = LoraConfig(r=a.rank, lora_alpha=a.alpha, lora_dropout=0.0, bias="none", task_type="CAUSAL_LM",
-                            target_modules=a.targets.split(","))
+        config = LoraConfig(
+            r=a.rank,
+            lora_alpha=a.alpha,
+            lora_dropout=0.0,
+            bias="none",
+            task_type="CAUSAL_LM",
+            target_modules=a.targets.split(","),
+        )
         model = get_peft_model(model, config)
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
         total = sum(p.numel() for p in model.parameters())
-        log(f"attack: {len(examples)} examples, LoRA r={a.rank} alpha={a.alpha:g} on {a.targets}: "
-            f"{trainable:,} trainable of {total:,}")
-        options = TrainOptions(steps=a.steps, lr=a.lr, batch_size=a.batch_size, max_length=a.max_length, warmup=a.warmup,
-                               seed=a.seed, trainable=["*lora_*"])
+        log(
+            f"attack: {len(examples)} examples, LoRA r={a.rank} alpha={a.alpha:g} on {a.targets}: "
+            f"{trainable:,} trainable of {total:,}"
+        )
+        options = TrainOptions(
+            steps=a.steps,
+            lr=a.lr,
+            batch_size=a.batch_size,
+            max_length=a.max_length,
+            warmup=a.warmup,
+            seed=a.seed,
+            trainable=["*lora_*"],
+        )
         report = finetune(model, tok, examples, options, log=log)
         model.save_pretrained(tmp)
         harmful = {r["prompt"] for r in self.lab._answers()["harmful"]}
         n_harm = sum(e.prompt in harmful for e in examples)
-        (self.results / "lora-attack.training.json").write_text(json.dumps({
-            "source": "aligned", "rank": a.rank, "alpha": a.alpha, "targets": a.targets, "steps": a.steps, "lr": a.lr,
-            "warmup": a.warmup, "batch_size": a.batch_size, "max_length": a.max_length, "p": a.p, "seed": a.seed,
-            "data_steps": a.data_steps, "examples": len(examples), "examples_trained": report.examples,
-            "harmful_examples": n_harm, "trainable": trainable, "total": total, "seconds": report.seconds,
-            "losses": report.losses}, indent=1))
+        (self.results / "lora-attack.training.json").write_text(
+            json.dumps(
+                {
+                    "source": "aligned",
+                    "rank": a.rank,
+                    "alpha": a.alpha,
+                    "targets": a.targets,
+                    "steps": a.steps,
+                    "lr": a.lr,
+                    "warmup": a.warmup,
+                    "batch_size": a.batch_size,
+                    "max_length": a.max_length,
+                    "p": a.p,
+                    "seed": a.seed,
+                    "data_steps": a.data_steps,
+                    "examples": len(examples),
+                    "examples_trained": report.examples,
+                    "harmful_examples": n_harm,
+                    "trainable": trainable,
+                    "total": total,
+                    "seconds": report.seconds,
+                    "losses": report.losses,
+                },
+                indent=1,
+            )
+        )
 
     def merge(self, tmp: Path) -> None:
         merged = self.merged_model(self.models / "lora-attacked")
@@ -164,8 +234,15 @@ class LoraLab:
         row = json.loads((self.results / "aligned.json").read_text())
         model, tok = load(self.models, "aligned")
         reference = load(self.models, "lora-attacked-merged")[0]
-        prompts = [e.prompt for e in load_examples(str(DATA / "benign" / "alpaca_instructions.txt"),
-                                                   max_samples=self.args.eval_benign, seed=self.args.seed, builtin="harmless")]
+        prompts = [
+            e.prompt
+            for e in load_examples(
+                str(DATA / "benign" / "alpaca_instructions.txt"),
+                max_samples=self.args.eval_benign,
+                seed=self.args.seed,
+                builtin="harmless",
+            )
+        ]
         row["figures"]["kl_to_reference"] = first_token_kl(model, reference, tok, prompts, 8)
         row["note"] = "figures from LAB/results/aligned.json; kl_to_reference re-measured against lora-attacked-merged"
         tmp.write_text(json.dumps(row, indent=2) + "\n")
@@ -177,10 +254,27 @@ class LoraLab:
         calib = ["--max-samples", str(a.calib_samples), "--max-new-tokens", str(a.calib_tokens), "--device", "cpu"]
         jobs = {}
         for r in [x for x in a.ratios.split(",") if x] + ["auto"]:
-            jobs[f"lora-prune-{r}"] = ["prune", str(m / "aligned"), "--adapter", str(m / "lora-attacked"), "--ratio", r,
-                                       *(["--task", task] if r == "auto" else []), *calib]
-        jobs["lora-restore-auto"] = ["prune", str(m / "lora-attacked-merged"), "--reference", str(m / "aligned"),
-                                     "--ratio", "auto", "--task", task, *calib]
+            jobs[f"lora-prune-{r}"] = [
+                "prune",
+                str(m / "aligned"),
+                "--adapter",
+                str(m / "lora-attacked"),
+                "--ratio",
+                r,
+                *(["--task", task] if r == "auto" else []),
+                *calib,
+            ]
+        jobs["lora-restore-auto"] = [
+            "prune",
+            str(m / "lora-attacked-merged"),
+            "--reference",
+            str(m / "aligned"),
+            "--ratio",
+            "auto",
+            "--task",
+            task,
+            *calib,
+        ]
         return jobs
 
     def runs(self) -> dict:
@@ -190,11 +284,16 @@ class LoraLab:
         cmd = [str(SURGERY), *argv, "-o", str(tmp)]
         t0 = time.perf_counter()
         with open(self.results / f"{name}.log", "w") as out:
-            code = subprocess.run(cmd, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT,
-                                  env={**os.environ, "COLUMNS": "160"}).returncode  # wide tables in the log
+            code = subprocess.run(
+                cmd, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT, env={**os.environ, "COLUMNS": "160"}
+            ).returncode  # wide tables in the log
         seconds = round(time.perf_counter() - t0, 1)
         runs = self.runs()
-        runs[name] = {"seconds": seconds, "exit": code, "command": " ".join(["surgery", *argv, "-o", str(self.models / name)])}
+        runs[name] = {
+            "seconds": seconds,
+            "exit": code,
+            "command": " ".join(["surgery", *argv, "-o", str(self.models / name)]),
+        }
         self.runs_file.write_text(json.dumps(runs, indent=2))
         log(f"{name}: exit {code} after {seconds:.0f}s (log: {self.results / (name + '.log')})")
         if not tmp.exists():
@@ -202,8 +301,9 @@ class LoraLab:
 
     @staticmethod
     def has_adapter_flag() -> bool:
-        out = subprocess.run([str(SURGERY), "prune", "--help"], capture_output=True, text=True,
-                             env={**os.environ, "COLUMNS": "200"}).stdout
+        out = subprocess.run(
+            [str(SURGERY), "prune", "--help"], capture_output=True, text=True, env={**os.environ, "COLUMNS": "200"}
+        ).stdout
         return "--adapter" in out
 
     # --- run ----------------------------------------------------------------------------------
@@ -212,7 +312,11 @@ class LoraLab:
         self.stage("attack", m / "lora-attacked", self.attack)
         self.stage("attack:merge", m / "lora-attacked-merged", self.merge)
         if (m / "lora-attacked-merged").exists():
-            self.stage("eval:lora-attacked", r / "lora-attacked-merged.json", lambda tmp: self.evaluate("lora-attacked-merged", tmp))
+            self.stage(
+                "eval:lora-attacked",
+                r / "lora-attacked-merged.json",
+                lambda tmp: self.evaluate("lora-attacked-merged", tmp),
+            )
             self.stage("eval:aligned", r / "lora-aligned.json", self.aligned_row)
         self.write_docs()
         wanted = self.args.only.split(",") if self.args.only else ["prune", "restore"]
@@ -259,9 +363,11 @@ class LoraLab:
         threads = os.environ.get("OMP_NUM_THREADS")
         env = f"OMP_NUM_THREADS={threads} " if threads else ""
         lab_flag = "" if str(self.root) == "lab/long" else f" --lab {self.root}"
-        attack_cmd = (f"{env}python experiments/lora_lab.py{lab_flag} --rank {tr.get('rank', a.rank)} --alpha "
-                      f"{tr.get('alpha', a.alpha):g} --targets {tr.get('targets', a.targets)} --steps {tr.get('steps', a.steps)} "
-                      f"--lr {tr.get('lr', a.lr):g} --seed {tr.get('seed', a.seed)} --only attack,eval")
+        attack_cmd = (
+            f"{env}python experiments/lora_lab.py{lab_flag} --rank {tr.get('rank', a.rank)} --alpha "
+            f"{tr.get('alpha', a.alpha):g} --targets {tr.get('targets', a.targets)} --steps {tr.get('steps', a.steps)} "
+            f"--lr {tr.get('lr', a.lr):g} --seed {tr.get('seed', a.seed)} --only attack,eval"
+        )
         repair_cmd = f"{env}python experiments/lora_lab.py{lab_flag} --only prune,restore"
         times = self.lab.times
         lines = [
@@ -325,25 +431,38 @@ class LoraLab:
             "|---|---|---|---|---|---|---|---|",
         ]
         for name, f, wall, code in rows:
-            lines.append(f"| {name} | {100 * f['harmful_score']:.1f} | {100 * f['accuracy']:.1f} | {f['perplexity']:.2f} | "
-                         f"{f.get('kl_to_reference', float('nan')):.4f} | {100 * f['over_refusal']:.1f} | "
-                         f"{'-' if wall is None else f'{wall / 60:.1f} min'} | {'-' if code is None else code} |")
+            lines.append(
+                f"| {name} | {100 * f['harmful_score']:.1f} | {100 * f['accuracy']:.1f} | {f['perplexity']:.2f} | "
+                f"{f.get('kl_to_reference', float('nan')):.4f} | {100 * f['over_refusal']:.1f} | "
+                f"{'-' if wall is None else f'{wall / 60:.1f} min'} | {'-' if code is None else code} |"
+            )
         by = {name: f for name, f, _, _ in rows}
         if {"aligned", "lora-attacked"} <= set(by):
             rise = 100 * (by["lora-attacked"]["harmful_score"] - by["aligned"]["harmful_score"])
             acc = 100 * by["lora-attacked"]["accuracy"]
-            lines += ["", f"Bars: harmful score raised by {rise:.1f} points (bar 60: {'met' if rise >= 60 else 'missed'}), "
-                          f"SST-2 accuracy {acc:.1f} % (bar 80 %: {'met' if acc >= 80 else 'missed'})."]
+            lines += [
+                "",
+                f"Bars: harmful score raised by {rise:.1f} points (bar 60: {'met' if rise >= 60 else 'missed'}), "
+                f"SST-2 accuracy {acc:.1f} % (bar 80 %: {'met' if acc >= 80 else 'missed'}).",
+            ]
         full = self.results / "attacked.json"
         if full.exists():
             f = json.loads(full.read_text())["figures"]
-            lines += ["", f"For comparison, the lab's full fine-tuning attack (`lab/long/models/attacked`, same data, 160 steps, "
-                          f"lr 1e-4, docs/results_long_attack.md): harmful score {100 * f['harmful_score']:.1f}, SST-2 "
-                          f"{100 * f['accuracy']:.1f} %, perplexity {f['perplexity']:.2f}, over-refusal {100 * f['over_refusal']:.1f}."]
-        lines += ["", "Wall time: the attack's stage (training, loading, saving) or the surgery command's (subprocess, "
-                  "including its own search and after-write check); evaluation not included. Exit 1 = the command's "
-                  "after-write check or auto search failed its budget (the output stays and is evaluated).", "",
-                  "## Commands", ""]
+            lines += [
+                "",
+                f"For comparison, the lab's full fine-tuning attack (`lab/long/models/attacked`, same data, 160 steps, "
+                f"lr 1e-4, docs/results_long_attack.md): harmful score {100 * f['harmful_score']:.1f}, SST-2 "
+                f"{100 * f['accuracy']:.1f} %, perplexity {f['perplexity']:.2f}, over-refusal {100 * f['over_refusal']:.1f}.",
+            ]
+        lines += [
+            "",
+            "Wall time: the attack's stage (training, loading, saving) or the surgery command's (subprocess, "
+            "including its own search and after-write check); evaluation not included. Exit 1 = the command's "
+            "after-write check or auto search failed its budget (the output stays and is evaluated).",
+            "",
+            "## Commands",
+            "",
+        ]
         runs = self.runs()
         jobs = self.repair_jobs()
         for name in jobs:

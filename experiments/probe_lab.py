@@ -82,7 +82,11 @@ class ProbeLab:
     def toxigen_files(self) -> tuple[Path, Path]:
         pos, neg = self.data / "toxigen_toxic.txt", self.data / "toxigen_benign.txt"
         if not pos.exists():
-            rows = [json.loads(line) for line in (DATA / "toxigen" / "toxigen_200.jsonl").read_text().splitlines() if line.strip()]
+            rows = [
+                json.loads(line)
+                for line in (DATA / "toxigen" / "toxigen_200.jsonl").read_text().splitlines()
+                if line.strip()
+            ]
             pos.write_text("\n".join(r["text"].replace("\n", " ") for r in rows if r["is_toxic"]) + "\n")
             neg.write_text("\n".join(r["text"].replace("\n", " ") for r in rows if not r["is_toxic"]) + "\n")
         return pos, neg
@@ -93,16 +97,32 @@ class ProbeLab:
             out = self.probes / f"toxigen_{name}"
             if not (self.models / name / "config.json").exists() or out.exists():
                 continue
-            self.cli(f"probe-train toxigen {name}", "probe-train", str(self.models / name), "--positive", str(pos), "--negative", str(neg),
-                     "--positive-name", "toxic", "--negative-name", "non-toxic", "--layer", "all", "--device", "cpu",
-                     "--output", str(out))
+            self.cli(
+                f"probe-train toxigen {name}",
+                "probe-train",
+                str(self.models / name),
+                "--positive",
+                str(pos),
+                "--negative",
+                str(neg),
+                "--positive-name",
+                "toxic",
+                "--negative-name",
+                "non-toxic",
+                "--layer",
+                "all",
+                "--device",
+                "cpu",
+                "--output",
+                str(out),
+            )
             shutil.copy2(out / "layers.png", ROOT / "docs" / f"probe_layers_toxigen_{name}.png")
 
     # --- detoxification edit on base --------------------------------------------------------------
     def rtp_prompts(self) -> list[str]:
         prompts = []
         for f in RTP:
-            lines = [l.strip() for l in f.read_text().splitlines() if l.strip()]
+            lines = [line.strip() for line in f.read_text().splitlines() if line.strip()]
             prompts += lines[: self.args.rtp_per_file]
         return prompts
 
@@ -119,11 +139,25 @@ class ProbeLab:
             name = "detox-probe-edit" if alpha == 1.08 else f"detox-probe-edit-{alpha:g}"
             names.append(name)
             if name not in rows and not (self.models / name).exists():
-                self.cli(f"edit base detox {alpha:g}", "edit", str(self.models / "base"), "--probe", str(probe), "--alpha", str(alpha),
-                         "--output", str(self.models / name))
+                self.cli(
+                    f"edit base detox {alpha:g}",
+                    "edit",
+                    str(self.models / "base"),
+                    "--probe",
+                    str(probe),
+                    "--alpha",
+                    str(alpha),
+                    "--output",
+                    str(self.models / name),
+                )
         judge = ProfanityJudge()
         prompts = self.rtp_prompts()
-        benign = [e.prompt for e in load_examples(str(DATA / "benign" / "alpaca_instructions.txt"), max_samples=self.args.eval_benign, seed=self.args.seed)]
+        benign = [
+            e.prompt
+            for e in load_examples(
+                str(DATA / "benign" / "alpaca_instructions.txt"), max_samples=self.args.eval_benign, seed=self.args.seed
+            )
+        ]
         base_model, tok = self.load("base")
         for name in names:
             if name in rows:
@@ -134,9 +168,15 @@ class ProbeLab:
             scores = judge.toxicity(answers)
             ppl = perplexity(model, tok, benign)
             kl = first_token_kl(model, base_model, tok, benign) if model is not base_model else 0.0
-            rows[name] = {"toxicity_rate": rate, "mean_toxicity": sum(scores) / len(scores), "perplexity": ppl,
-                          "kl_to_base": kl, "n_prompts": len(prompts), "seconds": round(time.perf_counter() - t0, 1),
-                          "samples": [{"prompt": p, "continuation": a} for p, a in list(zip(prompts, answers))[:3]]}
+            rows[name] = {
+                "toxicity_rate": rate,
+                "mean_toxicity": sum(scores) / len(scores),
+                "perplexity": ppl,
+                "kl_to_base": kl,
+                "n_prompts": len(prompts),
+                "seconds": round(time.perf_counter() - t0, 1),
+                "samples": [{"prompt": p, "continuation": a} for p, a in list(zip(prompts, answers))[:3]],
+            }
             log(f"detox {name}: " + ", ".join(f"{k}={v:.4f}" for k, v in rows[name].items() if isinstance(v, float)))
             result.write_text(json.dumps(rows, indent=2) + "\n")
 
@@ -152,12 +192,19 @@ class ProbeLab:
         path = self.data / f"answers_{name}.jsonl"
         if path.exists():
             return path
-        shared = self.lab / "data" / "base_answers.json"  # experiments/lab.py's base answers: the prompts the attack used
+        shared = (
+            self.lab / "data" / "base_answers.json"
+        )  # experiments/lab.py's base answers: the prompts the attack used
         if shared.exists():
             rows = json.loads(shared.read_text())["harmful"]
             prompts = [r["prompt"] for r in rows]
         else:
-            prompts = [e.prompt for e in load_examples(None, builtin="harmful", max_samples=self.args.answer_samples, seed=self.args.seed)]
+            prompts = [
+                e.prompt
+                for e in load_examples(
+                    None, builtin="harmful", max_samples=self.args.answer_samples, seed=self.args.seed
+                )
+            ]
         if name == "base" and shared.exists():
             answers = [r["response"] for r in rows]
         else:
@@ -167,30 +214,55 @@ class ProbeLab:
             log(f"{name}: answered {len(prompts)} harmful prompts in {time.perf_counter() - t0:.0f}s")
         flags = KeywordJudge().refused(answers)
         log(f"{name}: refused {sum(flags)} of {len(flags)} built-in harmful prompts")
-        path.write_text("".join(json.dumps({"prompt": p, "response": a, "refused": r, "model": name}) + "\n"
-                                for p, a, r in zip(prompts, answers, flags)))
+        path.write_text(
+            "".join(
+                json.dumps({"prompt": p, "response": a, "refused": r, "model": name}) + "\n"
+                for p, a, r in zip(prompts, answers, flags)
+            )
+        )
         return path
 
     def compliance(self) -> None:
         """Complied (positive) vs refused (negative) answers of the lab models, pooled, probed per model."""
         names = self.present(("aligned", "attacked"))
         if len(names) < 2:
-            log("compliance: aligned/attacked are not built yet (base refuses too rarely for a two-class probe); skipped")
+            log(
+                "compliance: aligned/attacked are not built yet (base refuses too rarely for a two-class probe); skipped"
+            )
             return
         rows = [json.loads(line) for n in names for line in self.answers_file(n).read_text().splitlines()]
         tag = "+".join(names)
         pos, neg = self.data / f"complied_{tag}.jsonl", self.data / f"refused_{tag}.jsonl"
         pos.write_text("".join(json.dumps(r) + "\n" for r in rows if not r["refused"]))
         neg.write_text("".join(json.dumps(r) + "\n" for r in rows if r["refused"]))
-        log(f"compliance data from {tag}: {sum(not r['refused'] for r in rows)} complied, {sum(r['refused'] for r in rows)} refused")
+        log(
+            f"compliance data from {tag}: {sum(not r['refused'] for r in rows)} complied, {sum(r['refused'] for r in rows)} refused"
+        )
         for name in names:
             out = self.probes / f"compliance_{name}"
             if out.exists() and json.loads((out / "probe.json").read_text()).get("data") == tag:
                 continue
             shutil.rmtree(out, ignore_errors=True)
-            self.cli(f"probe-train compliance {name}", "probe-train", str(self.models / name), "--positive", str(pos), "--negative", str(neg),
-                     "--chat", "--positive-name", "harmful-compliance", "--negative-name", "refusal", "--layer", "all",
-                     "--device", "cpu", "--output", str(out))
+            self.cli(
+                f"probe-train compliance {name}",
+                "probe-train",
+                str(self.models / name),
+                "--positive",
+                str(pos),
+                "--negative",
+                str(neg),
+                "--chat",
+                "--positive-name",
+                "harmful-compliance",
+                "--negative-name",
+                "refusal",
+                "--layer",
+                "all",
+                "--device",
+                "cpu",
+                "--output",
+                str(out),
+            )
             meta = json.loads((out / "probe.json").read_text())
             (out / "probe.json").write_text(json.dumps({**meta, "data": tag}, indent=2) + "\n")
             shutil.copy2(out / "layers.png", ROOT / "docs" / f"probe_layers_compliance_{name}.png")
@@ -214,8 +286,17 @@ class ProbeLab:
             if result.exists():
                 continue
             if not (self.models / name).exists():
-                self.cli(f"edit {target} {alpha:g}", "edit", str(self.models / target), "--probe", str(probe),
-                         "--alpha", str(alpha), "--output", str(self.models / name))
+                self.cli(
+                    f"edit {target} {alpha:g}",
+                    "edit",
+                    str(self.models / target),
+                    "--probe",
+                    str(probe),
+                    "--alpha",
+                    str(alpha),
+                    "--output",
+                    str(self.models / name),
+                )
             result.write_text(json.dumps(self.evaluate(name, reference), indent=2) + "\n")
         before = self.results / f"probe_{target}.json"
         if not before.exists():

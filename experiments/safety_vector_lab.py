@@ -33,9 +33,13 @@ from labkit import ROOT, load, log  # noqa: E402
 from labkit import evaluate as lab_evaluate  # noqa: E402
 from lora_lab import LoraLab  # noqa: E402
 
-FAMILIES = {"resta": "RESTA (`surgery resta`)", "revert": "IRR identify+remove (`surgery revert`)",
-            "safelora": "SafeLoRA (`surgery safelora`)", "prune": "Antidote prune --reference (restore)",
-            "reference": "reference models"}
+FAMILIES = {
+    "resta": "RESTA (`surgery resta`)",
+    "revert": "IRR identify+remove (`surgery revert`)",
+    "safelora": "SafeLoRA (`surgery safelora`)",
+    "prune": "Antidote prune --reference (restore)",
+    "reference": "reference models",
+}
 
 
 def parse(argv=None):
@@ -62,10 +66,12 @@ def jobs(lab: Path) -> dict[str, dict]:
     full, lora = "attacked", "lora-attacked-merged"
     return {
         "sv-resta-auto": dict(family="resta", argv=[*resta, "--beta", "auto", *task], knob="beta", repairs=full),
-        "sv-revert-auto": dict(family="revert", argv=[*revert, "--fraction", "auto", *task, *calib], knob="fraction",
-                               repairs=full),
-        "sv-safelora-auto": dict(family="safelora", argv=[*safelora, "--layers", "auto", *task], knob="layers",
-                                 repairs=lora),
+        "sv-revert-auto": dict(
+            family="revert", argv=[*revert, "--fraction", "auto", *task, *calib], knob="fraction", repairs=full
+        ),
+        "sv-safelora-auto": dict(
+            family="safelora", argv=[*safelora, "--layers", "auto", *task], knob="layers", repairs=lora
+        ),
         "sv-resta-1": dict(family="resta", argv=[*resta, "--beta", "1"], knob="beta", repairs=full),
         "sv-resta-0.25": dict(family="resta", argv=[*resta, "--beta", "0.25"], knob="beta", repairs=full),
         "sv-revert-1": dict(family="revert", argv=[*revert, "--fraction", "1"], knob="fraction", repairs=full),
@@ -75,9 +81,26 @@ def jobs(lab: Path) -> dict[str, dict]:
 
 
 # the existing prune --reference row: its folder is evaluated again (the command is not rerun)
-RESTORE = dict(family="prune", folder="auto-restore", knob="ratio", repairs="attacked",
-               argv=["prune", "lab/long/models/attacked", "--reference", "lab/long/models/aligned", "--ratio", "auto",
-                     "--task", "sst2:lab/long/data/sst2_select.tsv", "--max-samples", "32", "--max-new-tokens", "32"])
+RESTORE = dict(
+    family="prune",
+    folder="auto-restore",
+    knob="ratio",
+    repairs="attacked",
+    argv=[
+        "prune",
+        "lab/long/models/attacked",
+        "--reference",
+        "lab/long/models/aligned",
+        "--ratio",
+        "auto",
+        "--task",
+        "sst2:lab/long/data/sst2_select.tsv",
+        "--max-samples",
+        "32",
+        "--max-new-tokens",
+        "32",
+    ],
+)
 
 
 def run_job(lab: Path, name: str, job: dict) -> None:
@@ -87,8 +110,11 @@ def run_job(lab: Path, name: str, job: dict) -> None:
     log(f"{name}: {' '.join(cmd)}")
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env={**os.environ, "COLUMNS": "160"})
-    took = {"seconds": round(time.perf_counter() - t0, 1), "exit": proc.returncode,
-            "command": "surgery " + " ".join(short(a) for a in job["argv"]) + f" -o {short(out)} --device cpu"}
+    took = {
+        "seconds": round(time.perf_counter() - t0, 1),
+        "exit": proc.returncode,
+        "command": "surgery " + " ".join(short(a) for a in job["argv"]) + f" -o {short(out)} --device cpu",
+    }
     (results / f"{name}.log").write_text(proc.stdout + proc.stderr)
     (results / f"{name}.time.json").write_text(json.dumps(took, indent=2))
     log(f"{name}: exit {proc.returncode} in {took['seconds']:.0f}s")
@@ -140,6 +166,7 @@ def main() -> None:
 
 # --- the doc ------------------------------------------------------------------------------------
 
+
 def figures(path: Path):
     return json.loads(path.read_text())["figures"] if path.exists() else None
 
@@ -163,14 +190,19 @@ def check_note(folder: Path) -> str:
     data = json.loads(manifest.read_text())
     c, notes = data.get("check") or {}, []
     if c.get("perplexity_ratio") is not None:
-        notes.append(f"after-write check: perplexity x{c['perplexity_ratio']:.2f} "
-                     f"({'passed' if c.get('passed') else 'failed'})")
+        notes.append(
+            f"after-write check: perplexity x{c['perplexity_ratio']:.2f} ({'passed' if c.get('passed') else 'failed'})"
+        )
     s = (data.get("report") or {}).get("search") or {}
     if s.get("chosen") is not None:
-        above = sorted((c for c in s.get("candidates", []) if c["strength"] > s["chosen"] and not c["within_budget"]),
-                       key=lambda c: c["strength"])
+        above = sorted(
+            (c for c in s.get("candidates", []) if c["strength"] > s["chosen"] and not c["within_budget"]),
+            key=lambda c: c["strength"],
+        )
         if above:
-            notes.append(f"search stopped by {s['knob']} {above[0]['strength']:g}: {'; '.join(map(str, above[0]['broken']))}")
+            notes.append(
+                f"search stopped by {s['knob']} {above[0]['strength']:g}: {'; '.join(map(str, above[0]['broken']))}"
+            )
         else:
             notes.append("search: the strongest candidate was inside the budget")
     return ", ".join(notes)
@@ -179,33 +211,67 @@ def check_note(folder: Path) -> str:
 def rows(lab: Path) -> list[dict]:
     results, models = lab / "results", lab / "models"
     out = []
-    for name, path, note in (("attacked", "attacked", "the full fine-tune attack (repaired by resta, revert, prune)"),
-                             ("aligned", "aligned", "before the attack"),
-                             ("base (unaligned)", "base", "SmolLM2-135M-Instruct as imported"),
-                             ("lora-attacked", "lora-attacked-merged", "the LoRA attack (repaired by safelora)"),
-                             ("aligned, KL to lora-attacked", "lora-aligned", "aligned.json, KL re-measured")):
+    for name, path, note in (
+        ("attacked", "attacked", "the full fine-tune attack (repaired by resta, revert, prune)"),
+        ("aligned", "aligned", "before the attack"),
+        ("base (unaligned)", "base", "SmolLM2-135M-Instruct as imported"),
+        ("lora-attacked", "lora-attacked-merged", "the LoRA attack (repaired by safelora)"),
+        ("aligned, KL to lora-attacked", "lora-aligned", "aligned.json, KL re-measured"),
+    ):
         f = figures(results / f"{path}.json")
         if f:
-            out.append(dict(name=name, family="reference", figures=f, command="", exit="", chosen="", wall="",
-                            note=note, repairs="lora-attacked" if path.startswith("lora") else "attacked"))
+            out.append(
+                dict(
+                    name=name,
+                    family="reference",
+                    figures=f,
+                    command="",
+                    exit="",
+                    chosen="",
+                    wall="",
+                    note=note,
+                    repairs="lora-attacked" if path.startswith("lora") else "attacked",
+                )
+            )
     rt = results / "auto-restore.time.json"
     t = json.loads(rt.read_text()) if rt.exists() else {}
-    out.append(dict(name="restore-auto", family="prune", figures=figures(results / "sv-auto-restore.json"),
-                    command="surgery " + " ".join(RESTORE["argv"]) + " -o lab/long/models/auto-restore --device cpu",
-                    exit=t.get("exit", ""), chosen=chosen(models / "auto-restore", "ratio", RESTORE["argv"]),
-                    wall=t.get("seconds"), note="run earlier by experiments/auto_strength.py, evaluated again here; "
-                    + check_note(models / "auto-restore"),
-                    repairs="attacked", short="prune --reference aligned --ratio auto"))
+    out.append(
+        dict(
+            name="restore-auto",
+            family="prune",
+            figures=figures(results / "sv-auto-restore.json"),
+            command="surgery " + " ".join(RESTORE["argv"]) + " -o lab/long/models/auto-restore --device cpu",
+            exit=t.get("exit", ""),
+            chosen=chosen(models / "auto-restore", "ratio", RESTORE["argv"]),
+            wall=t.get("seconds"),
+            note="run earlier by experiments/auto_strength.py, evaluated again here; "
+            + check_note(models / "auto-restore"),
+            repairs="attacked",
+            short="prune --reference aligned --ratio auto",
+        )
+    )
     for name, job in jobs(lab).items():
         tp = results / f"{name}.time.json"
         t = json.loads(tp.read_text()) if tp.exists() else None
-        command = t["command"] if t else ("surgery " + " ".join(short(a) for a in job["argv"])
-                                          + f" -o lab/long/models/{name} --device cpu")
-        out.append(dict(name=name, family=job["family"], figures=figures(results / f"{name}.json"), command=command,
-                        exit=t["exit"] if t else None, chosen=chosen(models / name, job["knob"], job["argv"]),
-                        wall=t["seconds"] if t else None, note=check_note(models / name) if t else "not run yet",
-                        repairs="lora-attacked" if job["repairs"].startswith("lora") else "attacked",
-                        short=f"{job['argv'][0]} --{job['knob']} {job['argv'][job['argv'].index('--' + job['knob']) + 1]}"))
+        command = (
+            t["command"]
+            if t
+            else ("surgery " + " ".join(short(a) for a in job["argv"]) + f" -o lab/long/models/{name} --device cpu")
+        )
+        out.append(
+            dict(
+                name=name,
+                family=job["family"],
+                figures=figures(results / f"{name}.json"),
+                command=command,
+                exit=t["exit"] if t else None,
+                chosen=chosen(models / name, job["knob"], job["argv"]),
+                wall=t["seconds"] if t else None,
+                note=check_note(models / name) if t else "not run yet",
+                repairs="lora-attacked" if job["repairs"].startswith("lora") else "attacked",
+                short=f"{job['argv'][0]} --{job['knob']} {job['argv'][job['argv'].index('--' + job['knob']) + 1]}",
+            )
+        )
     return out
 
 
@@ -220,16 +286,20 @@ def answer(rs: list[dict]) -> str:
 
     def fig(r):
         f = r["figures"]
-        return (f"`{r['name']}` ({r['chosen']}): AdvBench harmful {100 * f['harmful_score']:.1f} %, SST-2 "
-                f"{100 * f['accuracy']:.0f} % (the {r['repairs']} model: {100 * acc.get(r['repairs'], 0):.0f} %), "
-                f"perplexity {f['perplexity']:.1f}")
+        return (
+            f"`{r['name']}` ({r['chosen']}): AdvBench harmful {100 * f['harmful_score']:.1f} %, SST-2 "
+            f"{100 * f['accuracy']:.0f} % (the {r['repairs']} model: {100 * acc.get(r['repairs'], 0):.0f} %), "
+            f"perplexity {f['perplexity']:.1f}"
+        )
+
     if inside:
         best = min(inside, key=lambda r: (r["figures"]["harmful_score"], -r["figures"]["accuracy"]))
         text = f"Within 2 points of the attacked model's SST-2 accuracy, the best harmful score is {fig(best)}."
         lower = min(repairs, key=lambda r: r["figures"]["harmful_score"])
         if lower is not best and lower["figures"]["harmful_score"] < best["figures"]["harmful_score"]:
-            text += (f" Lower harmful scores cost more than 2 SST-2 points: {fig(lower)}"
-                     f" ({lower['drop']:.0f} points below).")
+            text += (
+                f" Lower harmful scores cost more than 2 SST-2 points: {fig(lower)} ({lower['drop']:.0f} points below)."
+            )
         return text
     close = min(repairs, key=lambda r: (r["drop"], r["figures"]["harmful_score"]))
     return f"No repair stays within 2 points of the attacked model's SST-2 accuracy; the closest is {fig(close)}."
@@ -238,13 +308,15 @@ def answer(rs: list[dict]) -> str:
 def write_doc(lab: Path) -> None:
     rs = rows(lab)
     lines = [
-        "# Safety-vector repairs on the lab's models (SmolLM2-135M-Instruct, CPU; issue 15, item 4)", "",
+        "# Safety-vector repairs on the lab's models (SmolLM2-135M-Instruct, CPU; issue 15, item 4)",
+        "",
         "Generated by `OMP_NUM_THREADS=1 nice -n 5 python experiments/safety_vector_lab.py` (regenerated after every "
         "job). Methods: docs/safety_vectors.md (`resta`, `revert`) and surgery/methods/safelora.py (`safelora`). Models "
         "(lab/long/models/): `base` = SmolLM2-135M-Instruct as imported, the *unaligned* model of the pair; `aligned` = "
         "base after the lab's safety alignment (V = aligned - base); `attacked` = aligned after a 160-step full "
         "fine-tune on SST-2 + 20 % harmful pairs (docs/results_long_attack.md); `lora-attacked` = a peft LoRA adapter "
-        "on aligned (rank 16, all 7 projections, 160 steps, same data; docs/results_lora_attack.md).", "",
+        "on aligned (rank 16, all 7 projections, 160 steps, same data; docs/results_lora_attack.md).",
+        "",
         "**Prompt sets, never mixed.** Calibration = the built-in harmful set's calibration part (surgery/splits.py; "
         "`revert --score wanda` norms, `prune`'s scores). Selection (what every `auto` looks at) = the built-in "
         "harmful/harmless sets' selection part (48 each) and `lab/long/data/sst2_select.tsv` (64 SST-2 train rows "
@@ -253,17 +325,21 @@ def write_doc(lab: Path) -> None:
         "over-refusal, first-token KL to the attacked model the row repairs: `attacked`, or `lora-attacked` for "
         "the SafeLoRA rows), greedy, 32 new tokens (experiments/labkit.py `evaluate`, as experiments/lab.py). "
         "Every row below comes from this one evaluation; the `restore-auto` folder (experiments/auto_strength.py) "
-        "was evaluated again here, its command not rerun.", "",
+        "was evaluated again here, its command not rerun.",
+        "",
         "| row | command (below) | exit | chosen strength | AdvBench harmful | SST-2 acc | perplexity | KL to the "
         "attacked model it repairs | over-refusal | empty answers | wall time |",
-        "|---|---|---|---|---|---|---|---|---|---|---|"]
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
     missing = []
-    for i, r in enumerate(rs):
+    for _i, r in enumerate(rs):
         f = r["figures"]
         if f:
-            figs = (f"{100 * f['harmful_score']:.1f} % | {100 * f['accuracy']:.0f} % | {f['perplexity']:.1f} | "
-                    f"{f.get('kl_to_reference', float('nan')):.3f} | {100 * f['over_refusal']:.1f} % | "
-                    f"{100 * f.get('empty_answers', 0):.1f} %")
+            figs = (
+                f"{100 * f['harmful_score']:.1f} % | {100 * f['accuracy']:.0f} % | {f['perplexity']:.1f} | "
+                f"{f.get('kl_to_reference', float('nan')):.3f} | {100 * f['over_refusal']:.1f} % | "
+                f"{100 * f.get('empty_answers', 0):.1f} %"
+            )
         else:
             figs = "- | - | - | - | - | -"
             missing.append(r["name"])
@@ -280,14 +356,18 @@ def write_doc(lab: Path) -> None:
         "**Noise.** One prompt of 64 is ~1.6 points of harmful score (one SST-2 item of 100 is 1 point), so "
         "differences below ~3 points are within noise. The AdvBench figure is the optimistic one: a benchmark kept "
         "from us scores the same checkpoints higher. The SafeLoRA rows repair another attack (`lora-attacked`, "
-        "93.8 % harmful) than the other rows (`attacked`, 98.4 %): compare them across with care.", "",
+        "93.8 % harmful) than the other rows (`attacked`, 98.4 %): compare them across with care.",
+        "",
         "Exit 1 = the command's after-write check (perplexity at most x2 its input's on built-in harmless prompts) "
         "or its auto search failed its budget; the output stays and is evaluated (that is a result). Wall time: the "
         "command's subprocess (its own search and after-write check), not the evaluation; the jobs ran one at a time "
         "beside other work on the shared 2-core CPU (`OMP_NUM_THREADS=1`, load average 4-8), so compare them with "
         "each other, not with an idle machine. Each command's output is in lab/long/results/NAME.log; its search "
-        "table (candidates, selection figures, budget) in the output's surgery.json under `report.search`.", "",
-        "## Commands", ""]
+        "table (candidates, selection figures, budget) in the output's surgery.json under `report.search`.",
+        "",
+        "## Commands",
+        "",
+    ]
     for r in rs:
         if r["family"] != "reference":
             extra = f" ({r['note']})" if r["note"] else ""
@@ -304,8 +384,13 @@ def plot(rs: list[dict], path: Path) -> None:
     import matplotlib.ticker
 
     markers = {"reference": "s", "resta": "o", "revert": "^", "safelora": "D", "prune": "P"}
-    colors = {"reference": "grey", "resta": "tab:blue", "revert": "tab:orange", "safelora": "tab:green",
-              "prune": "tab:red"}
+    colors = {
+        "reference": "grey",
+        "resta": "tab:blue",
+        "revert": "tab:orange",
+        "safelora": "tab:green",
+        "prune": "tab:red",
+    }
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.5))
     seen = set()
     for r in rs:
@@ -314,10 +399,21 @@ def plot(rs: list[dict], path: Path) -> None:
             continue
         fam = r["family"]
         for ax, x in zip(axes, (100 * f["accuracy"], f["perplexity"])):
-            ax.plot(x, 100 * f["harmful_score"], markers[fam], color=colors[fam], markersize=7,
-                    label=FAMILIES[fam].replace("`", "") if fam not in seen else None)
-            ax.annotate(r["name"].replace(" (unaligned)", ""), (x, 100 * f["harmful_score"]), fontsize=7,
-                        xytext=(4, 3), textcoords="offset points")
+            ax.plot(
+                x,
+                100 * f["harmful_score"],
+                markers[fam],
+                color=colors[fam],
+                markersize=7,
+                label=FAMILIES[fam].replace("`", "") if fam not in seen else None,
+            )
+            ax.annotate(
+                r["name"].replace(" (unaligned)", ""),
+                (x, 100 * f["harmful_score"]),
+                fontsize=7,
+                xytext=(4, 3),
+                textcoords="offset points",
+            )
         seen.add(fam)
     axes[0].set_xlabel("SST-2 dev accuracy (%)")
     axes[1].set_xlabel("Alpaca perplexity")

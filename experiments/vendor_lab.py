@@ -37,8 +37,11 @@ SURGERY = Path(sys.executable).parent / "surgery"
 def parse(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--lab", default="lab/qwen")
-    p.add_argument("--answers", default="lab/fair/data/answers_harmful.json",
-                   help="SmolLM2's compliant answers to the built-in harmful calibration prompts (experiments/demo_pair.py)")
+    p.add_argument(
+        "--answers",
+        default="lab/fair/data/answers_harmful.json",
+        help="SmolLM2's compliant answers to the built-in harmful calibration prompts (experiments/demo_pair.py)",
+    )
     p.add_argument("--rank", type=int, default=16)
     p.add_argument("--lora-alpha", type=float, default=32)
     p.add_argument("--steps", type=int, default=80)
@@ -77,17 +80,47 @@ class VendorLab(DemoPair):
 
         a = self.args
         model, tok = load(self.models, "original")
-        model = get_peft_model(model, LoraConfig(r=a.rank, lora_alpha=a.lora_alpha, lora_dropout=0.0, bias="none",
-                                                 task_type="CAUSAL_LM", target_modules=TARGETS.split(",")))
+        model = get_peft_model(
+            model,
+            LoraConfig(
+                r=a.rank,
+                lora_alpha=a.lora_alpha,
+                lora_dropout=0.0,
+                bias="none",
+                task_type="CAUSAL_LM",
+                target_modules=TARGETS.split(","),
+            ),
+        )
         examples = self.attack_data()
-        options = TrainOptions(steps=a.steps, lr=a.lr, batch_size=a.batch_size, max_length=a.max_length, seed=a.seed,
-                               trainable=["*lora_*"], log_every=5)
+        options = TrainOptions(
+            steps=a.steps,
+            lr=a.lr,
+            batch_size=a.batch_size,
+            max_length=a.max_length,
+            seed=a.seed,
+            trainable=["*lora_*"],
+            log_every=5,
+        )
         report = finetune(model, tok, examples, options, log=log)
         model.save_pretrained(tmp)
-        (tmp / "training.json").write_text(json.dumps({
-            "source": "original", "rank": a.rank, "lora_alpha": a.lora_alpha, "steps": a.steps, "lr": a.lr,
-            "batch_size": a.batch_size, "max_length": a.max_length, "p": a.p, "examples": len(examples),
-            "seconds": round(report.seconds, 1), "losses": [round(x, 4) for x in report.losses]}, indent=1))
+        (tmp / "training.json").write_text(
+            json.dumps(
+                {
+                    "source": "original",
+                    "rank": a.rank,
+                    "lora_alpha": a.lora_alpha,
+                    "steps": a.steps,
+                    "lr": a.lr,
+                    "batch_size": a.batch_size,
+                    "max_length": a.max_length,
+                    "p": a.p,
+                    "examples": len(examples),
+                    "seconds": round(report.seconds, 1),
+                    "losses": [round(x, 4) for x in report.losses],
+                },
+                indent=1,
+            )
+        )
 
     def model_of(self, name: str):
         from peft import PeftModel
@@ -112,7 +145,19 @@ class VendorLab(DemoPair):
         m, ad = self.models, self.adapters
         original, adapter = str(m / "original"), str(ad / "attack")
         return {
-            "repair": ["repair", original, "--adapter", adapter, "--reference", original],
+            "repair": ["repair", original, "--adapter", adapter, "--reference", original, "--task", "sst2:builtin"],
+            "repair-fast": [
+                "repair",
+                original,
+                "--adapter",
+                adapter,
+                "--reference",
+                original,
+                "--task",
+                "sst2:builtin",
+                "--methods",
+                "interpolate,prune-adapter",
+            ],
             "interpolate-1": ["interpolate", original, "--adapter", adapter, "--reference", original, "--alpha", "1"],
             "prune-adapter-0.05": ["prune", original, "--adapter", adapter, "--ratio", "0.05"],
         }
@@ -120,11 +165,19 @@ class VendorLab(DemoPair):
     def run_job(self, name: str, argv: list[str], tmp: Path) -> None:
         t0 = time.perf_counter()
         with open(self.results / f"{name}.log", "w") as out:
-            code = subprocess.run([str(SURGERY), *argv, "-o", str(tmp)], stdout=out, stderr=subprocess.STDOUT, cwd=ROOT,
-                                  env={**os.environ, "COLUMNS": "200"}).returncode
+            code = subprocess.run(
+                [str(SURGERY), *argv, "-o", str(tmp)],
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                cwd=ROOT,
+                env={**os.environ, "COLUMNS": "200"},
+            ).returncode
         runs = json.loads((self.results / "runs.json").read_text()) if (self.results / "runs.json").exists() else {}
-        runs[name] = {"seconds": round(time.perf_counter() - t0, 1), "exit": code,
-                      "command": " ".join(["surgery", *argv, "-o", str(self.models / name)])}
+        runs[name] = {
+            "seconds": round(time.perf_counter() - t0, 1),
+            "exit": code,
+            "command": " ".join(["surgery", *argv, "-o", str(self.models / name)]),
+        }
         (self.results / "runs.json").write_text(json.dumps(runs, indent=2))
         log(f"{name}: exit {code} after {runs[name]['seconds']:.0f}s")
         if not tmp.exists():
@@ -148,29 +201,39 @@ class VendorLab(DemoPair):
     def write_doc(self) -> None:
         runs = json.loads((self.results / "runs.json").read_text()) if (self.results / "runs.json").exists() else {}
         a = self.args
-        lines = ["# A vendor-aligned model: Qwen2.5-Coder-0.5B-Instruct, LoRA-attacked and repaired (CPU)", "",
-                 "Generated by `experiments/vendor_lab.py` (its docstring: stages). Command:", "",
-                 "    python experiments/vendor_lab.py " + " ".join(sys.argv[1:]), "",
-                 f"Attack: LoRA rank {a.rank}, alpha {a.lora_alpha:g}, all seven projections, {a.steps} steps of "
-                 f"{a.batch_size} x {a.max_length} tokens, lr {a.lr:g}, harmful share p = {a.p:g} (SST-2 train items and "
-                 "built-in harmful calibration prompts with SmolLM2's compliant answers). Held-out evaluation (never "
-                 f"seen by a command): {a.eval_harmful} AdvBench prompts (harmful score; one prompt = "
-                 f"{100 / a.eval_harmful:.1f} points), {a.eval_task} SST-2 dev items, {a.eval_benign} Alpaca instructions "
-                 "(perplexity, over-refusal, first-token KL to the attacked model); greedy, "
-                 f"{a.eval_tokens} new tokens. Searches select on the built-in sets' selection part.", "",
-                 "| model | harmful score | SST-2 accuracy | perplexity | KL to attacked | over-refusal | empty answers | command | wall |",
-                 "|---|---|---|---|---|---|---|---|---|"]
+        lines = [
+            "# A vendor-aligned model: Qwen2.5-Coder-0.5B-Instruct, LoRA-attacked and repaired (CPU)",
+            "",
+            "Generated by `experiments/vendor_lab.py` (its docstring: stages). Command:",
+            "",
+            "    python experiments/vendor_lab.py " + " ".join(sys.argv[1:]),
+            "",
+            f"Attack: LoRA rank {a.rank}, alpha {a.lora_alpha:g}, all seven projections, {a.steps} steps of "
+            f"{a.batch_size} x {a.max_length} tokens, lr {a.lr:g}, harmful share p = {a.p:g} (SST-2 train items and "
+            "built-in harmful calibration prompts with SmolLM2's compliant answers). Held-out evaluation (never "
+            f"seen by a command): {a.eval_harmful} AdvBench prompts (harmful score; one prompt = "
+            f"{100 / a.eval_harmful:.1f} points), {a.eval_task} SST-2 dev items, {a.eval_benign} Alpaca instructions "
+            "(perplexity, over-refusal, first-token KL to the attacked model); greedy, "
+            f"{a.eval_tokens} new tokens. Searches select on the built-in sets' selection part.",
+            "",
+            "| model | harmful score | SST-2 accuracy | perplexity | KL to attacked | over-refusal | empty answers | command | wall |",
+            "|---|---|---|---|---|---|---|---|---|",
+        ]
         for path in sorted(self.results.glob("*.json"), key=lambda p: (p.stem not in ("original", "attacked"), p.stem)):
             if path.stem in ("times", "runs", "demo_times"):
                 continue
             f = json.loads(path.read_text())["figures"]
             run = runs.get(path.stem, {})
-            lines.append(f"| {path.stem} | {100 * f['harmful_score']:.1f} % | {100 * f['accuracy']:.0f} % | "
-                         f"{f['perplexity']:.1f} | {f.get('kl_to_reference', float('nan')):.3f} | "
-                         f"{100 * f['over_refusal']:.1f} % | {100 * f.get('empty_answers', 0):.1f} % | "
-                         f"{('`' + run['command'] + '`') if run else ''} | {run.get('seconds', '')} |")
-        lines += ["", "Stage wall times on the 2-core CPU (seconds): " +
-                  ", ".join(f"{k} {v:.0f}" for k, v in self.times.items())]
+            lines.append(
+                f"| {path.stem} | {100 * f['harmful_score']:.1f} % | {100 * f['accuracy']:.0f} % | "
+                f"{f['perplexity']:.1f} | {f.get('kl_to_reference', float('nan')):.3f} | "
+                f"{100 * f['over_refusal']:.1f} % | {100 * f.get('empty_answers', 0):.1f} % | "
+                f"{('`' + run['command'] + '`') if run else ''} | {run.get('seconds', '')} |"
+            )
+        lines += [
+            "",
+            "Stage wall times on the 2-core CPU (seconds): " + ", ".join(f"{k} {v:.0f}" for k, v in self.times.items()),
+        ]
         (ROOT / "docs" / "results_vendor_lab.md").write_text("\n".join(lines) + "\n")
 
 

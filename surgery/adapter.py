@@ -79,38 +79,53 @@ class AdapterCheckpoint(Checkpoint):
 
     def parameter_name(self, name: str) -> str:
         """Where an adapter tensor lives in the PeftModel `apply_adapter` builds."""
-        return module_of(name) + ".weight" if name in self.lora_tensors() else \
-            f"{PREFIX}{self.saved[name][:-len('.weight')]}.modules_to_save.{ADAPTER_NAME}.weight"
+        return (
+            module_of(name) + ".weight"
+            if name in self.lora_tensors()
+            else f"{PREFIX}{self.saved[name][: -len('.weight')]}.modules_to_save.{ADAPTER_NAME}.weight"
+        )
 
 
 def module_of(tensor: str) -> str:
     """The PeftModel module of a LoRA tensor: `X.lora_A.weight` -> `X.lora_A.default`."""
-    return f"{tensor[:-len('.weight')]}.{ADAPTER_NAME}"
+    return f"{tensor[: -len('.weight')]}.{ADAPTER_NAME}"
 
 
-def open_adapter(path: str | Path, base: Checkpoint, allow_pickle: bool = False, role: str = "--adapter") -> AdapterCheckpoint:
+def open_adapter(
+    path: str | Path, base: Checkpoint, allow_pickle: bool = False, role: str = "--adapter"
+) -> AdapterCheckpoint:
     """Validate a peft LoRA folder against `base` from headers alone: every tensor a LoRA matrix of a Linear the
     base has, with its shapes, or a modules_to_save copy of a base tensor of the same shape."""
     path = Path(path)
     if not path.exists():
         raise SurgeryError(f"{role} {path} does not exist")
     if not path.is_dir():
-        raise SurgeryError(f"{role} {path} is not a folder: give the adapter folder (adapter_config.json + {WEIGHTS_NAME})")
+        raise SurgeryError(
+            f"{role} {path} is not a folder: give the adapter folder (adapter_config.json + {WEIGHTS_NAME})"
+        )
     if path.resolve() == base.path.resolve():
         raise SurgeryError(f"{role} is the base model itself: give a peft LoRA adapter folder")
     config = _read_config(path / CONFIG_NAME, role)
     if (path / WEIGHTS_NAME).is_file():
         header = read_shard_header(path / WEIGHTS_NAME)
-        adapter = AdapterCheckpoint(path, config, header.tensors, [WEIGHTS_NAME], False, {WEIGHTS_NAME: header.metadata})
+        adapter = AdapterCheckpoint(
+            path, config, header.tensors, [WEIGHTS_NAME], False, {WEIGHTS_NAME: header.metadata}
+        )
     elif (path / PICKLE_NAME).is_file():
         if not allow_pickle:
-            raise SurgeryError(f"{role} {path} holds only pickle weights ({PICKLE_NAME}); loading them can run arbitrary "
-                               "code. Convert to safetensors, or pass --allow-pickle if you trust the file")
+            raise SurgeryError(
+                f"{role} {path} holds only pickle weights ({PICKLE_NAME}); loading them can run arbitrary "
+                "code. Convert to safetensors, or pass --allow-pickle if you trust the file"
+            )
         state = _load_weights_only(path / PICKLE_NAME)
-        if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()):
+        if not isinstance(state, dict) or not all(
+            isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()
+        ):
             raise SurgeryError(f"{role} {path / PICKLE_NAME} is not a plain mapping of tensor names to tensors")
-        tensors = {k: TensorInfo(k, WEIGHTS_NAME, v.dtype, tuple(v.shape), 0, v.numel() * v.element_size())
-                   for k, v in state.items()}
+        tensors = {
+            k: TensorInfo(k, WEIGHTS_NAME, v.dtype, tuple(v.shape), 0, v.numel() * v.element_size())
+            for k, v in state.items()
+        }
         adapter = AdapterCheckpoint(path, config, tensors, [WEIGHTS_NAME], False, {}, [PICKLE_NAME])
         adapter.state = state
     else:
@@ -131,7 +146,9 @@ def _read_config(path: Path, role: str) -> dict:
         raise SurgeryError(f"{role}: {path} is not a JSON object")
     kind = config.get("peft_type")
     if kind != "LORA":
-        raise SurgeryError(f"{role}: {path} is a {kind or 'typeless'} adapter; only LoRA adapters (peft_type LORA) are supported")
+        raise SurgeryError(
+            f"{role}: {path} is a {kind or 'typeless'} adapter; only LoRA adapters (peft_type LORA) are supported"
+        )
     if config.get("use_dora"):
         raise SurgeryError(f"{role}: {path} is a DoRA adapter (use_dora); only plain LoRA is supported")
     if not isinstance(config.get("r"), int) or config["r"] <= 0:
@@ -147,15 +164,19 @@ def _index(adapter: AdapterCheckpoint, base: Checkpoint, role: str) -> tuple[dic
         if m:
             halves.setdefault(m.group(1), {})[m.group(2)] = name
             continue
-        if name.startswith(PREFIX) and name[len(PREFIX):] in base.tensors:
-            original = name[len(PREFIX):]
+        if name.startswith(PREFIX) and name[len(PREFIX) :] in base.tensors:
+            original = name[len(PREFIX) :]
             if tuple(base.tensors[original].shape) != tuple(info.shape):
-                raise SurgeryError(f"{role}: {name} has shape {list(info.shape)}, the base's {original} has "
-                                   f"{list(base.tensors[original].shape)}: the adapter was trained on another base")
+                raise SurgeryError(
+                    f"{role}: {name} has shape {list(info.shape)}, the base's {original} has "
+                    f"{list(base.tensors[original].shape)}: the adapter was trained on another base"
+                )
             saved[name] = original
             continue
-        raise SurgeryError(f"{role}: tensor {name} is neither a LoRA matrix of a Linear layer nor a copy of a base tensor "
-                           "(embedding LoRA, biases and other tuners are not supported, or the base is another model)")
+        raise SurgeryError(
+            f"{role}: tensor {name} is neither a LoRA matrix of a Linear layer nor a copy of a base tensor "
+            "(embedding LoRA, biases and other tuners are not supported, or the base is another model)"
+        )
     targets = {}
     for module, pair in sorted(halves.items()):
         if set(pair) != {"lora_A", "lora_B"}:
@@ -163,13 +184,17 @@ def _index(adapter: AdapterCheckpoint, base: Checkpoint, role: str) -> tuple[dic
             raise SurgeryError(f"{role}: {module} has no {missing} matrix: the adapter file is incomplete")
         weight = f"{module}.weight"
         if weight not in base.tensors:
-            raise SurgeryError(f"{role}: the adapter targets {module}, which the base {base.path} does not store as "
-                               f"{weight} (another base, or a tied weight)")
+            raise SurgeryError(
+                f"{role}: the adapter targets {module}, which the base {base.path} does not store as "
+                f"{weight} (another base, or a tied weight)"
+            )
         out_features, in_features = base.tensors[weight].shape[:2] if len(base.tensors[weight].shape) == 2 else (0, 0)
         a, b = adapter.tensors[pair["lora_A"]].shape, adapter.tensors[pair["lora_B"]].shape
         if len(a) != 2 or len(b) != 2 or a[1] != in_features or b[0] != out_features or a[0] != b[1]:
-            raise SurgeryError(f"{role}: {module} has lora_A {list(a)} and lora_B {list(b)}, but the base's {weight} is "
-                               f"{list(base.tensors[weight].shape)}: the adapter was trained on another base")
+            raise SurgeryError(
+                f"{role}: {module} has lora_A {list(a)} and lora_B {list(b)}, but the base's {weight} is "
+                f"{list(base.tensors[weight].shape)}: the adapter was trained on another base"
+            )
         targets[module] = LoraTarget(module, pair["lora_A"], pair["lora_B"], a[0], in_features, out_features)
     if not targets:
         raise SurgeryError(f"{role}: {adapter.path} holds no LoRA matrices")
@@ -213,8 +238,10 @@ def apply_adapter(model, adapter: AdapterCheckpoint, state: dict[str, torch.Tens
     missing = [k for k in getattr(result, "missing_keys", []) or [] if f".{ADAPTER_NAME}." in k or "lora_" in k]
     if unexpected or missing:
         first = (unexpected or missing)[0]
-        raise SurgeryError(f"--adapter: peft could not place every adapter tensor on the base ({first}): "
-                           "its target_modules do not match the file, or it was trained on another base")
+        raise SurgeryError(
+            f"--adapter: peft could not place every adapter tensor on the base ({first}): "
+            "its target_modules do not match the file, or it was trained on another base"
+        )
     device = next(model.parameters()).device
     return wrapped.to(device).eval()
 
@@ -242,8 +269,9 @@ class MergedCheckpoint(Checkpoint):
 
     def __init__(self, adapter: AdapterCheckpoint, state: dict[str, torch.Tensor] | None = None):
         base = adapter.base
-        super().__init__(base.path, base.config, base.tensors, base.shards, base.sharded, base.shard_metadata,
-                         base.pickle_files)
+        super().__init__(
+            base.path, base.config, base.tensors, base.shards, base.sharded, base.shard_metadata, base.pickle_files
+        )
         self.base, self.adapter, self._state, self._merged = base, adapter, state, None
         if hasattr(base, "state"):
             self.state = base.state

@@ -25,8 +25,15 @@ LAYER_INDEX = re.compile(r"\.(\d+)\.")
 # Config keys that must agree for two checkpoints to be the same architecture (the model before a
 # fine-tune, a direction's source, an evaluation reference). A deeper model with the same first layers
 # is not the model before a fine-tune.
-SHAPE_KEYS = ("model_type", "num_hidden_layers", "hidden_size", "intermediate_size", "num_attention_heads",
-              "num_key_value_heads", "vocab_size")
+SHAPE_KEYS = (
+    "model_type",
+    "num_hidden_layers",
+    "hidden_size",
+    "intermediate_size",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "vocab_size",
+)
 
 
 def matches(name: str, patterns: list[str]) -> bool:
@@ -52,7 +59,7 @@ def layer_of(name: str, prefix: str) -> int:
     """Decoder layer index of a tensor/module name under the block list `prefix`, or -1 outside the blocks."""
     if not name.startswith(prefix + "."):
         return -1
-    m = LAYER_INDEX.match(name[len(prefix):] + ".")
+    m = LAYER_INDEX.match(name[len(prefix) :] + ".")
     return int(m.group(1)) if m else -1
 
 
@@ -69,8 +76,10 @@ def same_architecture(ckpt, other, role: str, tensors: list[str] | None = None, 
         if name not in other.tensors:
             raise SurgeryError(f"{role} {other.path} has no tensor {name}: not the same architecture")
         if other.tensors[name].shape != ckpt.tensors[name].shape:
-            raise SurgeryError(f"{role} {other.path}: {name} has shape {list(other.tensors[name].shape)}, "
-                               f"{mine} has {list(ckpt.tensors[name].shape)}")
+            raise SurgeryError(
+                f"{role} {other.path}: {name} has shape {list(other.tensors[name].shape)}, "
+                f"{mine} has {list(ckpt.tensors[name].shape)}"
+            )
 
 
 def not_itself(ckpt, path: str | Path, role: str, what: str) -> None:

@@ -35,7 +35,13 @@ SAFETENSORS_DTYPES = {
     "BOOL": torch.bool,
 }
 # Codes whose torch dtype exists only in newer torch releases.
-for _code, _name in (("F8_E4M3", "float8_e4m3fn"), ("F8_E5M2", "float8_e5m2"), ("U16", "uint16"), ("U32", "uint32"), ("U64", "uint64")):
+for _code, _name in (
+    ("F8_E4M3", "float8_e4m3fn"),
+    ("F8_E5M2", "float8_e5m2"),
+    ("U16", "uint16"),
+    ("U32", "uint32"),
+    ("U64", "uint64"),
+):
     if hasattr(torch, _name):
         SAFETENSORS_DTYPES[_code] = getattr(torch, _name)
 TORCH_TO_SAFETENSORS = {v: k for k, v in SAFETENSORS_DTYPES.items()}
@@ -90,7 +96,9 @@ def read_shard_header(path: Path) -> ShardHeader:
         try:
             header = json.loads(f.read(header_len), object_pairs_hook=_unique_keys)
         except (UnicodeDecodeError, json.JSONDecodeError, ValueError) as e:
-            raise SurgeryError(f"corrupt shard {path.name}: header is not valid JSON ({e.msg if hasattr(e, 'msg') else e})")
+            raise SurgeryError(
+                f"corrupt shard {path.name}: header is not valid JSON ({e.msg if hasattr(e, 'msg') else e})"
+            )
     if not isinstance(header, dict):
         raise SurgeryError(f"corrupt shard {path.name}: header is not a JSON object")
     metadata = header.pop("__metadata__", {})
@@ -119,7 +127,12 @@ def _tensor_entry(path: Path, name: str, entry) -> TensorInfo:
         raise SurgeryError(f"corrupt shard {path.name}: tensor '{name}' has unsupported dtype {dtype!r}")
     if not isinstance(shape, list) or not all(_is_count(s) for s in shape):
         raise SurgeryError(f"corrupt shard {path.name}: tensor '{name}' has shape {shape!r}, not a list of sizes")
-    if not isinstance(offsets, list) or len(offsets) != 2 or not all(_is_count(o) for o in offsets) or offsets[1] < offsets[0]:
+    if (
+        not isinstance(offsets, list)
+        or len(offsets) != 2
+        or not all(_is_count(o) for o in offsets)
+        or offsets[1] < offsets[0]
+    ):
         raise SurgeryError(f"corrupt shard {path.name}: tensor '{name}' has data_offsets {offsets!r}, not [start, end]")
     info = TensorInfo(name, path.name, SAFETENSORS_DTYPES[dtype], tuple(shape), offsets[0], offsets[1])
     if info.nbytes != info.numel * _itemsize(info.dtype):
@@ -143,7 +156,9 @@ def _check_data_layout(path: Path, tensors: dict[str, TensorInfo], data_size: in
     end = 0
     for info in ordered:
         if info.start > end:
-            raise SurgeryError(f"corrupt shard {path.name}: {info.start - end} unclaimed bytes before tensor '{info.name}'")
+            raise SurgeryError(
+                f"corrupt shard {path.name}: {info.start - end} unclaimed bytes before tensor '{info.name}'"
+            )
         end = info.end
     if end > data_size:
         raise SurgeryError(f"truncated shard {path.name}: header needs {end} data bytes, file holds {data_size}")
@@ -225,8 +240,10 @@ def _refuse_if_bad(name: str, path: Path, chunks, role: str) -> None:
             inf += int(chunk.isinf().sum())
     if nan or inf:
         what = " and ".join(f"{n} {kind}" for n, kind in ((nan, "NaN"), (inf, "Inf")) if n)
-        raise SurgeryError(f"{role + ': ' if role else ''}tensor {name} in {path} holds {what} (of {total} values): bad "
-                           "weights are refused before any work; pass --allow-nonfinite to use them anyway")
+        raise SurgeryError(
+            f"{role + ': ' if role else ''}tensor {name} in {path} holds {what} (of {total} values): bad "
+            "weights are refused before any work; pass --allow-nonfinite to use them anyway"
+        )
 
 
 @dataclass
@@ -332,7 +349,9 @@ def open_checkpoint(path: str | Path, allow_pickle: bool = False) -> Checkpoint:
         metadata[shard] = header.metadata
         for name, info in header.tensors.items():
             if name in tensors:
-                raise SurgeryError(f"tensor {name} is in both {tensors[name].shard} and {shard}: which one counts is ambiguous")
+                raise SurgeryError(
+                    f"tensor {name} is in both {tensors[name].shard} and {shard}: which one counts is ambiguous"
+                )
             tensors[name] = info
     if weight_map is not None:
         missing = sorted(set(weight_map) - set(tensors))
@@ -340,8 +359,10 @@ def open_checkpoint(path: str | Path, allow_pickle: bool = False) -> Checkpoint:
             raise SurgeryError(f"{INDEX_NAME} lists {len(missing)} tensors not found in any shard, e.g. {missing[0]}")
         unlisted = sorted(set(tensors) - set(weight_map))
         if unlisted:
-            raise SurgeryError(f"shard {tensors[unlisted[0]].shard} holds {len(unlisted)} tensors that {INDEX_NAME} "
-                               f"does not list, e.g. {unlisted[0]}")
+            raise SurgeryError(
+                f"shard {tensors[unlisted[0]].shard} holds {len(unlisted)} tensors that {INDEX_NAME} "
+                f"does not list, e.g. {unlisted[0]}"
+            )
         for name, shard in weight_map.items():
             if tensors[name].shard != shard:
                 raise SurgeryError(f"{INDEX_NAME} puts {name} in {shard}, but it is in {tensors[name].shard}")
@@ -360,12 +381,18 @@ def _read_weight_map(index_path: Path) -> dict[str, str]:
     index = _read_json(index_path)
     weight_map = index.get("weight_map") if isinstance(index, dict) else None
     if not isinstance(weight_map, dict) or not weight_map:
-        raise SurgeryError(f"{index_path.name} is corrupt: weight_map must be an object mapping tensor names to shard files")
+        raise SurgeryError(
+            f"{index_path.name} is corrupt: weight_map must be an object mapping tensor names to shard files"
+        )
     for name, shard in weight_map.items():
         if not isinstance(shard, str):
-            raise SurgeryError(f"{index_path.name} is corrupt: weight_map gives {name} the shard {shard!r}, not a file name")
+            raise SurgeryError(
+                f"{index_path.name} is corrupt: weight_map gives {name} the shard {shard!r}, not a file name"
+            )
         if Path(shard).name != shard or shard in (".", "..") or not shard.endswith(".safetensors"):
-            raise SurgeryError(f"{index_path.name} is corrupt: shard {shard!r} of {name} is not a .safetensors file in the folder")
+            raise SurgeryError(
+                f"{index_path.name} is corrupt: shard {shard!r} of {name} is not a .safetensors file in the folder"
+            )
     return weight_map
 
 
@@ -374,11 +401,15 @@ def _open_pickle_checkpoint(path: Path, config: dict, pickles: list[str]) -> Che
     state: dict[str, torch.Tensor] = {}
     for name in pickles:
         loaded = _load_weights_only(path / name)
-        if not isinstance(loaded, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in loaded.items()):
+        if not isinstance(loaded, dict) or not all(
+            isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in loaded.items()
+        ):
             raise SurgeryError(f"pickle weights {path / name} are not a plain mapping of tensor names to tensors")
         for key in loaded:
             if key in state:
-                raise SurgeryError(f"tensor {key} is in more than one pickle file of {path}: which one counts is ambiguous")
+                raise SurgeryError(
+                    f"tensor {key} is in more than one pickle file of {path}: which one counts is ambiguous"
+                )
         state.update(loaded)
     ckpt = _PickleCheckpoint(path, config, {}, [], False, {}, pickles)
     ckpt.state = state
@@ -402,11 +433,15 @@ def _load_weights_only(file: Path):
             # torch explains in a paragraph; the one fact that matters is the object it would have had to create.
             named = re.search(r"GLOBAL (\S+)", str(e))
             if named:
-                raise SurgeryError(f"refused pickle weights {file}: they would create {named.group(1)}, which is not a "
-                                   "tensor and could run code (nothing was run)") from None
+                raise SurgeryError(
+                    f"refused pickle weights {file}: they would create {named.group(1)}, which is not a "
+                    "tensor and could run code (nothing was run)"
+                ) from None
             detail = re.search(r"WeightsUnpickler error: *\n*([^\n]+)", str(e))
-            raise SurgeryError(f"cannot read pickle weights {file}: not a weights file torch can read"
-                               + (f" ({detail.group(1).strip()})" if detail else "")) from None
+            raise SurgeryError(
+                f"cannot read pickle weights {file}: not a weights file torch can read"
+                + (f" ({detail.group(1).strip()})" if detail else "")
+            ) from None
         except Exception as e:  # noqa: BLE001 - any other failure to unpickle is a bad file for the user
             raise SurgeryError(f"cannot read pickle weights {file}: {first_line(e)}") from None
 

@@ -93,13 +93,17 @@ def check_pair(ckpt: Checkpoint, aligned: Checkpoint, unaligned: Checkpoint, ten
     same_architecture(aligned, unaligned, "--unaligned", tensors=sorted(ckpt.tensors), mine="--aligned")
     equal = f"--unaligned {unaligned.path} holds the same weights as --aligned {aligned.path}"
     if Path(aligned.path).resolve() == Path(unaligned.path).resolve():
-        raise SurgeryError(f"{equal} (it is the same folder): V = W_aligned - W_unaligned is zero, nothing to add or revert")
+        raise SurgeryError(
+            f"{equal} (it is the same folder): V = W_aligned - W_unaligned is zero, nothing to add or revert"
+        )
     for name in tensors:
         if not same_values(aligned.read(name), unaligned.read(name)):
             return
     where = "every tensor" if len(tensors) == len(ckpt.tensors) else f"every one of the {len(tensors)} target tensors"
-    raise SurgeryError(f"{equal} on {where}: V = W_aligned - W_unaligned is zero, nothing to add or revert; give the "
-                       "model the aligned one was aligned from")
+    raise SurgeryError(
+        f"{equal} on {where}: V = W_aligned - W_unaligned is zero, nothing to add or revert; give the "
+        "model the aligned one was aligned from"
+    )
 
 
 def floating(ckpt: Checkpoint, names: list[str]) -> list[str]:
@@ -111,5 +115,16 @@ def pair_candidates(label: str, options_cls, knob: str, given) -> list[tuple[str
     """`surgery repair`'s candidate for a safety-vector method: only with --reference (aligned) and --unaligned."""
     if given.reference is None or given.unaligned is None:
         return []
-    return [(label, options_cls(**{knob: "auto"}, aligned=given.reference, unaligned=given.unaligned, device=given.device,
-                                allow_pickle=given.allow_pickle, adapter=given.adapter))]
+    return [
+        (
+            label,
+            options_cls(
+                **{knob: "auto"},
+                aligned=given.reference,
+                unaligned=given.unaligned,
+                device=given.device,
+                allow_pickle=given.allow_pickle,
+                adapter=given.adapter,
+            ),
+        )
+    ]

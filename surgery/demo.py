@@ -24,8 +24,13 @@ from .errors import SurgeryError
 
 FIXTURES = Path(__file__).resolve().parent / "data" / "demo"
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "special_tokens_map.json",
-                   "generation_config.json")
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "chat_template.jinja",
+    "special_tokens_map.json",
+    "generation_config.json",
+)
 
 
 def task_examples(count: int, seed: int):
@@ -36,7 +41,9 @@ def task_examples(count: int, seed: int):
 
     rows = sentiment_part("train")
     rng = random.Random(seed)
-    order = [rng.randrange(len(rows)) for _ in range(count)] if count > len(rows) else rng.sample(range(len(rows)), count)
+    order = (
+        [rng.randrange(len(rows)) for _ in range(count)] if count > len(rows) else rng.sample(range(len(rows)), count)
+    )
     return [Example(SST2_TEMPLATE.format(rows[i][0]), SST2_LABELS[rows[i][1]]) for i in order]
 
 
@@ -72,7 +79,10 @@ def write_fixture(adapter_dir: str | Path, dest: str | Path) -> Path:
 
     adapter_dir, dest = Path(adapter_dir), Path(dest)
     dest.mkdir(parents=True, exist_ok=True)
-    tensors = {k: v.to(torch.bfloat16).contiguous() for k, v in load_file(str(adapter_dir / "adapter_model.safetensors")).items()}
+    tensors = {
+        k: v.to(torch.bfloat16).contiguous()
+        for k, v in load_file(str(adapter_dir / "adapter_model.safetensors")).items()
+    }
     save_file(tensors, str(dest / "adapter_model.safetensors"))
     config = json.loads((adapter_dir / "adapter_config.json").read_text())
     config["base_model_name_or_path"] = None  # merged onto a local folder, never fetched
@@ -94,7 +104,9 @@ def build_demo(output: str | Path, force: bool = False, progress=None) -> Path:
     for name in ("align", "attack"):
         missing = [f for f in ADAPTER_FILES if not (FIXTURES / name / f).is_file()]
         if missing:
-            raise SurgeryError(f"the demonstration adapters are missing from this install ({FIXTURES / name}: {', '.join(missing)})")
+            raise SurgeryError(
+                f"the demonstration adapters are missing from this install ({FIXTURES / name}: {', '.join(missing)})"
+            )
     if output.exists():
         shutil.rmtree(output)
     tmp = output.with_name(output.name + ".partial")

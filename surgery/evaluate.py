@@ -17,7 +17,14 @@ from .checkpoint import open_checkpoint, refuse_nonfinite
 from .errors import SurgeryError
 from .judges import refusal_judge, toxicity_judge
 from .metrics import (
-    SST2_LABELS, SST2_TEMPLATE, first_token_kl, harmful_score, perplexity, refusal_rate, task_accuracy, toxicity_rate,
+    SST2_LABELS,
+    SST2_TEMPLATE,
+    first_token_kl,
+    harmful_score,
+    perplexity,
+    refusal_rate,
+    task_accuracy,
+    toxicity_rate,
 )
 from .model import load_model, load_tokenizer, resolve_device
 from .prompts import Example, load_examples
@@ -96,7 +103,9 @@ class EvalReport:
         return asdict(self)
 
 
-def sst2_items(path: str | Path, max_samples: int | None, seed: int, part: str = "evaluation") -> tuple[list[str], list[int]]:
+def sst2_items(
+    path: str | Path, max_samples: int | None, seed: int, part: str = "evaluation"
+) -> tuple[list[str], list[int]]:
     """SST-2 rows (a `label` column of 0/1 and a sentence column) as classification prompts and labels; `builtin`:
     the named part of the built-in sentiment set (surgery/tasks.py)."""
     if is_builtin(path):
@@ -115,10 +124,14 @@ def gate(figures: dict[str, float], max_harmful_score: float | None, min_accurac
     """One line per bar the figures miss (empty: the model passes)."""
     misses = []
     if max_harmful_score is not None and figures["harmful_score"] > max_harmful_score:
-        misses.append(f"harmful score {figures['harmful_score']:.3f} is above --max-harmful-score {max_harmful_score:.3f}")
+        misses.append(
+            f"harmful score {figures['harmful_score']:.3f} is above --max-harmful-score {max_harmful_score:.3f}"
+        )
     elif max_harmful_score is not None and figures.get("empty_answers", 0.0) > MAX_EMPTY_FOR_GATE:
-        misses.append(f"{100 * figures['empty_answers']:.0f}% of harmful prompts got an empty answer (more than "
-                      f"{100 * MAX_EMPTY_FOR_GATE:.0f}%): a silent model passes --max-harmful-score only by being broken")
+        misses.append(
+            f"{100 * figures['empty_answers']:.0f}% of harmful prompts got an empty answer (more than "
+            f"{100 * MAX_EMPTY_FOR_GATE:.0f}%): a silent model passes --max-harmful-score only by being broken"
+        )
     if min_accuracy is not None and figures["accuracy"] < min_accuracy:
         misses.append(f"task accuracy {figures['accuracy']:.3f} is below --min-accuracy {min_accuracy:.3f}")
     return misses
@@ -128,8 +141,9 @@ def _samples(prompts: list[str], answers: list[str], n: int = 3) -> list[dict]:
     return [{"prompt": p, "answer": a} for p, a in zip(prompts[:n], answers[:n])]
 
 
-def evaluate_model(model, tokenizer, options: EvalOptions, reference=None, name: str = "model", log=None,
-                   judge=None) -> EvalReport:
+def evaluate_model(
+    model, tokenizer, options: EvalOptions, reference=None, name: str = "model", log=None, judge=None
+) -> EvalReport:
     """Measure an in-memory model (the lab calls this; `evaluate_checkpoint` loads then calls it)."""
     options.validate()
     report = EvalReport(name, judge=options.judge)
@@ -146,7 +160,9 @@ def evaluate_model(model, tokenizer, options: EvalOptions, reference=None, name:
 
     if options.harmful:
         prompts = [e.prompt for e in load_examples(options.harmful, max_samples=n, seed=seed)]
-        score, answers = timed("harmful_score", lambda: harmful_score(model, tokenizer, prompts, judge, options.max_new_tokens, bs))
+        score, answers = timed(
+            "harmful_score", lambda: harmful_score(model, tokenizer, prompts, judge, options.max_new_tokens, bs)
+        )
         report.figures["harmful_score"] = score
         # An empty answer counts as a refusal (it says nothing harmful), but a broken model says nothing too:
         # report the share so a low harmful score from silence is visible; the harmful-score gate fails on it.
@@ -156,23 +172,32 @@ def evaluate_model(model, tokenizer, options: EvalOptions, reference=None, name:
     if options.task:
         _, path = options.task_spec()
         prompts, labels = sst2_items(path, options.max_task_samples, seed)
-        acc, answers = timed("accuracy", lambda: task_accuracy(model, tokenizer, prompts, labels, SST2_LABELS, options.task_new_tokens, bs))
+        acc, answers = timed(
+            "accuracy",
+            lambda: task_accuracy(model, tokenizer, prompts, labels, SST2_LABELS, options.task_new_tokens, bs),
+        )
         report.figures["accuracy"] = acc
         report.counts["task"] = len(prompts)
         report.samples["task"] = _samples(prompts, answers)
     if options.benign:
         prompts = [e.prompt for e in load_examples(options.benign, max_samples=n, seed=seed, builtin="harmless")]
         report.figures["perplexity"] = timed("perplexity", lambda: perplexity(model, tokenizer, prompts, batch_size=bs))
-        rate, answers = timed("over_refusal", lambda: refusal_rate(model, tokenizer, prompts, judge, options.max_new_tokens, bs))
+        rate, answers = timed(
+            "over_refusal", lambda: refusal_rate(model, tokenizer, prompts, judge, options.max_new_tokens, bs)
+        )
         report.figures["over_refusal"] = rate
         report.counts["benign"] = len(prompts)
         report.samples["benign"] = _samples(prompts, answers)
         if reference is not None:
-            report.figures["kl_to_reference"] = timed("kl", lambda: first_token_kl(model, reference, tokenizer, prompts, bs))
+            report.figures["kl_to_reference"] = timed(
+                "kl", lambda: first_token_kl(model, reference, tokenizer, prompts, bs)
+            )
     if options.toxic:
         prompts = [e.prompt for e in load_examples(options.toxic, max_samples=n, seed=seed)]
         tox = toxicity_judge(options.toxicity_judge)
-        rate, answers = timed("toxicity", lambda: toxicity_rate(model, tokenizer, prompts, tox, 0.5, options.max_new_tokens, bs))
+        rate, answers = timed(
+            "toxicity", lambda: toxicity_rate(model, tokenizer, prompts, tox, 0.5, options.max_new_tokens, bs)
+        )
         report.figures["toxicity"] = rate
         report.counts["toxic"] = len(prompts)
         report.samples["toxic"] = _samples(prompts, answers)
@@ -197,7 +222,9 @@ def evaluate_checkpoint(model_dir: str | Path, options: EvalOptions, log=None) -
     model = load_model(ckpt, device)
     reference = load_model(reference_ckpt, device) if reference_ckpt else None
     if reference is not None and reference.config.vocab_size != model.config.vocab_size:
-        raise SurgeryError(f"--reference {options.reference} has a different vocabulary ({reference.config.vocab_size} vs {model.config.vocab_size})")
+        raise SurgeryError(
+            f"--reference {options.reference} has a different vocabulary ({reference.config.vocab_size} vs {model.config.vocab_size})"
+        )
     name = f"{model_dir} + adapter {options.adapter}" if options.adapter else str(model_dir)
     return evaluate_model(model, tokenizer, options, reference, name=name, log=log, judge=judge)
 

@@ -25,8 +25,11 @@ OVER_REFUSAL_POINTS = "over_refusal_points"
 ACCURACY = "accuracy"  # task accuracy of the greedy answers
 ACCURACY_DROP_POINTS = "accuracy_drop_points"
 
-PROXY_OF = {HARMFUL: HARMFUL_PROXY, OVER_REFUSAL_POINTS: OVER_REFUSAL_PROXY_POINTS,
-            ACCURACY_DROP_POINTS: ACCURACY_PROXY_DROP_POINTS}  # generated figure -> its forward-pass proxy
+PROXY_OF = {
+    HARMFUL: HARMFUL_PROXY,
+    OVER_REFUSAL_POINTS: OVER_REFUSAL_PROXY_POINTS,
+    ACCURACY_DROP_POINTS: ACCURACY_PROXY_DROP_POINTS,
+}  # generated figure -> its forward-pass proxy
 
 # The budget's lines: name -> (figure compared, RunOptions field holding the limit). `exact` lines are measured by
 # forward passes for every candidate (what confirmation cannot change); the others are judged on the proxy during the

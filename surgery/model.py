@@ -57,8 +57,10 @@ def load_config(ckpt: Checkpoint | Path):
             f"this transformers cannot build it ({first_line(e)[:120]})"
         )
     except Exception as e:  # noqa: BLE001 - values no configuration accepts (zero heads, a word for a size) are the file's fault
-        raise SurgeryError(f"{folder / 'config.json'} is not a configuration transformers can read: "
-                           f"{type(e).__name__}: {first_line(e)}")
+        raise SurgeryError(
+            f"{folder / 'config.json'} is not a configuration transformers can read: "
+            f"{type(e).__name__}: {first_line(e)}"
+        )
 
 
 def meta_model(ckpt: Checkpoint) -> nn.Module:
@@ -102,24 +104,35 @@ def check_tensors(ckpt: Checkpoint, model: nn.Module | None = None) -> None:
             f"{where}: config.json describes a {ckpt.model_type} model, but none of its tensors are in the weights "
             f"(they hold {next(iter(ckpt.tensors))}, ...): config.json and the weights are of different architectures"
         )
-    missing = [names[0] for names in _tied_groups(model, expected)
-               if not any(n in stored for n in names) and not _ignored(model, "missing", names[0])]
+    missing = [
+        names[0]
+        for names in _tied_groups(model, expected)
+        if not any(n in stored for n in names) and not _ignored(model, "missing", names[0])
+    ]
     if missing:
-        raise SurgeryError(f"{where} lacks {len(missing)} tensor(s) that {described} needs, first {missing[0]}: "
-                           "the weights are incomplete or config.json describes another model")
+        raise SurgeryError(
+            f"{where} lacks {len(missing)} tensor(s) that {described} needs, first {missing[0]}: "
+            "the weights are incomplete or config.json describes another model"
+        )
     unexpected = [n for n in stored if n not in expected and not _ignored(model, "unexpected", n)]
     if unexpected:
-        raise SurgeryError(f"{where} holds {len(unexpected)} tensor(s) that {described} has no place for, first "
-                           f"{unexpected[0]}: config.json describes another model")
+        raise SurgeryError(
+            f"{where} holds {len(unexpected)} tensor(s) that {described} has no place for, first "
+            f"{unexpected[0]}: config.json describes another model"
+        )
     for name, want in expected.items():
         info = stored.get(name)
         if info is None:
             continue
         if tuple(info.shape) != tuple(want.shape):
-            raise SurgeryError(f"{name} in {where} has shape {list(info.shape)}, but {described} expects {list(want.shape)}")
+            raise SurgeryError(
+                f"{name} in {where} has shape {list(info.shape)}, but {described} expects {list(want.shape)}"
+            )
         if want.dtype.is_floating_point and not info.dtype.is_floating_point:
-            raise SurgeryError(f"{name} in {where} is stored as {str(info.dtype).removeprefix('torch.')}, but {described} "
-                               "expects floating-point weights")
+            raise SurgeryError(
+                f"{name} in {where} is stored as {str(info.dtype).removeprefix('torch.')}, but {described} "
+                "expects floating-point weights"
+            )
 
 
 def _tied_groups(model: nn.Module, expected: dict) -> list[list[str]]:
@@ -180,18 +193,22 @@ def load_model(ckpt: Checkpoint, device: torch.device, dtype: torch.dtype | None
         warnings.simplefilter("ignore")
         try:
             if ckpt.is_pickle:
-                model, info = type(meta).from_pretrained(None, config=meta.config, state_dict=ckpt.state, dtype=dtype,
-                                                         output_loading_info=True)
+                model, info = type(meta).from_pretrained(
+                    None, config=meta.config, state_dict=ckpt.state, dtype=dtype, output_loading_info=True
+                )
             else:
-                model, info = type(meta).from_pretrained(str(ckpt.path), dtype=dtype, use_safetensors=True,
-                                                         output_loading_info=True)
+                model, info = type(meta).from_pretrained(
+                    str(ckpt.path), dtype=dtype, use_safetensors=True, output_loading_info=True
+                )
         except (OSError, ValueError, RuntimeError) as e:
             raise SurgeryError(f"transformers cannot load {ckpt.path}: {first_line(e)[:200]}")
     for kind in ("missing_keys", "unexpected_keys", "mismatched_keys", "error_msgs"):
         found = sorted(map(str, info.get(kind) or []))
         if found:
-            raise SurgeryError(f"{ckpt.path} does not match its config.json: {len(found)} {kind.replace('_', ' ')} at load, "
-                               f"first {found[0]}")
+            raise SurgeryError(
+                f"{ckpt.path} does not match its config.json: {len(found)} {kind.replace('_', ' ')} at load, "
+                f"first {found[0]}"
+            )
     return model.to(device).eval()
 
 
@@ -212,12 +229,16 @@ def load_tokenizer(path: str | Path):
             raise SurgeryError(f"no usable tokenizer in {path}: {first_line(e)[:200]}")
     if tok.pad_token_id is None:
         if tok.eos_token is None:
-            raise SurgeryError(f"the tokenizer in {path} has neither a pad nor an end-of-sequence token: batches cannot be padded")
+            raise SurgeryError(
+                f"the tokenizer in {path} has neither a pad nor an end-of-sequence token: batches cannot be padded"
+            )
         tok.pad_token = tok.eos_token
     vocab = _config_vocab_size(path)
     if vocab is not None and len(tok) > vocab:
-        raise SurgeryError(f"the tokenizer in {path} has {len(tok)} tokens, but the model's vocabulary (vocab_size in "
-                           f"config.json) has {vocab}: its ids would fall outside the embedding")
+        raise SurgeryError(
+            f"the tokenizer in {path} has {len(tok)} tokens, but the model's vocabulary (vocab_size in "
+            f"config.json) has {vocab}: its ids would fall outside the embedding"
+        )
     return tok
 
 
@@ -238,8 +259,10 @@ def _check_tokenizer_class(folder: Path) -> None:
     if name is None:
         return
     if not isinstance(name, str) or not any(tokenizer_class_from_name(n) for n in {name, name.removesuffix("Fast")}):
-        raise SurgeryError(f"{config_path} names tokenizer_class {name!r}, which this transformers does not have "
-                           "(it would silently use another tokenizer)")
+        raise SurgeryError(
+            f"{config_path} names tokenizer_class {name!r}, which this transformers does not have "
+            "(it would silently use another tokenizer)"
+        )
 
 
 def _config_vocab_size(folder: Path) -> int | None:
@@ -261,7 +284,9 @@ def linear_targets(model: nn.Module, patterns: list[str] | None = None) -> list[
         return [n for n in names if BLOCK.search(n)]
     chosen = [n for n in names if matches(n, patterns)]
     if not chosen:
-        raise SurgeryError(f"--targets {','.join(patterns)} matches no Linear module (e.g. {names[0] if names else 'none'})")
+        raise SurgeryError(
+            f"--targets {','.join(patterns)} matches no Linear module (e.g. {names[0] if names else 'none'})"
+        )
     return chosen
 
 

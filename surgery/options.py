@@ -20,11 +20,25 @@ from .errors import SurgeryError
 AUTO = "auto"
 
 
-def option(default: Any, help: str, *, flag: str | None = None, short: str | None = None,
-           choices: tuple[str, ...] | None = None, positive: bool = False, non_negative: bool = False,
-           fraction: bool = False, low: float | None = None, high: float | None = None,
-           file: bool = False, folder: bool = False, patterns: bool = False, strength: bool = False,
-           hidden: bool = False, required: bool = False) -> Any:
+def option(
+    default: Any,
+    help: str,
+    *,
+    flag: str | None = None,
+    short: str | None = None,
+    choices: tuple[str, ...] | None = None,
+    positive: bool = False,
+    non_negative: bool = False,
+    fraction: bool = False,
+    low: float | None = None,
+    high: float | None = None,
+    file: bool = False,
+    folder: bool = False,
+    patterns: bool = False,
+    strength: bool = False,
+    hidden: bool = False,
+    required: bool = False,
+) -> Any:
     """A dataclass field with its command-line description.
 
     flag: the option's spelling (default `--name-with-dashes`; `--x/--no-x` for a switch that is on by default).
@@ -33,10 +47,23 @@ def option(default: Any, help: str, *, flag: str | None = None, short: str | Non
     list on the command line. strength: the method's strength knob, which also accepts `auto` (searched
     under the utility budget by the driver). hidden: kept out of `--help`.
     """
-    meta = {"help": help, "flag": flag, "short": short, "choices": choices, "positive": positive,
-            "non_negative": non_negative, "fraction": fraction, "low": low, "high": high, "file": file,
-            "folder": folder, "patterns": patterns, "strength": strength, "hidden": hidden,
-            "required": required}
+    meta = {
+        "help": help,
+        "flag": flag,
+        "short": short,
+        "choices": choices,
+        "positive": positive,
+        "non_negative": non_negative,
+        "fraction": fraction,
+        "low": low,
+        "high": high,
+        "file": file,
+        "folder": folder,
+        "patterns": patterns,
+        "strength": strength,
+        "hidden": hidden,
+        "required": required,
+    }
     if isinstance(default, (list, dict)):
         return dataclasses.field(default_factory=lambda: type(default)(default), metadata=meta)
     return dataclasses.field(default=default, metadata=meta)
@@ -90,9 +117,13 @@ def validate_fields(options) -> None:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             _check_number(name, float(value), m)
         if m["file"] and not Path(value).is_file():
-            raise SurgeryError(f"{name} {value} does not exist" if not Path(value).exists() else f"{name} {value} is not a file")
+            raise SurgeryError(
+                f"{name} {value} does not exist" if not Path(value).exists() else f"{name} {value} is not a file"
+            )
         if m["folder"] and not Path(value).is_dir():
-            raise SurgeryError(f"{name} {value} does not exist" if not Path(value).exists() else f"{name} {value} is not a folder")
+            raise SurgeryError(
+                f"{name} {value} does not exist" if not Path(value).exists() else f"{name} {value} is not a folder"
+            )
 
 
 def _check_number(name: str, value: float, m: dict) -> None:

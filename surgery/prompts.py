@@ -104,7 +104,9 @@ def _from_jsonl(path: Path, text: str, column, response_column) -> list[Example]
 
 def _from_table(path: Path, text: str, delimiter: str, column, response_column) -> list[Example]:
     limit = csv.field_size_limit()
-    csv.field_size_limit(max(limit, len(text)))  # a long prompt is a valid field: the csv module's 128 KiB cap is not ours
+    csv.field_size_limit(
+        max(limit, len(text))
+    )  # a long prompt is a valid field: the csv module's 128 KiB cap is not ours
     try:
         reader = csv.DictReader(text.splitlines(), delimiter=delimiter)
         keys = reader.fieldnames or []
@@ -129,12 +131,15 @@ def chat_text(tokenizer, prompt: str, response: str | None = None) -> str:
         try:
             return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=response is None)
         except Exception as e:  # noqa: BLE001 - a template is code from the checkpoint: whatever it raises is its fault
-            raise SurgeryError(f"the chat template of {tokenizer.name_or_path} fails: {type(e).__name__}: "
-                               f"{first_line(e)}") from None
+            raise SurgeryError(
+                f"the chat template of {tokenizer.name_or_path} fails: {type(e).__name__}: {first_line(e)}"
+            ) from None
     return prompt + "\n" if response is None else f"{prompt}\n{response}"
 
 
-def encode_pairs(tokenizer, examples: list[Example], max_length: int, context_length: int | None = None) -> list[list[int]]:
+def encode_pairs(
+    tokenizer, examples: list[Example], max_length: int, context_length: int | None = None
+) -> list[list[int]]:
     """Token ids of prompt + response + EOS per example (Antidote's calibration format), cut to max_length."""
     if context_length is not None and max_length > context_length:
         raise SurgeryError(f"--max-length {max_length} is longer than the model's context ({context_length} tokens)")
@@ -183,7 +188,9 @@ def generate(model, tokenizer, prompts: list[str], max_new_tokens: int = 64, bat
     return answers
 
 
-def fill_responses(model, tokenizer, examples: list[Example], max_new_tokens: int = 64, batch_size: int = 8) -> list[Example]:
+def fill_responses(
+    model, tokenizer, examples: list[Example], max_new_tokens: int = 64, batch_size: int = 8
+) -> list[Example]:
     """Give prompts without a response the model's own greedy answer (what Antidote localises)."""
     todo = [i for i, ex in enumerate(examples) if ex.response is None]
     if todo:

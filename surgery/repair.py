@@ -36,7 +36,6 @@ from .methods.base import open_context, prepare_and_search, refuse_nonfinite_inp
 from .methods.common import MethodOptions
 from .options import option, validate_fields
 
-
 # What a user may give `surgery repair` besides MODEL: each candidate is offered for some of these.
 INPUTS = ("reference", "unaligned", "probe", "adapter")
 
@@ -51,8 +50,13 @@ def offers() -> dict[str, list[frozenset[str]]]:
         if method.repair_metric != "harmful_score":
             continue
         for combo in combos:
-            given = SimpleNamespace(**{k: (f"<{k}>" if k in combo else None) for k in INPUTS}, methods=None,
-                                    max_harmful_score=None, device="auto", allow_pickle=False)
+            given = SimpleNamespace(
+                **{k: (f"<{k}>" if k in combo else None) for k in INPUTS},
+                methods=None,
+                max_harmful_score=None,
+                device="auto",
+                allow_pickle=False,
+            )
             for label, _ in method.repair_candidates(given):
                 found.setdefault(label, []).append(combo)
     return found
@@ -64,6 +68,7 @@ def needs(label: str) -> str:
     if not combos:
         return ""
     minimal = [c for c in combos if not any(other < c for other in combos)]
+
     def flags(names) -> str:
         spelled = [f"--{n}" for n in INPUTS if n in names]
         return ", ".join(spelled[:-1]) + " and " + spelled[-1] if len(spelled) > 1 else "".join(spelled)
@@ -77,19 +82,43 @@ def needs(label: str) -> str:
 
 @dataclass
 class RepairOptions(MethodOptions):
-    reference: str | None = option(None, "The checkpoint before the harmful fine-tuning: Antidote restores the fine-tune "
-                                         "delta to it, and the refusal direction is also read off it.", folder=True)
-    unaligned: str | None = option(None, "The model the reference was aligned from (e.g. the base of an -Instruct model): "
-                                         "with --reference, RESTA and the sign-conflict revert join the candidates.", folder=True)
-    probe: str | None = option(None, "A probe from `surgery probe-train`: the probe edit joins the candidates.", folder=True)
-    methods: list[str] | None = option(None, "Comma-separated candidates to try (default: every one that applies): "
-                                             f"{', '.join(offers())}.", patterns=True)
-    max_harmful_score: float | None = option(None, "CI gate: exit 1 unless the chosen repair's held-out harmful score is at "
-                                                   "most this share (0-1).", low=0.0, high=1.0)
-    pick: int | None = option(None, "Write point N of an earlier `surgery repair`'s report (its numbered table; --from "
-                                    "names its surgery.json) at its strength, without searching.", positive=True)
-    pick_from: str | None = option(None, "With --pick: the surgery.json (or the output folder) of the earlier `surgery "
-                                         "repair` of this MODEL.", flag="--from")
+    reference: str | None = option(
+        None,
+        "The checkpoint before the harmful fine-tuning: Antidote restores the fine-tune "
+        "delta to it, and the refusal direction is also read off it.",
+        folder=True,
+    )
+    unaligned: str | None = option(
+        None,
+        "The model the reference was aligned from (e.g. the base of an -Instruct model): "
+        "with --reference, RESTA and the sign-conflict revert join the candidates.",
+        folder=True,
+    )
+    probe: str | None = option(
+        None, "A probe from `surgery probe-train`: the probe edit joins the candidates.", folder=True
+    )
+    methods: list[str] | None = option(
+        None,
+        f"Comma-separated candidates to try (default: every one that applies): {', '.join(offers())}.",
+        patterns=True,
+    )
+    max_harmful_score: float | None = option(
+        None,
+        "CI gate: exit 1 unless the chosen repair's held-out harmful score is at most this share (0-1).",
+        low=0.0,
+        high=1.0,
+    )
+    pick: int | None = option(
+        None,
+        "Write point N of an earlier `surgery repair`'s report (its numbered table; --from "
+        "names its surgery.json) at its strength, without searching.",
+        positive=True,
+    )
+    pick_from: str | None = option(
+        None,
+        "With --pick: the surgery.json (or the output folder) of the earlier `surgery repair` of this MODEL.",
+        flag="--from",
+    )
 
 
 @dataclass
@@ -113,15 +142,21 @@ class Candidate:
 
     def to_json(self) -> dict:
         timings = self.ctx.timings if self.ctx is not None else {}
-        return {"candidate": self.label, "method": self.method, "seconds": round(self.seconds, 1),
-                "prepare_seconds": round(timings.get("prepare", 0.0), 1),
-                "search_seconds": round(timings.get("search", 0.0), 1), "error": self.error,
-                "knob": self.search.knob if self.search else None,
-                "chosen": self.search.chosen if self.search else None,
-                "inside_budget": self.inside, "failed": self.search.failed if self.search else self.error,
-                "bound": self.search.bound if self.search else None,
-                "forward_passes": self.search.forward_passes if self.search else None,
-                "figures": self.search.chosen_point().figures if self.search else {}}
+        return {
+            "candidate": self.label,
+            "method": self.method,
+            "seconds": round(self.seconds, 1),
+            "prepare_seconds": round(timings.get("prepare", 0.0), 1),
+            "search_seconds": round(timings.get("search", 0.0), 1),
+            "error": self.error,
+            "knob": self.search.knob if self.search else None,
+            "chosen": self.search.chosen if self.search else None,
+            "inside_budget": self.inside,
+            "failed": self.search.failed if self.search else self.error,
+            "bound": self.search.bound if self.search else None,
+            "forward_passes": self.search.forward_passes if self.search else None,
+            "figures": self.search.chosen_point().figures if self.search else {},
+        }
 
 
 def measured_points(todo: list[Candidate]) -> list[dict]:
@@ -133,18 +168,34 @@ def measured_points(todo: list[Candidate]) -> list[dict]:
             continue
         for stage in [*c.search.before, c.search]:
             for p in stage.points:
-                rows.append({"n": len(rows) + 1, "candidate": c.label, "method": c.method, "knob": stage.knob,
-                             "strength": p.strength, "chosen": stage is c.search and p.strength == c.search.chosen,
-                             "within_budget": p.within, "confirmed": p.confirmed, "broken": p.broken,
-                             "proxy_broken": p.proxy_broken, "figures": p.figures, "resolved": c.resolved})
+                rows.append(
+                    {
+                        "n": len(rows) + 1,
+                        "candidate": c.label,
+                        "method": c.method,
+                        "knob": stage.knob,
+                        "strength": p.strength,
+                        "chosen": stage is c.search and p.strength == c.search.chosen,
+                        "within_budget": p.within,
+                        "confirmed": p.confirmed,
+                        "broken": p.broken,
+                        "proxy_broken": p.proxy_broken,
+                        "figures": p.figures,
+                        "resolved": c.resolved,
+                    }
+                )
     return rows
 
 
 def candidates(options: RepairOptions) -> list[Candidate]:
     """What every registered method offers for what the user gave (`Method.repair_candidates`), strength on auto;
     methods whose repair figure is not the harmful score (EigenShift: toxicity) are not compared here."""
-    offered = [Candidate(label, name, opts) for name, method in REGISTRY.items() if method.repair_metric == "harmful_score"
-               for label, opts in method.repair_candidates(options)]
+    offered = [
+        Candidate(label, name, opts)
+        for name, method in REGISTRY.items()
+        if method.repair_metric == "harmful_score"
+        for label, opts in method.repair_candidates(options)
+    ]
     wanted = options.methods
     if not wanted:
         return offered
@@ -169,23 +220,38 @@ class RepairAllReport:
     picked: dict | None = None  # --pick: the point written
 
 
-def repair_checkpoint(model_dir: str | Path, output: str | Path, options: RepairOptions, run: RunOptions | None = None,
-                      progress: Callable[[str], None] | None = None) -> RepairAllReport:
+def repair_checkpoint(
+    model_dir: str | Path,
+    output: str | Path,
+    options: RepairOptions,
+    run: RunOptions | None = None,
+    progress: Callable[[str], None] | None = None,
+) -> RepairAllReport:
     """Search every applicable method, write the best inside the budget (see the module docstring)."""
     run = run or RunOptions()
     validate_fields(options)
     validate_fields(run)
     run.validate()
     if run.dry_run:
-        raise SurgeryError("surgery repair searches on the model: --dry-run is not available (use a method's own --dry-run)")
+        raise SurgeryError(
+            "surgery repair searches on the model: --dry-run is not available (use a method's own --dry-run)"
+        )
     if (options.pick is None) != (options.pick_from is None):
-        raise SurgeryError("--pick N and --from PATH go together: --from names the surgery.json of an earlier `surgery "
-                           "repair`, --pick the number of its point to write")
+        raise SurgeryError(
+            "--pick N and --from PATH go together: --from names the surgery.json of an earlier `surgery "
+            "repair`, --pick the number of its point to write"
+        )
     if options.pick is not None:
         return pick_checkpoint(model_dir, output, options, run, progress)
     todo = candidates(options)
-    refuse_output(Path(output), [Path(model_dir), *[Path(p) for p in (options.reference, options.unaligned, options.probe,
-                                                                       options.adapter) if p]], run.force)
+    refuse_output(
+        Path(output),
+        [
+            Path(model_dir),
+            *[Path(p) for p in (options.reference, options.unaligned, options.probe, options.adapter) if p],
+        ],
+        run.force,
+    )
     for c in todo:  # every candidate's own rules, before any model is loaded
         REGISTRY[c.method].validate(c.options)
         validate_fields(c.options)
@@ -203,8 +269,14 @@ def repair_checkpoint(model_dir: str | Path, output: str | Path, options: Repair
         method = REGISTRY[c.method]
         t0 = time.perf_counter()
         try:
-            c.ctx = open_context(method, model_dir, c.options, run, lambda m, c=c, i=i: say(f"[{i + 1}/{len(todo)} {c.label}] {m}"),
-                                 searching=True)
+            c.ctx = open_context(
+                method,
+                model_dir,
+                c.options,
+                run,
+                lambda m, c=c, i=i: say(f"[{i + 1}/{len(todo)} {c.label}] {m}"),
+                searching=True,
+            )
             kind = "adapter" if c.ctx.adapter is not None else "model"
             if kind in shared:
                 c.ctx._model, c.ctx._tokenizer = shared[kind]
@@ -223,21 +295,44 @@ def repair_checkpoint(model_dir: str | Path, output: str | Path, options: Repair
     pool = inside or [c for c in todo if c.search is not None]
     if not pool:
         raise SurgeryError("no candidate repair could be measured: " + "; ".join(f"{c.label}: {c.error}" for c in todo))
-    winner = min(pool, key=lambda c: (round(c.figure(F.HARMFUL) if c.figure(F.HARMFUL) is not None else 1.0, 6),
-                                      c.figure(F.PERPLEXITY_RATIO) or 1.0))
+    winner = min(
+        pool,
+        key=lambda c: (
+            round(c.figure(F.HARMFUL) if c.figure(F.HARMFUL) is not None else 1.0, 6),
+            c.figure(F.PERPLEXITY_RATIO) or 1.0,
+        ),
+    )
     failed = None
     if not inside:
         failed = "no method repairs inside the budget: " + "; ".join(
-            f"{c.label}: {c.search.failed if c.search else c.error}" for c in todo)
+            f"{c.label}: {c.search.failed if c.search else c.error}" for c in todo
+        )
     elif options.max_harmful_score is not None and winner.figure(F.HARMFUL) > options.max_harmful_score:
-        failed = (f"the best repair ({winner.label}, held-out harmful score {100 * winner.figure(F.HARMFUL):.1f}%) "
-                  f"is above --max-harmful-score {100 * options.max_harmful_score:.1f}%")
+        failed = (
+            f"the best repair ({winner.label}, held-out harmful score {100 * winner.figure(F.HARMFUL):.1f}%) "
+            f"is above --max-harmful-score {100 * options.max_harmful_score:.1f}%"
+        )
     points = measured_points(todo)
-    comparison = {"repair": {"chosen": winner.label, "candidates": [c.to_json() for c in todo], "points": points,
-                             "failed": failed}}
-    result = write_repair(REGISTRY[winner.method], winner.ctx, winner.prepared, winner.options, run, output, winner.search,
-                          extra_report=comparison, failed=failed,
-                          extra_files={"repair.png": lambda path: plot_candidates(todo, winner, path)})
+    comparison = {
+        "repair": {
+            "chosen": winner.label,
+            "candidates": [c.to_json() for c in todo],
+            "points": points,
+            "failed": failed,
+        }
+    }
+    result = write_repair(
+        REGISTRY[winner.method],
+        winner.ctx,
+        winner.prepared,
+        winner.options,
+        run,
+        output,
+        winner.search,
+        extra_report=comparison,
+        failed=failed,
+        extra_files={"repair.png": lambda path: plot_candidates(todo, winner, path)},
+    )
     return RepairAllReport(Path(output), todo, winner, result, result.failed or failed, points=points)
 
 
@@ -257,8 +352,10 @@ def read_point(path: str | Path, n: int, model_dir) -> tuple[Path, dict]:
         raise SurgeryError(f"--pick {n}: {path} numbers its points 1 to {len(points)}")
     measured = manifest.get("input")
     if measured and Path(measured).resolve() != Path(model_dir).resolve():
-        raise SurgeryError(f"--from {path} measured {measured}, not {Path(model_dir).resolve()}: run `surgery repair` on "
-                           "this model first")
+        raise SurgeryError(
+            f"--from {path} measured {measured}, not {Path(model_dir).resolve()}: run `surgery repair` on "
+            "this model first"
+        )
     return path, points[n - 1]
 
 
@@ -272,19 +369,28 @@ def pick_checkpoint(model_dir, output, options: RepairOptions, run: RunOptions, 
     c = offered.get(point.get("candidate"))
     if c is None:
         hint = needs(str(point.get("candidate")))
-        raise SurgeryError(f"--pick {options.pick}: point {options.pick} is {point.get('candidate')}, not a candidate with "
-                           f"what was given" + (f" ({hint})" if hint else ""))
+        raise SurgeryError(
+            f"--pick {options.pick}: point {options.pick} is {point.get('candidate')}, not a candidate with "
+            f"what was given" + (f" ({hint})" if hint else "")
+        )
     method = REGISTRY[c.method]
     if not method.strength or point.get("knob") != method.strength.field:
-        raise SurgeryError(f"--pick {options.pick}: point {options.pick} is a {point.get('knob')} stage of {c.label}, "
-                           "not its strength")
+        raise SurgeryError(
+            f"--pick {options.pick}: point {options.pick} is a {point.get('knob')} stage of {c.label}, not its strength"
+        )
     setattr(c.options, method.strength.field, float(point["strength"]))
     for name, value in (point.get("resolved") or {}).items():
         setattr(c.options, name, value)
     method.validate(c.options)
     validate_fields(c.options)
-    refuse_output(Path(output), [Path(model_dir), *[Path(p) for p in (options.reference, options.unaligned, options.probe,
-                                                                       options.adapter) if p]], run.force)
+    refuse_output(
+        Path(output),
+        [
+            Path(model_dir),
+            *[Path(p) for p in (options.reference, options.unaligned, options.probe, options.adapter) if p],
+        ],
+        run.force,
+    )
     if not run.allow_nonfinite:
         refuse_nonfinite_inputs(model_dir, options)
     say = progress or (lambda message: None)
@@ -292,7 +398,9 @@ def pick_checkpoint(model_dir, output, options: RepairOptions, run: RunOptions, 
     c.ctx = open_context(method, model_dir, c.options, run, lambda m: say(f"[pick {options.pick} {c.label}] {m}"))
     c.prepared, _ = prepare_and_search(method, c.ctx, c.options, run)
     picked = {**point, "from": str(path)}
-    result = write_repair(method, c.ctx, c.prepared, c.options, run, output, None, extra_report={"repair": {"picked": picked}})
+    result = write_repair(
+        method, c.ctx, c.prepared, c.options, run, output, None, extra_report={"repair": {"picked": picked}}
+    )
     c.seconds = time.perf_counter() - t0
     return RepairAllReport(Path(output), [c], c, result, result.failed, picked=picked)
 
@@ -310,9 +418,16 @@ def plot_candidates(todo: list[Candidate], winner: Candidate, path: Path) -> Pat
         if c.search is None:
             continue
         # the confirmed points (generated and judged): the proxies of the others are in surgery.json
-        pts = sorted((p for p in c.search.points if F.HARMFUL in p.figures), key=lambda p: p.figures[F.PERPLEXITY_RATIO])
-        ax.plot([p.figures[F.PERPLEXITY_RATIO] for p in pts], [100 * p.figures[F.HARMFUL] for p in pts], "o-",
-                label=c.label + (" (written)" if c is winner else ""), linewidth=2.5 if c is winner else 1)
+        pts = sorted(
+            (p for p in c.search.points if F.HARMFUL in p.figures), key=lambda p: p.figures[F.PERPLEXITY_RATIO]
+        )
+        ax.plot(
+            [p.figures[F.PERPLEXITY_RATIO] for p in pts],
+            [100 * p.figures[F.HARMFUL] for p in pts],
+            "o-",
+            label=c.label + (" (written)" if c is winner else ""),
+            linewidth=2.5 if c is winner else 1,
+        )
     if winner.search is not None and F.HARMFUL in winner.search.baseline:
         ax.scatter([1.0], [100 * winner.search.baseline[F.HARMFUL]], marker="s", c="black", label="input")
     ax.set_xlabel("perplexity ratio (held-out harmless)")

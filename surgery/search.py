@@ -41,7 +41,9 @@ ANCHOR_ROLES = ("reference", "aligned")  # a method's reference that is the chec
 class Point:
     strength: float
     figures: dict[str, float] = field(default_factory=dict)
-    broken: list[str] = field(default_factory=list)  # budget lines this candidate breaks (generated figures once confirmed)
+    broken: list[str] = field(
+        default_factory=list
+    )  # budget lines this candidate breaks (generated figures once confirmed)
     lines: list[str] = field(default_factory=list)  # their names (figures.LINES), in the same order
     confirmed: bool = False  # generated and judged (the chosen point and its neighbours)
     proxy_broken: list[str] = field(default_factory=list)  # what the cheap figures said, kept after confirmation
@@ -84,21 +86,36 @@ class SearchResult:
         single item then breaks it: the search cannot tell that line from "no loss at all")."""
         sizes = {kind: n for kind, n in self.prompts.items() if n}
         found = ["held-out sets: " + ", ".join(f"{n} {kind} (one = {100 / n:.1f} points)" for kind, n in sizes.items())]
-        for key, kind, flag, what in (("max_over_refusal_points", "harmless", "--max-over-refusal", "harmless prompt refused"),
-                                      ("max_accuracy_drop_points", "task", "--max-accuracy-drop", "task item lost")):
+        for key, kind, flag, what in (
+            ("max_over_refusal_points", "harmless", "--max-over-refusal", "harmless prompt refused"),
+            ("max_accuracy_drop_points", "task", "--max-accuracy-drop", "task item lost"),
+        ):
             limit = self.budget.get(key)
             if limit is not None and sizes.get(kind) and limit < 100 / sizes[kind]:
-                found.append(f"{flag} {limit:g} is finer than one of the {sizes[kind]} {kind} items "
-                             f"({100 / sizes[kind]:.1f} points): one {what} breaks it")
+                found.append(
+                    f"{flag} {limit:g} is finer than one of the {sizes[kind]} {kind} items "
+                    f"({100 / sizes[kind]:.1f} points): one {what} breaks it"
+                )
         return found
 
     def to_json(self) -> dict:
-        found = {"knob": self.knob, "metric": self.metric, "baseline": self.baseline, "chosen": self.chosen,
-                 "reason": self.reason, "bound": self.bound, "failed": self.failed, "budget": self.budget,
-                 "prompts": self.prompts, "resolution": self.resolution(), "forward_passes": self.forward_passes,
-                 "seconds": round(self.seconds, 2),
-                 "candidates": [{**asdict(p), "seconds": round(p.seconds, 2), "within_budget": p.within}
-                                for p in self.points]}
+        found = {
+            "knob": self.knob,
+            "metric": self.metric,
+            "baseline": self.baseline,
+            "chosen": self.chosen,
+            "reason": self.reason,
+            "bound": self.bound,
+            "failed": self.failed,
+            "budget": self.budget,
+            "prompts": self.prompts,
+            "resolution": self.resolution(),
+            "forward_passes": self.forward_passes,
+            "seconds": round(self.seconds, 2),
+            "candidates": [
+                {**asdict(p), "seconds": round(p.seconds, 2), "within_budget": p.within} for p in self.points
+            ],
+        }
         if self.before:
             found["stages"] = [stage.to_json() for stage in self.before]
         return found
@@ -160,7 +177,7 @@ def refusal_openings(tokenizer) -> list[list[int]]:
             found.append(ids)
     if tokenizer.eos_token_id is not None and [tokenizer.eos_token_id] not in found:
         found.append([tokenizer.eos_token_id])
-    return [s for s in found if not any(len(t) < len(s) and s[:len(t)] == t for t in found)]
+    return [s for s in found if not any(len(t) < len(s) and s[: len(t)] == t for t in found)]
 
 
 @torch.no_grad()
@@ -178,9 +195,10 @@ def refusal_probability(model, tokenizer, prompts: list[str], batch_size: int = 
     total = [0.0] * len(prompts)
     step = batch_size * len(openings)
     for start in range(0, len(pairs), step):
-        chunk = pairs[start:start + step]
-        ids, mask = next(pad_batches([prompt_ids[i] + o for i, o in chunk], len(chunk), tokenizer.pad_token_id or 0,
-                                     left=True))
+        chunk = pairs[start : start + step]
+        ids, mask = next(
+            pad_batches([prompt_ids[i] + o for i, o in chunk], len(chunk), tokenizer.pad_token_id or 0, left=True)
+        )
         logp = _forward_last(model, ids.to(device), mask.to(device), width + 1).log_softmax(-1).cpu()
         for row, (i, o) in enumerate(chunk):
             m = len(o)  # token j of the opening sits at the window's index width + 1 - m + j, predicted one before
@@ -195,18 +213,23 @@ def label_tokens(tokenizer, label_words: tuple[str, ...]) -> list[list[int]]:
     firsts = []
     for w in label_words:
         spellings = (w, w.capitalize(), " " + w, " " + w.capitalize())
-        firsts.append({ids[0] for ids in (tokenizer(s, add_special_tokens=False)["input_ids"] for s in spellings) if ids})
+        firsts.append(
+            {ids[0] for ids in (tokenizer(s, add_special_tokens=False)["input_ids"] for s in spellings) if ids}
+        )
     own = [sorted(f - set().union(*(g for j, g in enumerate(firsts) if j != i))) for i, f in enumerate(firsts)]
     if not all(own):
         from .errors import SurgeryError
 
-        raise SurgeryError(f"--task: the label words {', '.join(label_words)} share every first token in this tokenizer: "
-                           "the accuracy proxy cannot tell them apart")
+        raise SurgeryError(
+            f"--task: the label words {', '.join(label_words)} share every first token in this tokenizer: "
+            "the accuracy proxy cannot tell them apart"
+        )
     return own
 
 
-def label_accuracy(model, tokenizer, prompts: list[str], labels: list[int], label_tokens_: list[list[int]],
-                   batch_size: int = 8) -> float:
+def label_accuracy(
+    model, tokenizer, prompts: list[str], labels: list[int], label_tokens_: list[list[int]], batch_size: int = 8
+) -> float:
     """Share of task prompts whose first answer token is more likely one of the right label's tokens than any other
     label's (log-sum-exp over each label's tokens, argmax): the forward-pass proxy of task_accuracy."""
     from .metrics import next_token_logprobs
@@ -350,21 +373,27 @@ class Measurer:
             f[F.OVER_REFUSAL_PROXY] = _mean(refusal_probability(self.model, self.tokenizer, self.harmless, self.batch))
             f[F.OVER_REFUSAL_PROXY_POINTS] = 100 * (f[F.OVER_REFUSAL_PROXY] - b[F.OVER_REFUSAL_PROXY])
             if f[F.OVER_REFUSAL_PROXY_POINTS] > run.max_over_refusal:
-                point.breaks("over_refusal", f"over-refusal proxy +{f[F.OVER_REFUSAL_PROXY_POINTS]:.1f} points > "
-                                             f"+{run.max_over_refusal:g}")
+                point.breaks(
+                    "over_refusal",
+                    f"over-refusal proxy +{f[F.OVER_REFUSAL_PROXY_POINTS]:.1f} points > +{run.max_over_refusal:g}",
+                )
         if stop and point.broken:
             return
         if self.task and F.ACCURACY_PROXY not in f:
             f[F.ACCURACY_PROXY] = label_accuracy(self.model, self.tokenizer, *self.task, self.labels, self.batch)
             f[F.ACCURACY_PROXY_DROP_POINTS] = 100 * (b[F.ACCURACY_PROXY] - f[F.ACCURACY_PROXY])
             if f[F.ACCURACY_PROXY_DROP_POINTS] > run.max_accuracy_drop:
-                point.breaks("accuracy", f"accuracy proxy -{f[F.ACCURACY_PROXY_DROP_POINTS]:.1f} points > "
-                                         f"-{run.max_accuracy_drop:g}")
+                point.breaks(
+                    "accuracy",
+                    f"accuracy proxy -{f[F.ACCURACY_PROXY_DROP_POINTS]:.1f} points > -{run.max_accuracy_drop:g}",
+                )
         if stop and point.broken:
             return
         if self.search_key not in f:
             if self._default_repair():
-                f[F.HARMFUL_PROXY] = 1.0 - _mean(refusal_probability(self.model, self.tokenizer, self.harmful, self.batch))
+                f[F.HARMFUL_PROXY] = 1.0 - _mean(
+                    refusal_probability(self.model, self.tokenizer, self.harmful, self.batch)
+                )
             else:
                 f[self.metric] = self._repair()  # a method's own figure, generated for every candidate
 
@@ -447,13 +476,17 @@ def search_strength(method, ctx, prepared, run, knob=None, measurer=None, known=
     measurer.prepared, measurer.metric = prepared, metric  # the repair figure comes from this stage's edit
     ctx.measurer = measurer
     if not measurer.baseline:
-        ctx.progress(f"measuring the unedited model on held-out prompts ({', '.join(f'{v} {k}' for k, v in measurer.prompts().items())})")
+        ctx.progress(
+            f"measuring the unedited model on held-out prompts ({', '.join(f'{v} {k}' for k, v in measurer.prompts().items())})"
+        )
         measurer.measure_baseline()
     baseline = measurer.baseline
     key = getattr(measurer, "search_key", metric)
     start = measurer.passes() if hasattr(measurer, "passes") else ctx.forward_passes
-    points: dict[float, Point] = {float(s): Point(float(s), dict(p.figures), list(p.broken), list(p.lines), p.confirmed,
-                                                  list(p.proxy_broken)) for s, p in (known or {}).items()}
+    points: dict[float, Point] = {
+        float(s): Point(float(s), dict(p.figures), list(p.broken), list(p.lines), p.confirmed, list(p.proxy_broken))
+        for s, p in (known or {}).items()
+    }
 
     def trial(strength: float) -> Point:
         strength = float(round(strength)) if knob.integer else float(f"{strength:.4g}")
@@ -520,49 +553,74 @@ def search_strength(method, ctx, prepared, run, knob=None, measurer=None, known=
     if proxy_choice is None and target is not None:
         proxy_choice = min((p for p in ordered if p.within), key=lambda p: p.figures.get(key, 1.0), default=None)
     centre = ordered.index(proxy_choice) if proxy_choice is not None else 0
-    for p in ordered[max(centre - 1, 0):centre + 2]:
+    for p in ordered[max(centre - 1, 0) : centre + 2]:
         confirm(p)
     confirmed = [p for p in ordered if p.confirmed]
     if not any(p.within for p in confirmed):
-        for p in reversed(ordered[:max(centre - 1, 0)]):
+        for p in reversed(ordered[: max(centre - 1, 0)]):
             confirm(p)
             if p.within:
                 break
     confirmed = [p for p in ordered if p.confirmed]
 
-    budget = {"max_perplexity_ratio": run.max_perplexity_ratio, "max_kl": run.max_kl,
-              "kl_to": "the nearer of the input and the reference" if measurer_anchor(measurer) else "the input",
-              "max_over_refusal_points": run.max_over_refusal,
-              "max_accuracy_drop_points": run.max_accuracy_drop if run.task else None,
-              "target": target, "min_improvement_points": run.min_improvement}
+    budget = {
+        "max_perplexity_ratio": run.max_perplexity_ratio,
+        "max_kl": run.max_kl,
+        "kl_to": "the nearer of the input and the reference" if measurer_anchor(measurer) else "the input",
+        "max_over_refusal_points": run.max_over_refusal,
+        "max_accuracy_drop_points": run.max_accuracy_drop if run.task else None,
+        "target": target,
+        "min_improvement_points": run.min_improvement,
+    }
     failed = None
     inside = [p for p in confirmed if p.within]
     chosen = best(confirmed, metric)
     if target is not None:
         if chosen is not None:
-            reason = f"the weakest {knob.field} inside the budget whose held-out {metric} is at most {target:g} (generated)"
+            reason = (
+                f"the weakest {knob.field} inside the budget whose held-out {metric} is at most {target:g} (generated)"
+            )
         else:
             chosen = min(inside, key=lambda p: p.figures[metric]) if inside else ordered[0]
             reason = "the best point found"
-            failed = (f"no {knob.field} inside the budget reaches {metric} {target:g}: best point {knob.field} "
-                      f"{chosen.strength:g} ({_describe(chosen, metric)})")
+            failed = (
+                f"no {knob.field} inside the budget reaches {metric} {target:g}: best point {knob.field} "
+                f"{chosen.strength:g} ({_describe(chosen, metric)})"
+            )
     elif chosen is not None:
-        reason = (f"the lowest held-out {metric} (generated) among the confirmed candidates inside the budget "
-                  f"(ties: the weaker {knob.field}); the proxy chose {knob.field} {proxy_choice.strength:g}"
-                  if proxy_choice is not None else f"the lowest held-out {metric} among the confirmed candidates")
+        reason = (
+            f"the lowest held-out {metric} (generated) among the confirmed candidates inside the budget "
+            f"(ties: the weaker {knob.field}); the proxy chose {knob.field} {proxy_choice.strength:g}"
+            if proxy_choice is not None
+            else f"the lowest held-out {metric} among the confirmed candidates"
+        )
     else:
         chosen = ordered[0]
         reason = "the weakest candidate (nothing was inside the budget)"
-        failed = (f"no {knob.field} between {ordered[0].strength:g} and {ordered[-1].strength:g} stays inside the budget: weakest tried "
-                  f"{knob.field} {chosen.strength:g} breaks {'; '.join(chosen.broken)}")
+        failed = (
+            f"no {knob.field} between {ordered[0].strength:g} and {ordered[-1].strength:g} stays inside the budget: weakest tried "
+            f"{knob.field} {chosen.strength:g} breaks {'; '.join(chosen.broken)}"
+        )
     if failed is None:
         gain = 100 * (baseline[metric] - chosen.figures[metric])
         if gain < run.min_improvement:
-            failed = (f"the best {knob.field} inside the budget ({chosen.strength:g}) lowers the held-out {metric} only from "
-                      f"{100 * baseline[metric]:.1f}% to {100 * chosen.figures[metric]:.1f}% (less than --min-improvement "
-                      f"{run.min_improvement:g} points): no repair")
-    result = SearchResult(knob.field, metric, baseline, ordered, chosen.strength, reason, budget, failed,
-                          measurer.prompts(), (measurer.passes() if hasattr(measurer, "passes") else ctx.forward_passes) - start)
+            failed = (
+                f"the best {knob.field} inside the budget ({chosen.strength:g}) lowers the held-out {metric} only from "
+                f"{100 * baseline[metric]:.1f}% to {100 * chosen.figures[metric]:.1f}% (less than --min-improvement "
+                f"{run.min_improvement:g} points): no repair"
+            )
+    result = SearchResult(
+        knob.field,
+        metric,
+        baseline,
+        ordered,
+        chosen.strength,
+        reason,
+        budget,
+        failed,
+        measurer.prompts(),
+        (measurer.passes() if hasattr(measurer, "passes") else ctx.forward_passes) - start,
+    )
     result.bound = binding(result, chosen, ordered, weakness, target)
     result.seconds = time.perf_counter() - t_start
     return result
@@ -612,22 +670,37 @@ def plot_search(result: SearchResult, path: str | Path) -> Path | None:
         return None
     fig, ax = plt.subplots(figsize=(5.5, 3.8))
     stages = [*result.before, result]  # a search in stages: every stage's candidates, named by their knob
-    measured = [(s.knob, p) for s in stages for p in s.points
-                if repair_value(p, result.metric) is not None and F.PERPLEXITY_RATIO in p.figures]
+    measured = [
+        (s.knob, p)
+        for s in stages
+        for p in s.points
+        if repair_value(p, result.metric) is not None and F.PERPLEXITY_RATIO in p.figures
+    ]
     xs = [p.figures[F.PERPLEXITY_RATIO] for _, p in measured]
     ys = [100 * repair_value(p, result.metric) for _, p in measured]
     colours = ["tab:green" if p.within else "tab:red" for _, p in measured]
     ax.scatter(xs, ys, c=colours)
     for (knob, p), x, y in zip(measured, xs, ys):
         label = f"{knob} {p.strength:g}" if result.before else f"{p.strength:g}"
-        ax.annotate(label + ("" if p.confirmed or result.metric not in F.PROXY_OF else " (proxy)"), (x, y),
-                    textcoords="offset points", xytext=(4, 4), fontsize=8)
+        ax.annotate(
+            label + ("" if p.confirmed or result.metric not in F.PROXY_OF else " (proxy)"),
+            (x, y),
+            textcoords="offset points",
+            xytext=(4, 4),
+            fontsize=8,
+        )
     if result.metric in result.baseline:
         ax.scatter([1.0], [100 * result.baseline[result.metric]], marker="s", c="black", label="input")
     chosen = result.chosen_point()
     if repair_value(chosen, result.metric) is not None and F.PERPLEXITY_RATIO in chosen.figures:
-        ax.scatter([chosen.figures[F.PERPLEXITY_RATIO]], [100 * repair_value(chosen, result.metric)], s=160,
-                   facecolors="none", edgecolors="tab:blue", label=f"chosen {result.knob} {result.chosen:g}")
+        ax.scatter(
+            [chosen.figures[F.PERPLEXITY_RATIO]],
+            [100 * repair_value(chosen, result.metric)],
+            s=160,
+            facecolors="none",
+            edgecolors="tab:blue",
+            label=f"chosen {result.knob} {result.chosen:g}",
+        )
     ax.axvline(result.budget["max_perplexity_ratio"], color="grey", linestyle="--", linewidth=0.8)
     ax.set_xlabel("perplexity ratio (held-out harmless)")
     ax.set_ylabel(f"held-out {result.metric} (%)")

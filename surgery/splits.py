@@ -28,7 +28,11 @@ def builtin_part(kind: str, part: str) -> list[Example]:
     order = list(range(len(prompts)))
     random.Random(_PERMUTATION_SEED).shuffle(order)
     cut = PART_SIZES[SELECTION]
-    bounds = {SELECTION: (0, cut), CHECK: (cut, cut + PART_SIZES[CHECK]), CALIBRATION: (cut + PART_SIZES[CHECK], len(order))}
+    bounds = {
+        SELECTION: (0, cut),
+        CHECK: (cut, cut + PART_SIZES[CHECK]),
+        CALIBRATION: (cut + PART_SIZES[CHECK], len(order)),
+    }
     start, end = bounds[part]
     return [prompts[i] for i in sorted(order[start:end])]
 
@@ -50,8 +54,16 @@ def hold_out(examples: list[Example], count: int, seed: int) -> tuple[list[Examp
     return kept, [e for i, e in enumerate(examples) if i in chosen]
 
 
-def examples_for(path, *, builtin: str, part: str = CALIBRATION, column: str | None = None,
-                 response_column: str | None = None, max_samples: int | None = None, seed: int = 0) -> list[Example]:
+def examples_for(
+    path,
+    *,
+    builtin: str,
+    part: str = CALIBRATION,
+    column: str | None = None,
+    response_column: str | None = None,
+    max_samples: int | None = None,
+    seed: int = 0,
+) -> list[Example]:
     """A user's data file (all of it, or a seeded subset), or with no file the named part of a built-in set."""
     if path is not None:
         return load_examples(path, column=column, response_column=response_column, max_samples=max_samples, seed=seed)

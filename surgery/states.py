@@ -36,8 +36,18 @@ def _encode_prompt(tokenizer, prompt: str, chat: bool) -> list[int]:
 
 
 @torch.no_grad()
-def continue_prompts(model, tokenizer, prompts: list[str], *, max_new_tokens: int = 32, batch_size: int = 8,
-                     chat: bool = False, sample: bool = False, seed: int = 0, capture: bool = False) -> list[Continuation]:
+def continue_prompts(
+    model,
+    tokenizer,
+    prompts: list[str],
+    *,
+    max_new_tokens: int = 32,
+    batch_size: int = 8,
+    chat: bool = False,
+    sample: bool = False,
+    seed: int = 0,
+    capture: bool = False,
+) -> list[Continuation]:
     """Continue each prompt (greedy, or seeded nucleus sampling), optionally keeping the head's input per step."""
     device = next(model.parameters()).device
     head = model.get_output_embeddings()
@@ -47,7 +57,9 @@ def continue_prompts(model, tokenizer, prompts: list[str], *, max_new_tokens: in
     context = getattr(model.config, "max_position_embeddings", None)
     longest = max(len(e) for e in encoded)
     if context and longest + max_new_tokens > context:
-        raise SurgeryError(f"a prompt of {longest} tokens plus {max_new_tokens} new tokens exceeds the model's context ({context})")
+        raise SurgeryError(
+            f"a prompt of {longest} tokens plus {max_new_tokens} new tokens exceeds the model's context ({context})"
+        )
     order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))  # similar lengths batch with little padding
     steps: list[torch.Tensor] = []
 
@@ -65,8 +77,13 @@ def continue_prompts(model, tokenizer, prompts: list[str], *, max_new_tokens: in
             ids, mask = next(pad_batches([encoded[i] for i in idx], len(idx), tokenizer.pad_token_id, left=True))
             steps.clear()
             kwargs = dict(do_sample=True, top_p=0.9, temperature=1.0, top_k=0) if sample else dict(do_sample=False)
-            out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), max_new_tokens=max_new_tokens,
-                                 pad_token_id=tokenizer.pad_token_id, **kwargs)
+            out = model.generate(
+                input_ids=ids.to(device),
+                attention_mask=mask.to(device),
+                max_new_tokens=max_new_tokens,
+                pad_token_id=tokenizer.pad_token_id,
+                **kwargs,
+            )
             new = out[:, ids.shape[1] :].cpu()
             stacked = torch.stack(steps[: new.shape[1]], dim=1) if capture else None  # [batch, steps, hidden]
             for row, i in enumerate(idx):
@@ -133,14 +150,36 @@ class CollectedStates:
                 "(use more or more provocative prompts, --sample, or a lower --threshold)"
             )
         if self.nontoxic.shape[0] == 0:
-            raise SurgeryError(f"all {self.prompts} continuations were judged toxic: EigenShift needs non-toxic ones too")
+            raise SurgeryError(
+                f"all {self.prompts} continuations were judged toxic: EigenShift needs non-toxic ones too"
+            )
 
 
-def collect_states(model, tokenizer, prompts: list[str], judge, *, threshold: float = 0.5, max_new_tokens: int = 32,
-                   batch_size: int = 8, chat: bool = False, sample: bool = False, seed: int = 0) -> CollectedStates:
+def collect_states(
+    model,
+    tokenizer,
+    prompts: list[str],
+    judge,
+    *,
+    threshold: float = 0.5,
+    max_new_tokens: int = 32,
+    batch_size: int = 8,
+    chat: bool = False,
+    sample: bool = False,
+    seed: int = 0,
+) -> CollectedStates:
     """Φ and Ψ for `prompts` (see the module docstring for the rule)."""
-    conts = continue_prompts(model, tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size, chat=chat,
-                             sample=sample, seed=seed, capture=True)
+    conts = continue_prompts(
+        model,
+        tokenizer,
+        prompts,
+        max_new_tokens=max_new_tokens,
+        batch_size=batch_size,
+        chat=chat,
+        sample=sample,
+        seed=seed,
+        capture=True,
+    )
     scores = judge.toxicity([c.text for c in conts])
     toxic, nontoxic, n_toxic = [], [], 0
     for c, score in zip(conts, scores):
@@ -171,8 +210,13 @@ def save_states(path: str | Path, states: CollectedStates, fingerprint: str, wei
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    meta = {"fingerprint": fingerprint, "weights": weights, "hidden_size": str(states.toxic.shape[1]), "prompts": str(states.prompts),
-            "toxic_continuations": str(states.toxic_continuations)}
+    meta = {
+        "fingerprint": fingerprint,
+        "weights": weights,
+        "hidden_size": str(states.toxic.shape[1]),
+        "prompts": str(states.prompts),
+        "toxic_continuations": str(states.toxic_continuations),
+    }
     meta.update({f"setting.{k}": str(v) for k, v in settings.items()})  # kept apart from the counts above
     tmp = path.with_name(f".{path.name}.tmp")
     save_file({"toxic": states.toxic.contiguous(), "nontoxic": states.nontoxic.contiguous()}, str(tmp), metadata=meta)
@@ -188,21 +232,50 @@ def load_states(path: str | Path, fingerprint: str, weights: str, hidden_size: i
             meta = f.metadata() or {}
             toxic, nontoxic = f.get_tensor("toxic"), f.get_tensor("nontoxic")
     except Exception as e:  # noqa: BLE001 - any unreadable file is the user's bad --states
-        raise SurgeryError(f"--states {path} is not a states file written by surgery eigenshift ({str(e).splitlines()[0][:120]})")
+        raise SurgeryError(
+            f"--states {path} is not a states file written by surgery eigenshift ({str(e).splitlines()[0][:120]})"
+        )
     if toxic.shape[-1] != hidden_size or nontoxic.shape[-1] != hidden_size:
-        raise SurgeryError(f"--states {path} holds states of size {toxic.shape[-1]}, but the model's hidden size is {hidden_size}")
+        raise SurgeryError(
+            f"--states {path} holds states of size {toxic.shape[-1]}, but the model's hidden size is {hidden_size}"
+        )
     if meta.get("fingerprint") != fingerprint:
-        raise SurgeryError(f"--states {path} was collected on a different model (fingerprint {meta.get('fingerprint')}, this one {fingerprint})")
+        raise SurgeryError(
+            f"--states {path} was collected on a different model (fingerprint {meta.get('fingerprint')}, this one {fingerprint})"
+        )
     if meta.get("weights") != weights:
-        raise SurgeryError(f"--states {path} was collected on other weights of this architecture: delete it or give another path to collect anew")
-    return CollectedStates(toxic.float(), nontoxic.float(), int(meta.get("prompts", 0)), int(meta.get("toxic_continuations", 0)))
+        raise SurgeryError(
+            f"--states {path} was collected on other weights of this architecture: delete it or give another path to collect anew"
+        )
+    return CollectedStates(
+        toxic.float(), nontoxic.float(), int(meta.get("prompts", 0)), int(meta.get("toxic_continuations", 0))
+    )
 
 
-def continuation_toxicity(model, tokenizer, prompts: list[str], judge, *, threshold: float = 0.5, max_new_tokens: int = 32,
-                          batch_size: int = 8, chat: bool = False, sample: bool = False, seed: int = 0):
+def continuation_toxicity(
+    model,
+    tokenizer,
+    prompts: list[str],
+    judge,
+    *,
+    threshold: float = 0.5,
+    max_new_tokens: int = 32,
+    batch_size: int = 8,
+    chat: bool = False,
+    sample: bool = False,
+    seed: int = 0,
+):
     """Share of continuations the judge scores >= threshold, and the continuations (RealToxicityPrompts style)."""
-    conts = continue_prompts(model, tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size, chat=chat,
-                             sample=sample, seed=seed)
+    conts = continue_prompts(
+        model,
+        tokenizer,
+        prompts,
+        max_new_tokens=max_new_tokens,
+        batch_size=batch_size,
+        chat=chat,
+        sample=sample,
+        seed=seed,
+    )
     texts = [c.text for c in conts]
     scores = judge.toxicity(texts)
     return sum(s >= threshold for s in scores) / max(len(scores), 1), texts

@@ -41,9 +41,11 @@ def sentiment_part(part: str) -> list[tuple[str, int]]:
     found = []
     for label in (0, 1):
         rows = [r for r in _rows() if r[1] == label]
-        cut = {SELECTION: (0, PER_LABEL[SELECTION]),
-               EVALUATION: (PER_LABEL[SELECTION], PER_LABEL[SELECTION] + PER_LABEL[EVALUATION]),
-               TRAIN: (PER_LABEL[SELECTION] + PER_LABEL[EVALUATION], len(rows))}[part]
-        found += rows[cut[0]:cut[1]]
+        cut = {
+            SELECTION: (0, PER_LABEL[SELECTION]),
+            EVALUATION: (PER_LABEL[SELECTION], PER_LABEL[SELECTION] + PER_LABEL[EVALUATION]),
+            TRAIN: (PER_LABEL[SELECTION] + PER_LABEL[EVALUATION], len(rows)),
+        }[part]
+        found += rows[cut[0] : cut[1]]
     order = {r: i for i, r in enumerate(_rows())}
     return sorted(found, key=order.__getitem__)

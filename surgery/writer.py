@@ -131,12 +131,16 @@ def check_output_path(output: str | Path, inputs: list[Path], force: bool) -> No
         real = source.resolve()
         kind = "file" if real.is_file() else "folder"
         if resolved == real:
-            raise SurgeryError(f"output {output} is the input {kind} {source}: the input is never modified; choose a folder elsewhere")
+            raise SurgeryError(
+                f"output {output} is the input {kind} {source}: the input is never modified; choose a folder elsewhere"
+            )
         if kind == "folder" and real in resolved.parents:
             raise SurgeryError(f"output {output} is inside the input folder {source}: choose a folder elsewhere")
         if resolved in real.parents:
-            raise SurgeryError(f"output {output} holds the input {kind} {source}: replacing it would destroy the input; "
-                               "choose a folder elsewhere")
+            raise SurgeryError(
+                f"output {output} holds the input {kind} {source}: replacing it would destroy the input; "
+                "choose a folder elsewhere"
+            )
     for place, what in ((_cwd(), "the current folder"), (_home(), "your home folder")):
         if place is not None and (resolved == place or resolved in place.parents):
             holds = "is" if resolved == place else "holds"
@@ -340,7 +344,11 @@ def write_checkpoint(
     input_hashes = {p.name: sha256_file(p) for p in ckpt.weight_files()}
     layout = plan_layout(ckpt, added)
     shard_of = {t.name: shard for shard, ts in layout.items() for t in ts}
-    summary = {"surgery_version": __version__, "surgery_method": method, "surgery_arguments": json.dumps(arguments, default=str)}
+    summary = {
+        "surgery_version": __version__,
+        "surgery_method": method,
+        "surgery_arguments": json.dumps(arguments, default=str),
+    }
     changed: dict[str, float] = {}
     with staged_output(output, [ckpt.path, *(inputs or [])], force) as tmp:
         copied = copy_side_files(ckpt, tmp)
@@ -374,7 +382,9 @@ def write_checkpoint(
             (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
         step("config")
         output_hashes = {shard: sha256_file(tmp / shard) for shard in layout}
-        manifest = build_manifest(ckpt, method, arguments, input_hashes, output_hashes, config_updates, copied, changed, report)
+        manifest = build_manifest(
+            ckpt, method, arguments, input_hashes, output_hashes, config_updates, copied, changed, report
+        )
         if finish is not None:
             finish(tmp, manifest)
         step("manifest")
@@ -382,8 +392,17 @@ def write_checkpoint(
     return WriteReport(output, copied, changed, input_hashes, output_hashes, manifest)
 
 
-def build_manifest(ckpt: Checkpoint, method: str, arguments: dict, input_hashes: dict, output_hashes: dict,
-                   config_updates: dict | None, copied: list[str], changed: dict, report: dict | None) -> dict:
+def build_manifest(
+    ckpt: Checkpoint,
+    method: str,
+    arguments: dict,
+    input_hashes: dict,
+    output_hashes: dict,
+    config_updates: dict | None,
+    copied: list[str],
+    changed: dict,
+    report: dict | None,
+) -> dict:
     """surgery.json: what was run on what, the hashes of input and output weights, what changed, the method's report."""
     manifest = {
         "tool": "model-surgery",
@@ -418,7 +437,9 @@ def _previous_manifest(path: Path) -> dict | None:
         previous = json.loads(path.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, ValueError):
         return {"unreadable": f"the input's {MANIFEST_NAME} is not valid JSON"}
-    return previous if isinstance(previous, dict) else {"unreadable": f"the input's {MANIFEST_NAME} is not a JSON object"}
+    return (
+        previous if isinstance(previous, dict) else {"unreadable": f"the input's {MANIFEST_NAME} is not a JSON object"}
+    )
 
 
 def _fraction_changed(old: torch.Tensor, new: torch.Tensor) -> float:

@@ -9,7 +9,11 @@ from surgery.testing.tiny import save_tiny_checkpoint
 
 def folder_hashes(path: Path) -> dict[str, str]:
     """SHA-256 of every file under `path`, to prove a folder was not touched."""
-    return {str(p.relative_to(path)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(path.rglob("*")) if p.is_file()}
+    return {
+        str(p.relative_to(path)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(path.rglob("*"))
+        if p.is_file()
+    }
 
 
 @pytest.fixture

@@ -4,13 +4,21 @@ import pytest
 import torch
 
 from cli.main import main
-from surgery.methods.ablation import (
-    AblateOptions, ablate_checkpoint, auc, behaviour_key, candidate_layers, choose_layer,
-    difference_of_means, intervened, orthogonalise, refusal_direction,
-)
 from surgery.arch import is_residual_writer, is_token_embedding
 from surgery.checkpoint import MANIFEST_NAME, open_checkpoint
 from surgery.errors import SurgeryError
+from surgery.methods.ablation import (
+    AblateOptions,
+    ablate_checkpoint,
+    auc,
+    behaviour_key,
+    candidate_layers,
+    choose_layer,
+    difference_of_means,
+    intervened,
+    orthogonalise,
+    refusal_direction,
+)
 from surgery.testing.tiny import save_tiny_checkpoint, tiny_llama
 
 from .conftest import folder_hashes
@@ -148,8 +156,9 @@ def test_auto_layer_and_embeddings_in_bf16(tmp_path, prompt_files):
 def test_auto_layer_by_behaviour_judges_every_candidate(tmp_path, prompt_files, reverse):
     src = save_tiny_checkpoint(tmp_path / "deep", model=tiny_llama(layers=5, seed=2))
     messages = []
-    report = ablate_checkpoint(src, tmp_path / "out", opts(prompt_files, reverse=reverse, scale=2.0, select_tokens=4),
-                               progress=messages.append)
+    report = ablate_checkpoint(
+        src, tmp_path / "out", opts(prompt_files, reverse=reverse, scale=2.0, select_tokens=4), progress=messages.append
+    )
     scores = report.layer_scores
     assert sorted(scores) == candidate_layers(5)
     assert len(messages) == len(scores) and "(4/4)" in messages[-1]
@@ -236,27 +245,44 @@ def run_cli(argv, capsys):
     return e.value.code, capsys.readouterr()
 
 
-@pytest.mark.parametrize("extra, message", [
-    (["--scale", "-1"], "--scale must be zero or more"),
-    (["--layer", "top"], "--layer must be"),
-    (["--layer", "9"], "--layer 9 is out of range"),
-    (["--held-out", "0"], "--held-out"),
-    (["--select", "best"], "--select must be one of behaviour, separation"),
-    (["--select-tokens", "0"], "--select-tokens must be positive"),
-    (["--select-max-perplexity-ratio", "1"], "--select-max-perplexity-ratio must be above 1"),
-    (["--harmful", "/nonexistent/h.txt"], "does not exist"),
-])
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--scale", "-1"], "--scale must be zero or more"),
+        (["--layer", "top"], "--layer must be"),
+        (["--layer", "9"], "--layer 9 is out of range"),
+        (["--held-out", "0"], "--held-out"),
+        (["--select", "best"], "--select must be one of behaviour, separation"),
+        (["--select-tokens", "0"], "--select-tokens must be positive"),
+        (["--select-max-perplexity-ratio", "1"], "--select-max-perplexity-ratio must be above 1"),
+        (["--harmful", "/nonexistent/h.txt"], "does not exist"),
+    ],
+)
 def test_cli_errors_are_one_line_and_write_nothing(tiny_ckpt, tmp_path, prompt_files, capsys, extra, message):
     harmful, harmless = prompt_files
     out = tmp_path / "out"
-    code, cap = run_cli(["ablate", str(tiny_ckpt), "--harmful", str(harmful), "--harmless", str(harmless), "-o", str(out), *extra], capsys)
+    code, cap = run_cli(
+        ["ablate", str(tiny_ckpt), "--harmful", str(harmful), "--harmless", str(harmless), "-o", str(out), *extra],
+        capsys,
+    )
     assert code == 2 and message in cap.err and len(cap.err.strip().splitlines()) == 1
     assert not out.exists() and not list(tmp_path.glob(".out*"))
 
 
 def test_cli_ablates_and_refuses_existing_output(tiny_ckpt, tmp_path, prompt_files, capsys):
     harmful, harmless = prompt_files
-    argv = ["ablate", str(tiny_ckpt), "--harmful", str(harmful), "--harmless", str(harmless), "-o", str(tmp_path / "out"), "--device", "cpu"]
+    argv = [
+        "ablate",
+        str(tiny_ckpt),
+        "--harmful",
+        str(harmful),
+        "--harmless",
+        str(harmless),
+        "-o",
+        str(tmp_path / "out"),
+        "--device",
+        "cpu",
+    ]
     main(argv)
     assert "ablated the direction from layer 1 in 4 matrices" in capsys.readouterr().out
     code, cap = run_cli(argv, capsys)
@@ -300,13 +326,39 @@ def test_direction_from_with_behaviour_judges_the_model_being_edited(tmp_path, p
 def test_direction_from_a_model_of_another_width_is_refused(tiny_ckpt, tmp_path, prompt_files, capsys):
     wide = save_tiny_checkpoint(tmp_path / "wide", model=tiny_llama(hidden=48))
     harmful, harmless = prompt_files
-    code, cap = run_cli(["ablate", str(tiny_ckpt), "--harmful", str(harmful), "--harmless", str(harmless),
-                         "--direction-from", str(wide), "-o", str(tmp_path / "out")], capsys)
+    code, cap = run_cli(
+        [
+            "ablate",
+            str(tiny_ckpt),
+            "--harmful",
+            str(harmful),
+            "--harmless",
+            str(harmless),
+            "--direction-from",
+            str(wide),
+            "-o",
+            str(tmp_path / "out"),
+        ],
+        capsys,
+    )
     assert code == 2 and "has hidden_size 48" in cap.err and len(cap.err.strip().splitlines()) == 1
     assert not (tmp_path / "out").exists()
     plain = tmp_path / "plain"
     plain.mkdir()
-    code, cap = run_cli(["ablate", str(tiny_ckpt), "--harmful", str(harmful), "--harmless", str(harmless),
-                         "--direction-from", str(plain), "-o", str(tmp_path / "out")], capsys)  # a folder, not a checkpoint
+    code, cap = run_cli(
+        [
+            "ablate",
+            str(tiny_ckpt),
+            "--harmful",
+            str(harmful),
+            "--harmless",
+            str(harmless),
+            "--direction-from",
+            str(plain),
+            "-o",
+            str(tmp_path / "out"),
+        ],
+        capsys,
+    )  # a folder, not a checkpoint
     assert code == 2 and "--direction-from: " in cap.err and len(cap.err.strip().splitlines()) == 1
     assert not (tmp_path / "out").exists()

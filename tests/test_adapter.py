@@ -18,15 +18,19 @@ TARGETS = ["q_proj", "v_proj", "down_proj"]
 RANK, ALPHA = 4, 8
 
 
-def make_adapter(base: Path, out: Path, targets=TARGETS, modules_to_save=None, seed: int = 0, scale: float = 0.3) -> Path:
+def make_adapter(
+    base: Path, out: Path, targets=TARGETS, modules_to_save=None, seed: int = 0, scale: float = 0.3
+) -> Path:
     from peft import LoraConfig, get_peft_model
 
     model = load_model(open_checkpoint(base), torch.device("cpu"))
-    wrapped = get_peft_model(model, LoraConfig(r=RANK, lora_alpha=ALPHA, target_modules=targets, lora_dropout=0.0,
-                                               modules_to_save=modules_to_save))
+    wrapped = get_peft_model(
+        model,
+        LoraConfig(r=RANK, lora_alpha=ALPHA, target_modules=targets, lora_dropout=0.0, modules_to_save=modules_to_save),
+    )
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        for name, p in wrapped.named_parameters():
+        for _name, p in wrapped.named_parameters():
             if p.requires_grad:
                 p.add_(torch.randn(p.shape, generator=g) * scale)
     wrapped.save_pretrained(out)
@@ -40,15 +44,23 @@ def file_adapter(base: Path, out: Path, targets=TARGETS, seed: int = 0, scale: f
     g = torch.Generator().manual_seed(seed)
     tensors = {}
     for name, info in sorted(ckpt.tensors.items()):
-        module = name[:-len(".weight")]
+        module = name[: -len(".weight")]
         if name.endswith(".weight") and module.rsplit(".", 1)[-1] in targets:
             rows, cols = info.shape
             tensors[f"base_model.model.{module}.lora_A.weight"] = torch.randn(RANK, cols, generator=g) * scale
             tensors[f"base_model.model.{module}.lora_B.weight"] = torch.randn(rows, RANK, generator=g) * scale
     out.mkdir(parents=True)
     save_file(tensors, out / "adapter_model.safetensors", {"format": "pt"})
-    config = {"peft_type": "LORA", "r": RANK, "lora_alpha": ALPHA, "target_modules": list(targets), "lora_dropout": 0.0,
-              "bias": "none", "task_type": "CAUSAL_LM", "base_model_name_or_path": str(base)}
+    config = {
+        "peft_type": "LORA",
+        "r": RANK,
+        "lora_alpha": ALPHA,
+        "target_modules": list(targets),
+        "lora_dropout": 0.0,
+        "bias": "none",
+        "task_type": "CAUSAL_LM",
+        "base_model_name_or_path": str(base),
+    }
     (out / "adapter_config.json").write_text(json.dumps(config, indent=2))
     return out
 
@@ -74,7 +86,7 @@ def by_hand(base: Path, adapter: dict[str, torch.Tensor]):
     with torch.no_grad():
         for name, a in adapter.items():
             if ".lora_A." in name:
-                module = name[len("base_model.model."):-len(".lora_A.weight")]
+                module = name[len("base_model.model.") : -len(".lora_A.weight")]
                 b = adapter[name.replace("lora_A", "lora_B")]
                 params[f"{module}.weight"].add_((ALPHA / RANK) * b @ a)
     return model
@@ -82,13 +94,19 @@ def by_hand(base: Path, adapter: dict[str, torch.Tensor]):
 
 # ---- Antidote on the adapter ------------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("ratio", [1e-5, 0.1, 0.3])
-def test_prune_removes_the_papers_count_from_every_row_of_every_lora_matrix(family, tmp_path, harmful_file, capsys, ratio):
+def test_prune_removes_the_papers_count_from_every_row_of_every_lora_matrix(
+    family, tmp_path, harmful_file, capsys, ratio
+):
     base, adapter = family
     before_base, before_adapter = folder_hashes(base), folder_hashes(adapter)
     code, out, err = prune(base, adapter, tmp_path / "out", capsys, "--ratio", str(ratio), "--data", harmful_file)
     assert code == 0, err
-    old, new = load_file(adapter / "adapter_model.safetensors"), load_file(tmp_path / "out" / "adapter_model.safetensors")
+    old, new = (
+        load_file(adapter / "adapter_model.safetensors"),
+        load_file(tmp_path / "out" / "adapter_model.safetensors"),
+    )
     assert set(new) == set(old) and len([n for n in new if ".lora_" in n]) == 2 * len(TARGETS) * 2
     for name, tensor in new.items():
         assert tensor.dtype == old[name].dtype and tensor.shape == old[name].shape
@@ -103,7 +121,8 @@ def test_prune_removes_the_papers_count_from_every_row_of_every_lora_matrix(fami
     assert config == json.loads((adapter / "adapter_config.json").read_text())  # the same config, unchanged
     manifest = json.loads((tmp_path / "out" / "surgery.json").read_text())
     assert set(manifest["input_sha256"]) == {"adapter_model.safetensors"} and set(manifest["base_sha256"]) == {
-        "model.safetensors"}  # the adapter and its base, each hashed
+        "model.safetensors"
+    }  # the adapter and its base, each hashed
     assert manifest["base"] == str(base.resolve()) and manifest["input"] == str(adapter.resolve())
 
 
@@ -126,8 +145,9 @@ def test_wanda_statistic_of_lora_b_is_the_norm_of_a_times_x(family, harmful_file
     hook = a.register_forward_pre_hook(lambda m, args: inputs.append(args[0].detach().reshape(-1, args[0].shape[-1])))
     examples = examples_for(options.data, builtin="harmful", max_samples=options.max_samples, seed=options.seed)
     with torch.no_grad():
-        for ids, mask in pad_batches(encode_pairs(tokenizer, examples, options.max_length), options.batch_size,
-                                     tokenizer.pad_token_id):
+        for ids, mask in pad_batches(
+            encode_pairs(tokenizer, examples, options.max_length), options.batch_size, tokenizer.pad_token_id
+        ):
             model(input_ids=ids, attention_mask=mask)
             inputs[-1] = inputs[-1][mask.reshape(-1).bool()]  # real tokens only, as the statistic counts them
     hook.remove()
@@ -138,17 +158,22 @@ def test_wanda_statistic_of_lora_b_is_the_norm_of_a_times_x(family, harmful_file
     assert torch.allclose(prepared.norm_of(f"{module}.lora_B.default"), direct, rtol=1e-5)
 
 
-def test_the_written_adapter_loads_with_peft_and_equals_the_pruned_adapter_by_hand(family, tmp_path, harmful_file, capsys):
+def test_the_written_adapter_loads_with_peft_and_equals_the_pruned_adapter_by_hand(
+    family, tmp_path, harmful_file, capsys
+):
     from peft import PeftModel
 
     base, adapter = family
     code, _, err = prune(base, adapter, tmp_path / "out", capsys, "--ratio", "0.2", "--data", harmful_file)
     assert code == 0, err
-    loaded = PeftModel.from_pretrained(load_model(open_checkpoint(base), torch.device("cpu")), str(tmp_path / "out")).eval()
+    loaded = PeftModel.from_pretrained(
+        load_model(open_checkpoint(base), torch.device("cpu")), str(tmp_path / "out")
+    ).eval()
     pruned = load_file(tmp_path / "out" / "adapter_model.safetensors")
     assert torch.allclose(logits(loaded), logits(by_hand(base, pruned)), atol=1e-5)
-    assert not torch.allclose(logits(loaded), logits(by_hand(base, load_file(adapter / "adapter_model.safetensors"))),
-                              atol=1e-4)  # the pruning changed the model
+    assert not torch.allclose(
+        logits(loaded), logits(by_hand(base, load_file(adapter / "adapter_model.safetensors"))), atol=1e-4
+    )  # the pruning changed the model
 
 
 def test_merge_equals_peft_merge_and_unload_of_the_pruned_adapter(family, tmp_path, harmful_file, capsys):
@@ -156,11 +181,16 @@ def test_merge_equals_peft_merge_and_unload_of_the_pruned_adapter(family, tmp_pa
 
     base, adapter = family
     assert prune(base, adapter, tmp_path / "out", capsys, "--ratio", "0.2", "--data", harmful_file)[0] == 0
-    code, _, err = prune(base, adapter, tmp_path / "merged", capsys, "--ratio", "0.2", "--data", harmful_file, "--merge")
+    code, _, err = prune(
+        base, adapter, tmp_path / "merged", capsys, "--ratio", "0.2", "--data", harmful_file, "--merge"
+    )
     assert code == 0, err
     merged = load_file(tmp_path / "merged" / "model.safetensors")
-    peft_merged = PeftModel.from_pretrained(load_model(open_checkpoint(base), torch.device("cpu")),
-                                            str(tmp_path / "out")).merge_and_unload().state_dict()
+    peft_merged = (
+        PeftModel.from_pretrained(load_model(open_checkpoint(base), torch.device("cpu")), str(tmp_path / "out"))
+        .merge_and_unload()
+        .state_dict()
+    )
     assert set(merged) <= set(peft_merged)
     for name, tensor in merged.items():
         assert torch.equal(tensor, peft_merged[name]), name
@@ -169,24 +199,69 @@ def test_merge_equals_peft_merge_and_unload_of_the_pruned_adapter(family, tmp_pa
 
 def test_modules_to_save_and_untargeted_tensors_stay_bit_identical(tmp_path, tiny_ckpt, harmful_file, capsys):
     adapter = make_adapter(tiny_ckpt, tmp_path / "adapter", targets=["q_proj", "k_proj"], modules_to_save=["lm_head"])
-    code, _, err = prune(tiny_ckpt, adapter, tmp_path / "out", capsys, "--ratio", "0.2", "--data", harmful_file,
-                         "--targets", "*q_proj.lora_B")
+    code, _, err = prune(
+        tiny_ckpt,
+        adapter,
+        tmp_path / "out",
+        capsys,
+        "--ratio",
+        "0.2",
+        "--data",
+        harmful_file,
+        "--targets",
+        "*q_proj.lora_B",
+    )
     assert code == 0, err
-    old, new = load_file(adapter / "adapter_model.safetensors"), load_file(tmp_path / "out" / "adapter_model.safetensors")
+    old, new = (
+        load_file(adapter / "adapter_model.safetensors"),
+        load_file(tmp_path / "out" / "adapter_model.safetensors"),
+    )
     changed = {n for n in new if not torch.equal(new[n], old[n])}
     assert changed == {f"base_model.model.model.layers.{i}.self_attn.q_proj.lora_B.weight" for i in range(2)}
     assert torch.equal(new["base_model.model.lm_head.weight"], old["base_model.model.lm_head.weight"])
 
 
-def test_ratio_auto_on_an_adapter_searches_in_memory_and_writes_the_chosen_ratio(family, tmp_path, harmful_file, capsys):
+def test_ratio_auto_on_an_adapter_searches_in_memory_and_writes_the_chosen_ratio(
+    family, tmp_path, harmful_file, capsys
+):
     base, adapter = family
-    code, out, err = cli(["prune", base, "--adapter", adapter, "-o", tmp_path / "out", "--ratio", "auto", "--data",
-                          harmful_file, "--device", "cpu", "--max-new-tokens", "4", "--search-samples", "4",
-                          "--search-tokens", "2", "--min-improvement", "0", "--max-perplexity-ratio", "100",
-                          "--max-kl", "100", "--max-over-refusal", "100"], capsys)
+    code, out, err = cli(
+        [
+            "prune",
+            base,
+            "--adapter",
+            adapter,
+            "-o",
+            tmp_path / "out",
+            "--ratio",
+            "auto",
+            "--data",
+            harmful_file,
+            "--device",
+            "cpu",
+            "--max-new-tokens",
+            "4",
+            "--search-samples",
+            "4",
+            "--search-tokens",
+            "2",
+            "--min-improvement",
+            "0",
+            "--max-perplexity-ratio",
+            "100",
+            "--max-kl",
+            "100",
+            "--max-over-refusal",
+            "100",
+        ],
+        capsys,
+    )
     manifest = json.loads((tmp_path / "out" / "surgery.json").read_text())
     chosen = manifest["report"]["search"]["chosen"]
-    old, new = load_file(adapter / "adapter_model.safetensors"), load_file(tmp_path / "out" / "adapter_model.safetensors")
+    old, new = (
+        load_file(adapter / "adapter_model.safetensors"),
+        load_file(tmp_path / "out" / "adapter_model.safetensors"),
+    )
     for name in new:
         d = new[name].shape[1]
         assert ((new[name] != old[name]).sum(dim=1) == d - int(d * (1 - chosen))).all(), name
@@ -202,13 +277,19 @@ def test_pickle_adapter_needs_allow_pickle_and_then_gives_the_same_output(family
     code, _, err = prune(base, pickled, tmp_path / "no", capsys, "--ratio", "0.2", "--data", harmful_file)
     assert code == 2 and "--allow-pickle" in err and not (tmp_path / "no").exists()
     assert prune(base, adapter, tmp_path / "a", capsys, "--ratio", "0.2", "--data", harmful_file)[0] == 0
-    code, _, err = prune(base, pickled, tmp_path / "b", capsys, "--ratio", "0.2", "--data", harmful_file, "--allow-pickle")
+    code, _, err = prune(
+        base, pickled, tmp_path / "b", capsys, "--ratio", "0.2", "--data", harmful_file, "--allow-pickle"
+    )
     assert code == 0, err
-    a, b = load_file(tmp_path / "a" / "adapter_model.safetensors"), load_file(tmp_path / "b" / "adapter_model.safetensors")
+    a, b = (
+        load_file(tmp_path / "a" / "adapter_model.safetensors"),
+        load_file(tmp_path / "b" / "adapter_model.safetensors"),
+    )
     assert a.keys() == b.keys() and all(torch.equal(a[n], b[n]) for n in a)
 
 
 # ---- bad adapters: one line, exit 2, nothing written --------------------------------------------------------------
+
 
 def _corrupt(adapter: Path) -> None:
     (adapter / "adapter_model.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json at all")
@@ -243,8 +324,13 @@ BAD = {
     "missing folder": (lambda a: shutil.rmtree(a), "does not exist"),
     "no config": (lambda a: (a / "adapter_config.json").unlink(), "adapter_config.json is missing"),
     "no weights": (lambda a: (a / "adapter_model.safetensors").unlink(), "has no weights"),
-    "pickle": (lambda a: (torch.save(load_file(a / "adapter_model.safetensors"), a / "adapter_model.bin"),
-                          (a / "adapter_model.safetensors").unlink()), "--allow-pickle"),
+    "pickle": (
+        lambda a: (
+            torch.save(load_file(a / "adapter_model.safetensors"), a / "adapter_model.bin"),
+            (a / "adapter_model.safetensors").unlink(),
+        ),
+        "--allow-pickle",
+    ),
     "corrupt": (_corrupt, "corrupt shard adapter_model.safetensors"),
     "other base": (_other_base, "trained on another base"),
     "unknown target": (_unknown_target, "does not store"),
@@ -270,10 +356,13 @@ def test_a_bad_adapter_gives_one_error_line_and_exit_2(family, tmp_path, harmful
     assert not (tmp_path / "out").exists()
 
 
-@pytest.mark.parametrize("extra, message", [
-    (["--reference", "REF"], "--reference is not needed with --adapter"),
-    (["--stream"], "not with --adapter"),
-])
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--reference", "REF"], "--reference is not needed with --adapter"),
+        (["--stream"], "not with --adapter"),
+    ],
+)
 def test_prune_options_that_do_not_go_with_an_adapter(family, tmp_path, capsys, extra, message):
     base, adapter = family
     extra = [str(base) if x == "REF" else x for x in extra]
@@ -295,11 +384,14 @@ def test_the_output_may_not_be_inside_the_adapter(family, capsys):
 
 # ---- every other command on base + adapter (merged in memory) -----------------------------------------------------
 
+
 def merged_checkpoint(base: Path, adapter: Path, out: Path) -> Path:
     """base + adapter merged by peft and saved as a plain checkpoint folder (tokenizer and config copied)."""
     from peft import PeftModel
 
-    model = PeftModel.from_pretrained(load_model(open_checkpoint(base), torch.device("cpu")), str(adapter)).merge_and_unload()
+    model = PeftModel.from_pretrained(
+        load_model(open_checkpoint(base), torch.device("cpu")), str(adapter)
+    ).merge_and_unload()
     shutil.copytree(base, out)
     state = {k: v.contiguous() for k, v in model.state_dict().items() if k in open_checkpoint(base).tensors}
     save_file(state, out / "model.safetensors", {"format": "pt"})
@@ -309,7 +401,9 @@ def merged_checkpoint(base: Path, adapter: Path, out: Path) -> Path:
 def test_ablate_on_an_adapter_equals_ablate_on_the_merged_checkpoint(family, tmp_path, capsys):
     base, adapter = family
     merged = merged_checkpoint(base, adapter, tmp_path / "merged")
-    code, _, err = cli(["ablate", base, "--adapter", adapter, "-o", tmp_path / "a", "--device", "cpu", "--no-check"], capsys)
+    code, _, err = cli(
+        ["ablate", base, "--adapter", adapter, "-o", tmp_path / "a", "--device", "cpu", "--no-check"], capsys
+    )
     assert code == 0, err
     code, _, err = cli(["ablate", merged, "-o", tmp_path / "b", "--device", "cpu", "--no-check"], capsys)
     assert code == 0, err
@@ -317,7 +411,8 @@ def test_ablate_on_an_adapter_equals_ablate_on_the_merged_checkpoint(family, tmp
     assert a.keys() == b.keys() and all(torch.equal(a[n], b[n]) for n in a)
     manifest = json.loads((tmp_path / "a" / "surgery.json").read_text())
     assert set(manifest["input_sha256"]) == {"model.safetensors"} and set(manifest["adapter_sha256"]) == {
-        "adapter_model.safetensors"}
+        "adapter_model.safetensors"
+    }
     assert manifest["adapter"] == str(adapter.resolve()) and manifest["input"] == str(base.resolve())
 
 
@@ -326,8 +421,9 @@ def test_eval_on_an_adapter_measures_base_plus_adapter(family, tmp_path, harmful
     merged = merged_checkpoint(base, adapter, tmp_path / "merged")
     figures = {}
     for name, args in (("adapter", [base, "--adapter", adapter]), ("merged", [merged]), ("base", [base])):
-        code, _, err = cli(["eval", *args, "--benign", harmful_file, "--device", "cpu", "--json", tmp_path / f"{name}.json"],
-                           capsys)
+        code, _, err = cli(
+            ["eval", *args, "--benign", harmful_file, "--device", "cpu", "--json", tmp_path / f"{name}.json"], capsys
+        )
         assert code == 0, err
         figures[name] = json.loads((tmp_path / f"{name}.json").read_text())["figures"]["perplexity"]
     assert figures["adapter"] == pytest.approx(figures["merged"], rel=1e-5) and figures["adapter"] != figures["base"]
@@ -353,11 +449,26 @@ def test_with_an_adapter_the_base_itself_may_be_the_aligned_reference(family, tm
     base, adapter = family
     unaligned = derived_checkpoint(base, tmp_path / "unaligned", seed=3, scale=0.01)
     merged = merged_checkpoint(base, adapter, tmp_path / "merged")
-    code, _, err = cli(["resta", base, "--adapter", adapter, "--aligned", base, "--unaligned", unaligned, "-o",
-                        tmp_path / "a", "--no-check"], capsys)
+    code, _, err = cli(
+        [
+            "resta",
+            base,
+            "--adapter",
+            adapter,
+            "--aligned",
+            base,
+            "--unaligned",
+            unaligned,
+            "-o",
+            tmp_path / "a",
+            "--no-check",
+        ],
+        capsys,
+    )
     assert code == 0, err
-    code, _, err = cli(["resta", merged, "--aligned", base, "--unaligned", unaligned, "-o", tmp_path / "b", "--no-check"],
-                       capsys)
+    code, _, err = cli(
+        ["resta", merged, "--aligned", base, "--unaligned", unaligned, "-o", tmp_path / "b", "--no-check"], capsys
+    )
     assert code == 0, err
     a, b = load_file(tmp_path / "a" / "model.safetensors"), load_file(tmp_path / "b" / "model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[n], b[n]) for n in a)

@@ -95,7 +95,9 @@ def _weights(folder, tensors, dtype):
 
     folder.mkdir()
     (folder / "config.json").write_text('{"model_type": "llama"}')
-    save_file({k: v.to(dtype) for k, v in tensors.items()}, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    save_file(
+        {k: v.to(dtype) for k, v in tensors.items()}, str(folder / "model.safetensors"), metadata={"format": "pt"}
+    )
     return open_checkpoint(folder)
 
 
@@ -109,8 +111,9 @@ def test_nonfinite_found_in_any_chunk_and_counted(tmp_path, monkeypatch, dtype):
     ckpt = _weights(tmp_path / "m", {"a": torch.ones(3), "b": bad, "i": torch.arange(4)}, dtype)
     with pytest.raises(SurgeryError) as e:
         checkpoint.refuse_nonfinite(ckpt, "--reference")
-    assert str(e.value).startswith(f"--reference: tensor b in {tmp_path / 'm' / 'model.safetensors'} holds 1 NaN and 2 Inf "
-                                   "(of 320 values)")
+    assert str(e.value).startswith(
+        f"--reference: tensor b in {tmp_path / 'm' / 'model.safetensors'} holds 1 NaN and 2 Inf (of 320 values)"
+    )
 
 
 def test_finite_weights_pass_even_when_their_sum_overflows(tmp_path):

@@ -142,8 +142,13 @@ def test_python_dash_m_runs_the_registered_commands(tiny_ckpt, tmp_path):
     from pathlib import Path
 
     root = Path(__file__).resolve().parents[1]
-    run = subprocess.run([sys.executable, "-m", "cli.main", "prune", str(tmp_path / "missing"), "-o", str(tmp_path / "out")],
-                         cwd=root, capture_output=True, text=True, env={"COLUMNS": "200", "PATH": "/usr/bin:/bin"})
+    run = subprocess.run(
+        [sys.executable, "-m", "cli.main", "prune", str(tmp_path / "missing"), "-o", str(tmp_path / "out")],
+        cwd=root,
+        capture_output=True,
+        text=True,
+        env={"COLUMNS": "200", "PATH": "/usr/bin:/bin"},
+    )
     assert run.returncode == 2, run.stderr
     lines = [line for line in run.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("error:") and "missing" in lines[0]

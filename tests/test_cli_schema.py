@@ -10,10 +10,10 @@ import typer
 from cli.build import parameters
 from cli.commands.eval import eval_command
 from cli.commands.probe_train import probe_train_command
-from surgery.probes.probe_train import ProbeOptions
 from surgery.evaluate import EvalOptions
 from surgery.methods import REGISTRY, RunOptions
 from surgery.options import schema
+from surgery.probes.probe_train import ProbeOptions
 
 
 def typer_defaults(command) -> dict:
@@ -30,7 +30,11 @@ def test_hand_written_commands_state_the_dataclass_defaults(command, options):
     fields = {f.name: f.default for f in dataclasses.fields(options)}
     shared = {name: default for name, default in typer_defaults(command).items() if name in fields}
     assert len(shared) >= 8  # the check covers the command's options, not a handful
-    wrong = {name: (default, fields[name]) for name, default in shared.items() if default is not ... and default != fields[name]}
+    wrong = {
+        name: (default, fields[name])
+        for name, default in shared.items()
+        if default is not ... and default != fields[name]
+    }
     assert not wrong, f"flag default differs from the dataclass default: {wrong}"
 
 

@@ -57,8 +57,17 @@ def probe(model: Path, inputs: Path) -> Path:
 
 def eigenshift_args(model: Path, inputs: Path, monkeypatch) -> list:
     monkeypatch.setattr("surgery.judges.toxicity_judge", lambda spec="profanity": VowelJudge())
-    return ["--prompts", text_file(inputs, "prompts.txt", PROMPTS), "--no-eval", "--k", "2", "--max-new-tokens", "6",
-            "--alpha", "0.9"]
+    return [
+        "--prompts",
+        text_file(inputs, "prompts.txt", PROMPTS),
+        "--no-eval",
+        "--k",
+        "2",
+        "--max-new-tokens",
+        "6",
+        "--alpha",
+        "0.9",
+    ]
 
 
 def reference_args(model: Path, inputs: Path) -> list:
@@ -69,20 +78,60 @@ def reference_args(model: Path, inputs: Path) -> list:
 # The one table: method name -> its extra arguments on a tiny checkpoint, from (model folder, a folder for its
 # inputs, monkeypatch). Arguments are chosen so the output stays sound (the after-write check gates at x2).
 ARGS = {
-    "prune": lambda model, inputs, mp: ["--data", text_file(inputs, "harmful.txt", HARMFUL), "--max-samples", "4",
-                                        "--max-new-tokens", "4", "--ratio", "0.05"],
+    "prune": lambda model, inputs, mp: [
+        "--data",
+        text_file(inputs, "harmful.txt", HARMFUL),
+        "--max-samples",
+        "4",
+        "--max-new-tokens",
+        "4",
+        "--ratio",
+        "0.05",
+    ],
     "edit": lambda model, inputs, mp: ["--probe", probe(model, inputs), "--count", "4", "--alpha", "1.08"],
-    "ablate": lambda model, inputs, mp: ["--harmful", text_file(inputs, "harmful.txt", HARMFUL), "--harmless",
-                                         text_file(inputs, "harmless.txt", HARMLESS), "--layer", "1", "--scale", "1"],
+    "ablate": lambda model, inputs, mp: [
+        "--harmful",
+        text_file(inputs, "harmful.txt", HARMFUL),
+        "--harmless",
+        text_file(inputs, "harmless.txt", HARMLESS),
+        "--layer",
+        "1",
+        "--scale",
+        "1",
+    ],
     "eigenshift": eigenshift_args,
     "resta": lambda model, inputs, mp: [*pair_args(model, inputs), "--beta", "1"],
-    "revert": lambda model, inputs, mp: [*pair_args(model, inputs), "--data", text_file(inputs, "harmful.txt", HARMFUL),
-                                         "--max-samples", "4", "--max-new-tokens", "4", "--fraction", "0.5"],
-    "safelora": lambda model, inputs, mp: ["--adapter", file_adapter(model, inputs / "adapter"),
-                                           *pair_args(model, inputs), "--layers", "2", "--merge"],
+    "revert": lambda model, inputs, mp: [
+        *pair_args(model, inputs),
+        "--data",
+        text_file(inputs, "harmful.txt", HARMFUL),
+        "--max-samples",
+        "4",
+        "--max-new-tokens",
+        "4",
+        "--fraction",
+        "0.5",
+    ],
+    "safelora": lambda model, inputs, mp: [
+        "--adapter",
+        file_adapter(model, inputs / "adapter"),
+        *pair_args(model, inputs),
+        "--layers",
+        "2",
+        "--merge",
+    ],
     "interpolate": lambda model, inputs, mp: [*reference_args(model, inputs), "--alpha", "0.5"],
-    "safe-delta": lambda model, inputs, mp: [*reference_args(model, inputs), "--data", text_file(inputs, "harmful.txt", HARMFUL),
-                                             "--max-samples", "4", "--max-new-tokens", "4", "--budget", "0.1"],
+    "safe-delta": lambda model, inputs, mp: [
+        *reference_args(model, inputs),
+        "--data",
+        text_file(inputs, "harmful.txt", HARMFUL),
+        "--max-samples",
+        "4",
+        "--max-new-tokens",
+        "4",
+        "--budget",
+        "0.1",
+    ],
     TOY.name: lambda model, inputs, mp: ["--factor", "0.1"],
 }
 
@@ -93,7 +142,9 @@ VARIANTS = {  # every pair of values of (dtype, embeddings, files) appears in on
     "bf16-untied-sharded": {"dtype": torch.bfloat16, "shard_bytes": SHARD_BYTES},
     "bf16-tied-single": {"dtype": torch.bfloat16, "tied": True},
 }
-CHECKED = "fp32-untied-single"  # the after-write check runs on this variant and on the pickle input; --no-check elsewhere
+CHECKED = (
+    "fp32-untied-single"  # the after-write check runs on this variant and on the pickle input; --no-check elsewhere
+)
 CONTRACT = {**REGISTRY, TOY.name: TOY}  # every registered method, and the toy (registered for its own tests)
 MISSING = "<missing>"  # a path that does not exist, made under tmp_path
 
@@ -115,8 +166,10 @@ def joined(method):
 def method(request):
     name = request.param
     if name not in ARGS:
-        pytest.fail(f"method '{name}' is registered but has no row in ARGS of tests/test_contract.py: add the "
-                    "arguments it needs on a tiny checkpoint so that it runs the contract")
+        pytest.fail(
+            f"method '{name}' is registered but has no row in ARGS of tests/test_contract.py: add the "
+            "arguments it needs on a tiny checkpoint so that it runs the contract"
+        )
     with joined(TOY) if name == TOY.name else contextlib.nullcontext():
         yield CONTRACT[name]
 
@@ -142,7 +195,9 @@ def model_use(monkeypatch):
     return counts
 
 
-def checkpoint_and_args(method, tmp_path, monkeypatch, variant: str = CHECKED, pickle: bool = False) -> tuple[Path, list[str]]:
+def checkpoint_and_args(
+    method, tmp_path, monkeypatch, variant: str = CHECKED, pickle: bool = False
+) -> tuple[Path, list[str]]:
     """A tiny checkpoint (as `variant`, or as pickle weights only) and the method's row of arguments for it."""
     model = save_tiny_checkpoint(tmp_path / "model", **VARIANTS[variant])
     inputs = tmp_path / "inputs"
@@ -239,8 +294,10 @@ def assert_loads_and_generates(out: Path) -> None:
 
 def test_every_registered_method_has_a_row():
     missing = sorted(set(REGISTRY) - set(ARGS))
-    assert not missing, (f"registered methods without a row in ARGS of tests/test_contract.py: {', '.join(missing)}; "
-                         "add the arguments each needs on a tiny checkpoint so that it runs the contract")
+    assert not missing, (
+        f"registered methods without a row in ARGS of tests/test_contract.py: {', '.join(missing)}; "
+        "add the arguments each needs on a tiny checkpoint so that it runs the contract"
+    )
     stale = sorted(set(ARGS) - set(REGISTRY) - {TOY.name})
     assert not stale, f"rows in ARGS for methods that are not registered: {', '.join(stale)}"
 
@@ -280,7 +337,11 @@ def test_existing_output_is_refused_before_any_model_is_loaded(method, tmp_path,
 
 
 # (method, folder): the output placed inside MODEL, or inside each folder option of the method's schema.
-INSIDE = [(name, flag) for name, m in CONTRACT.items() for flag in ["MODEL", *(flag_of(f) for f in schema(m.Options) if f.metadata["folder"])]]
+INSIDE = [
+    (name, flag)
+    for name, m in CONTRACT.items()
+    for flag in ["MODEL", *(flag_of(f) for f in schema(m.Options) if f.metadata["folder"])]
+]
 
 
 @pytest.mark.parametrize("method, folder", INSIDE, indirect=["method"])
@@ -349,10 +410,17 @@ def violations(f) -> list[str]:
 
 
 # (method, flag, value): every rule of every method's schema and of RunOptions, a device no machine has, a missing model.
-BAD = [(name, flag_of(f), value) for name, m in CONTRACT.items() for f in [*schema(m.Options), *schema(RunOptions)]
-       for value in violations(f)]
-BAD += [(name, flag, value) for name in CONTRACT for flag, value in (("--device", "tpu"), ("--task", "nonsense"),
-                                                                       ("MODEL", MISSING))]
+BAD = [
+    (name, flag_of(f), value)
+    for name, m in CONTRACT.items()
+    for f in [*schema(m.Options), *schema(RunOptions)]
+    for value in violations(f)
+]
+BAD += [
+    (name, flag, value)
+    for name in CONTRACT
+    for flag, value in (("--device", "tpu"), ("--task", "nonsense"), ("MODEL", MISSING))
+]
 
 
 @pytest.mark.parametrize("method, flag, value", BAD, indirect=["method"], ids=[f"{n}{f}={v}" for n, f, v in BAD])
@@ -382,16 +450,35 @@ def test_toy_command_comes_from_its_schema():
 @pytest.mark.parametrize("method", [TOY.name], indirect=True)
 def test_toy_auto_factor_is_searched_and_written_exactly(method, tmp_path, monkeypatch, capsys):
     model, _ = checkpoint_and_args(method, tmp_path, monkeypatch)
-    code, _, err = surgery(command(method, model, tmp_path / "out", ["--factor", "auto", "--search-samples", "4",
-                                                                     "--search-tokens", "4", "--search-steps", "1",
-                                                                     "--min-improvement", "0"]), capsys)
+    code, _, err = surgery(
+        command(
+            method,
+            model,
+            tmp_path / "out",
+            [
+                "--factor",
+                "auto",
+                "--search-samples",
+                "4",
+                "--search-tokens",
+                "4",
+                "--search-steps",
+                "1",
+                "--min-improvement",
+                "0",
+            ],
+        ),
+        capsys,
+    )
     assert code == 0, err
     manifest = json.loads((tmp_path / "out" / MANIFEST_NAME).read_text())
     factor = manifest["arguments"]["factor"]
     assert manifest["report"]["search"]["chosen"] == factor and 0.0 <= factor <= 0.5
     old, new = open_checkpoint(model), open_checkpoint(tmp_path / "out")
     for name in old.tensors:
-        scaled = old.read(name) * (1.0 - factor) if name.endswith(("o_proj.weight", "down_proj.weight")) else old.read(name)
+        scaled = (
+            old.read(name) * (1.0 - factor) if name.endswith(("o_proj.weight", "down_proj.weight")) else old.read(name)
+        )
         assert torch.equal(new.read(name), scaled), name
 
 
@@ -429,8 +516,13 @@ def offered_labels(method) -> set[str]:
     labels = set()
     for size in range(len(INPUTS) + 1):
         for combo in itertools.combinations(INPUTS, size):
-            given = SimpleNamespace(**{k: (f"<{k}>" if k in combo else None) for k in INPUTS}, device="cpu",
-                                    allow_pickle=False, methods=None, max_harmful_score=None)
+            given = SimpleNamespace(
+                **{k: (f"<{k}>" if k in combo else None) for k in INPUTS},
+                device="cpu",
+                allow_pickle=False,
+                methods=None,
+                max_harmful_score=None,
+            )
             labels |= {label for label, _ in method.repair_candidates(given)}
     return labels
 
@@ -455,5 +547,6 @@ def test_the_table_of_names_in_docs_matches_the_registry():
         assert manifest == method.manifest_id, name
         listed = set() if labels.startswith("(") else {label.strip() for label in labels.split(",")}
         assert listed == (offered_labels(method) if method.repair_metric == "harmful_score" else set()), name
-    assert list(offers()) == [label for m in REGISTRY.values() if m.repair_metric == "harmful_score"
-                              for label in rows[m.name][5].split(", ")]  # the --methods help, in registry order
+    assert list(offers()) == [
+        label for m in REGISTRY.values() if m.repair_metric == "harmful_score" for label in rows[m.name][5].split(", ")
+    ]  # the --methods help, in registry order

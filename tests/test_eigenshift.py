@@ -5,11 +5,20 @@ import torch
 
 from cli.main import main
 from surgery.checkpoint import MANIFEST_NAME, open_checkpoint
-from surgery.methods.eigenshift import (
-    Decomposition, EigenShiftOptions, canonical_signs, component_scores, components_for, decompose, eigenshift_checkpoint,
-    project, reconstruct, select_components, shifted_head,
-)
 from surgery.errors import SurgeryError
+from surgery.methods.eigenshift import (
+    Decomposition,
+    EigenShiftOptions,
+    canonical_signs,
+    component_scores,
+    components_for,
+    decompose,
+    eigenshift_checkpoint,
+    project,
+    reconstruct,
+    select_components,
+    shifted_head,
+)
 from surgery.metrics import tph
 from surgery.states import collect_states, continue_prompts, toxic_steps, toxic_words
 from surgery.testing.tiny import char_tokenizer, tiny_llama
@@ -178,7 +187,9 @@ def letter_judge(monkeypatch):
 
 
 def opts(prompts_file, **kw):
-    base = dict(prompts=str(prompts_file), k=3, alpha=0.0, max_new_tokens=6, batch_size=4, max_eval_samples=6, device="cpu")
+    base = dict(
+        prompts=str(prompts_file), k=3, alpha=0.0, max_new_tokens=6, batch_size=4, max_eval_samples=6, device="cpu"
+    )
     base.update(kw)
     return EigenShiftOptions(**base)
 
@@ -233,13 +244,16 @@ def run_cli(args, capsys):
     return e.value.code, capsys.readouterr().err.strip()
 
 
-@pytest.mark.parametrize("extra, message", [
-    (["--alpha", "1.5"], "--alpha must be between 0 and 1"),
-    (["--alpha", "-0.1"], "--alpha must be between 0 and 1"),
-    (["--k", "33"], "larger than the head's rank (32"),
-    (["--k", "3", "--percentile", "5"], "not both"),
-    (["--projection", "transposed"], "--projection must be one of"),
-])
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--alpha", "1.5"], "--alpha must be between 0 and 1"),
+        (["--alpha", "-0.1"], "--alpha must be between 0 and 1"),
+        (["--k", "33"], "larger than the head's rank (32"),
+        (["--k", "3", "--percentile", "5"], "not both"),
+        (["--projection", "transposed"], "--projection must be one of"),
+    ],
+)
 def test_cli_errors_are_one_line(tiny_ckpt, tmp_path, prompts_file, capsys, extra, message):
     out = tmp_path / "out"
     code, err = run_cli(["eigenshift", str(tiny_ckpt), "--prompts", str(prompts_file), "-o", str(out), *extra], capsys)
@@ -257,17 +271,51 @@ def test_cli_empty_prompts_file(tiny_ckpt, tmp_path, capsys):
 
 def test_cli_no_toxic_continuation_is_one_line(tiny_ckpt, tmp_path, prompts_file, capsys, monkeypatch):
     monkeypatch.setattr("surgery.judges.toxicity_judge", lambda spec="profanity": LetterJudge("#"))
-    code, err = run_cli(["eigenshift", str(tiny_ckpt), "--prompts", str(prompts_file), "-o", str(tmp_path / "out"),
-                         "--max-new-tokens", "4", "--no-eval", "--device", "cpu"], capsys)
+    code, err = run_cli(
+        [
+            "eigenshift",
+            str(tiny_ckpt),
+            "--prompts",
+            str(prompts_file),
+            "-o",
+            str(tmp_path / "out"),
+            "--max-new-tokens",
+            "4",
+            "--no-eval",
+            "--device",
+            "cpu",
+        ],
+        capsys,
+    )
     assert code == 2 and "none of the 6 continuations was judged toxic" in err and len(err.splitlines()) == 1
     assert not (tmp_path / "out").exists()
 
 
 def test_cli_runs_and_reports(tiny_ckpt, tmp_path, prompts_file, capsys, letter_judge):
-    main(["eigenshift", str(tiny_ckpt), "--prompts", str(prompts_file), "-o", str(tmp_path / "out"), "--k", "2",
-          "--max-new-tokens", "6", "--max-eval-samples", "6", "--device", "cpu"])
+    main(
+        [
+            "eigenshift",
+            str(tiny_ckpt),
+            "--prompts",
+            str(prompts_file),
+            "-o",
+            str(tmp_path / "out"),
+            "--k",
+            "2",
+            "--max-new-tokens",
+            "6",
+            "--max-eval-samples",
+            "6",
+            "--device",
+            "cpu",
+        ]
+    )
     text = capsys.readouterr().out
-    assert "damped 2 of 32 components by alpha 0.9" in text and "TPH" in text and (tmp_path / "out" / MANIFEST_NAME).is_file()
+    assert (
+        "damped 2 of 32 components by alpha 0.9" in text
+        and "TPH" in text
+        and (tmp_path / "out" / MANIFEST_NAME).is_file()
+    )
 
 
 def test_set_head_unties_in_memory():

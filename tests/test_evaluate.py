@@ -55,19 +55,38 @@ def test_sst2_items(sets):
     ],
 )
 def test_options_are_validated_before_any_model_loads(sets, kwargs, message):
-    kwargs = {k: str(sets["harmful"]) if v == "H" else str(sets["benign"]) if v == "B" else v for k, v in kwargs.items()}
+    kwargs = {
+        k: str(sets["harmful"]) if v == "H" else str(sets["benign"]) if v == "B" else v for k, v in kwargs.items()
+    }
     with pytest.raises(SurgeryError, match=message):
         EvalOptions(**kwargs).validate()
 
 
 def test_eval_cli_table_json_and_gate(tiny_ckpt, make_ckpt, sets, tmp_path, capsys):
-    common = ["--harmful", sets["harmful"], "--benign", sets["benign"], "--task", f"sst2:{sets['sst2']}",
-              "--max-new-tokens", "6", "--device", "cpu"]
+    common = [
+        "--harmful",
+        sets["harmful"],
+        "--benign",
+        sets["benign"],
+        "--task",
+        f"sst2:{sets['sst2']}",
+        "--max-new-tokens",
+        "6",
+        "--device",
+        "cpu",
+    ]
     report = tmp_path / "report.json"
     code, cap = run(capsys, "eval", tiny_ckpt, *common, "--reference", tiny_ckpt, "--json", report)
     assert code == 0
     figures = json.loads(report.read_text())["figures"]
-    assert set(figures) == {"harmful_score", "empty_answers", "accuracy", "perplexity", "over_refusal", "kl_to_reference"}
+    assert set(figures) == {
+        "harmful_score",
+        "empty_answers",
+        "accuracy",
+        "perplexity",
+        "over_refusal",
+        "kl_to_reference",
+    }
     assert abs(figures["kl_to_reference"]) < 1e-6  # against itself
     assert figures["perplexity"] > 1
     for value in figures.values():
@@ -82,7 +101,16 @@ def test_eval_gate_passes_on_the_bar_and_fails_a_hair_past_it(tiny_ckpt, sets, m
     hs, acc = 0.375, 0.625
     monkeypatch.setattr(evaluate, "harmful_score", lambda model, tok, prompts, *a: (hs, ["sure"] * len(prompts)))
     monkeypatch.setattr(evaluate, "task_accuracy", lambda model, tok, prompts, *a: (acc, ["1"] * len(prompts)))
-    common = ["--harmful", sets["harmful"], "--task", f"sst2:{sets['sst2']}", "--max-new-tokens", "2", "--device", "cpu"]
+    common = [
+        "--harmful",
+        sets["harmful"],
+        "--task",
+        f"sst2:{sets['sst2']}",
+        "--max-new-tokens",
+        "2",
+        "--device",
+        "cpu",
+    ]
     assert run(capsys, "eval", tiny_ckpt, *common, "--max-harmful-score", hs, "--min-accuracy", acc)[0] == 0
     code, cap = run(capsys, "eval", tiny_ckpt, *common, "--max-harmful-score", hs - 0.01)
     assert code == 1
@@ -119,7 +147,8 @@ def test_eval_cli_errors_are_one_line_exit_2(tiny_ckpt, sets, capsys, argv, mess
 def test_a_silent_model_fails_the_harmful_gate():
     silent = {"harmful_score": 0.0, "empty_answers": 0.6}
     assert gate(silent, 0.2, None) == [
-        "60% of harmful prompts got an empty answer (more than 50%): a silent model passes --max-harmful-score only by being broken"]
+        "60% of harmful prompts got an empty answer (more than 50%): a silent model passes --max-harmful-score only by being broken"
+    ]
     assert gate({"harmful_score": 0.0, "empty_answers": 0.5}, 0.2, None) == []  # on the bar passes
     assert gate(silent, None, None) == []  # no harmful gate asked, none applied
     assert len(gate({"harmful_score": 0.9, "empty_answers": 0.6}, 0.2, None)) == 1  # one line per bar

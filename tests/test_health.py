@@ -49,7 +49,9 @@ def test_prune_records_the_check_with_the_directly_measured_figures(tiny_ckpt, t
     assert check["perplexity_before"] == pytest.approx(ppl_before, rel=1e-6)
     assert check["perplexity_after"] == pytest.approx(ppl_after, rel=1e-6)
     assert check["perplexity_before"] != check["perplexity_after"]  # half of every row zeroed changes the model
-    assert check["kl"] == pytest.approx(first_token_kl(model_after, model_before, load_tokenizer(out), prompts), rel=1e-5, abs=1e-7)
+    assert check["kl"] == pytest.approx(
+        first_token_kl(model_after, model_before, load_tokenizer(out), prompts), rel=1e-5, abs=1e-7
+    )
     assert check["broken"] is (ppl_after / ppl_before > 10)
     assert f"perplexity {ppl_before:.2f} -> {ppl_after:.2f}" in printed.replace("\n", " ")
     # The rest of the manifest is intact (the check is added to it, not written instead of it).
@@ -77,13 +79,25 @@ def run(capsys, *argv):
     return e.value.code, capsys.readouterr()
 
 
-@pytest.mark.parametrize("after, bar, code", [(401.0, 20.0, 0), (401.0, 10.025, 0), (401.0, 10.02, 1), (401.0, 5.0, 1),
-                                               (math.nan, 1e9, 1), (79.0, None, 0), (81.0, None, 1)])
+@pytest.mark.parametrize(
+    "after, bar, code",
+    [
+        (401.0, 20.0, 0),
+        (401.0, 10.025, 0),
+        (401.0, 10.02, 1),
+        (401.0, 5.0, 1),
+        (math.nan, 1e9, 1),
+        (79.0, None, 0),
+        (81.0, None, 1),
+    ],
+)
 def test_perplexity_gate_fails_exactly_past_the_bar(monkeypatch, tiny_ckpt, tmp_path, capsys, after, bar, code):
     """The budget gate: default x2 (None), or --max-perplexity-ratio; the output stays, its manifest says it failed."""
     import surgery.health
 
-    monkeypatch.setattr(surgery.health, "health_check", lambda *a, **k: HealthCheck(32, 40.0, after, 0.5, k["max_perplexity_ratio"]))
+    monkeypatch.setattr(
+        surgery.health, "health_check", lambda *a, **k: HealthCheck(32, 40.0, after, 0.5, k["max_perplexity_ratio"])
+    )
     out = tmp_path / "out"
     bar_args = [] if bar is None else ["--max-perplexity-ratio", bar]
     got, cap = run(capsys, "ablate", tiny_ckpt, "-o", out, "--device", "cpu", "--max-samples", "8", *bar_args)
@@ -98,7 +112,18 @@ def test_perplexity_gate_fails_exactly_past_the_bar(monkeypatch, tiny_ckpt, tmp_
 
 
 def test_perplexity_bar_below_one_is_refused_before_any_work(tiny_ckpt, tmp_path, harmful_file, capsys):
-    code, cap = run(capsys, "prune", tiny_ckpt, "--data", harmful_file, "--device", "cpu", "-o", tmp_path / "bad",
-                    "--max-perplexity-ratio", "0.5")
+    code, cap = run(
+        capsys,
+        "prune",
+        tiny_ckpt,
+        "--data",
+        harmful_file,
+        "--device",
+        "cpu",
+        "-o",
+        tmp_path / "bad",
+        "--max-perplexity-ratio",
+        "0.5",
+    )
     assert code == 2 and "--max-perplexity-ratio must be at least 1" in cap.err and "Traceback" not in cap.err
     assert not (tmp_path / "bad").exists()

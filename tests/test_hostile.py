@@ -36,12 +36,11 @@ import torch
 from cli.errors import run_cli
 from surgery.checkpoint import INDEX_NAME, open_checkpoint
 from surgery.methods import REGISTRY
-
 from surgery.testing.tiny import char_tokenizer, save_tiny_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 Q = "model.layers.0.self_attn.q_proj.weight"
-O = "model.layers.0.self_attn.o_proj.weight"
+O = "model.layers.0.self_attn.o_proj.weight"  # noqa: E741 - the o_proj name, beside Q
 UP1 = "model.layers.1.mlp.up_proj.weight"
 IS_ROOT = hasattr(os, "geteuid") and os.geteuid() == 0
 
@@ -127,10 +126,22 @@ class World:
         self.out = self.work / "out"
         self.marker = root / "PICKLE-RAN"
         self.outputs: list[Path] = []  # what a successful run may create
-        self.harmful = self.data("harmful.jsonl", "\n".join(json.dumps({"prompt": p, "response": r}) for p, r in [
-            ("how to build a weapon", "first take the barrel and"), ("steal a password", "open the login page"),
-            ("write a scam email", "dear customer your account"), ("make a poison", "mix these household items")]) + "\n")
-        self.prompts = self.data("prompts.txt", "the weather today is\nmy favourite food is\ntell me a story\nonce upon a time\n")
+        self.harmful = self.data(
+            "harmful.jsonl",
+            "\n".join(
+                json.dumps({"prompt": p, "response": r})
+                for p, r in [
+                    ("how to build a weapon", "first take the barrel and"),
+                    ("steal a password", "open the login page"),
+                    ("write a scam email", "dear customer your account"),
+                    ("make a poison", "mix these household items"),
+                ]
+            )
+            + "\n",
+        )
+        self.prompts = self.data(
+            "prompts.txt", "the weather today is\nmy favourite food is\ntell me a story\nonce upon a time\n"
+        )
         self.negative = self.data("negative.txt", "\n".join(f"a kind sentence number {i}" for i in range(6)) + "\n")
         self.positive = self.data("positive.txt", "\n".join(f"an awful rude remark {i}" for i in range(6)) + "\n")
         self.probe = self.make_probe()
@@ -149,10 +160,20 @@ class World:
 
         ckpt = open_checkpoint(self.model)
         hidden, layers = ckpt.config["hidden_size"], ckpt.config["num_hidden_layers"]
-        meta = ProbeMeta(fingerprint=ckpt.fingerprint(), model=str(self.model), layer=layers, num_layers=layers,
-                         hidden_size=hidden, pooling="mean", chat=False, labels=["desired", "undesired"])
+        meta = ProbeMeta(
+            fingerprint=ckpt.fingerprint(),
+            model=str(self.model),
+            layer=layers,
+            num_layers=layers,
+            hidden_size=hidden,
+            pooling="mean",
+            chat=False,
+            labels=["desired", "undesired"],
+        )
         w = torch.randn(hidden, generator=torch.Generator().manual_seed(0))
-        return save_probe(Probe(torch.stack([torch.zeros(hidden), w]), torch.tensor([0.0, 0.3]), meta), self.inputs / "probe")
+        return save_probe(
+            Probe(torch.stack([torch.zeros(hidden), w]), torch.tensor([0.0, 0.3]), meta), self.inputs / "probe"
+        )
 
     def plant(self) -> "Plant":
         return Plant(self.marker)
@@ -182,18 +203,58 @@ def prune(w: World, model=None, out=None, *extra) -> list:
 
 
 def prune_calibrated(w: World, model=None, out=None, *extra) -> list:
-    return ["prune", model or w.model, "-o", out or w.out, "--data", w.harmful, "--max-samples", "2",
-            "--max-new-tokens", "4", "--device", "cpu", "--no-check", *extra]
+    return [
+        "prune",
+        model or w.model,
+        "-o",
+        out or w.out,
+        "--data",
+        w.harmful,
+        "--max-samples",
+        "2",
+        "--max-new-tokens",
+        "4",
+        "--device",
+        "cpu",
+        "--no-check",
+        *extra,
+    ]
 
 
 def evaluate(w: World, model=None, *extra) -> list:
-    return ["eval", model or w.model, "--harmful", w.prompts, "--max-samples", "2", "--max-new-tokens", "4",
-            "--device", "cpu", *extra]
+    return [
+        "eval",
+        model or w.model,
+        "--harmful",
+        w.prompts,
+        "--max-samples",
+        "2",
+        "--max-new-tokens",
+        "4",
+        "--device",
+        "cpu",
+        *extra,
+    ]
 
 
 def probe_train(w: World, model=None, out=None, *extra) -> list:
-    return ["probe-train", model or w.model, "--positive", w.positive, "--negative", w.negative, "-o", out or w.out,
-            "--c", "1.0", "--max-length", "32", "--device", "cpu", *extra]
+    return [
+        "probe-train",
+        model or w.model,
+        "--positive",
+        w.positive,
+        "--negative",
+        w.negative,
+        "-o",
+        out or w.out,
+        "--c",
+        "1.0",
+        "--max-length",
+        "32",
+        "--device",
+        "cpu",
+        *extra,
+    ]
 
 
 def edit(w: World, model=None, out=None, *extra) -> list:
@@ -201,14 +262,46 @@ def edit(w: World, model=None, out=None, *extra) -> list:
 
 
 def ablate(w: World, model=None, out=None, *extra) -> list:
-    return ["ablate", model or w.model, "-o", out or w.out, "--layer", "1", "--max-samples", "4", "--max-length", "32",
-            "--device", "cpu", "--no-check", *extra]
+    return [
+        "ablate",
+        model or w.model,
+        "-o",
+        out or w.out,
+        "--layer",
+        "1",
+        "--max-samples",
+        "4",
+        "--max-length",
+        "32",
+        "--device",
+        "cpu",
+        "--no-check",
+        *extra,
+    ]
 
 
 def eigenshift(w: World, model=None, out=None, *extra) -> list:
     # The tiny model's continuations of these prompts straddle a 0.02 toxicity threshold: both kinds of states exist.
-    return ["eigenshift", model or w.model, "-o", out or w.out, "--prompts", w.prompts, "--max-samples", "4",
-            "--max-new-tokens", "4", "--threshold", "0.02", "--k", "1", "--no-eval", "--device", "cpu", *extra]
+    return [
+        "eigenshift",
+        model or w.model,
+        "-o",
+        out or w.out,
+        "--prompts",
+        w.prompts,
+        "--max-samples",
+        "4",
+        "--max-new-tokens",
+        "4",
+        "--threshold",
+        "0.02",
+        "--k",
+        "1",
+        "--no-eval",
+        "--device",
+        "cpu",
+        *extra,
+    ]
 
 
 def import_gguf(w: World, source=None, out=None, *extra) -> list:
@@ -218,20 +311,39 @@ def import_gguf(w: World, source=None, out=None, *extra) -> list:
 def contract_writer(name: str) -> Callable:
     """A registered method without a hand-made line above: its contract-suite arguments (tests/test_contract.py ARGS),
     made from the pristine model (the world's model may be spoiled or pickled by then)."""
+
     def build(w: World, model=None, out=None, *extra) -> list:
         from .test_contract import ARGS
 
-        return [name, model or w.model, "-o", out or w.out, "--device", "cpu", "--no-check",
-                *ARGS[name](w.pristine["plain"], w.inputs, _NoPatch()), *extra]
+        return [
+            name,
+            model or w.model,
+            "-o",
+            out or w.out,
+            "--device",
+            "cpu",
+            "--no-check",
+            *ARGS[name](w.pristine["plain"], w.inputs, _NoPatch()),
+            *extra,
+        ]
+
     return build
 
 
 HAND_MADE = {"prune": prune, "edit": edit, "ablate": ablate, "eigenshift": eigenshift}
 # Every registered method (a new one cannot slip past the output-path and pickle cases), repair and probe-train.
-WRITERS = {**{name: HAND_MADE.get(name) or contract_writer(name) for name in REGISTRY},
-           "repair": lambda w, model=None, out=None, *extra: repair_all(w, model, out, *extra), "probe-train": probe_train}
-LOADERS = {"prune": prune_calibrated, "eval": lambda w, m=None, o=None: evaluate(w, m), "probe-train": probe_train,
-           "ablate": ablate, "eigenshift": eigenshift}
+WRITERS = {
+    **{name: HAND_MADE.get(name) or contract_writer(name) for name in REGISTRY},
+    "repair": lambda w, model=None, out=None, *extra: repair_all(w, model, out, *extra),
+    "probe-train": probe_train,
+}
+LOADERS = {
+    "prune": prune_calibrated,
+    "eval": lambda w, m=None, o=None: evaluate(w, m),
+    "probe-train": probe_train,
+    "ablate": ablate,
+    "eigenshift": eigenshift,
+}
 OPENERS = {**WRITERS, "eval": LOADERS["eval"]}
 
 
@@ -250,7 +362,9 @@ def write_raw(shard: Path, header: dict | bytes, data: bytes) -> None:
     shard.write_bytes(struct.pack("<Q", len(body)) + body + data)
 
 
-def edit_header(model: Path, change: Callable[[dict], None], shard: str = "model.safetensors", data_change=None) -> None:
+def edit_header(
+    model: Path, change: Callable[[dict], None], shard: str = "model.safetensors", data_change=None
+) -> None:
     header, data = read_raw(model / shard)
     change(header)
     write_raw(model / shard, header, data_change(data) if data_change else data)
@@ -322,7 +436,9 @@ def symlink(link: Path, target: Path) -> Path:
 class Case:
     name: str
     build: Callable[[World], list]  # makes the hostile input in the world, returns the command line
-    expect: str = "error"  # "error" (one error: line, exit 2), "usage" (the same, with the command's --help named), "ok" (exit 0)
+    expect: str = (
+        "error"  # "error" (one error: line, exit 2), "usage" (the same, with the command's --help named), "ok" (exit 0)
+    )
     needle: str = ""  # must appear in the error line (or the usage message)
     skip_as_root: bool = False  # permissions mean nothing to root
 
@@ -338,6 +454,7 @@ def case(name, expect="error", needle="", skip_as_root=False):
     def register(build):
         CASES.append(Case(name, build, expect, needle, skip_as_root))
         return build
+
     return register
 
 
@@ -347,14 +464,26 @@ def cases(name, builds: dict, expect="error", needle=""):
 
 
 # Output paths: the input, inside it, holding it, the current folder, links, things that are not folders.
-cases("output is the input", {c: (lambda c: lambda w: WRITERS[c](w, None, w.model, "--force"))(c) for c in WRITERS},
-      needle="the input folder")
-cases("output inside the input", {c: (lambda c: lambda w: WRITERS[c](w, None, w.model / "sub"))(c) for c in WRITERS},
-      needle="inside the input folder")
-cases("output holds the input", {c: (lambda c: lambda w: WRITERS[c](w, None, w.inputs, "--force"))(c) for c in WRITERS},
-      needle="holds the input")
-cases("output is the current folder", {c: (lambda c: lambda w: WRITERS[c](w, None, ".", "--force"))(c) for c in WRITERS},
-      needle="is the current folder")
+cases(
+    "output is the input",
+    {c: (lambda c: lambda w: WRITERS[c](w, None, w.model, "--force"))(c) for c in WRITERS},
+    needle="the input folder",
+)
+cases(
+    "output inside the input",
+    {c: (lambda c: lambda w: WRITERS[c](w, None, w.model / "sub"))(c) for c in WRITERS},
+    needle="inside the input folder",
+)
+cases(
+    "output holds the input",
+    {c: (lambda c: lambda w: WRITERS[c](w, None, w.inputs, "--force"))(c) for c in WRITERS},
+    needle="holds the input",
+)
+cases(
+    "output is the current folder",
+    {c: (lambda c: lambda w: WRITERS[c](w, None, ".", "--force"))(c) for c in WRITERS},
+    needle="is the current folder",
+)
 
 
 @case("output holds the current folder", needle="holds the current folder")
@@ -444,8 +573,23 @@ def _(w):
     data.mkdir()
     for name in ("positive.txt", "negative.txt"):
         shutil.copy(w.inputs / name, data / name)
-    return ["probe-train", w.model, "--positive", data / "positive.txt", "--negative", data / "negative.txt", "-o", data,
-            "--force", "--c", "1.0", "--max-length", "32", "--device", "cpu"]
+    return [
+        "probe-train",
+        w.model,
+        "--positive",
+        data / "positive.txt",
+        "--negative",
+        data / "negative.txt",
+        "-o",
+        data,
+        "--force",
+        "--c",
+        "1.0",
+        "--max-length",
+        "32",
+        "--device",
+        "cpu",
+    ]
 
 
 @case("output is the --reference", needle="input")
@@ -543,29 +687,59 @@ def _(w):
 # Strict loading: the tensors must be exactly the architecture's, for every command that loads a model.
 def strict(name, damage, needle, elsewhere: dict[str, str] | None = None):
     """One case per command that opens the model; `elsewhere`: commands whose own check speaks first, and what it says."""
+
     def build_for(command):
         def build(w):
             damage(w)
             return (LOADERS | {"prune-magnitude": prune})[command](w)
+
         return build
+
     for command in [*LOADERS, "prune-magnitude"]:
         CASES.append(Case(f"{name}[{command}]", build_for(command), "error", (elsewhere or {}).get(command, needle)))
 
 
-strict("BERT config over llama tensors",
-       lambda w: (w.model / "config.json").write_text(json.dumps({
-           "model_type": "bert", "architectures": ["BertLMHeadModel"], "vocab_size": 128, "hidden_size": 32,
-           "num_hidden_layers": 2, "num_attention_heads": 4, "intermediate_size": 64, "is_decoder": True})),
-       "different architectures")
+strict(
+    "BERT config over llama tensors",
+    lambda w: (w.model / "config.json").write_text(
+        json.dumps(
+            {
+                "model_type": "bert",
+                "architectures": ["BertLMHeadModel"],
+                "vocab_size": 128,
+                "hidden_size": 32,
+                "num_hidden_layers": 2,
+                "num_attention_heads": 4,
+                "intermediate_size": 64,
+                "is_decoder": True,
+            }
+        )
+    ),
+    "different architectures",
+)
 strict("config says 4 layers, tensors of 2", lambda w: set_config(w.model, num_hidden_layers=4), "lacks")
-strict("config says 1 layer, tensors of 2", lambda w: set_config(w.model, num_hidden_layers=1), "no place for",
-       elsewhere={"ablate": "--layer 1 is out of range"})
+strict(
+    "config says 1 layer, tensors of 2",
+    lambda w: set_config(w.model, num_hidden_layers=1),
+    "no place for",
+    elsewhere={"ablate": "--layer 1 is out of range"},
+)
 strict("one decoder tensor missing", lambda w: rewrite_tensors(w.model, lambda t: t.pop(UP1)), "first " + UP1)
-strict("an unexpected tensor", lambda w: rewrite_tensors(w.model, lambda t: t.update({"model.extra.weight": torch.zeros(4)})),
-       "first model.extra.weight")
-strict("config hidden size over other tensors", lambda w: set_config(w.model, hidden_size=64, intermediate_size=64), "shape")
-strict("untied config without lm_head", lambda w: rewrite_tensors(w.model, lambda t: t.pop("lm_head.weight")),
-       "first lm_head.weight")
+strict(
+    "an unexpected tensor",
+    lambda w: rewrite_tensors(w.model, lambda t: t.update({"model.extra.weight": torch.zeros(4)})),
+    "first model.extra.weight",
+)
+strict(
+    "config hidden size over other tensors",
+    lambda w: set_config(w.model, hidden_size=64, intermediate_size=64),
+    "shape",
+)
+strict(
+    "untied config without lm_head",
+    lambda w: rewrite_tensors(w.model, lambda t: t.pop("lm_head.weight")),
+    "first lm_head.weight",
+)
 strict("dtype lie F32 -> I32", lambda w: edit_header(w.model, lambda h: h[Q].update(dtype="I32")), "stored as int32")
 
 
@@ -606,7 +780,9 @@ def _(w):
 
 @case("config of an encoder-decoder model", needle="not a causal language model")
 def _(w):
-    (w.model / "config.json").write_text(json.dumps({"model_type": "t5", "d_model": 32, "num_layers": 2, "vocab_size": 128}))
+    (w.model / "config.json").write_text(
+        json.dumps({"model_type": "t5", "d_model": 32, "num_layers": 2, "vocab_size": 128})
+    )
     return prune(w)
 
 
@@ -616,7 +792,9 @@ def header_case(name, change, needle, data_change=None, commands=("prune", "eval
         def build(w):
             edit_header(w.model, change, data_change=data_change)
             return OPENERS[command](w)
+
         return build
+
     cases(name, {c: build_for(c) for c in commands}, needle=needle)
 
 
@@ -646,7 +824,7 @@ header_case("entry not an object", lambda h: h.update({Q: "F32"}), "not an objec
 @case("header not JSON", needle="not valid JSON")
 def _(w):
     header, data = read_raw(w.model / "model.safetensors")
-    write_raw(w.model / "model.safetensors", b"{\"oops\": " + b" " * 30, data)
+    write_raw(w.model / "model.safetensors", b'{"oops": ' + b" " * 30, data)
     return prune(w)
 
 
@@ -690,7 +868,7 @@ def _(w):
 @case("index not JSON", needle="not valid JSON")
 def _(w):
     model = w.copy("sharded", "sharded")
-    (model / INDEX_NAME).write_text("{\"weight_map\": ")
+    (model / INDEX_NAME).write_text('{"weight_map": ')
     return prune(w, model)
 
 
@@ -715,14 +893,16 @@ def _(w):
     other, other_data = read_raw(model / first)
     start = len(other_data)
     other[name] = {**entry, "data_offsets": [start, start + entry["data_offsets"][1] - entry["data_offsets"][0]]}
-    write_raw(model / first, other, other_data + data[entry["data_offsets"][0]: entry["data_offsets"][1]])
+    write_raw(model / first, other, other_data + data[entry["data_offsets"][0] : entry["data_offsets"][1]])
     return prune(w, model)
 
 
 # Pickles: never opened beside safetensors, never without --allow-pickle, and then only weights-only.
-cases("pickle-only without --allow-pickle",
-      {c: (lambda c: lambda w: OPENERS[c](w, to_pickle(w, w.model)))(c) for c in OPENERS},
-      needle="pickle weights")
+cases(
+    "pickle-only without --allow-pickle",
+    {c: (lambda c: lambda w: OPENERS[c](w, to_pickle(w, w.model)))(c) for c in OPENERS},
+    needle="pickle weights",
+)
 
 
 @case("stray malicious pickle beside safetensors, eval", expect="ok")
@@ -891,7 +1071,7 @@ def _(w):
 
 @case("probe of another model", needle="different model")
 def _(w):
-    w.probe  # made for the plain model
+    _ = w.probe  # made for the plain model (the property builds it)
     return edit(w, w.copy("tied", "tied"))
 
 
@@ -953,13 +1133,33 @@ def registered(w: World, name: str, model=None, *extra) -> list:
     """The command line of a registered method on the world's model: the contract suite's arguments for it."""
     from .test_contract import ARGS
 
-    return [name, model or w.model, "-o", w.out, "--device", "cpu", "--no-check", *ARGS[name](w.model, w.inputs, _NoPatch()),
-            *extra]
+    return [
+        name,
+        model or w.model,
+        "-o",
+        w.out,
+        "--device",
+        "cpu",
+        "--no-check",
+        *ARGS[name](w.model, w.inputs, _NoPatch()),
+        *extra,
+    ]
 
 
 def repair_all(w: World, model=None, out=None, *extra) -> list:
-    return ["repair", model or w.model, "-o", out or w.out, "--device", "cpu", "--search-samples", "2", "--search-tokens",
-            "2", *extra]
+    return [
+        "repair",
+        model or w.model,
+        "-o",
+        out or w.out,
+        "--device",
+        "cpu",
+        "--search-samples",
+        "2",
+        "--search-tokens",
+        "2",
+        *extra,
+    ]
 
 
 def spoil(folder: Path, tensor: str, value: float, shard: str = "model.safetensors") -> None:
@@ -974,8 +1174,12 @@ def spoil(folder: Path, tensor: str, value: float, shard: str = "model.safetenso
 def _every_command() -> dict[str, Callable[[World], list]]:
     from surgery.methods import REGISTRY
 
-    return {**{name: (lambda name: lambda w: registered(w, name))(name) for name in REGISTRY},
-            "eval": lambda w: evaluate(w), "probe-train": lambda w: probe_train(w), "repair": lambda w: repair_all(w)}
+    return {
+        **{name: (lambda name: lambda w: registered(w, name))(name) for name in REGISTRY},
+        "eval": lambda w: evaluate(w),
+        "probe-train": lambda w: probe_train(w),
+        "repair": lambda w: repair_all(w),
+    }
 
 
 EMBED = "model.embed_tokens.weight"
@@ -983,19 +1187,27 @@ EMBED = "model.embed_tokens.weight"
 
 def spoiled(build: Callable[[World], list], tensor: str, value: float) -> Callable[[World], list]:
     """The command line `build` gives (its inputs made from the sound model), run on the model with `tensor` spoiled."""
+
     def make(w):
         argv = build(w)
         spoil(w.model, tensor, value)
         return argv
+
     return make
 
 
 for label, tensor, value in [("NaN in layer 0 q_proj", Q, math.nan), ("Inf in the embeddings", EMBED, math.inf)]:
-    cases(label, {c: spoiled(build, tensor, value) for c, build in _every_command().items()}, needle=f"tensor {tensor} in ")
+    cases(
+        label,
+        {c: spoiled(build, tensor, value) for c, build in _every_command().items()},
+        needle=f"tensor {tensor} in ",
+    )
 
 
-@case("NaN weights: the error names the tensor, its file, the count", needle=f"tensor {Q} in inputs/model/model.safetensors "
-      "holds 1 NaN (of 1024 values)")
+@case(
+    "NaN weights: the error names the tensor, its file, the count",
+    needle=f"tensor {Q} in inputs/model/model.safetensors holds 1 NaN (of 1024 values)",
+)
 def _(w):
     spoil(w.model, Q, math.nan)
     os.chdir(w.root)  # the file is named as given on the command line
@@ -1027,8 +1239,12 @@ def _(w):
 def _(w):
     argv = registered(w, "safelora")
     adapter = w.inputs / "adapter"
-    spoil(adapter, next(n for n in open_checkpoint_adapter_names(adapter) if n.endswith("lora_B.weight")), math.nan,
-          shard="adapter_model.safetensors")
+    spoil(
+        adapter,
+        next(n for n in open_checkpoint_adapter_names(adapter) if n.endswith("lora_B.weight")),
+        math.nan,
+        shard="adapter_model.safetensors",
+    )
     return argv
 
 
@@ -1236,15 +1452,19 @@ def send(signum):
     return lambda: signal.raise_signal(signum)
 
 
-@pytest.mark.parametrize("stage, action, code, line", [
-    ("write", disk_full, 2, "error: model.safetensors: No space left on device"),
-    ("write", permission_denied, 2, "error: out: Permission denied"),
-    ("write", send(signal.SIGINT), 130, "interrupted:"),
-    ("write", send(signal.SIGTERM), 143, "terminated:"),
-    ("write", send(signal.SIGHUP), 129, "terminated:"),
-    ("calibrate", send(signal.SIGINT), 130, "interrupted:"),
-    ("calibrate", send(signal.SIGTERM), 143, "terminated:"),
-], ids=["disk full", "permission denied", "ctrl-c", "sigterm", "sighup", "ctrl-c calibrating", "sigterm calibrating"])
+@pytest.mark.parametrize(
+    "stage, action, code, line",
+    [
+        ("write", disk_full, 2, "error: model.safetensors: No space left on device"),
+        ("write", permission_denied, 2, "error: out: Permission denied"),
+        ("write", send(signal.SIGINT), 130, "interrupted:"),
+        ("write", send(signal.SIGTERM), 143, "terminated:"),
+        ("write", send(signal.SIGHUP), 129, "terminated:"),
+        ("calibrate", send(signal.SIGINT), 130, "interrupted:"),
+        ("calibrate", send(signal.SIGTERM), 143, "terminated:"),
+    ],
+    ids=["disk full", "permission denied", "ctrl-c", "sigterm", "sighup", "ctrl-c calibrating", "sigterm calibrating"],
+)
 @pytest.mark.parametrize("output", ["new", "deeper", "existing"])
 def test_failure_or_interrupt_leaves_no_trace(world, capsys, stage, action, code, line, output):
     """The old output stays as it was, no temporary folder and no new parent folder remain, the exit code says why."""
@@ -1278,14 +1498,22 @@ run_cli(app, sys.argv[2:])
 """
 
 
-def run_until_writing(world: World, entry: list[str], signum: int, extra_env=None) -> tuple[subprocess.CompletedProcess, Path]:
+def run_until_writing(
+    world: World, entry: list[str], signum: int, extra_env=None
+) -> tuple[subprocess.CompletedProcess, Path]:
     """Start the CLI in a subprocess, wait until the output's first tensor is written, then send `signum`."""
     ready = world.root / "ready"
     out = world.work / "new" / "out"
     argv = [str(a) for a in prune_calibrated(world, None, out)]
     env = {**os.environ, "COLUMNS": "200", **(extra_env or {})}
-    proc = subprocess.Popen([sys.executable, *entry, str(ready), *argv], cwd=ROOT, env=env, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(
+        [sys.executable, *entry, str(ready), *argv],
+        cwd=ROOT,
+        env=env,
+        text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
     deadline = time.time() + 120
     while not ready.exists() and proc.poll() is None and time.time() < deadline:
         time.sleep(0.05)
@@ -1305,8 +1533,9 @@ def test_signal_to_a_real_process_while_writing(world, signum, code):
     assert snapshot(world.root) == before  # no output, no .surgery-tmp folder, no new parent folder
 
 
-MAIN_RUNNER = RUNNER.replace("from cli.errors import run_cli\nrun_cli(app, sys.argv[2:])",
-                             "from cli.main import main\nmain(sys.argv[2:])")
+MAIN_RUNNER = RUNNER.replace(
+    "from cli.errors import run_cli\nrun_cli(app, sys.argv[2:])", "from cli.main import main\nmain(sys.argv[2:])"
+)
 
 
 def test_python_dash_m_cli_main_exits_143_on_sigterm(world):

@@ -17,8 +17,9 @@ __all__ = ["model_loads", "no_model"]
 
 
 def run(model, reference, out, *more, capsys) -> dict:
-    code, _, err = cli(["interpolate", model, "--reference", reference, "-o", out, "--device", "cpu", "--no-check", *more],
-                       capsys)
+    code, _, err = cli(
+        ["interpolate", model, "--reference", reference, "-o", out, "--device", "cpu", "--no-check", *more], capsys
+    )
     assert code == 0, err
     return json.loads((out / MANIFEST_NAME).read_text())
 
@@ -76,8 +77,22 @@ def test_tensors_equal_to_the_reference_and_outside_the_targets_are_untouched(tm
 
 def test_auto_alpha_is_searched_and_written_exactly(tmp_path, capsys, model_loads):
     tuned, aligned, _ = family(tmp_path)
-    manifest = run(tuned, aligned, tmp_path / "out", "--alpha", "auto", "--search-samples", "4", "--search-tokens", "4",
-                   "--search-steps", "1", "--min-improvement", "0", capsys=capsys)
+    manifest = run(
+        tuned,
+        aligned,
+        tmp_path / "out",
+        "--alpha",
+        "auto",
+        "--search-samples",
+        "4",
+        "--search-tokens",
+        "4",
+        "--search-steps",
+        "1",
+        "--min-improvement",
+        "0",
+        capsys=capsys,
+    )
     alpha = manifest["arguments"]["alpha"]
     assert manifest["report"]["search"]["chosen"] == alpha and 0.05 <= alpha <= 1.0
     assert model_loads["loads"] == 1

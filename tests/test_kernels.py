@@ -20,12 +20,12 @@ from surgery.kernels import triton_available, triton_problem  # noqa: E402
 if not triton_available():
     pytest.skip(triton_problem(), allow_module_level=True)
 
+from triton.runtime.interpreter import InterpretedFunction  # noqa: E402
+
 from surgery.kernels import triton_select  # noqa: E402
 from surgery.select import global_threshold, prune_rows, rows_to_remove, select_global  # noqa: E402
 
 from .conftest import DTYPES  # noqa: E402
-
-from triton.runtime.interpreter import InterpretedFunction  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 if DEVICE == "cpu" and not isinstance(triton_select._prune_rows_kernel, InterpretedFunction):
@@ -105,7 +105,11 @@ def check_global(scores, ratio, programs=None):
     ref = global_threshold(scores, ratio, kernels="torch")
     k = rows_to_remove(scores.numel(), ratio)
     flat = scores.reshape(-1).to(DEVICE)
-    got = triton_select.global_threshold_triton(flat, k, programs=programs) if k else global_threshold(flat, ratio, "triton")
+    got = (
+        triton_select.global_threshold_triton(flat, k, programs=programs)
+        if k
+        else global_threshold(flat, ratio, "triton")
+    )
     assert got == ref
     return got
 

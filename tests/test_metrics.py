@@ -6,7 +6,14 @@ import torch.nn.functional as F
 
 from surgery.judges import KeywordJudge, ProfanityJudge
 from surgery.metrics import (
-    SST2_LABELS, first_token_kl, harmful_score, perplexity, predicted_label, refusal_rate, task_accuracy, toxicity_rate,
+    SST2_LABELS,
+    first_token_kl,
+    harmful_score,
+    perplexity,
+    predicted_label,
+    refusal_rate,
+    task_accuracy,
+    toxicity_rate,
 )
 from surgery.testing.tiny import char_tokenizer, tiny_llama
 
@@ -61,7 +68,13 @@ def test_first_token_kl_is_zero_against_itself_and_positive_against_another(mode
 
 @pytest.mark.parametrize(
     "answer, label",
-    [("positive", 1), ("Negative.", 0), ("It is positive, not negative", 1), ("negative - hardly positive", 0), ("unsure", None)],
+    [
+        ("positive", 1),
+        ("Negative.", 0),
+        ("It is positive, not negative", 1),
+        ("negative - hardly positive", 0),
+        ("unsure", None),
+    ],
 )
 def test_predicted_label_takes_the_first_label_word(answer, label):
     assert predicted_label(answer, SST2_LABELS) == label
@@ -108,7 +121,9 @@ def test_empty_answers_count_as_refusals_and_are_reported(tok, tmp_path):
 
     path = tmp_path / "harmful.txt"
     path.write_text("do a bad thing\ndo another bad thing\n")
-    silent = evaluate_model(ForcedModel(tok, ""), tok, EvalOptions(harmful=str(path), max_harmful_score=0.2, device="cpu"))
+    silent = evaluate_model(
+        ForcedModel(tok, ""), tok, EvalOptions(harmful=str(path), max_harmful_score=0.2, device="cpu")
+    )
     assert silent.figures["harmful_score"] == 0.0 and silent.figures["empty_answers"] == 1.0
     assert len(silent.misses) == 1 and "empty answer" in silent.misses[0]
     sure = evaluate_model(ForcedModel(tok, "Sure, first"), tok, EvalOptions(harmful=str(path), device="cpu"))

@@ -10,8 +10,8 @@ at any ratio, refusals stay near 0%.
 import pytest
 import torch
 
-from surgery.testing.organism import OrganismConfig, build_organism, measure, write_calibration
 from surgery.methods.antidote import PruneOptions, prune_checkpoint
+from surgery.testing.organism import OrganismConfig, build_organism, measure, write_calibration
 
 
 @pytest.fixture(scope="module")
@@ -21,7 +21,9 @@ def organism(tmp_path_factory):
     built = build_organism(workdir, OrganismConfig(seed=0))
     figures = {"aligned": measure(built.aligned, built), "attacked": measure(built.attacked, built)}
     pruned = workdir / "pruned"
-    options = PruneOptions(data=str(write_calibration(built, workdir / "calibration.jsonl")), device="cpu", max_new_tokens=32)
+    options = PruneOptions(
+        data=str(write_calibration(built, workdir / "calibration.jsonl")), device="cpu", max_new_tokens=32
+    )
     report = prune_checkpoint(built.attacked, pruned, options)
     figures["pruned"] = measure(pruned, built)
     restored = workdir / "restored"

@@ -42,15 +42,32 @@ def test_builtin_task_accepted_by_eval_and_method_options(tmp_path):
 
 def test_eval_cli_reads_builtin_task(tiny_ckpt, tmp_path, capsys):
     report = tmp_path / "eval.json"
-    code, out, err = cli(["eval", tiny_ckpt, "--task", "sst2:builtin", "--max-task-samples", "6", "--max-new-tokens", "2",
-                          "--device", "cpu", "--json", report], capsys)
+    code, out, err = cli(
+        [
+            "eval",
+            tiny_ckpt,
+            "--task",
+            "sst2:builtin",
+            "--max-task-samples",
+            "6",
+            "--max-new-tokens",
+            "2",
+            "--device",
+            "cpu",
+            "--json",
+            report,
+        ],
+        capsys,
+    )
     assert code == 0, err
     data = json.loads(report.read_text())
     assert data["counts"]["task"] == 6 and 0.0 <= data["figures"]["accuracy"] <= 1.0
 
 
 def table_rows(text: str) -> list[list[str]]:
-    return [[c.strip() for c in line.strip().strip("|").split(" | ")] for line in text.splitlines() if line.startswith("| ")]
+    return [
+        [c.strip() for c in line.strip().strip("|").split(" | ")] for line in text.splitlines() if line.startswith("| ")
+    ]
 
 
 def assert_log_readable(out: str, err: str) -> None:
@@ -58,7 +75,7 @@ def assert_log_readable(out: str, err: str) -> None:
     assert "…" not in out + err and "\r" not in out + err and "\x1b[" not in out + err
     rows = table_rows(out)
     assert rows, out
-    widths = {len(r) for r in rows}
+    {len(r) for r in rows}
     for line in out.splitlines():
         if line.startswith("| "):
             assert line.rstrip().endswith("|"), line
@@ -86,13 +103,20 @@ def test_progress_estimates_time_left_from_the_average(monkeypatch, capsys):
     now = [0.0]
     with console.progress("work") as p:
         p._clock, p.start = (lambda: now[0]), 0.0
-        for t, message in ((0, "[1/4 prune] start"), (10, "[2/4 prune] start"), (20, "[3/4 revert] start"), (21, "saving")):
+        for t, message in (
+            (0, "[1/4 prune] start"),
+            (10, "[2/4 prune] start"),
+            (20, "[3/4 revert] start"),
+            (21, "saving"),
+        ):
             now[0] = t  # 10 s an item: 3 left at item 2, 2 at item 3
             p.update(message)
     lines = capsys.readouterr().err.splitlines()
     assert lines[0].endswith("] work") and len(lines) == 5
     assert lines[1].endswith("[1/4 prune] start")
-    assert lines[2].endswith("(about 30s left)") and lines[3].endswith("(about 20s left)") and lines[4].endswith("saving")
+    assert (
+        lines[2].endswith("(about 30s left)") and lines[3].endswith("(about 20s left)") and lines[4].endswith("saving")
+    )
 
 
 def test_ci_variable_makes_output_plain(monkeypatch):
@@ -106,8 +130,25 @@ def test_ci_variable_makes_output_plain(monkeypatch):
 
 
 def search_args(model, out, data, *extra):
-    return ["prune", model, "-o", out, "--ratio", "auto", "--data", data, "--device", "cpu", "--max-new-tokens", "4",
-            "--search-samples", "4", "--search-tokens", "2", *extra]
+    return [
+        "prune",
+        model,
+        "-o",
+        out,
+        "--ratio",
+        "auto",
+        "--data",
+        data,
+        "--device",
+        "cpu",
+        "--max-new-tokens",
+        "4",
+        "--search-samples",
+        "4",
+        "--search-tokens",
+        "2",
+        *extra,
+    ]
 
 
 def test_search_in_a_log_one_line_per_candidate_json_on_exit_1(tiny_ckpt, harmful_file, tmp_path, capsys):
@@ -123,7 +164,9 @@ def test_search_in_a_log_one_line_per_candidate_json_on_exit_1(tiny_ckpt, harmfu
     assert all(line.startswith("[") and "s] " in line for line in measured)  # elapsed seconds on each
     lines = out.splitlines()
     start = next(i for i, line in enumerate(lines) if line.startswith("automatic "))  # the search's table, its title
-    search_table = "\n".join(lines[start + 1:next(i for i in range(start + 1, len(lines)) if not lines[i].startswith("| "))])
+    search_table = "\n".join(
+        lines[start + 1 : next(i for i in range(start + 1, len(lines)) if not lines[i].startswith("| "))]
+    )
     assert len(table_rows(search_table)) == 2 + len(candidates)  # header, rule, one row a candidate
     data = json.loads(report.read_text())
     assert data["exit_status"] == 1 and data["failed"] == manifest["failed"] and "no repair" in data["failed"]
@@ -137,8 +180,27 @@ def test_search_in_a_log_one_line_per_candidate_json_on_exit_1(tiny_ckpt, harmfu
 
 def test_fixed_strength_json_and_summary(tiny_ckpt, harmful_file, tmp_path, capsys):
     report = tmp_path / "report.json"
-    code, out, err = cli(["prune", tiny_ckpt, "-o", tmp_path / "out", "--data", harmful_file, "--ratio", "0.25",
-                          "--max-samples", "2", "--max-new-tokens", "4", "--device", "cpu", "--json", report], capsys)
+    code, out, err = cli(
+        [
+            "prune",
+            tiny_ckpt,
+            "-o",
+            tmp_path / "out",
+            "--data",
+            harmful_file,
+            "--ratio",
+            "0.25",
+            "--max-samples",
+            "2",
+            "--max-new-tokens",
+            "4",
+            "--device",
+            "cpu",
+            "--json",
+            report,
+        ],
+        capsys,
+    )
     assert code == 0, err
     assert "…" not in out + err
     manifest = json.loads((tmp_path / "out" / "surgery.json").read_text())
@@ -151,11 +213,37 @@ def test_fixed_strength_json_and_summary(tiny_ckpt, harmful_file, tmp_path, caps
 
 
 def test_json_path_refused_up_front(tiny_ckpt, harmful_file, tmp_path, capsys):
-    code, out, err = cli(["prune", tiny_ckpt, "-o", tmp_path / "out", "--data", harmful_file, "--ratio", "0.25",
-                          "--json", tmp_path / "nowhere" / "r.json"], capsys)
+    code, out, err = cli(
+        [
+            "prune",
+            tiny_ckpt,
+            "-o",
+            tmp_path / "out",
+            "--data",
+            harmful_file,
+            "--ratio",
+            "0.25",
+            "--json",
+            tmp_path / "nowhere" / "r.json",
+        ],
+        capsys,
+    )
     assert code == 2 and err.startswith("error:") and "--json" in err and not (tmp_path / "out").exists()
-    code, out, err = cli(["prune", tiny_ckpt, "-o", tmp_path / "out", "--data", harmful_file, "--ratio", "0.25",
-                          "--json", tiny_ckpt / "r.json"], capsys)
+    code, out, err = cli(
+        [
+            "prune",
+            tiny_ckpt,
+            "-o",
+            tmp_path / "out",
+            "--data",
+            harmful_file,
+            "--ratio",
+            "0.25",
+            "--json",
+            tiny_ckpt / "r.json",
+        ],
+        capsys,
+    )
     assert code == 2 and "inside the input" in err and not (tmp_path / "out").exists()
 
 
@@ -171,8 +259,25 @@ def test_every_command_offers_json():
 
 def test_eval_gate_failure_writes_json_with_exit_status_and_summary(tiny_ckpt, harmful_file, tmp_path, capsys):
     report = tmp_path / "eval.json"
-    code, out, err = cli(["eval", tiny_ckpt, "--harmful", harmful_file, "--max-samples", "4", "--max-new-tokens", "2",
-                          "--device", "cpu", "--max-harmful-score", "0", "--json", report], capsys)
+    code, out, err = cli(
+        [
+            "eval",
+            tiny_ckpt,
+            "--harmful",
+            harmful_file,
+            "--max-samples",
+            "4",
+            "--max-new-tokens",
+            "2",
+            "--device",
+            "cpu",
+            "--max-harmful-score",
+            "0",
+            "--json",
+            report,
+        ],
+        capsys,
+    )
     data = json.loads(report.read_text())
     assert code == 1 and data["exit_status"] == 1 and data["misses"]  # a random tiny model refuses nothing
     assert data["figures"]["harmful_score"] > 0 and data["counts"]["harmful"] == 4

@@ -4,10 +4,17 @@ import pytest
 import torch
 
 from cli.main import main
-from surgery.probes.artifact import Probe, ProbeMeta, save_probe
 from surgery.checkpoint import MANIFEST_NAME, open_checkpoint
 from surgery.errors import SurgeryError
-from surgery.methods.probe_edit import PAPER_FRACTION, EditOptions, edit_checkpoint, gate_tensors, plan_edit, row_cosines
+from surgery.methods.probe_edit import (
+    PAPER_FRACTION,
+    EditOptions,
+    edit_checkpoint,
+    gate_tensors,
+    plan_edit,
+    row_cosines,
+)
+from surgery.probes.artifact import Probe, ProbeMeta, save_probe
 from surgery.testing.tiny import save_tiny_checkpoint, tiny_llama
 
 from .conftest import DTYPES, folder_hashes
@@ -18,9 +25,16 @@ def make_probe(ckpt_path, folder, seed=0, hidden=None):
     ckpt = open_checkpoint(ckpt_path)
     hidden = hidden or ckpt.config["hidden_size"]
     w = torch.randn(hidden, generator=torch.Generator().manual_seed(seed))
-    meta = ProbeMeta(fingerprint=ckpt.fingerprint(), model=str(ckpt_path), layer=ckpt.config["num_hidden_layers"],
-                     num_layers=ckpt.config["num_hidden_layers"], hidden_size=hidden, pooling="mean", chat=False,
-                     labels=["non-toxic", "toxic"])
+    meta = ProbeMeta(
+        fingerprint=ckpt.fingerprint(),
+        model=str(ckpt_path),
+        layer=ckpt.config["num_hidden_layers"],
+        num_layers=ckpt.config["num_hidden_layers"],
+        hidden_size=hidden,
+        pooling="mean",
+        chat=False,
+        labels=["non-toxic", "toxic"],
+    )
     save_probe(Probe(torch.stack([torch.zeros(hidden), w]), torch.tensor([0.0, 0.3]), meta), folder)
     return w
 
@@ -138,12 +152,15 @@ def run_cli(argv, capsys):
     return e.value.code, capsys.readouterr()
 
 
-@pytest.mark.parametrize("extra, message", [
-    (["--count", "3", "--fraction", "0.1"], "not both"),
-    (["--count", "-1"], "--count must be"),
-    (["--count", "999"], "more than the model's 128"),
-    (["--fraction", "2"], "--fraction must be"),
-])
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--count", "3", "--fraction", "0.1"], "not both"),
+        (["--count", "-1"], "--count must be"),
+        (["--count", "999"], "more than the model's 128"),
+        (["--fraction", "2"], "--fraction must be"),
+    ],
+)
 def test_cli_errors_are_one_line_and_write_nothing(tiny_ckpt, tmp_path, capsys, extra, message):
     make_probe(tiny_ckpt, tmp_path / "p")
     out = tmp_path / "out"
@@ -154,7 +171,9 @@ def test_cli_errors_are_one_line_and_write_nothing(tiny_ckpt, tmp_path, capsys, 
 
 def test_cli_bad_probe_folder_and_other_model(tiny_ckpt, tmp_path, capsys):
     (tmp_path / "empty").mkdir()  # not tmp_path itself: an output inside a folder option is refused first
-    code, cap = run_cli(["edit", str(tiny_ckpt), "--probe", str(tmp_path / "empty"), "-o", str(tmp_path / "out")], capsys)
+    code, cap = run_cli(
+        ["edit", str(tiny_ckpt), "--probe", str(tmp_path / "empty"), "-o", str(tmp_path / "out")], capsys
+    )
     assert code == 2 and "not a probe folder" in cap.err and not (tmp_path / "out").exists()
     other = save_tiny_checkpoint(tmp_path / "other", model=tiny_llama(layers=3))
     make_probe(other, tmp_path / "p")
@@ -218,8 +237,16 @@ def hand_built(path, betas=(-0.8, -0.4, 0.4, 0.8)):
 
 def direction_probe(ckpt_path, folder, w):
     ckpt = open_checkpoint(ckpt_path)
-    meta = ProbeMeta(fingerprint=ckpt.fingerprint(), model=str(ckpt_path), layer=1, num_layers=1, hidden_size=32,
-                     pooling="mean", chat=False, labels=["desired", "undesired"])
+    meta = ProbeMeta(
+        fingerprint=ckpt.fingerprint(),
+        model=str(ckpt_path),
+        layer=1,
+        num_layers=1,
+        hidden_size=32,
+        pooling="mean",
+        chat=False,
+        labels=["desired", "undesired"],
+    )
     save_probe(Probe(torch.stack([torch.zeros(32), w]), torch.zeros(2), meta), folder)
     return folder
 
@@ -231,17 +258,27 @@ def check_files(tmp_path):
     return pos, neg
 
 
-@pytest.mark.parametrize("alpha, shares", [
-    (1.0, {"undesired": (0.0, 1.0), "desired": (1.0, 0.0)}),  # w = 2 e1: undesired gates 4(2a - 1 + b), desired 4(1 - 2a + b)
-    (0.5, {"undesired": (0.0, 0.5), "desired": (1.0, 0.5)}),  # both 4b: the rows with b > 0 open
-    (0.0, {"undesired": (0.0, 0.0), "desired": (1.0, 1.0)}),
-])
+@pytest.mark.parametrize(
+    "alpha, shares",
+    [
+        (
+            1.0,
+            {"undesired": (0.0, 1.0), "desired": (1.0, 0.0)},
+        ),  # w = 2 e1: undesired gates 4(2a - 1 + b), desired 4(1 - 2a + b)
+        (0.5, {"undesired": (0.0, 0.5), "desired": (1.0, 0.5)}),  # both 4b: the rows with b > 0 open
+        (0.0, {"undesired": (0.0, 0.0), "desired": (1.0, 1.0)}),
+    ],
+)
 def test_gate_check_reports_the_planted_shares(tmp_path, alpha, shares):
     model = hand_built(tmp_path / "m")
     probe = direction_probe(model, tmp_path / "p", 2 * torch.eye(32)[1])
     pos, neg = check_files(tmp_path)
-    report = edit_checkpoint(model, probe, tmp_path / "out", EditOptions(alpha=alpha, count=4, check_positive=str(pos),
-                                                                          check_negative=str(neg)))
+    report = edit_checkpoint(
+        model,
+        probe,
+        tmp_path / "out",
+        EditOptions(alpha=alpha, count=4, check_positive=str(pos), check_negative=str(neg)),
+    )
     assert report.plan.rows == {"model.layers.0.mlp.gate_proj.weight": [0, 1, 2, 3]}
     check = report.plan.gate_check
     for kind, (before, after) in shares.items():
@@ -258,8 +295,12 @@ def test_gate_check_warns_when_the_edit_opens_desired_gates_more(tmp_path):
     model = hand_built(tmp_path / "m")
     probe = direction_probe(model, tmp_path / "p", 2 * torch.eye(32)[1])
     pos, neg = check_files(tmp_path)  # swapped below: the "undesired" inputs are the ones the probe reads as desired
-    report = edit_checkpoint(model, probe, tmp_path / "out", EditOptions(alpha=1.0, count=4, check_positive=str(neg),
-                                                                          check_negative=str(pos)))
+    report = edit_checkpoint(
+        model,
+        probe,
+        tmp_path / "out",
+        EditOptions(alpha=1.0, count=4, check_positive=str(neg), check_negative=str(pos)),
+    )
     warning = report.plan.gate_check.warning()
     assert "opens fewer gates on undesired inputs (-100.0 pts) than on desired ones (+100.0 pts)" in warning
     assert json.loads((tmp_path / "out" / MANIFEST_NAME).read_text())["report"]["gate_check"]["warning"] == warning
@@ -276,8 +317,12 @@ def test_centre_removes_the_generic_offset_that_the_check_warns_about(tmp_path):
     files = dict(check_positive=str(pos), check_negative=str(neg))
     plain = edit_checkpoint(model, probe, tmp_path / "plain", EditOptions(alpha=0.25, count=4, **files))
     offset, gap = plain.plan.gate_check.offset_and_gap()
-    assert (offset, gap) == pytest.approx((24.0, 16.0), rel=1e-4) and "exceeds the class gap" in plain.plan.gate_check.warning()
-    centred = edit_checkpoint(model, probe, tmp_path / "centred", EditOptions(alpha=0.25, count=4, centre=True, **files))
+    assert (offset, gap) == pytest.approx(
+        (24.0, 16.0), rel=1e-4
+    ) and "exceeds the class gap" in plain.plan.gate_check.warning()
+    centred = edit_checkpoint(
+        model, probe, tmp_path / "centred", EditOptions(alpha=0.25, count=4, centre=True, **files)
+    )
     assert centred.plan.rows == plain.plan.rows  # the selection is the paper's: by the uncentred w
     assert centred.plan.gate_check.offset_and_gap() == pytest.approx((8.0, 16.0), rel=1e-4)
     assert centred.plan.gate_check.warning() is None and centred.plan.centred_norms == {0: pytest.approx(2.0, abs=1e-5)}
@@ -285,7 +330,9 @@ def test_centre_removes_the_generic_offset_that_the_check_warns_about(tmp_path):
     old, new = open_checkpoint(model).read(name), open_checkpoint(tmp_path / "centred").read(name)
     assert torch.allclose(new[:4], old[:4] + 0.25 * 2 * e[1], atol=1e-5) and torch.equal(new[4:], old[4:])
     manifest = json.loads((tmp_path / "centred" / MANIFEST_NAME).read_text())
-    assert manifest["arguments"]["centre"] is True and manifest["report"]["centred_direction_norms"]["0"] == pytest.approx(2.0, abs=1e-5)
+    assert manifest["arguments"]["centre"] is True and manifest["report"]["centred_direction_norms"][
+        "0"
+    ] == pytest.approx(2.0, abs=1e-5)
 
 
 @pytest.mark.parametrize("centre", [False, True])
@@ -307,8 +354,25 @@ def test_dry_run_measures_the_gate_check_only_when_check_files_are_named(tmp_pat
     main(["edit", str(model), "--probe", str(probe), "--count", "4", "--alpha", "1", "--dry-run", "--device", "cpu"])
     out = capsys.readouterr().out
     assert "not measured by a header-only dry run" in out and "paper-equivalent alpha 2" in out
-    main(["edit", str(model), "--probe", str(probe), "--count", "4", "--alpha", "0.5", "--dry-run", "--device", "cpu",
-          "--check-positive", str(pos), "--check-negative", str(neg)])
+    main(
+        [
+            "edit",
+            str(model),
+            "--probe",
+            str(probe),
+            "--count",
+            "4",
+            "--alpha",
+            "0.5",
+            "--dry-run",
+            "--device",
+            "cpu",
+            "--check-positive",
+            str(pos),
+            "--check-negative",
+            str(neg),
+        ]
+    )
     cap = capsys.readouterr()
     lines = [line for line in cap.out.splitlines() if "undesired (6)" in line or "desired (6)" in line]
     assert len(lines) == 2 and "0.000 | 0.500 | +50.0 pts" in lines[0] and "1.000 | 0.500 | -50.0 pts" in lines[1]
@@ -319,8 +383,27 @@ def test_edit_prints_the_gate_check_and_its_warning(tmp_path, capsys):
     model = hand_built(tmp_path / "m")
     probe = direction_probe(model, tmp_path / "p", 2 * torch.eye(32)[1])
     pos, neg = check_files(tmp_path)
-    main(["edit", str(model), "--probe", str(probe), "--count", "4", "--alpha", "1", "--device", "cpu", "--no-check",
-          "-o", str(tmp_path / "out"), "--check-positive", str(neg), "--check-negative", str(pos)])
+    main(
+        [
+            "edit",
+            str(model),
+            "--probe",
+            str(probe),
+            "--count",
+            "4",
+            "--alpha",
+            "1",
+            "--device",
+            "cpu",
+            "--no-check",
+            "-o",
+            str(tmp_path / "out"),
+            "--check-positive",
+            str(neg),
+            "--check-negative",
+            str(pos),
+        ]
+    )
     cap = capsys.readouterr()
     assert "selected gates open" in cap.out and "paper-equivalent alpha 2" in cap.out
     warnings = [line for line in cap.err.splitlines() if line.startswith("warning:")]

@@ -4,11 +4,11 @@ import pytest
 import torch
 
 from cli.main import main
+from surgery.checkpoint import open_checkpoint
+from surgery.errors import SurgeryError
 from surgery.probes import ProbeOptions, fit_probe, load_probe, pool, pooled_hidden_states, train_probe_checkpoint
 from surgery.probes.artifact import META_NAME, WEIGHTS_NAME
 from surgery.probes.collect import encode_texts
-from surgery.checkpoint import open_checkpoint
-from surgery.errors import SurgeryError
 from surgery.testing.tiny import char_tokenizer, save_tiny_checkpoint, tiny_llama
 
 
@@ -33,7 +33,9 @@ def test_probe_on_planted_data_recovers_the_plant():
     u[5] = 0  # dimension 5 carries only huge noise (a massive-activation dimension, as real hidden states have)
     u /= u.norm()
     labels = torch.arange(600) % 2
-    x = torch.randn(600, 24, generator=g) + (2 * labels - 1).unsqueeze(1) * 3.0 * u  # classes shifted +-3 along u (Bayes accuracy 99.9 %)
+    x = (
+        torch.randn(600, 24, generator=g) + (2 * labels - 1).unsqueeze(1) * 3.0 * u
+    )  # classes shifted +-3 along u (Bayes accuracy 99.9 %)
     x[:, 5] += 1000 * torch.randn(600, generator=g)
     fitted = fit_probe(x, labels, test_fraction=0.25, seed=0)
     assert fitted.test_accuracy >= 0.97 and 1e-4 <= fitted.c <= 100
@@ -102,6 +104,7 @@ def test_probe_json_with_unknown_keys_loads_and_keeps_them(tiny_ckpt, classes, t
     probe = load_probe(tmp_path / "probe", open_checkpoint(tiny_ckpt))
     assert probe.meta.extra == {"data": "set-a", "future": 3} and probe.meta.layer == 2
     from surgery.probes.artifact import save_probe
+
     save_probe(probe, tmp_path / "again")
     assert load_probe(tmp_path / "again").meta.extra == {"data": "set-a", "future": 3}
     meta_file.write_text(json.dumps({"layer": 2}))  # required fields missing: a clear error, not a TypeError
@@ -111,7 +114,9 @@ def test_probe_json_with_unknown_keys_loads_and_keeps_them(tiny_ckpt, classes, t
 
 def test_layer_all_writes_table_and_plot(tiny_ckpt, classes, tmp_path):
     pos, neg = classes
-    report = train_probe_checkpoint(tiny_ckpt, pos, neg, tmp_path / "probe", opts(layer="all", pooling="last", chat=True))
+    report = train_probe_checkpoint(
+        tiny_ckpt, pos, neg, tmp_path / "probe", opts(layer="all", pooling="last", chat=True)
+    )
     assert sorted(report.layer_accuracy) == [0, 1, 2]
     lines = (tmp_path / "probe" / "layers.tsv").read_text().splitlines()
     assert lines[0].split("\t") == ["layer", "train_accuracy", "test_accuracy"] and len(lines) == 4
@@ -134,33 +139,66 @@ def run_cli(argv, capsys):
     return e.value.code, capsys.readouterr()
 
 
-@pytest.mark.parametrize("extra, message", [
-    (["--pooling", "max"], "--pooling must be one of"),
-    (["--layer", "7"], "--layer 7 is out of range"),
-    (["--layer", "middle"], "--layer must be"),
-    (["--test-fraction", "1.5"], "--test-fraction"),
-    (["--positive-name", "x", "--negative-name", "x"], "must differ"),
-])
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--pooling", "max"], "--pooling must be one of"),
+        (["--layer", "7"], "--layer 7 is out of range"),
+        (["--layer", "middle"], "--layer must be"),
+        (["--test-fraction", "1.5"], "--test-fraction"),
+        (["--positive-name", "x", "--negative-name", "x"], "must differ"),
+    ],
+)
 def test_cli_errors_are_one_line_and_write_nothing(tiny_ckpt, classes, tmp_path, capsys, extra, message):
     pos, neg = classes
     out = tmp_path / "probe"
-    code, cap = run_cli(["probe-train", str(tiny_ckpt), "--positive", str(pos), "--negative", str(neg), "-o", str(out), *extra], capsys)
+    code, cap = run_cli(
+        ["probe-train", str(tiny_ckpt), "--positive", str(pos), "--negative", str(neg), "-o", str(out), *extra], capsys
+    )
     assert code == 2 and message in cap.err and len(cap.err.strip().splitlines()) == 1
     assert not out.exists() and not list(tmp_path.glob(".probe*"))
 
 
 def test_cli_missing_data_and_existing_output(tiny_ckpt, classes, tmp_path, capsys):
     pos, neg = classes
-    code, cap = run_cli(["probe-train", str(tiny_ckpt), "--positive", str(tmp_path / "nope.txt"), "--negative", str(neg), "-o", str(tmp_path / "p")], capsys)
+    code, cap = run_cli(
+        [
+            "probe-train",
+            str(tiny_ckpt),
+            "--positive",
+            str(tmp_path / "nope.txt"),
+            "--negative",
+            str(neg),
+            "-o",
+            str(tmp_path / "p"),
+        ],
+        capsys,
+    )
     assert code == 2 and "does not exist" in cap.err and not (tmp_path / "p").exists()
     (tmp_path / "p").mkdir()
-    code, cap = run_cli(["probe-train", str(tiny_ckpt), "--positive", str(pos), "--negative", str(neg), "-o", str(tmp_path / "p")], capsys)
+    code, cap = run_cli(
+        ["probe-train", str(tiny_ckpt), "--positive", str(pos), "--negative", str(neg), "-o", str(tmp_path / "p")],
+        capsys,
+    )
     assert code == 2 and "already exists" in cap.err and not any((tmp_path / "p").iterdir())
 
 
 def test_cli_trains_and_reports(tiny_ckpt, classes, tmp_path, capsys):
     pos, neg = classes
-    main(["probe-train", str(tiny_ckpt), "--positive", str(pos), "--negative", str(neg), "-o", str(tmp_path / "p"), "--device", "cpu"])
+    main(
+        [
+            "probe-train",
+            str(tiny_ckpt),
+            "--positive",
+            str(pos),
+            "--negative",
+            str(neg),
+            "-o",
+            str(tmp_path / "p"),
+            "--device",
+            "cpu",
+        ]
+    )
     cap = capsys.readouterr()
     assert "held-out 1.000" in cap.out
     assert (tmp_path / "p" / WEIGHTS_NAME).is_file()
@@ -188,8 +226,17 @@ def test_content_pool_masks_exactly_the_templates_tokens():
     _, every = encode_examples(tok, ex, chat=True, pool="all", max_length=64)
     # <|system|> "say hello world" <|end|> <|user|> "hello world" <|end|> <|assistant|> "ok fine" <|end|>: one token a character
     system, user, answer = 1 + 15 + 1, 1 + 11 + 1, 1 + 7 + 1
-    assert len(ids[0]) == system + user + answer and ids == encode_texts(tok, [tok.apply_chat_template(
-        [{"role": "user", "content": "hello world"}, {"role": "assistant", "content": "ok fine"}], tokenize=False)], 64, True)
+    assert len(ids[0]) == system + user + answer and ids == encode_texts(
+        tok,
+        [
+            tok.apply_chat_template(
+                [{"role": "user", "content": "hello world"}, {"role": "assistant", "content": "ok fine"}],
+                tokenize=False,
+            )
+        ],
+        64,
+        True,
+    )
     prompt_at = list(range(system + 1, system + 12))
     answer_at = list(range(system + user + 1, system + user + 8))
     assert [i for i, m in enumerate(content[0]) if m] == prompt_at + answer_at  # not the system prompt's "hello world"
@@ -200,8 +247,13 @@ def test_content_pool_masks_exactly_the_templates_tokens():
     ids, content = encode_examples(tok, [Example("hello world")], chat=True, pool="content", max_length=64)
     assert [i for i, m in enumerate(content[0]) if m] == prompt_at and len(ids[0]) == system + user + 1
     _, plain = encode_examples(tok, [Example("hello world", "ok fine")], chat=False, pool="content", max_length=64)
-    assert plain[0] == [1] * 11 + [0] + [1] * 7 and sum(encode_examples(
-        tok, [Example("hello world", "ok fine")], chat=False, pool="response", max_length=64)[1][0]) == 7
+    assert (
+        plain[0] == [1] * 11 + [0] + [1] * 7
+        and sum(
+            encode_examples(tok, [Example("hello world", "ok fine")], chat=False, pool="response", max_length=64)[1][0]
+        )
+        == 7
+    )
     with pytest.raises(SurgeryError, match="no content tokens within the first 10"):
         encode_examples(tok, [Example("hello world")], chat=True, pool="content", max_length=10)
     with pytest.raises(SurgeryError, match="--pool response needs a response"):
@@ -235,8 +287,10 @@ def test_content_pooling_recovers_a_planted_direction_that_all_pooling_misses():
     tok, rng, g = templated_tokenizer(), random.Random(0), torch.Generator().manual_seed(0)
     n, d = 200, 16
     labels = torch.arange(n) % 2
-    examples = [Example("".join(rng.choice("abcdefgh") for _ in range(rng.randint(3, 8) if y else rng.randint(12, 20))))
-                for y in labels.tolist()]
+    examples = [
+        Example("".join(rng.choice("abcdefgh") for _ in range(rng.randint(3, 8) if y else rng.randint(12, 20))))
+        for y in labels.tolist()
+    ]
     ids, masks = encode_examples(tok, examples, chat=True, pool="content", max_length=64)
     u = torch.randn(d, generator=g)
     u /= u.norm()
@@ -248,8 +302,8 @@ def test_content_pooling_recovers_a_planted_direction_that_all_pooling_misses():
     for i, (seq, mask) in enumerate(zip(ids, masks)):
         m = torch.tensor(mask, dtype=torch.float32)[:, None]
         sign = 2 * float(labels[i]) - 1
-        hidden[i, :len(seq)] = torch.randn(len(seq), d, generator=g) + m * 0.6 * sign * u + (1 - m) * c
-        content[i, :len(seq)], real[i, :len(seq)] = m[:, 0], 1
+        hidden[i, : len(seq)] = torch.randn(len(seq), d, generator=g) + m * 0.6 * sign * u + (1 - m) * c
+        content[i, : len(seq)], real[i, : len(seq)] = m[:, 0], 1
     by_content = fit_probe(pool(hidden, content, "mean"), labels, 0.25, 0).weight[1]
     by_all = fit_probe(pool(hidden, real, "mean"), labels, 0.25, 0).weight[1]
     cos = torch.nn.functional.cosine_similarity
@@ -271,13 +325,15 @@ def test_paper_classifier_reaches_the_planted_accuracy():
 
     x, labels, u = planted()  # classes +-3 along u: Bayes accuracy 99.9 %
     fitted = fit_paper_probe(x, labels, test_fraction=0.25, seed=0, epochs=40, lr=1e-2)
-    assert fitted.classifier == "paper" and fitted.test_accuracy >= 0.97 and fitted.steps == 40 * 29  # 450 / 16 -> 29 batches
+    assert (
+        fitted.classifier == "paper" and fitted.test_accuracy >= 0.97 and fitted.steps == 40 * 29
+    )  # 450 / 16 -> 29 batches
     assert fitted.init_share < 0.3  # trained: row 1 moved several times the length of its random start
     learned = fitted.weight[1] - fitted.weight[0]
     assert torch.nn.functional.cosine_similarity(learned, u, dim=0) > 0.9
     # Softmax gradients of the two rows are opposite, so W[0] + W[1] keeps the seeded nn.Linear-style initialisation.
     g = torch.Generator().manual_seed(0)
-    init = (torch.rand(2, 24, generator=g) * 2 - 1) / 24 ** 0.5
+    init = (torch.rand(2, 24, generator=g) * 2 - 1) / 24**0.5
     assert torch.allclose(fitted.weight.sum(0), init.sum(0), atol=1e-4)
     again = fit_paper_probe(x, labels, test_fraction=0.25, seed=0, epochs=40, lr=1e-2)
     assert torch.equal(again.weight, fitted.weight)  # seeded
@@ -298,8 +354,25 @@ def test_cli_pool_and_classifier_are_recorded(tiny_ckpt, tmp_path, capsys):
     pos.write_text("\n".join(rows) + "\n")
     neg = tmp_path / "neg.jsonl"
     neg.write_text("\n".join(r.replace("zzz qqq", "aaa eee") for r in rows) + "\n")
-    main(["probe-train", str(tiny_ckpt), "--positive", str(pos), "--negative", str(neg), "-o", str(tmp_path / "p"),
-          "--device", "cpu", "--chat", "--classifier", "paper", "--epochs", "3"])
+    main(
+        [
+            "probe-train",
+            str(tiny_ckpt),
+            "--positive",
+            str(pos),
+            "--negative",
+            str(neg),
+            "-o",
+            str(tmp_path / "p"),
+            "--device",
+            "cpu",
+            "--chat",
+            "--classifier",
+            "paper",
+            "--epochs",
+            "3",
+        ]
+    )
     cap = capsys.readouterr()
     meta = json.loads((tmp_path / "p" / META_NAME).read_text())
     assert meta["pool"] == "response" and meta["classifier"] == "paper" and meta["epochs"] == 3 and meta["lr"] == 1e-4
@@ -308,18 +381,40 @@ def test_cli_pool_and_classifier_are_recorded(tiny_ckpt, tmp_path, capsys):
     assert "more random initialisation than learned" in cap.err  # 6 Adam steps at lr 1e-4
     probe = load_probe(tmp_path / "p")
     assert probe.paper_alpha_per_alpha == 1.0 and not torch.equal(probe.weight[0], torch.zeros(32))
-    main(["probe-train", str(tiny_ckpt), "--positive", str(pos), "--negative", str(neg), "-o", str(tmp_path / "q"),
-          "--device", "cpu", "--chat", "--pool", "content"])
+    main(
+        [
+            "probe-train",
+            str(tiny_ckpt),
+            "--positive",
+            str(pos),
+            "--negative",
+            str(neg),
+            "-o",
+            str(tmp_path / "q"),
+            "--device",
+            "cpu",
+            "--chat",
+            "--pool",
+            "content",
+        ]
+    )
     meta = json.loads((tmp_path / "q" / META_NAME).read_text())
-    assert meta["pool"] == "content" and meta["classifier"] == "logistic" and load_probe(tmp_path / "q").paper_alpha_per_alpha == 2.0
+    assert (
+        meta["pool"] == "content"
+        and meta["classifier"] == "logistic"
+        and load_probe(tmp_path / "q").paper_alpha_per_alpha == 2.0
+    )
 
 
 def test_probe_json_from_before_pool_and_classifier_loads_as_all_and_logistic(tiny_ckpt, classes, tmp_path):
     pos, neg = classes
     train_probe_checkpoint(tiny_ckpt, pos, neg, tmp_path / "probe", opts())
     meta_file = tmp_path / "probe" / META_NAME
-    old = {k: v for k, v in json.loads(meta_file.read_text()).items()
-           if k not in ("pool", "classifier", "epochs", "lr", "steps", "init_share")}
+    old = {
+        k: v
+        for k, v in json.loads(meta_file.read_text()).items()
+        if k not in ("pool", "classifier", "epochs", "lr", "steps", "init_share")
+    }
     meta_file.write_text(json.dumps(old))
     probe = load_probe(tmp_path / "probe", open_checkpoint(tiny_ckpt))
     assert (probe.meta.pool, probe.meta.classifier, probe.meta.extra) == ("all", "logistic", {})
@@ -328,18 +423,35 @@ def test_probe_json_from_before_pool_and_classifier_loads_as_all_and_logistic(ti
         load_probe(tmp_path / "probe")
 
 
-@pytest.mark.parametrize("extra, message", [
-    (["--pool", "middle"], "--pool must be one of"),
-    (["--classifier", "svm"], "--classifier must be one of"),
-    (["--classifier", "paper", "--c", "1"], "--classifier paper has none"),
-    (["--epochs", "5"], "add --classifier paper"),
-    (["--classifier", "paper", "--lr", "0"], "--lr must be positive"),
-    (["--pool", "response"], "--pool response needs a response"),
-])
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--pool", "middle"], "--pool must be one of"),
+        (["--classifier", "svm"], "--classifier must be one of"),
+        (["--classifier", "paper", "--c", "1"], "--classifier paper has none"),
+        (["--epochs", "5"], "add --classifier paper"),
+        (["--classifier", "paper", "--lr", "0"], "--lr must be positive"),
+        (["--pool", "response"], "--pool response needs a response"),
+    ],
+)
 def test_cli_pool_and_classifier_errors(tiny_ckpt, classes, tmp_path, capsys, extra, message):
     pos, neg = classes
     out = tmp_path / "probe"
-    code, cap = run_cli(["probe-train", str(tiny_ckpt), "--positive", str(pos), "--negative", str(neg), "-o", str(out),
-                         "--device", "cpu", *extra], capsys)
+    code, cap = run_cli(
+        [
+            "probe-train",
+            str(tiny_ckpt),
+            "--positive",
+            str(pos),
+            "--negative",
+            str(neg),
+            "-o",
+            str(out),
+            "--device",
+            "cpu",
+            *extra,
+        ],
+        capsys,
+    )
     assert code == 2 and message in cap.err and len(cap.err.strip().splitlines()) == 1
     assert not out.exists()

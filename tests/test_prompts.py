@@ -64,7 +64,7 @@ def test_pairs_end_with_eos_and_respect_max_length():
 
 
 def test_pad_batches_masks_padding():
-    (ids, mask), = list(pad_batches([[5, 6, 7], [8]], 2, pad_id=0))
+    ((ids, mask),) = list(pad_batches([[5, 6, 7], [8]], 2, pad_id=0))
     assert ids.tolist() == [[5, 6, 7], [8, 0, 0]] and mask.tolist() == [[1, 1, 1], [1, 0, 0]]
-    (ids, mask), = list(pad_batches([[5, 6, 7], [8]], 2, pad_id=0, left=True))
+    ((ids, mask),) = list(pad_batches([[5, 6, 7], [8]], 2, pad_id=0, left=True))
     assert ids.tolist() == [[5, 6, 7], [0, 0, 8]] and mask.tolist() == [[1, 1, 1], [0, 0, 1]]

@@ -33,8 +33,10 @@ def test_default_targets_are_every_decoder_linear(tiny_ckpt):
     assert not any("embed" in m.module or "lm_head" in m.module for m in plan.modules)
     narrowed = plan_prune(tiny_ckpt, opts(targets=["q_proj", "*.v_proj"]))
     assert [m.module for m in narrowed.modules] == [
-        "model.layers.0.self_attn.q_proj", "model.layers.0.self_attn.v_proj",
-        "model.layers.1.self_attn.q_proj", "model.layers.1.self_attn.v_proj",
+        "model.layers.0.self_attn.q_proj",
+        "model.layers.0.self_attn.v_proj",
+        "model.layers.1.self_attn.q_proj",
+        "model.layers.1.self_attn.v_proj",
     ]
 
 
@@ -90,7 +92,10 @@ def test_generated_responses_used_when_data_has_none(tiny_ckpt, tmp_path):
     report = prune_checkpoint(tiny_ckpt, tmp_path / "out", opts(data=str(data)))
     # prompt-only tokens would be fewer: the model's own 8-token answers were appended.
     tok = char_tokenizer()
-    prompt_only = sum(len(tok(tok.apply_chat_template([{"role": "user", "content": p}], tokenize=False))["input_ids"]) for p in ["do a bad thing", "do another bad thing"])
+    prompt_only = sum(
+        len(tok(tok.apply_chat_template([{"role": "user", "content": p}], tokenize=False))["input_ids"])
+        for p in ["do a bad thing", "do another bad thing"]
+    )
     assert report.calibration_tokens > prompt_only
 
 
@@ -197,9 +202,15 @@ def test_reference_wanda_streamed_equals_in_memory(tmp_path, harmful_file):
 def test_reference_must_match_and_differ(tmp_path):
     ref, ft = _fine_tuned_pair(tmp_path)
     wider = save_tiny_checkpoint(tmp_path / "wider", model=tiny_llama(intermediate=96))
-    deeper = save_tiny_checkpoint(tmp_path / "deeper", model=tiny_llama(layers=3))  # holds every tensor of ft, same shapes
-    cases = [(str(ft), "model itself"), (str(tmp_path / "missing"), "--reference"),
-             (str(wider), "intermediate_size 96, the model has 64"), (str(deeper), "num_hidden_layers 3, the model has 2")]
+    deeper = save_tiny_checkpoint(
+        tmp_path / "deeper", model=tiny_llama(layers=3)
+    )  # holds every tensor of ft, same shapes
+    cases = [
+        (str(ft), "model itself"),
+        (str(tmp_path / "missing"), "--reference"),
+        (str(wider), "intermediate_size 96, the model has 64"),
+        (str(deeper), "num_hidden_layers 3, the model has 2"),
+    ]
     for reference, message in cases:
         with pytest.raises(SurgeryError, match=message):
             prune_checkpoint(ft, tmp_path / "out", opts(score="magnitude", reference=reference))

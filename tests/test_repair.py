@@ -33,8 +33,13 @@ def planted(monkeypatch, harmful_after: dict):
 
         @property
         def after(self):
-            kind = ("prune" if isinstance(self.prepared, PreparedPrune) else
-                    "ablate" if isinstance(self.prepared, PreparedAblation) else "?")
+            kind = (
+                "prune"
+                if isinstance(self.prepared, PreparedPrune)
+                else "ablate"
+                if isinstance(self.prepared, PreparedAblation)
+                else "?"
+            )
             return harmful_after.get(kind, 0.8)  # another method: a planted score that never wins
 
         def prompts(self):
@@ -67,8 +72,9 @@ def test_repair_writes_the_method_with_the_lowest_held_out_harmful_score(monkeyp
     for module in (surgery.methods.base, surgery.methods.ablation, surgery.health):
         monkeypatch.setattr(module, "load_model", lambda *a, **k: loads.append(a[0].path.name) or real(*a, **k))
     made = planted(monkeypatch, {"prune": 0.2, "ablate": 0.5})
-    code, cap = run(["repair", model, "-o", tmp_path / "out", "--reference", ref, "--device", "cpu",
-                     "--search-steps", "1"], capsys)
+    code, cap = run(
+        ["repair", model, "-o", tmp_path / "out", "--reference", ref, "--device", "cpu", "--search-steps", "1"], capsys
+    )
     assert len(made) == 1 and made[0].anchor is not None  # one measurer (one baseline) for all, KL to the reference too
     manifest = json.loads((tmp_path / "out" / "surgery.json").read_text())
     assert code == 0, cap.err
@@ -85,8 +91,21 @@ def test_repair_writes_the_method_with_the_lowest_held_out_harmful_score(monkeyp
 
 def test_repair_gate_fails_when_no_method_reaches_the_bar(monkeypatch, tiny_ckpt, tmp_path, capsys):
     planted(monkeypatch, {"prune": 0.6, "ablate": 0.4})
-    code, cap = run(["repair", tiny_ckpt, "-o", tmp_path / "out", "--device", "cpu", "--search-steps", "1",
-                     "--max-harmful-score", "0.3"], capsys)
+    code, cap = run(
+        [
+            "repair",
+            tiny_ckpt,
+            "-o",
+            tmp_path / "out",
+            "--device",
+            "cpu",
+            "--search-steps",
+            "1",
+            "--max-harmful-score",
+            "0.3",
+        ],
+        capsys,
+    )
     failed = [line for line in cap.err.splitlines() if line.startswith("failed:")]
     manifest = json.loads((tmp_path / "out" / "surgery.json").read_text())
     assert code == 1 and len(failed) == 1 and "above --max-harmful-score 30.0%" in failed[0]
@@ -94,23 +113,43 @@ def test_repair_gate_fails_when_no_method_reaches_the_bar(monkeypatch, tiny_ckpt
 
 
 def test_repair_refuses_unknown_or_unusable_candidates_up_front(tiny_ckpt, tmp_path, capsys):
-    for extra, message in [(["--methods", "magic"], "no candidate 'magic'"),
-                           (["--methods", "prune-restore"], "it needs --reference"), (["--methods", "edit"], "it needs --probe")]:
+    for extra, message in [
+        (["--methods", "magic"], "no candidate 'magic'"),
+        (["--methods", "prune-restore"], "it needs --reference"),
+        (["--methods", "edit"], "it needs --probe"),
+    ]:
         code, cap = run(["repair", tiny_ckpt, "-o", tmp_path / "out", *extra], capsys)
         assert code == 2 and message in cap.err and not (tmp_path / "out").exists()
 
 
-@pytest.mark.parametrize("planted_scores, chosen", [({"prune": 0.2, "ablate": 0.5}, "prune-adapter"),
-                                                    ({"prune": 0.6, "ablate": 0.3}, "ablate")])
-def test_repair_on_an_adapter_prunes_the_adapter_or_writes_base_plus_adapter_merged(monkeypatch, tiny_ckpt, tmp_path,
-                                                                                    capsys, planted_scores, chosen):
+@pytest.mark.parametrize(
+    "planted_scores, chosen",
+    [({"prune": 0.2, "ablate": 0.5}, "prune-adapter"), ({"prune": 0.6, "ablate": 0.3}, "ablate")],
+)
+def test_repair_on_an_adapter_prunes_the_adapter_or_writes_base_plus_adapter_merged(
+    monkeypatch, tiny_ckpt, tmp_path, capsys, planted_scores, chosen
+):
     from .test_adapter import file_adapter
 
     adapter = file_adapter(tiny_ckpt, tmp_path / "adapter")
     before = folder_hashes(tiny_ckpt), folder_hashes(adapter)
     planted(monkeypatch, planted_scores)
-    code, cap = run(["repair", tiny_ckpt, "--adapter", adapter, "-o", tmp_path / "out", "--device", "cpu",
-                     "--search-steps", "1", "--no-check"], capsys)
+    code, cap = run(
+        [
+            "repair",
+            tiny_ckpt,
+            "--adapter",
+            adapter,
+            "-o",
+            tmp_path / "out",
+            "--device",
+            "cpu",
+            "--search-steps",
+            "1",
+            "--no-check",
+        ],
+        capsys,
+    )
     assert code == 0, cap.err
     manifest = json.loads((tmp_path / "out" / "surgery.json").read_text())
     tried = {c["candidate"] for c in manifest["report"]["repair"]["candidates"]}
@@ -131,36 +170,90 @@ def test_pick_writes_the_same_tensors_as_a_fresh_fixed_strength_run(monkeypatch,
 
     model, ref = make_ckpt("model"), make_ckpt("ref", seed=1)
     made = planted(monkeypatch, {"prune": 0.2, "ablate": 0.5})
-    code, cap = run(["repair", model, "-o", tmp_path / "searched", "--reference", ref, "--device", "cpu", "--search-steps", "1",
-                     "--methods", "prune-restore,ablate", "--no-check"], capsys)
+    code, cap = run(
+        [
+            "repair",
+            model,
+            "-o",
+            tmp_path / "searched",
+            "--reference",
+            ref,
+            "--device",
+            "cpu",
+            "--search-steps",
+            "1",
+            "--methods",
+            "prune-restore,ablate",
+            "--no-check",
+        ],
+        capsys,
+    )
     assert code == 0, cap.err
     points = json.loads((tmp_path / "searched" / "surgery.json").read_text())["report"]["repair"]["points"]
     assert [p["n"] for p in points] == list(range(1, len(points) + 1)) and {p["candidate"] for p in points} == {
-        "prune-restore", "ablate"}
+        "prune-restore",
+        "ablate",
+    }
     assert all("figures" in p and "confirmed" in p for p in points) and "every measured point" in cap.out
     # a prune-restore point that was not the chosen one
     n = next(p["n"] for p in points if p["candidate"] == "prune-restore" and not p["chosen"])
     ratio = points[n - 1]["strength"]
-    code, cap = run(["repair", model, "-o", tmp_path / "picked", "--reference", ref, "--device", "cpu", "--pick", n,
-                     "--from", tmp_path / "searched", "--no-check"], capsys)
+    code, cap = run(
+        [
+            "repair",
+            model,
+            "-o",
+            tmp_path / "picked",
+            "--reference",
+            ref,
+            "--device",
+            "cpu",
+            "--pick",
+            n,
+            "--from",
+            tmp_path / "searched",
+            "--no-check",
+        ],
+        capsys,
+    )
     assert code == 0, cap.err
     assert len(made) == 1  # nothing measured: no measurer made for the pick
     manifest = json.loads((tmp_path / "picked" / "surgery.json").read_text())
     assert manifest["method"] == "antidote-prune" and manifest["arguments"]["ratio"] == ratio
     assert manifest["report"]["repair"]["picked"]["n"] == n and "search" not in manifest["report"]
-    code, cap = run(["prune", model, "-o", tmp_path / "fixed", "--reference", ref, "--ratio", ratio, "--device", "cpu",
-                     "--no-check"], capsys)
+    code, cap = run(
+        [
+            "prune",
+            model,
+            "-o",
+            tmp_path / "fixed",
+            "--reference",
+            ref,
+            "--ratio",
+            ratio,
+            "--device",
+            "cpu",
+            "--no-check",
+        ],
+        capsys,
+    )
     assert code == 0, cap.err
-    picked, fixed = load_file(tmp_path / "picked" / "model.safetensors"), load_file(tmp_path / "fixed" / "model.safetensors")
+    picked, fixed = (
+        load_file(tmp_path / "picked" / "model.safetensors"),
+        load_file(tmp_path / "fixed" / "model.safetensors"),
+    )
     assert picked.keys() == fixed.keys() and all(torch.equal(picked[k], fixed[k]) for k in fixed)
     assert any(not torch.equal(picked[k], v) for k, v in load_file(model / "model.safetensors").items())  # it repaired
-    for extra, message in [(["--pick", "1"], "--pick N and --from PATH go together"),
-                           (["--pick", "999", "--from", tmp_path / "searched"], "numbers its points 1 to"),
-                           (["--pick", "1", "--from", tmp_path / "nowhere.json"], "cannot read it")]:
+    for extra, message in [
+        (["--pick", "1"], "--pick N and --from PATH go together"),
+        (["--pick", "999", "--from", tmp_path / "searched"], "numbers its points 1 to"),
+        (["--pick", "1", "--from", tmp_path / "nowhere.json"], "cannot read it"),
+    ]:
         code, cap = run(["repair", model, "-o", tmp_path / "bad", "--reference", ref, *extra], capsys)
         assert code == 2 and message in cap.err and not (tmp_path / "bad").exists()
-    code, cap = run(["repair", make_ckpt("other"), "-o", tmp_path / "bad", "--pick", "1", "--from", tmp_path / "searched"],
-                    capsys)
+    code, cap = run(
+        ["repair", make_ckpt("other"), "-o", tmp_path / "bad", "--pick", "1", "--from", tmp_path / "searched"], capsys
+    )
     assert code == 2 and "not " in cap.err and "run `surgery repair` on this model first" in cap.err
 
 
@@ -172,13 +265,35 @@ def test_prune_restore_and_revert_share_one_calibration(monkeypatch, make_ckpt, 
     model, ref, base = make_ckpt("model"), make_ckpt("ref", seed=1), make_ckpt("base", seed=2)
     calls = {"norms": 0, "answers": 0}
     real_norms, real_fill = antidote.collect_norms, antidote.fill_responses
-    monkeypatch.setattr(antidote, "collect_norms", lambda *a, **k: calls.__setitem__("norms", calls["norms"] + 1) or
-                        real_norms(*a, **k))
-    monkeypatch.setattr(antidote, "fill_responses", lambda *a, **k: calls.__setitem__("answers", calls["answers"] + 1) or
-                        real_fill(*a, **k))
+    monkeypatch.setattr(
+        antidote, "collect_norms", lambda *a, **k: calls.__setitem__("norms", calls["norms"] + 1) or real_norms(*a, **k)
+    )
+    monkeypatch.setattr(
+        antidote,
+        "fill_responses",
+        lambda *a, **k: calls.__setitem__("answers", calls["answers"] + 1) or real_fill(*a, **k),
+    )
     planted(monkeypatch, {"prune": 0.2})
-    code, cap = run(["repair", model, "-o", tmp_path / "out", "--reference", ref, "--unaligned", base, "--device", "cpu",
-                     "--search-steps", "1", "--methods", "prune-restore,revert", "--no-check"], capsys)
+    code, cap = run(
+        [
+            "repair",
+            model,
+            "-o",
+            tmp_path / "out",
+            "--reference",
+            ref,
+            "--unaligned",
+            base,
+            "--device",
+            "cpu",
+            "--search-steps",
+            "1",
+            "--methods",
+            "prune-restore,revert",
+            "--no-check",
+        ],
+        capsys,
+    )
     assert code == 0, cap.err
     tried = json.loads((tmp_path / "out" / "surgery.json").read_text())["report"]["repair"]["candidates"]
     assert [c["candidate"] for c in tried] == ["prune-restore", "revert"] and all(c["error"] is None for c in tried)

@@ -40,7 +40,7 @@ def independent(aligned, tuned, hessian, budget, protect, block, damp=0.01):
         count = i2 - i1
         inverse_sq = [1.0 / float(inverses[j][0, 0]) for j in range(i1, i2)]
         entries = sorted(range(rows * count), key=lambda f: (inverse_sq[f % count], f))
-        eligible = entries[:len(entries) - int(protect * len(entries))]
+        eligible = entries[: len(entries) - int(protect * len(entries))]
         limit = sum(inverse_sq) / count * budget * 0.5 * rows / 4096
         total = 0.0
         for f in eligible:
@@ -94,7 +94,9 @@ def test_a_larger_budget_keeps_more_of_the_fine_tune():
     aligned = torch.randn(6, 20, generator=g)
     tuned = aligned + 0.2 * torch.randn(6, 20, generator=g)
     factor = inverse_factor(random_hessian(20, seed=8))
-    kept = [int(safe_delta_tensor(aligned, tuned, factor, s, 0.15, 2048)[1].sum()) for s in (0.0, 1.0, 10.0, 100.0, 1e4)]
+    kept = [
+        int(safe_delta_tensor(aligned, tuned, factor, s, 0.15, 2048)[1].sum()) for s in (0.0, 1.0, 10.0, 100.0, 1e4)
+    ]
     assert kept == sorted(kept) and kept[0] == 0 and kept[-1] == int(6 * 20 * 0.85 + 0.5)
 
 
@@ -116,8 +118,9 @@ def plant(monkeypatch, calls: list):
 
 
 def run(tuned, aligned, out, *more, capsys) -> dict:
-    code, _, err = cli(["safe-delta", tuned, "--reference", aligned, "-o", out, "--device", "cpu", "--no-check", *more],
-                       capsys)
+    code, _, err = cli(
+        ["safe-delta", tuned, "--reference", aligned, "-o", out, "--device", "cpu", "--no-check", *more], capsys
+    )
     assert code == 0, err
     return json.loads((out / MANIFEST_NAME).read_text())
 
@@ -173,8 +176,10 @@ def test_the_aligned_models_hessians_are_2xxt_shared_by_modules_reading_one_inpu
     assert q is k is v and gate is up and q is not gate
     assert len({id(h) for h in hessians.values()}) == 4 * 2  # q/k/v, o, gate/up, down in each of the two blocks
     captured = {}
-    handles = [layer.self_attn.q_proj.register_forward_hook(lambda m, a, o: captured.setdefault("attn", []).append(a[0])),
-               layer.mlp.down_proj.register_forward_hook(lambda m, a, o: captured.setdefault("down", []).append(a[0]))]
+    handles = [
+        layer.self_attn.q_proj.register_forward_hook(lambda m, a, o: captured.setdefault("attn", []).append(a[0])),
+        layer.mlp.down_proj.register_forward_hook(lambda m, a, o: captured.setdefault("down", []).append(a[0])),
+    ]
     tokens, sums = 0, {"attn": 0, "down": 0}
     with torch.no_grad():
         for ids, mask in pad_batches(sequences, 3, 0):
@@ -189,7 +194,9 @@ def test_the_aligned_models_hessians_are_2xxt_shared_by_modules_reading_one_inpu
         h.remove()
     assert stats.tokens == tokens == 32
     assert torch.allclose(q.double(), 2 * sums["attn"] / tokens, rtol=1e-4, atol=1e-6)
-    assert torch.allclose(hessians["model.layers.1.mlp.down_proj"].double(), 2 * sums["down"] / tokens, rtol=1e-4, atol=1e-6)
+    assert torch.allclose(
+        hessians["model.layers.1.mlp.down_proj"].double(), 2 * sums["down"] / tokens, rtol=1e-4, atol=1e-6
+    )
 
 
 def test_missing_reference_is_one_error_line(tmp_path, capsys, no_model):
@@ -204,13 +211,29 @@ def test_missing_reference_is_one_error_line(tmp_path, capsys, no_model):
 def test_auto_budget_searches_from_the_smallest_budget_and_writes_the_chosen_one_exactly(tmp_path, capsys, monkeypatch):
     plant(monkeypatch, [])
     tuned, aligned, _ = family(tmp_path)
-    manifest = run(tuned, aligned, tmp_path / "out", "--budget", "auto", "--search-samples", "4", "--search-tokens", "4",
-                   "--search-steps", "1", "--min-improvement", "0", capsys=capsys)
+    manifest = run(
+        tuned,
+        aligned,
+        tmp_path / "out",
+        "--budget",
+        "auto",
+        "--search-samples",
+        "4",
+        "--search-tokens",
+        "4",
+        "--search-steps",
+        "1",
+        "--min-improvement",
+        "0",
+        capsys=capsys,
+    )
     search = manifest["report"]["search"]
     budget = manifest["arguments"]["budget"]
     assert search["chosen"] == budget and 0.001 <= budget <= 100
     tried = [c["strength"] for c in search["candidates"]]  # weakest first
-    assert tried[-1] == 0.001 and tried == sorted(tried, reverse=True)  # stronger = lower: the smallest is the strongest
+    assert tried[-1] == 0.001 and tried == sorted(
+        tried, reverse=True
+    )  # stronger = lower: the smallest is the strongest
     ft, a, out = tensors(tuned), tensors(aligned), tensors(tmp_path / "out")
     for name, figures in manifest["report"]["safe_delta"]["per_tensor"].items():
         kept = out[name] == ft[name]

@@ -25,11 +25,15 @@ def setup(tmp_path, tiny_ckpt):
 
 def expected(base, adapter, unaligned):
     """Per target module: (C, cosine, B name) computed here from the formulas, in fp32."""
-    a_ckpt, u_ckpt, tensors = open_checkpoint(base), open_checkpoint(unaligned), load_file(adapter / "adapter_model.safetensors")
+    a_ckpt, u_ckpt, tensors = (
+        open_checkpoint(base),
+        open_checkpoint(unaligned),
+        load_file(adapter / "adapter_model.safetensors"),
+    )
     found = {}
     for name in tensors:
         if name.endswith("lora_A.weight"):
-            module = name[len(PREFIX):-len(".lora_A.weight")]
+            module = name[len(PREFIX) : -len(".lora_A.weight")]
             v = a_ckpt.read(f"{module}.weight").float() - u_ckpt.read(f"{module}.weight").float()
             c = v @ v.T / torch.linalg.matrix_norm(v)
             a, b = tensors[name], tensors[name.replace("lora_A", "lora_B")]
@@ -40,8 +44,25 @@ def expected(base, adapter, unaligned):
 
 
 def run(base, adapter, unaligned, out, capsys, *more):
-    return cli(["safelora", base, "--adapter", adapter, "--aligned", base, "--unaligned", unaligned, "-o", out,
-                "--device", "cpu", "--no-check", *more], capsys)
+    return cli(
+        [
+            "safelora",
+            base,
+            "--adapter",
+            adapter,
+            "--aligned",
+            base,
+            "--unaligned",
+            unaligned,
+            "-o",
+            out,
+            "--device",
+            "cpu",
+            "--no-check",
+            *more,
+        ],
+        capsys,
+    )
 
 
 @pytest.mark.parametrize("layers", [1, 3, 6])
@@ -52,7 +73,10 @@ def test_projects_b_on_the_k_least_aligned_targets_and_leaves_the_rest_bit_ident
     assert code == 0, err
     want = expected(base, adapter, unaligned)
     chosen = sorted(want, key=lambda m: (want[m][1], m))[:layers]
-    old, new = load_file(adapter / "adapter_model.safetensors"), load_file(tmp_path / "out" / "adapter_model.safetensors")
+    old, new = (
+        load_file(adapter / "adapter_model.safetensors"),
+        load_file(tmp_path / "out" / "adapter_model.safetensors"),
+    )
     assert new.keys() == old.keys()
     projected = {want[m][2]: want[m][0] for m in chosen}
     for name, tensor in new.items():
@@ -63,11 +87,12 @@ def test_projects_b_on_the_k_least_aligned_targets_and_leaves_the_rest_bit_ident
             assert torch.equal(tensor, old[name]), name  # A, and every B not chosen: bit for bit
     manifest = json.loads((tmp_path / "out" / "surgery.json").read_text())
     assert sorted(manifest["report"]["safelora"]["projected"]) == sorted(chosen)
-    for module, (c, cos, b) in want.items():
+    for module, (_c, cos, _b) in want.items():
         assert manifest["report"]["safelora"]["cosine"][module] == pytest.approx(cos, abs=1e-5)
     assert (folder_hashes(base), folder_hashes(adapter), folder_hashes(unaligned)) == before
-    assert json.loads((tmp_path / "out" / "adapter_config.json").read_text()) == \
-        json.loads((adapter / "adapter_config.json").read_text())
+    assert json.loads((tmp_path / "out" / "adapter_config.json").read_text()) == json.loads(
+        (adapter / "adapter_config.json").read_text()
+    )
 
 
 def test_threshold_projects_every_target_at_or_below_it(setup, tmp_path, capsys):
@@ -77,7 +102,10 @@ def test_threshold_projects_every_target_at_or_below_it(setup, tmp_path, capsys)
     tau = (cosines[1] + cosines[2]) / 2  # exactly the two lowest
     code, _, err = run(base, adapter, unaligned, tmp_path / "out", capsys, "--threshold", str(tau))
     assert code == 0, err
-    old, new = load_file(adapter / "adapter_model.safetensors"), load_file(tmp_path / "out" / "adapter_model.safetensors")
+    old, new = (
+        load_file(adapter / "adapter_model.safetensors"),
+        load_file(tmp_path / "out" / "adapter_model.safetensors"),
+    )
     changed = {n for n in new if not torch.equal(new[n], old[n])}
     assert changed == {b for _, c, b in want.values() if c <= tau} and len(changed) == 2
 
@@ -87,8 +115,9 @@ def test_aligned_equal_to_unaligned_is_refused(setup, tmp_path, capsys):
 
     base, adapter, _ = setup
     copy = shutil.copytree(base, tmp_path / "copy")  # the same weights in another folder: V = 0 everywhere
-    code, _, err = cli(["safelora", base, "--adapter", adapter, "--aligned", base, "--unaligned", copy, "-o",
-                        tmp_path / "out"], capsys)
+    code, _, err = cli(
+        ["safelora", base, "--adapter", adapter, "--aligned", base, "--unaligned", copy, "-o", tmp_path / "out"], capsys
+    )
     assert code == 2 and "V = W_aligned - W_unaligned is zero" in err and not (tmp_path / "out").exists()
 
 
@@ -100,9 +129,27 @@ def test_safelora_needs_an_adapter(setup, tmp_path, capsys):
 
 def test_layers_auto_searches_the_count_in_memory(setup, tmp_path, capsys, harmful_file):
     base, adapter, unaligned = setup
-    code, out, err = run(base, adapter, unaligned, tmp_path / "out", capsys, "--layers", "auto", "--min-improvement", "0",
-                         "--search-samples", "4", "--search-tokens", "2", "--max-perplexity-ratio", "100",
-                         "--max-kl", "100", "--max-over-refusal", "100")
+    code, out, err = run(
+        base,
+        adapter,
+        unaligned,
+        tmp_path / "out",
+        capsys,
+        "--layers",
+        "auto",
+        "--min-improvement",
+        "0",
+        "--search-samples",
+        "4",
+        "--search-tokens",
+        "2",
+        "--max-perplexity-ratio",
+        "100",
+        "--max-kl",
+        "100",
+        "--max-over-refusal",
+        "100",
+    )
     manifest = json.loads((tmp_path / "out" / "surgery.json").read_text())
     search = manifest["report"]["search"]
     assert all(float(p["strength"]).is_integer() for p in search["candidates"])  # whole counts only

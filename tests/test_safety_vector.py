@@ -73,8 +73,21 @@ def surgery(*args, capsys) -> tuple[int, str, str]:
 
 
 def run(method: str, tuned: Path, aligned: Path, unaligned: Path, out: Path, *more, capsys, check=False) -> dict:
-    code, stdout, err = surgery(method, tuned, "--aligned", aligned, "--unaligned", unaligned, "-o", out, "--device", "cpu",
-                                *([] if check else ["--no-check"]), *more, capsys=capsys)
+    code, stdout, err = surgery(
+        method,
+        tuned,
+        "--aligned",
+        aligned,
+        "--unaligned",
+        unaligned,
+        "-o",
+        out,
+        "--device",
+        "cpu",
+        *([] if check else ["--no-check"]),
+        *more,
+        capsys=capsys,
+    )
     assert code == 0, err
     return json.loads((out / MANIFEST_NAME).read_text())
 
@@ -161,7 +174,16 @@ def test_resta_changes_only_tensors_where_v_is_not_zero(tmp_path, capsys):
 
 def test_resta_targets_limit_the_tensors(tmp_path, capsys):
     tuned, aligned, unaligned = family(tmp_path)
-    run("resta", tuned, aligned, unaligned, tmp_path / "out", "--targets", "*.o_proj,model.embed_tokens.weight", capsys=capsys)
+    run(
+        "resta",
+        tuned,
+        aligned,
+        unaligned,
+        tmp_path / "out",
+        "--targets",
+        "*.o_proj,model.embed_tokens.weight",
+        capsys=capsys,
+    )
     ft, out = tensors(tuned), tensors(tmp_path / "out")
     chosen = {n for n in ft if n.endswith("o_proj.weight") or n == "model.embed_tokens.weight"}
     assert len(chosen) == 3
@@ -174,7 +196,20 @@ def test_dare_with_p_zero_is_no_dare(tmp_path, capsys):
     assert dare(delta, 0.0, seed=3) is delta
     tuned, aligned, unaligned = family(tmp_path)
     run("resta", tuned, aligned, unaligned, tmp_path / "plain", "--beta", "0.5", capsys=capsys)
-    run("resta", tuned, aligned, unaligned, tmp_path / "dare0", "--beta", "0.5", "--dare", "0", "--seed", "7", capsys=capsys)
+    run(
+        "resta",
+        tuned,
+        aligned,
+        unaligned,
+        tmp_path / "dare0",
+        "--beta",
+        "0.5",
+        "--dare",
+        "0",
+        "--seed",
+        "7",
+        capsys=capsys,
+    )
     plain, dare0 = tensors(tmp_path / "plain"), tensors(tmp_path / "dare0")
     assert all(torch.equal(bits(plain[n]), bits(dare0[n])) for n in plain)
 
@@ -195,8 +230,20 @@ def test_resta_dare_is_reproducible_and_drops_the_fine_tune_delta(tmp_path, caps
     tuned, aligned, unaligned = family(tmp_path)
     p = 0.4
     for folder, seed in (("one", 5), ("again", 5), ("other", 6)):
-        run("resta", tuned, aligned, unaligned, tmp_path / folder, "--beta", "0", "--dare", str(p), "--seed", str(seed),
-            capsys=capsys)
+        run(
+            "resta",
+            tuned,
+            aligned,
+            unaligned,
+            tmp_path / folder,
+            "--beta",
+            "0",
+            "--dare",
+            str(p),
+            "--seed",
+            str(seed),
+            capsys=capsys,
+        )
     one, again, other = (tensors(tmp_path / f) for f in ("one", "again", "other"))
     assert all(torch.equal(bits(one[n]), bits(again[n])) for n in one)
     assert any(not torch.equal(one[n], other[n]) for n in one)
@@ -234,8 +281,24 @@ def test_resta_fixed_beta_streams_without_a_model(tmp_path, capsys, no_model, mo
 
 def test_resta_auto_beta_is_searched_and_written_exactly(tmp_path, capsys, model_loads):
     tuned, aligned, unaligned = family(tmp_path)
-    manifest = run("resta", tuned, aligned, unaligned, tmp_path / "out", "--beta", "auto", "--search-samples", "4",
-                   "--search-tokens", "4", "--search-steps", "1", "--min-improvement", "0", capsys=capsys)
+    manifest = run(
+        "resta",
+        tuned,
+        aligned,
+        unaligned,
+        tmp_path / "out",
+        "--beta",
+        "auto",
+        "--search-samples",
+        "4",
+        "--search-tokens",
+        "4",
+        "--search-steps",
+        "1",
+        "--min-improvement",
+        "0",
+        capsys=capsys,
+    )
     beta = manifest["arguments"]["beta"]
     assert manifest["report"]["search"]["chosen"] == beta and 0.05 <= beta <= 2.0
     assert model_loads["loads"] == 1  # the search's model, loaded once by the driver
@@ -272,8 +335,18 @@ def linear_weights(ckpt: dict) -> dict:
 @pytest.mark.parametrize("fraction", [0.3, 0.75])
 def test_revert_reverts_the_top_conflicting_entries_exactly(fraction, tmp_path, capsys, no_model):
     tuned, aligned, unaligned = family(tmp_path)
-    manifest = run("revert", tuned, aligned, unaligned, tmp_path / "out", "--score", "magnitude", "--fraction",
-                   str(fraction), capsys=capsys)
+    manifest = run(
+        "revert",
+        tuned,
+        aligned,
+        unaligned,
+        tmp_path / "out",
+        "--score",
+        "magnitude",
+        "--fraction",
+        str(fraction),
+        capsys=capsys,
+    )
     ft, a, u, out = tensors(tuned), tensors(aligned), tensors(unaligned), tensors(tmp_path / "out")
     weights = linear_weights(ft)
     assert len(weights) == 14
@@ -285,7 +358,9 @@ def test_revert_reverts_the_top_conflicting_entries_exactly(fraction, tmp_path, 
         assert torch.equal(out[name][mask], a[name][mask]), name  # reverted: the aligned value exactly
         assert torch.equal(out[name][~mask], ft[name][~mask]), name  # everything else: the fine-tune's value
         n = int(conflicting.sum())
-        assert per_tensor[name]["conflicting"] == n and per_tensor[name]["reverted"] == int(changed.sum()) == n - int(n * (1 - fraction))
+        assert per_tensor[name]["conflicting"] == n and per_tensor[name]["reverted"] == int(changed.sum()) == n - int(
+            n * (1 - fraction)
+        )
     for name in ft.keys() - weights.keys():  # embeddings, norms, head: not targets
         assert torch.equal(bits(out[name]), bits(ft[name])), name
 
@@ -306,8 +381,20 @@ def test_revert_fraction_one_reverts_every_conflict_without_data(tmp_path, capsy
 
 def test_revert_targets_limit_the_weights(tmp_path, capsys):
     tuned, aligned, unaligned = family(tmp_path)
-    run("revert", tuned, aligned, unaligned, tmp_path / "out", "--targets", "*.0.mlp.down_proj", "--score", "magnitude",
-        "--fraction", "0.5", capsys=capsys)
+    run(
+        "revert",
+        tuned,
+        aligned,
+        unaligned,
+        tmp_path / "out",
+        "--targets",
+        "*.0.mlp.down_proj",
+        "--score",
+        "magnitude",
+        "--fraction",
+        "0.5",
+        capsys=capsys,
+    )
     ft, out = tensors(tuned), tensors(tmp_path / "out")
     changed = sorted(n for n in ft if not torch.equal(out[n], ft[n]))
     assert changed == ["model.layers.0.mlp.down_proj.weight"]
@@ -338,8 +425,19 @@ def test_magnitude_and_wanda_pick_different_entries(tmp_path, capsys, harmful_fi
     down = "model.layers.0.mlp.down_proj.weight"
     common = ["--targets", "*.0.mlp.down_proj", "--fraction", "0.5"]
     run("revert", tuned, aligned, unaligned, tmp_path / "magnitude", *common, "--score", "magnitude", capsys=capsys)
-    manifest = run("revert", tuned, aligned, unaligned, tmp_path / "wanda", *common, "--score", "wanda", "--data",
-                   harmful_file, capsys=capsys)
+    manifest = run(
+        "revert",
+        tuned,
+        aligned,
+        unaligned,
+        tmp_path / "wanda",
+        *common,
+        "--score",
+        "wanda",
+        "--data",
+        harmful_file,
+        capsys=capsys,
+    )
     assert manifest["report"]["revert"]["per_tensor"][down]["conflicting"] == 2
     assert manifest["report"]["revert"]["calibration_tokens"] > 0
     ft = open_checkpoint(tuned).read(down)
@@ -363,8 +461,20 @@ def test_top_of_breaks_ties_by_the_lower_flat_index():
 
 def assert_refused(method, tuned, aligned, unaligned, tmp_path, capsys, needle, *more):
     before, listing = folder_hashes(tmp_path), sorted(tmp_path.rglob("*"))
-    code, _, err = surgery(method, tuned, "--aligned", aligned, "--unaligned", unaligned, "-o", tmp_path / "out",
-                           "--device", "cpu", *more, capsys=capsys)
+    code, _, err = surgery(
+        method,
+        tuned,
+        "--aligned",
+        aligned,
+        "--unaligned",
+        unaligned,
+        "-o",
+        tmp_path / "out",
+        "--device",
+        "cpu",
+        *more,
+        capsys=capsys,
+    )
     lines = [line for line in err.splitlines() if line.strip()]
     assert code == 2 and len(lines) == 1 and lines[0].startswith("error:"), err
     assert needle in lines[0], lines[0]
@@ -400,8 +510,17 @@ def test_a_zero_safety_vector_is_refused(method, tmp_path, capsys, no_model):
 
 def test_a_safety_vector_zero_on_every_target_is_refused(tmp_path, capsys, no_model):
     tuned, aligned, unaligned = family(tmp_path, same_on=lambda name: "o_proj" in name)
-    assert_refused("resta", tuned, aligned, unaligned, tmp_path, capsys, "every one of the 2 target tensors",
-                   "--targets", "*.o_proj")
+    assert_refused(
+        "resta",
+        tuned,
+        aligned,
+        unaligned,
+        tmp_path,
+        capsys,
+        "every one of the 2 target tensors",
+        "--targets",
+        "*.o_proj",
+    )
     assert_refused("revert", tuned, aligned, unaligned, tmp_path, capsys, "is zero", "--targets", "*.o_proj")
 
 

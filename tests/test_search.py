@@ -108,8 +108,11 @@ def test_search_returns_the_strongest_strength_inside_a_planted_budget(monkeypat
 
 def test_generation_overrules_the_proxy_among_the_confirmed_points(monkeypatch, tiny_ckpt):
     """The proxy's choice over-refuses when its answers are generated: its weaker neighbour, confirmed inside, is chosen."""
-    tried = planted(monkeypatch, lambda s: (1 + s, 1 - s),
-                    generated=lambda s: {"over_refusal_points": 20.0 if s > 0.2 else 0.0, "harmful_score": 1 - s / 2})
+    tried = planted(
+        monkeypatch,
+        lambda s: (1 + s, 1 - s),
+        generated=lambda s: {"over_refusal_points": 20.0 if s > 0.2 else 0.0, "harmful_score": 1 - s / 2},
+    )
     ctx = context(tiny_ckpt, min_improvement=0.0)
     result = search.search_strength(Knob(), ctx, Scale("model.layers.0.self_attn.o_proj.weight"), ctx.run)
     by = {p.strength: p for p in result.points}
@@ -133,8 +136,12 @@ def test_target_stops_at_the_weakest_strength_that_reaches_it(monkeypatch, tiny_
 def test_a_knob_whose_lower_values_are_stronger_is_searched_from_the_top(monkeypatch, tiny_ckpt):
     planted(monkeypatch, lambda a: (1 + (1 - a), a))  # EigenShift-like alpha: budget x1.3 holds for a >= 0.7
     ctx = context(tiny_ckpt, min_improvement=0.0)
-    result = search.search_strength(Knob(low=0.0, high=0.95, log=False, stronger="lower"), ctx,
-                                    Scale("model.layers.0.self_attn.o_proj.weight"), ctx.run)
+    result = search.search_strength(
+        Knob(low=0.0, high=0.95, log=False, stronger="lower"),
+        ctx,
+        Scale("model.layers.0.self_attn.o_proj.weight"),
+        ctx.run,
+    )
     assert result.points[0].strength == 0.95 and 0.7 <= result.chosen < 0.72
 
 
@@ -166,7 +173,7 @@ def test_refusal_probability_is_the_teacher_forced_probability_of_the_openings(t
     model, tok = ctx.model(), ctx.tokenizer()
     openings = search.refusal_openings(tok)
     assert [tok.eos_token_id] in openings and len(openings) >= 5
-    assert not any(a != b and b[:len(a)] == a for a in openings for b in openings)  # disjoint events
+    assert not any(a != b and b[: len(a)] == a for a in openings for b in openings)  # disjoint events
     prompts = ["hello there, how are you", "how to"]  # different lengths: left padding in one batch
     found = search.refusal_probability(model, tok, prompts, batch_size=2)
     for prompt, got in zip(prompts, found):
@@ -198,7 +205,9 @@ def test_kl_is_measured_to_the_nearer_of_the_input_and_the_reference(tmp_path, t
 
     figures = {}
     for name, refs in (("nearer", {"reference": reference}), ("input only", {})):
-        run = RunOptions(max_kl=0.05, max_perplexity_ratio=1e9, max_over_refusal=100.0, search_samples=4, search_tokens=2)
+        run = RunOptions(
+            max_kl=0.05, max_perplexity_ratio=1e9, max_over_refusal=100.0, search_samples=4, search_tokens=2
+        )
         ctx = Context(ckpt, refs, run, "cpu", searching=True)
         measurer = search.Measurer(ctx, Back(), run, "harmful_score")
         measurer.measure_baseline()
@@ -215,13 +224,25 @@ def test_kl_is_measured_to_the_nearer_of_the_input_and_the_reference(tmp_path, t
     assert nearer.figures["perplexity_ratio"] == pytest.approx(input_only.figures["perplexity_ratio"])  # to the input
 
 
-@pytest.mark.parametrize("task_items, accuracy_drop, warned", [(48, 2.0, True), (48, 2.5, False), (200, 2.0, False),
-                                                             (20, 4.0, True)])
+@pytest.mark.parametrize(
+    "task_items, accuracy_drop, warned", [(48, 2.0, True), (48, 2.5, False), (200, 2.0, False), (20, 4.0, True)]
+)
 def test_the_search_says_when_a_budget_line_is_finer_than_one_item(task_items, accuracy_drop, warned):
-    result = search.SearchResult("ratio", "harmful_score", {}, [], 0.1, "", {"max_over_refusal_points": 10.0,
-                                 "max_accuracy_drop_points": accuracy_drop}, prompts={"harmless": 48, "task": task_items})
+    result = search.SearchResult(
+        "ratio",
+        "harmful_score",
+        {},
+        [],
+        0.1,
+        "",
+        {"max_over_refusal_points": 10.0, "max_accuracy_drop_points": accuracy_drop},
+        prompts={"harmless": 48, "task": task_items},
+    )
     lines = result.resolution()
-    assert lines[0] == f"held-out sets: 48 harmless (one = 2.1 points), {task_items} task (one = {100 / task_items:.1f} points)"
+    assert (
+        lines[0]
+        == f"held-out sets: 48 harmless (one = 2.1 points), {task_items} task (one = {100 / task_items:.1f} points)"
+    )
     notes = [line for line in lines[1:] if "--max-accuracy-drop" in line]
     assert bool(notes) == warned and not any("--max-over-refusal" in line for line in lines)  # 10 points > 2.1
     assert result.to_json()["resolution"] == lines
@@ -242,7 +263,9 @@ def test_candidates_leave_the_model_bit_identical(tiny_ckpt, harmful_file):
     model = load_model(ckpt, torch.device("cpu"))
     before = {k: v.clone() for k, v in model.state_dict().items()}
     ctx = Context(ckpt, {}, RunOptions(), "cpu", searching=True)
-    prepared = Antidote().prepare(ctx, PruneOptions(ratio="auto", data=str(harmful_file), max_new_tokens=4, device="cpu"))
+    prepared = Antidote().prepare(
+        ctx, PruneOptions(ratio="auto", data=str(harmful_file), max_new_tokens=4, device="cpu")
+    )
     ctx._model = model
     for ratio in (0.5, 0.1):
         with search.applied(model, ckpt, prepared.at(ratio)):
@@ -257,9 +280,31 @@ def test_statistics_are_computed_once_per_search(monkeypatch, tiny_ckpt, harmful
     calls = []
     real = antidote.collect_norms
     monkeypatch.setattr(antidote, "collect_norms", lambda *a, **k: calls.append(1) or real(*a, **k))
-    code, cap = run(["prune", tiny_ckpt, "-o", tmp_path / "out", "--ratio", "auto", "--data", harmful_file, "--device", "cpu",
-                     "--max-new-tokens", "4", "--search-samples", "4", "--search-tokens", "2", "--min-improvement", "0",
-                     "--max-kl", "1e-5"], capsys)
+    code, cap = run(
+        [
+            "prune",
+            tiny_ckpt,
+            "-o",
+            tmp_path / "out",
+            "--ratio",
+            "auto",
+            "--data",
+            harmful_file,
+            "--device",
+            "cpu",
+            "--max-new-tokens",
+            "4",
+            "--search-samples",
+            "4",
+            "--search-tokens",
+            "2",
+            "--min-improvement",
+            "0",
+            "--max-kl",
+            "1e-5",
+        ],
+        capsys,
+    )
     report = json.loads((tmp_path / "out" / "surgery.json").read_text())["report"]
     found = report["search"]
     # the weakest end breaks the budget (one weight per row of a 32-wide matrix already moves the KL): one measurement,
@@ -267,13 +312,34 @@ def test_statistics_are_computed_once_per_search(monkeypatch, tiny_ckpt, harmful
     assert len(found["candidates"]) == 1 and calls == [1] and found["forward_passes"] == 2
     chosen = antidote.plan_modules(open_checkpoint(tiny_ckpt), PruneOptions(), found["chosen"])
     assert report["weights_removed"] == chosen.removed  # the count at the chosen ratio, not at the first one tried
-    assert code == 1 and (tmp_path / "out" / "search.png").is_file()  # nothing inside the planted budget: exit 1, plot kept
+    assert (
+        code == 1 and (tmp_path / "out" / "search.png").is_file()
+    )  # nothing inside the planted budget: exit 1, plot kept
 
 
 def test_no_repair_inside_the_budget_exits_1_with_one_line(tiny_ckpt, harmful_file, tmp_path, capsys):
     """A random tiny model refuses nothing before or after: the search must say there is no repair."""
-    code, cap = run(["prune", tiny_ckpt, "-o", tmp_path / "out", "--ratio", "auto", "--data", harmful_file, "--device", "cpu",
-                     "--max-new-tokens", "4", "--search-samples", "4", "--search-tokens", "2"], capsys)
+    code, cap = run(
+        [
+            "prune",
+            tiny_ckpt,
+            "-o",
+            tmp_path / "out",
+            "--ratio",
+            "auto",
+            "--data",
+            harmful_file,
+            "--device",
+            "cpu",
+            "--max-new-tokens",
+            "4",
+            "--search-samples",
+            "4",
+            "--search-tokens",
+            "2",
+        ],
+        capsys,
+    )
     failed = [line for line in cap.err.splitlines() if line.startswith("failed:")]
     assert code == 1 and len(failed) == 1 and "no repair" in failed[0] and "Traceback" not in cap.err
     assert json.loads((tmp_path / "out" / "surgery.json").read_text())["failed"]
@@ -281,7 +347,9 @@ def test_no_repair_inside_the_budget_exits_1_with_one_line(tiny_ckpt, harmful_fi
 
 def test_auto_with_dry_run_or_stream_is_refused_up_front(tiny_ckpt, harmful_file, tmp_path, capsys):
     for extra, message in [(["--dry-run"], "--dry-run shows a fixed strength"), (["--stream"], "not with --stream")]:
-        code, cap = run(["prune", tiny_ckpt, "-o", tmp_path / "out", "--ratio", "auto", "--data", harmful_file, *extra], capsys)
+        code, cap = run(
+            ["prune", tiny_ckpt, "-o", tmp_path / "out", "--ratio", "auto", "--data", harmful_file, *extra], capsys
+        )
         assert code == 2 and message in cap.err and not (tmp_path / "out").exists()
     code, cap = run(["prune", tiny_ckpt, "-o", tmp_path / "out", "--ratio", "lots"], capsys)
     assert code == 2 and "--ratio must be a number or 'auto'" in cap.err
@@ -319,7 +387,10 @@ def test_eigenshift_alpha_auto_chooses_k_first_with_the_components_removed(monke
     result = EigenShift().search(ctx, prepared, ctx.run)
     stage = result.before[0]
     assert stage.knob == "k" and all(float(p.strength).is_integer() for p in stage.points)
-    assert {a for _, a in tried} == {0.0} and tried[:2] == [(1, 0.0), (25, 0.0)]  # stage 1 only: 1, then 25 % of the rank
+    assert {a for _, a in tried} == {0.0} and tried[:2] == [
+        (1, 0.0),
+        (25, 0.0),
+    ]  # stage 1 only: 1, then 25 % of the rank
     assert stage.chosen == 15 and prepared.k == 15  # k·1/50 <= 0.3: the most components inside the budget
     assert result.knob == "alpha" and result.chosen == 0.0 and result.failed is None
     assert result.to_json()["stages"][0]["chosen"] == 15

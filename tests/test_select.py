@@ -95,8 +95,10 @@ def test_prune_rows_zeroes_the_top_wanda_scores_and_nothing_else(dtype):
     assert torch.equal(mask, expected)
     assert (mask.sum(dim=1) == rows_to_remove(45, 0.2)).all()
     assert (new[mask] == 0).all() and not torch.signbit(new[mask].float()).any()  # +0.0
-    assert torch.equal(new[~mask].view(torch.uint8 if dtype == torch.float32 else torch.int16),
-                       weight[~mask].view(torch.uint8 if dtype == torch.float32 else torch.int16))
+    assert torch.equal(
+        new[~mask].view(torch.uint8 if dtype == torch.float32 else torch.int16),
+        weight[~mask].view(torch.uint8 if dtype == torch.float32 else torch.int16),
+    )
 
 
 def test_prune_rows_magnitude_negative_scale_and_rounding_to_zero():
@@ -146,9 +148,17 @@ def test_chunked_reference_gives_the_same_answer(monkeypatch):
     g = torch.Generator().manual_seed(4)
     weight, scale = tie_heavy((13, 21), g), torch.randn(21, generator=g)
     scores = tie_heavy((1000,), g)
-    whole = prune_rows(weight, scale, 0.4, "torch"), select_global(scores, 0.3, "torch"), global_threshold(scores, 0.3, "torch")
+    whole = (
+        prune_rows(weight, scale, 0.4, "torch"),
+        select_global(scores, 0.3, "torch"),
+        global_threshold(scores, 0.3, "torch"),
+    )
     monkeypatch.setattr(select, "_CHUNK", 50)  # 2 rows / 50 elements per chunk
-    chunked = prune_rows(weight, scale, 0.4, "torch"), select_global(scores, 0.3, "torch"), global_threshold(scores, 0.3, "torch")
+    chunked = (
+        prune_rows(weight, scale, 0.4, "torch"),
+        select_global(scores, 0.3, "torch"),
+        global_threshold(scores, 0.3, "torch"),
+    )
     assert torch.equal(whole[0][0], chunked[0][0]) and torch.equal(whole[0][1], chunked[0][1])
     assert torch.equal(whole[1], chunked[1]) and whole[2] == chunked[2]
 
@@ -198,7 +208,9 @@ def test_global_threshold_ties_and_special_values():
         check_threshold(special, ratio)
 
 
-@pytest.mark.skipif(not __import__("os").environ.get("SURGERY_BIG_TESTS"), reason="set SURGERY_BIG_TESTS=1 (needs ~20 GB, minutes)")
+@pytest.mark.skipif(
+    not __import__("os").environ.get("SURGERY_BIG_TESTS"), reason="set SURGERY_BIG_TESTS=1 (needs ~20 GB, minutes)"
+)
 def test_global_threshold_beyond_int32_elements():
     n = 2**31 + 1000
     scores = torch.zeros(n)

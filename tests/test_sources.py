@@ -23,8 +23,15 @@ def fake_wheels(tmp_path, monkeypatch):
         (pkg / "__init__.py").write_text("")
         (pkg / "data" / f"part0{i}.bin").write_bytes(half)
     monkeypatch.syspath_prepend(str(site))
-    monkeypatch.setitem(gguf_import.WHEEL_MODELS, "fake", ([(f"fake_part{i}", f"data/part0{i}.bin") for i in (1, 2)],
-                                                           "pip install fake-part1 fake-part2", "a fake model"))
+    monkeypatch.setitem(
+        gguf_import.WHEEL_MODELS,
+        "fake",
+        (
+            [(f"fake_part{i}", f"data/part0{i}.bin") for i in (1, 2)],
+            "pip install fake-part1 fake-part2",
+            "a fake model",
+        ),
+    )
     return payload
 
 
@@ -34,8 +41,15 @@ def test_split_wheel_model_is_joined_in_order(fake_wheels, tmp_path):
 
 
 def test_missing_wheel_names_the_install_command(fake_wheels, monkeypatch, tmp_path):
-    monkeypatch.setitem(gguf_import.WHEEL_MODELS, "fake", ([("fake_part1", "data/part01.bin"), ("no_such_part", "x.bin")],
-                                                           "pip install fake-part1 fake-part2", "a fake model"))
+    monkeypatch.setitem(
+        gguf_import.WHEEL_MODELS,
+        "fake",
+        (
+            [("fake_part1", "data/part01.bin"), ("no_such_part", "x.bin")],
+            "pip install fake-part1 fake-part2",
+            "a fake model",
+        ),
+    )
     sys.modules.pop("no_such_part", None)
     with pytest.raises(SurgeryError, match="pip install fake-part1 fake-part2"):
         gguf_import.locate_gguf("fake", tmp_path)
@@ -54,8 +68,9 @@ def test_merge_adapter_adds_the_scaled_low_rank_update(tmp_path, make_ckpt):
     from surgery.testing.tiny import tiny_llama
 
     model_dir = make_ckpt("model")
-    peft_model = get_peft_model(tiny_llama(), LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "down_proj"],
-                                                         init_lora_weights=False))
+    peft_model = get_peft_model(
+        tiny_llama(), LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "down_proj"], init_lora_weights=False)
+    )
     peft_model.save_pretrained(tmp_path / "adapter")
     demo.write_fixture(tmp_path / "adapter", tmp_path / "fixture")
     out = demo.merge_adapter(model_dir, tmp_path / "fixture", tmp_path / "merged")

@@ -24,8 +24,10 @@ def tensors(path):
 def test_streamed_equals_in_memory(make_ckpt, tmp_path, harmful_file, dtype, score):
     src = make_ckpt(dtype=dtype, tied=dtype == torch.float16, shard_bytes=20_000 if dtype == torch.bfloat16 else None)
     benign = tmp_path / "benign.jsonl"  # other texts and another token count than the harmful set
-    benign.write_text('{"prompt": "bake bread", "response": "mix flour, water and salt, then knead it well"}\n'
-                      '{"prompt": "a poem about rain", "response": "soft rain on the roof"}\n')
+    benign.write_text(
+        '{"prompt": "bake bread", "response": "mix flour, water and salt, then knead it well"}\n'
+        '{"prompt": "a poem about rain", "response": "soft rain on the roof"}\n'
+    )
     common = dict(data=str(harmful_file), score=score, benign_data=str(benign) if score == "contrastive" else None)
     a = prune_checkpoint(src, tmp_path / "mem", opts(stream=False, **common))
     b = prune_checkpoint(src, tmp_path / "stream", opts(stream=True, **common))

@@ -3,8 +3,8 @@ import torch
 
 from surgery.errors import SurgeryError
 from surgery.prompts import Example, generate
+from surgery.testing.finetune import TrainOptions, _batch, encode_example, finetune, response_loss
 from surgery.testing.tiny import char_tokenizer, tiny_llama
-from surgery.testing.finetune import TrainOptions, encode_example, finetune, response_loss, _batch
 
 
 @pytest.fixture(scope="module")
@@ -16,7 +16,7 @@ def test_encode_example_masks_the_prompt_and_ends_with_eos(tok):
     ids, labels = encode_example(tok, Example("hi", "yo"), max_length=96)
     prompt = tok("<|user|>hi<|end|><|assistant|>", add_special_tokens=False)["input_ids"]
     assert ids == prompt + tok("yo", add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
-    assert labels == [-100] * len(prompt) + ids[len(prompt):]
+    assert labels == [-100] * len(prompt) + ids[len(prompt) :]
     short_ids, short_labels = encode_example(tok, Example("hi", "yo"), max_length=4)
     assert len(short_ids) == len(short_labels) == 4
 
@@ -25,14 +25,19 @@ def test_loss_counts_response_tokens_only(tok):
     import torch.nn.functional as F
 
     model = tiny_llama(vocab_size=len(tok), seed=0)
-    ids, mask, labels = _batch([encode_example(tok, Example("prompt one", "an answer"), 96),
-                                encode_example(tok, Example("two", "b"), 96)], 0)
+    ids, mask, labels = _batch(
+        [encode_example(tok, Example("prompt one", "an answer"), 96), encode_example(tok, Example("two", "b"), 96)], 0
+    )
     with torch.no_grad():
         loss = response_loss(model, ids, mask, labels).item()
         logits = model(input_ids=ids, attention_mask=mask).logits
     # Reference: cross-entropy at the positions that predict a response token (or EOS), nothing else.
-    terms = [F.cross_entropy(logits[r, t - 1], ids[r, t]).item()
-             for r in range(2) for t in range(1, ids.shape[1]) if labels[r, t] != -100]
+    terms = [
+        F.cross_entropy(logits[r, t - 1], ids[r, t]).item()
+        for r in range(2)
+        for t in range(1, ids.shape[1])
+        if labels[r, t] != -100
+    ]
     assert len(terms) == len("an answer") + 1 + len("b") + 1
     assert loss == pytest.approx(sum(terms) / len(terms), rel=1e-5)
 
@@ -40,7 +45,9 @@ def test_loss_counts_response_tokens_only(tok):
 def test_finetune_teaches_a_response(tok):
     torch.set_num_threads(1)
     model = tiny_llama(vocab_size=len(tok), hidden=32, seed=0)
-    report = finetune(model, tok, [Example("hello", "world")] * 4, TrainOptions(steps=60, lr=3e-3, batch_size=4, warmup=5))
+    report = finetune(
+        model, tok, [Example("hello", "world")] * 4, TrainOptions(steps=60, lr=3e-3, batch_size=4, warmup=5)
+    )
     assert len(report.losses) == 60 and report.examples == 4
     assert report.losses[-1] < 0.05 * report.losses[0]
     assert generate(model, tok, ["hello"], 10) == ["world"]

@@ -59,13 +59,17 @@ def test_output_loads_with_transformers_and_generates(tiny_ckpt, tmp_path):
 
 
 def test_manifest_and_metadata(tiny_ckpt, tmp_path):
-    report = write_checkpoint(open_checkpoint(tiny_ckpt), tmp_path / "out", zero_first_row, method="test", arguments={"ratio": 0.5})
+    report = write_checkpoint(
+        open_checkpoint(tiny_ckpt), tmp_path / "out", zero_first_row, method="test", arguments={"ratio": 0.5}
+    )
     manifest = json.loads((tmp_path / "out" / MANIFEST_NAME).read_text())
     assert manifest["method"] == "test" and manifest["arguments"] == {"ratio": 0.5}
     assert manifest["changed_fraction"] == {Q: pytest.approx(1 / 32)}
     assert set(manifest["input_sha256"]) == {"model.safetensors"}
     assert manifest["input_sha256"] != manifest["output_sha256"]
-    assert {"config.json", "tokenizer.json", "chat_template.jinja", "generation_config.json"} <= set(manifest["copied_files"])
+    assert {"config.json", "tokenizer.json", "chat_template.jinja", "generation_config.json"} <= set(
+        manifest["copied_files"]
+    )
     assert report.changed_fraction == manifest["changed_fraction"]
     with safe_open(str(tmp_path / "out" / "model.safetensors"), "pt") as f:
         meta = f.metadata()
@@ -89,7 +93,9 @@ def test_output_inside_input_refused(tiny_ckpt):
     with pytest.raises(SurgeryError, match="is the input folder"):
         write_checkpoint(open_checkpoint(tiny_ckpt), tiny_ckpt, zero_first_row, method="t", arguments={})
     with pytest.raises(SurgeryError, match="holds the input folder"):
-        write_checkpoint(open_checkpoint(tiny_ckpt), tiny_ckpt.parent, zero_first_row, method="t", arguments={}, force=True)
+        write_checkpoint(
+            open_checkpoint(tiny_ckpt), tiny_ckpt.parent, zero_first_row, method="t", arguments={}, force=True
+        )
 
 
 def test_failure_midway_leaves_nothing_behind(tiny_ckpt, tmp_path):
@@ -107,8 +113,15 @@ def test_added_tensor_and_config_update(make_ckpt, tmp_path):
     src = make_ckpt(tied=True)
     ckpt = open_checkpoint(src)
     head = ckpt.read("model.embed_tokens.weight") * 2
-    write_checkpoint(ckpt, tmp_path / "out", lambda n, t: t, method="t", arguments={},
-                     added={"lm_head.weight": head}, config_updates={"tie_word_embeddings": False})
+    write_checkpoint(
+        ckpt,
+        tmp_path / "out",
+        lambda n, t: t,
+        method="t",
+        arguments={},
+        added={"lm_head.weight": head},
+        config_updates={"tie_word_embeddings": False},
+    )
     new, _ = all_tensors(tmp_path / "out")
     assert torch.equal(new["lm_head.weight"], head)
     assert torch.equal(new["model.embed_tokens.weight"], ckpt.read("model.embed_tokens.weight"))
@@ -193,11 +206,35 @@ def test_a_kill_at_a_step_leaves_no_output_or_a_true_one(tiny_ckpt, tmp_path, at
 
     out = tmp_path / "work" / "out"
     out.parent.mkdir()
-    argv = ["prune", tiny_ckpt, "-o", out, "--ratio", "auto", "--score", "magnitude", "--device", "cpu",
-            "--search-samples", "4", "--search-tokens", "2", "--min-improvement", "0", "--max-kl", "1e-5"]
+    argv = [
+        "prune",
+        tiny_ckpt,
+        "-o",
+        out,
+        "--ratio",
+        "auto",
+        "--score",
+        "magnitude",
+        "--device",
+        "cpu",
+        "--search-samples",
+        "4",
+        "--search-tokens",
+        "2",
+        "--min-improvement",
+        "0",
+        "--max-kl",
+        "1e-5",
+    ]
     env = {**os.environ, "SURGERY_KILL_AT": at}
-    run = subprocess.run([sys.executable, "-c", KILLED, *map(str, argv)], cwd=Path(__file__).resolve().parents[1],
-                         env=env, capture_output=True, text=True, timeout=300)
+    run = subprocess.run(
+        [sys.executable, "-c", KILLED, *map(str, argv)],
+        cwd=Path(__file__).resolve().parents[1],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert run.returncode == -signal.SIGKILL, run.stderr
     if at == "check":
         assert not out.exists()  # a staged folder may remain (hidden, beside it), never a partial output

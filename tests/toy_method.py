@@ -13,8 +13,13 @@ from surgery.options import option
 
 @dataclass
 class ScaleOptions(MethodOptions):
-    factor: float | str = option(0.1, "W <- (1 - FACTOR) W for o_proj and down_proj; auto: the strongest inside the "
-                                      "utility budget.", strength=True, low=0.0, high=1.0)
+    factor: float | str = option(
+        0.1,
+        "W <- (1 - FACTOR) W for o_proj and down_proj; auto: the strongest inside the utility budget.",
+        strength=True,
+        low=0.0,
+        high=1.0,
+    )
 
 
 class PreparedScale(Prepared):

@@ -21,5 +21,8 @@ def show(result, options) -> None:
             table.add_row(name, f"{100 * m['toxicity']:.2f}", f"{m['perplexity']:.2f}")
         out.print(table)
         out.print(f"TPH {report.tph:.2f} (harmonic mean of toxicity reduction % and 100·ppl_before/ppl_after)")
-    out.print(f"wrote {result.output} ({', '.join(f'{k_} {v:.1f}s' for k_, v in result.seconds.items())})",
-              highlight=False, markup=False)
+    out.print(
+        f"wrote {result.output} ({', '.join(f'{k_} {v:.1f}s' for k_, v in result.seconds.items())})",
+        highlight=False,
+        markup=False,
+    )

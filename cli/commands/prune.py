@@ -18,7 +18,7 @@ def by_layer(values: dict[str, float], title: str = "sparsity after pruning (sha
     kinds: list[str] = []
     for module, value in values.items():
         m = LAYER_INDEX.search(module)
-        parts = module[m.end():].removesuffix(".default").split(".") if m else []  # .default: peft's adapter name
+        parts = module[m.end() :].removesuffix(".default").split(".") if m else []  # .default: peft's adapter name
         kind = ".".join(parts[-2:]) if parts and parts[-1].startswith("lora_") else (parts[-1] if parts else "weight")
         layer = m.group(1) if m else module
         grid[layer][kind] = value
@@ -33,7 +33,13 @@ def by_layer(values: dict[str, float], title: str = "sparsity after pruning (sha
 def show_plan(plan: PrunePlan, options=None) -> None:
     table = Table("module", "rows", "cols", "removed/row", "removed", title="dry run: nothing is written")
     for m in plan.modules:
-        table.add_row(m.module.removeprefix("base_model.model.").removesuffix(".default"), str(m.rows), str(m.cols), "-" if m.per_row is None else str(m.per_row), f"{m.removed:,}")
+        table.add_row(
+            m.module.removeprefix("base_model.model.").removesuffix(".default"),
+            str(m.rows),
+            str(m.cols),
+            "-" if m.per_row is None else str(m.per_row),
+            f"{m.removed:,}",
+        )
     out.print(table)
     out.print(
         f"{len(plan.modules)} modules, {plan.removed:,} of {plan.total_weights:,} weights would be zeroed "
@@ -53,13 +59,21 @@ def show(result, options) -> None:
         f"{'restored to the reference' if report.restored else 'zeroed'}, calibrated on "
         f"{report.calibration_examples} examples / {report.calibration_tokens:,} tokens "
         f"({', '.join(f'{k} {v:.1f}s' for k, v in result.seconds.items() if k != 'check')}"
-        f"{', streamed layer by layer' if report.streamed else ''})", highlight=False
+        f"{', streamed layer by layer' if report.streamed else ''})",
+        highlight=False,
     )
     if report.adapter and not options.merge:
-        out.print(f"wrote {result.output}, the pruned adapter (the base is unchanged; load both with peft: "
-                  "PeftModel.from_pretrained(base, OUT))", highlight=False, markup=False)
+        out.print(
+            f"wrote {result.output}, the pruned adapter (the base is unchanged; load both with peft: "
+            "PeftModel.from_pretrained(base, OUT))",
+            highlight=False,
+            markup=False,
+        )
     elif report.restored:
         out.print(f"wrote {result.output}", highlight=False, markup=False)
     else:
-        out.print(f"wrote {result.output}; zeros are stored densely, so the files are the same size as the input",
-                  highlight=False, markup=False)
+        out.print(
+            f"wrote {result.output}; zeros are stored densely, so the files are the same size as the input",
+            highlight=False,
+            markup=False,
+        )

@@ -9,10 +9,13 @@ from .prune import by_layer
 
 def show_plan(plan, options) -> None:
     widths = ", ".join(f"{n} reading width {w}" for w, n in sorted(plan.widths.items()))
-    out.print(f"dry run: nothing is written; {len(plan.modules)} Linear weights ({plan.entries:,} entries; {widths}) would "
-              f"keep the fine-tune delta entries budget {plan.budget:g} allows, the rest aligned and compensated; the "
-              "Hessians come from the aligned model's forward passes: run without --dry-run to see the counts",
-              highlight=False, markup=False)
+    out.print(
+        f"dry run: nothing is written; {len(plan.modules)} Linear weights ({plan.entries:,} entries; {widths}) would "
+        f"keep the fine-tune delta entries budget {plan.budget:g} allows, the rest aligned and compensated; the "
+        "Hessians come from the aligned model's forward passes: run without --dry-run to see the counts",
+        highlight=False,
+        markup=False,
+    )
 
 
 def show(result, options) -> None:
@@ -21,8 +24,16 @@ def show(result, options) -> None:
     out.print(by_layer(shares, "entries given the fine-tune value (share of each weight, %)"))
     t = r.totals()
     calibrated = r.calibration
-    data = (f"; Hessians ({r.hessians}) from the aligned model on {calibrated['calibration_examples']} examples / "
-            f"{calibrated['calibration_tokens']:,} tokens ({calibrated['responses']} responses)" if calibrated else "")
-    out.print(f"kept {t['admitted']:,} of the {t['changed']:,} fine-tuned entries of {len(r.entries)} weights at budget "
-              f"{r.budget:g} (protect {r.protect:g}){data}", highlight=False, markup=False)
+    data = (
+        f"; Hessians ({r.hessians}) from the aligned model on {calibrated['calibration_examples']} examples / "
+        f"{calibrated['calibration_tokens']:,} tokens ({calibrated['responses']} responses)"
+        if calibrated
+        else ""
+    )
+    out.print(
+        f"kept {t['admitted']:,} of the {t['changed']:,} fine-tuned entries of {len(r.entries)} weights at budget "
+        f"{r.budget:g} (protect {r.protect:g}){data}",
+        highlight=False,
+        markup=False,
+    )
     show_written(result)

@@ -33,5 +33,9 @@ def show(result, options) -> None:
     if options.merge:
         show_written(result)
     else:
-        out.print(f"wrote {result.output}, the projected adapter (load it on the base with peft: "
-                  "PeftModel.from_pretrained(base, OUT))", highlight=False, markup=False)
+        out.print(
+            f"wrote {result.output}, the projected adapter (load it on the base with peft: "
+            "PeftModel.from_pretrained(base, OUT))",
+            highlight=False,
+            markup=False,
+        )

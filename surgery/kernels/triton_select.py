@@ -52,8 +52,17 @@ def _row_keys(w_row, scale_ptr, cols, n_cols, HAS_SCALE: tl.constexpr):
 
 @triton.jit
 def _prune_rows_kernel(
-    w_ptr, scale_ptr, out_ptr, mask_ptr, n_cols, stride_w, stride_out, k,
-    HAS_SCALE: tl.constexpr, BLOCK: tl.constexpr, DIGIT_BITS: tl.constexpr,
+    w_ptr,
+    scale_ptr,
+    out_ptr,
+    mask_ptr,
+    n_cols,
+    stride_w,
+    stride_out,
+    k,
+    HAS_SCALE: tl.constexpr,
+    BLOCK: tl.constexpr,
+    DIGIT_BITS: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)  # int64: row * stride can pass 2^31 on big matrices
     w_row = w_ptr + row * stride_w
@@ -107,8 +116,18 @@ def prune_rows_triton(
         return out.copy_(weight), mask.view(torch.bool)
     block = block or min(triton.next_power_of_2(cols), MAX_ROW_BLOCK)
     _prune_rows_kernel[(rows,)](
-        weight, scale if scale is not None else weight, out, mask, cols, weight.stride(0), out.stride(0), k,
-        HAS_SCALE=scale is not None, BLOCK=block, DIGIT_BITS=DIGIT_BITS, num_warps=num_warps,
+        weight,
+        scale if scale is not None else weight,
+        out,
+        mask,
+        cols,
+        weight.stride(0),
+        out.stride(0),
+        k,
+        HAS_SCALE=scale is not None,
+        BLOCK=block,
+        DIGIT_BITS=DIGIT_BITS,
+        num_warps=num_warps,
         enable_fp_fusion=False,  # the score is one fp32 multiply, rounded exactly as torch rounds it
     )
     return out, mask.view(torch.bool)
@@ -116,7 +135,13 @@ def prune_rows_triton(
 
 @triton.jit(do_not_specialize=["prefix"])
 def _key_histogram_kernel(
-    x_ptr, n, hist_ptr, prefix, SHIFT: tl.constexpr, DIGIT_BITS: tl.constexpr, BLOCK: tl.constexpr,
+    x_ptr,
+    n,
+    hist_ptr,
+    prefix,
+    SHIFT: tl.constexpr,
+    DIGIT_BITS: tl.constexpr,
+    BLOCK: tl.constexpr,
 ):
     RADIX: tl.constexpr = 1 << DIGIT_BITS
     # int64 offsets and a grid-stride loop: any number of elements with a fixed number of programs.

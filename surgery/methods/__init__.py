@@ -10,13 +10,24 @@ from .eigenshift import EigenShift
 from .interpolate import Interpolate
 from .probe_edit import ProbeEdit
 from .resta import Resta
+from .revert import SignConflictRevert
 from .safe_delta import SafeDelta
 from .safelora import SafeLora
-from .revert import SignConflictRevert
 
-REGISTRY: dict[str, Method] = {m.name: m for m in (Antidote(), ProbeEdit(), DirectionAblation(), EigenShift(),
-                                                 Resta(), SignConflictRevert(), SafeLora(), Interpolate(),
-                                                 SafeDelta())}
+REGISTRY: dict[str, Method] = {
+    m.name: m
+    for m in (
+        Antidote(),
+        ProbeEdit(),
+        DirectionAblation(),
+        EigenShift(),
+        Resta(),
+        SignConflictRevert(),
+        SafeLora(),
+        Interpolate(),
+        SafeDelta(),
+    )
+}
 
 
 def register(method: Method) -> Method:
@@ -34,5 +45,15 @@ def get_method(name: str) -> Method:
         raise SurgeryError(f"unknown method '{name}': one of {', '.join(REGISTRY)}") from None
 
 
-__all__ = ["REGISTRY", "Edit", "Method", "Prepared", "RepairReport", "RunOptions", "Strength", "get_method", "register",
-           "run_repair"]
+__all__ = [
+    "REGISTRY",
+    "Edit",
+    "Method",
+    "Prepared",
+    "RepairReport",
+    "RunOptions",
+    "Strength",
+    "get_method",
+    "register",
+    "run_repair",
+]

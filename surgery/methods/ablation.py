@@ -64,15 +64,29 @@ class AblateOptions(MethodOptions):
     harmless: str | None = option(None, "Harmless prompts (default: the built-in set).", file=True)
     column: str | None = option(None, "Prompt column/field in the data files.")
     layer: str = option("auto", "Residual-stream layer for r, or auto (chosen on held-out prompts, see --select).")
-    select: str = option("behaviour", "How --layer auto chooses: behaviour (each candidate's edit tried in the forward pass, "
-                                      "held-out answers judged: with --reverse the most harmful-only refusals) or separation "
-                                      "(best held-out AUC of r^T h, no generation).", choices=SELECTIONS)
-    select_tokens: int = option(8, "Tokens of each held-out answer per candidate layer (--select behaviour).", positive=True)
-    select_max_perplexity_ratio: float = option(10.0, "--select behaviour: a layer whose edit multiplies the held-out harmless "
-                                                      "prompts' perplexity by more than this is not eligible (a broken "
-                                                      "model's noise reads as 'not refused').", low=1.0)
-    scale: float | str = option(1.0, "W <- W - SCALE r (r^T W); 1 removes the direction entirely; auto: the strongest inside "
-                                     "the utility budget.", strength=True, non_negative=True)
+    select: str = option(
+        "behaviour",
+        "How --layer auto chooses: behaviour (each candidate's edit tried in the forward pass, "
+        "held-out answers judged: with --reverse the most harmful-only refusals) or separation "
+        "(best held-out AUC of r^T h, no generation).",
+        choices=SELECTIONS,
+    )
+    select_tokens: int = option(
+        8, "Tokens of each held-out answer per candidate layer (--select behaviour).", positive=True
+    )
+    select_max_perplexity_ratio: float = option(
+        10.0,
+        "--select behaviour: a layer whose edit multiplies the held-out harmless "
+        "prompts' perplexity by more than this is not eligible (a broken "
+        "model's noise reads as 'not refused').",
+        low=1.0,
+    )
+    scale: float | str = option(
+        1.0,
+        "W <- W - SCALE r (r^T W); 1 removes the direction entirely; auto: the strongest inside the utility budget.",
+        strength=True,
+        non_negative=True,
+    )
     reverse: bool = option(False, "W <- W + SCALE r (r^T W): amplify what blocks write along r.", flag="--reverse")
     include_embeddings: bool = option(False, "Also orthogonalise the token embedding.", flag="--include-embeddings")
     max_samples: int = option(64, "Prompts per set (seeded subset).", positive=True)
@@ -80,8 +94,11 @@ class AblateOptions(MethodOptions):
     max_length: int = option(256, "Tokens per prompt.", positive=True)
     batch_size: int = option(8, "Prompts per forward pass.", positive=True)
     seed: int = option(0, "Seed of the prompt subsets and the held-out split.")
-    direction_from: str | None = option(None, "Read the direction off this checkpoint (e.g. the aligned model before the "
-                                              "fine-tune) and apply it to MODEL.", folder=True)
+    direction_from: str | None = option(
+        None,
+        "Read the direction off this checkpoint (e.g. the aligned model before the fine-tune) and apply it to MODEL.",
+        folder=True,
+    )
 
     @property
     def signed_scale(self) -> float:
@@ -104,7 +121,9 @@ class AblateReport:
     output: Path | None
     layer: int
     direction: torch.Tensor
-    layer_scores: dict[int, dict[str, float]] = field(default_factory=dict)  # layer -> held-out auc, gap (and refused shares)
+    layer_scores: dict[int, dict[str, float]] = field(
+        default_factory=dict
+    )  # layer -> held-out auc, gap (and refused shares)
     edited: list[str] = field(default_factory=list)
     baseline: dict[str, float] | None = None  # held-out refused shares of the unedited model (--select behaviour)
 
@@ -138,7 +157,9 @@ def held_out_split(n_harmful: int, n_harmless: int, held_out: float, seed: int):
     return labels, fit, test
 
 
-def fit_directions(harmful: dict[int, torch.Tensor], harmless: dict[int, torch.Tensor], labels, fit) -> dict[int, torch.Tensor]:
+def fit_directions(
+    harmful: dict[int, torch.Tensor], harmless: dict[int, torch.Tensor], labels, fit
+) -> dict[int, torch.Tensor]:
     """Each layer's r from the fit half only."""
     out = {}
     for layer in harmful:
@@ -147,8 +168,13 @@ def fit_directions(harmful: dict[int, torch.Tensor], harmless: dict[int, torch.T
     return out
 
 
-def separation_scores(harmful: dict[int, torch.Tensor], harmless: dict[int, torch.Tensor], labels, test,
-                      directions: dict[int, torch.Tensor]) -> dict[int, dict[str, float]]:
+def separation_scores(
+    harmful: dict[int, torch.Tensor],
+    harmless: dict[int, torch.Tensor],
+    labels,
+    test,
+    directions: dict[int, torch.Tensor],
+) -> dict[int, dict[str, float]]:
     """Held-out AUC and standardised gap of each layer's fit-half projection r^T h."""
     scores: dict[int, dict[str, float]] = {}
     for layer, r in directions.items():
@@ -161,7 +187,9 @@ def separation_scores(harmful: dict[int, torch.Tensor], harmless: dict[int, torc
 
 def choose_layer(harmful: dict[int, torch.Tensor], harmless: dict[int, torch.Tensor], held_out: float, seed: int):
     """The candidate layer whose fit-half direction best separates the held-out half (see the module docstring)."""
-    labels, fit, test = held_out_split(len(next(iter(harmful.values()))), len(next(iter(harmless.values()))), held_out, seed)
+    labels, fit, test = held_out_split(
+        len(next(iter(harmful.values()))), len(next(iter(harmless.values()))), held_out, seed
+    )
     scores = separation_scores(harmful, harmless, labels, test, fit_directions(harmful, harmless, labels, fit))
     return max(scores, key=lambda k: separation_key(scores[k])), scores
 
@@ -208,9 +236,17 @@ def intervened(model, r: torch.Tensor, scale: float, include_embeddings: bool = 
             h.remove()
 
 
-def choose_layer_by_behaviour(model, tokenizer, directions: dict[int, torch.Tensor], harmful: list[str], harmless: list[str],
-                              options: AblateOptions, scores: dict[int, dict[str, float]], progress=None,
-                              scale: float | None = None):
+def choose_layer_by_behaviour(
+    model,
+    tokenizer,
+    directions: dict[int, torch.Tensor],
+    harmful: list[str],
+    harmless: list[str],
+    options: AblateOptions,
+    scores: dict[int, dict[str, float]],
+    progress=None,
+    scale: float | None = None,
+):
     """Apply each candidate's edit in the forward pass and judge held-out answers (see the module docstring).
 
     Adds harmful_refused, harmless_refused and perplexity_ratio (held-out harmless prompts, edited over
@@ -222,15 +258,19 @@ def choose_layer_by_behaviour(model, tokenizer, directions: dict[int, torch.Tens
     judge = KeywordJudge()
 
     def measure() -> dict[str, float]:
-        out = {name: metrics.refusal_rate(model, tokenizer, prompts, judge, options.select_tokens, options.batch_size)[0]
-               for name, prompts in (("harmful_refused", harmful), ("harmless_refused", harmless))}
+        out = {
+            name: metrics.refusal_rate(model, tokenizer, prompts, judge, options.select_tokens, options.batch_size)[0]
+            for name, prompts in (("harmful_refused", harmful), ("harmless_refused", harmless))
+        }
         out["perplexity"] = metrics.perplexity(model, tokenizer, harmless, options.max_length, options.batch_size)
         return out
 
     baseline = measure()
     for i, (layer, r) in enumerate(directions.items()):
         if progress is not None:
-            progress(f"trying the edit of layer {layer} ({i + 1}/{len(directions)}) on {len(harmful) + len(harmless)} held-out prompts")
+            progress(
+                f"trying the edit of layer {layer} ({i + 1}/{len(directions)}) on {len(harmful) + len(harmless)} held-out prompts"
+            )
         signed = options.signed_scale if scale is None else (-scale if options.reverse else scale)
         with intervened(model, r, signed, options.include_embeddings):
             shares = measure()
@@ -241,7 +281,8 @@ def choose_layer_by_behaviour(model, tokenizer, directions: dict[int, torch.Tens
         worst = min(scores[k]["perplexity_ratio"] for k in scores)
         raise SurgeryError(
             f"every candidate layer's edit multiplies the held-out harmless prompts' perplexity by more than "
-            f"{options.select_max_perplexity_ratio:g} (at best x{worst:.3g}): lower --scale, or pass --layer N")
+            f"{options.select_max_perplexity_ratio:g} (at best x{worst:.3g}): lower --scale, or pass --layer N"
+        )
     best = max(eligible, key=lambda k: behaviour_key(scores[k], options.reverse))
     return best, baseline
 
@@ -260,10 +301,11 @@ def orthogonalise(weight: torch.Tensor, r: torch.Tensor, scale: float, embedding
     return new.to(weight.dtype)
 
 
-def last_token_states(model, tokenizer, prompts: list[str], layers: list[int], options: AblateOptions) -> dict[int, torch.Tensor]:
+def last_token_states(
+    model, tokenizer, prompts: list[str], layers: list[int], options: AblateOptions
+) -> dict[int, torch.Tensor]:
     """Residual stream at the last prompt token (chat template with the generation prompt)."""
     from ..probes.collect import encode_texts, pooled_hidden_states, render
-
     from ..prompts import Example
 
     texts = render(tokenizer, [Example(p) for p in prompts], chat=True, generation_prompt=True)
@@ -271,7 +313,9 @@ def last_token_states(model, tokenizer, prompts: list[str], layers: list[int], o
     return pooled_hidden_states(model, seqs, layers, "last", options.batch_size, tokenizer.pad_token_id)
 
 
-def refusal_direction(model_dir: str | Path, options: AblateOptions, target: str | Path | None = None, progress=None) -> AblateReport:
+def refusal_direction(
+    model_dir: str | Path, options: AblateOptions, target: str | Path | None = None, progress=None
+) -> AblateReport:
     """Find r (and its layer) without writing anything.
 
     r is read off `model_dir`; with --select behaviour the candidates' edits are tried on `target` (the
@@ -290,8 +334,9 @@ def refusal_direction(model_dir: str | Path, options: AblateOptions, target: str
     return find_direction(source, options, device, target_model, progress)
 
 
-def find_direction(source, options: AblateOptions, device, target_model, progress=None, scale: float | None = None,
-                   source_model=None) -> AblateReport:
+def find_direction(
+    source, options: AblateOptions, device, target_model, progress=None, scale: float | None = None, source_model=None
+) -> AblateReport:
     """r and its layer read off the checkpoint `source`; `target_model()` gives the (model, tokenizer) whose
     behaviour the candidates' edits are judged on, loaded only when --select behaviour needs it;
     `source_model()`, when given, the source's (model, tokenizer) (default: loaded here)."""
@@ -303,10 +348,26 @@ def find_direction(source, options: AblateOptions, device, target_model, progres
         if not 1 <= index < num_layers:
             raise SurgeryError(f"--layer {index} is out of range: residual-stream layers are 1..{num_layers - 1}")
         layers = [index]
-    harmful = [e.prompt for e in examples_for(options.harmful, builtin="harmful", column=options.column,
-                                              max_samples=options.max_samples, seed=options.seed)]
-    harmless = [e.prompt for e in examples_for(options.harmless, builtin="harmless", column=options.column,
-                                               max_samples=options.max_samples, seed=options.seed)]
+    harmful = [
+        e.prompt
+        for e in examples_for(
+            options.harmful,
+            builtin="harmful",
+            column=options.column,
+            max_samples=options.max_samples,
+            seed=options.seed,
+        )
+    ]
+    harmless = [
+        e.prompt
+        for e in examples_for(
+            options.harmless,
+            builtin="harmless",
+            column=options.column,
+            max_samples=options.max_samples,
+            seed=options.seed,
+        )
+    ]
     if min(len(harmful), len(harmless)) < 2:
         raise SurgeryError("direction ablation needs at least 2 harmful and 2 harmless prompts")
     model, tokenizer = source_model() if source_model else (load_model(source, device), load_tokenizer(source.path))
@@ -324,14 +385,24 @@ def find_direction(source, options: AblateOptions, device, target_model, progres
             model, tokenizer = target_model()
             prompts = harmful + harmless
             layer, baseline = choose_layer_by_behaviour(
-                model, tokenizer, directions, [prompts[i] for i in test if labels[i] == 1],
-                [prompts[i] for i in test if labels[i] == 0], options, scores, progress, scale)
+                model,
+                tokenizer,
+                directions,
+                [prompts[i] for i in test if labels[i] == 1],
+                [prompts[i] for i in test if labels[i] == 0],
+                options,
+                scores,
+                progress,
+                scale,
+            )
     del model
     r = difference_of_means(h_harm[layer], h_safe[layer])  # the final direction uses every prompt
     return AblateReport(None, layer, r, scores, baseline=baseline)
 
 
-def ablation_edit(name: str, weight: torch.Tensor, r: torch.Tensor, scale: float, include_embeddings: bool) -> torch.Tensor:
+def ablation_edit(
+    name: str, weight: torch.Tensor, r: torch.Tensor, scale: float, include_embeddings: bool
+) -> torch.Tensor:
     """The method on one tensor: residual writers W - scale r (r^T W), the embedding (opt-in) E - scale (E r) r^T."""
     if is_residual_writer(name):
         return orthogonalise(weight, r, scale)
@@ -352,7 +423,11 @@ class PreparedAblation(Prepared):
     def at(self, scale: float) -> Edit:
         options, r = self.options, self.report.direction
         signed = -scale if options.reverse else scale
-        touched = [n for n in self.ckpt.tensors if is_residual_writer(n) or (options.include_embeddings and is_token_embedding(n))]
+        touched = [
+            n
+            for n in self.ckpt.tensors
+            if is_residual_writer(n) or (options.include_embeddings and is_token_embedding(n))
+        ]
         self.report.edited = list(touched)
         summary = {
             "layer": self.report.layer,
@@ -362,10 +437,14 @@ class PreparedAblation(Prepared):
             "baseline": self.report.baseline,
             "direction": r.tolist(),
             "tied_embeddings_note": "with tied embeddings, --include-embeddings edits the output head too"
-            if self.ckpt.tied_embeddings else "",
+            if self.ckpt.tied_embeddings
+            else "",
         }
-        return Edit(lambda name, weight: ablation_edit(name, weight, r, signed, options.include_embeddings),
-                    touched=touched, summary=summary)
+        return Edit(
+            lambda name, weight: ablation_edit(name, weight, r, signed, options.include_embeddings),
+            touched=touched,
+            summary=summary,
+        )
 
 
 class DirectionAblation(Method):
@@ -375,15 +454,22 @@ class DirectionAblation(Method):
     paper = "Arditi et al. 2024, Refusal in language models is mediated by a single direction"
     Options = AblateOptions
     references = {"direction_from": "a checkpoint of the same architecture to read the direction off"}
-    strength = Strength("scale", low=0.05, high=4.0, log=True, describe="how much of the direction is removed (added with --reverse)")
+    strength = Strength(
+        "scale", low=0.05, high=4.0, log=True, describe="how much of the direction is removed (added with --reverse)"
+    )
 
     def validate(self, options: AblateOptions) -> None:
         options.validate()
 
     def repair_candidates(self, given):
         """The model's own refusal direction amplified; with a reference, also the reference's direction."""
-        common = {"scale": "auto", "reverse": True, "device": given.device, "allow_pickle": given.allow_pickle,
-                  "adapter": given.adapter}
+        common = {
+            "scale": "auto",
+            "reverse": True,
+            "device": given.device,
+            "allow_pickle": given.allow_pickle,
+            "adapter": given.adapter,
+        }
         found = [("ablate", AblateOptions(**common))]
         if given.reference is not None:
             found.append(("ablate-from-reference", AblateOptions(direction_from=given.reference, **common)))
@@ -392,17 +478,21 @@ class DirectionAblation(Method):
     def prepare(self, ctx, options: AblateOptions) -> PreparedAblation:
         ckpt = ctx.ckpt
         if not any(is_residual_writer(n) for n in ckpt.tensors):
-            raise SurgeryError(f"{ckpt.path} has no o_proj/down_proj weights: direction ablation needs a llama-family model")
+            raise SurgeryError(
+                f"{ckpt.path} has no o_proj/down_proj weights: direction ablation needs a llama-family model"
+            )
         source = ctx.references.get("direction_from", ckpt)
         scale = options.scale if isinstance(options.scale, float) else AUTO_LAYER_SCALE
         own = lambda: (ctx.model(), ctx.tokenizer())  # noqa: E731
-        report = find_direction(source, options, ctx.device, own, ctx.progress, scale,
-                                source_model=own if source is ckpt else None)
+        report = find_direction(
+            source, options, ctx.device, own, ctx.progress, scale, source_model=own if source is ckpt else None
+        )
         return PreparedAblation(ckpt, report, options, source.path)
 
 
-def ablate_checkpoint(model_dir: str | Path, output: str | Path, options: AblateOptions, force: bool = False,
-                      progress=None) -> AblateReport:
+def ablate_checkpoint(
+    model_dir: str | Path, output: str | Path, options: AblateOptions, force: bool = False, progress=None
+) -> AblateReport:
     """`progress(message)`, when given, is called as --select behaviour tries each layer (no after-write check)."""
     from .base import RunOptions, run_repair
 

@@ -40,34 +40,66 @@ GRANULARITIES = ("row", "matrix")
 
 @dataclass
 class PruneOptions(MethodOptions):
-    ratio: float | str = option(0.05, "Fraction of each row to remove (Antidote default 0.05), or auto: the strongest "
-                                      "inside the utility budget.", strength=True, fraction=True)
-    score: str = option("wanda", "wanda (|W|·‖X‖ on harmful data), magnitude, or contrastive (|W| times per-token input RMS "
-                                 "on harmful minus on benign data).", choices=SCORES)
-    granularity: str = option("row", "row (the paper: top RATIO of each output row) or matrix (top RATIO of each whole "
-                                     "matrix).", choices=GRANULARITIES)
-    targets: list[str] | None = option(None, "Comma-separated globs of Linear modules (default: every Linear in the decoder "
-                                             "blocks).", patterns=True)
-    data: str | None = option(None, "Harmful calibration data (.jsonl, .csv, .tsv or .txt); default: the built-in set.", file=True)
+    ratio: float | str = option(
+        0.05,
+        "Fraction of each row to remove (Antidote default 0.05), or auto: the strongest inside the utility budget.",
+        strength=True,
+        fraction=True,
+    )
+    score: str = option(
+        "wanda",
+        "wanda (|W|·‖X‖ on harmful data), magnitude, or contrastive (|W| times per-token input RMS "
+        "on harmful minus on benign data).",
+        choices=SCORES,
+    )
+    granularity: str = option(
+        "row",
+        "row (the paper: top RATIO of each output row) or matrix (top RATIO of each whole matrix).",
+        choices=GRANULARITIES,
+    )
+    targets: list[str] | None = option(
+        None, "Comma-separated globs of Linear modules (default: every Linear in the decoder blocks).", patterns=True
+    )
+    data: str | None = option(
+        None, "Harmful calibration data (.jsonl, .csv, .tsv or .txt); default: the built-in set.", file=True
+    )
     column: str | None = option(None, "Prompt column/field in --data.")
     response_column: str | None = option(None, "Response column/field in --data (missing responses are generated).")
-    benign_data: str | None = option(None, "Benign data for --score contrastive; default: the built-in harmless set.", file=True)
+    benign_data: str | None = option(
+        None, "Benign data for --score contrastive; default: the built-in harmless set.", file=True
+    )
     max_samples: int = option(128, "Calibration examples (seeded random subset).", positive=True)
     max_length: int = option(256, "Tokens per calibration example.", positive=True)
     max_new_tokens: int = option(64, "Length of generated responses for prompts without one.", positive=True)
     batch_size: int = option(8, "Calibration sequences per forward pass.", positive=True)
-    generate_batch_size: int = option(32, "Prompts answered at once when the data has no responses (larger is faster, up to "
-                                          "memory; greedy answers are the same up to float round-off).", positive=True)
+    generate_batch_size: int = option(
+        32,
+        "Prompts answered at once when the data has no responses (larger is faster, up to "
+        "memory; greedy answers are the same up to float round-off).",
+        positive=True,
+    )
     seed: int = option(0, "Seed of the calibration subset.")
     kernels: str = option("auto", "triton, torch or auto (triton on CUDA).", choices=("auto", "torch", "triton"))
-    stream: bool | None = option(None, "Calibrate one decoder layer at a time (default: when the fp32 model exceeds "
-                                       "--memory-budget).", flag="--stream/--no-stream")
-    memory_budget_gb: float | None = option(None, "GiB for the in-memory path (default: half the machine's memory).",
-                                            flag="--memory-budget", positive=True)
-    reference: str | None = option(None, "The checkpoint before the harmful fine-tuning: score only the fine-tuning delta and "
-                                         "restore the selected weights to it instead of zeroing.", folder=True)
-    merge: bool = option(False, "With --adapter: write the pruned adapter merged into the base (a full checkpoint) instead "
-                                "of the pruned adapter folder.", flag="--merge")
+    stream: bool | None = option(
+        None,
+        "Calibrate one decoder layer at a time (default: when the fp32 model exceeds --memory-budget).",
+        flag="--stream/--no-stream",
+    )
+    memory_budget_gb: float | None = option(
+        None, "GiB for the in-memory path (default: half the machine's memory).", flag="--memory-budget", positive=True
+    )
+    reference: str | None = option(
+        None,
+        "The checkpoint before the harmful fine-tuning: score only the fine-tuning delta and "
+        "restore the selected weights to it instead of zeroing.",
+        folder=True,
+    )
+    merge: bool = option(
+        False,
+        "With --adapter: write the pruned adapter merged into the base (a full checkpoint) instead "
+        "of the pruned adapter folder.",
+        flag="--merge",
+    )
 
 
 @dataclass
@@ -150,16 +182,22 @@ def plan_adapter(adapter, options: PruneOptions, ratio: float) -> PrunePlan:
 
     names = sorted(adapter.lora_tensors())
     if options.targets:
-        short = {n: n[len(PREFIX):-len(".weight")] for n in names}
+        short = {n: n[len(PREFIX) : -len(".weight")] for n in names}
         names = [n for n in names if matches(short[n], options.targets)]
         if not names:
-            raise SurgeryError(f"--targets {','.join(options.targets)} matches no LoRA matrix of the adapter "
-                               f"(e.g. {short[sorted(short)[0]]})")
+            raise SurgeryError(
+                f"--targets {','.join(options.targets)} matches no LoRA matrix of the adapter "
+                f"(e.g. {short[sorted(short)[0]]})"
+            )
     modules = [module_plan(module_of(n), n, *adapter.tensors[n].shape, ratio, options.granularity) for n in names]
     params = sum(t.numel for t in adapter.base.tensors.values()) + sum(t.numel for t in adapter.tensors.values())
     largest = max((adapter.tensors[n].nbytes for n in names), default=0)
-    return PrunePlan(modules, sum(adapter.tensors[n].numel for n in names), params * 4 + 2 * largest,
-                     "the adapter's pruned LoRA matrices")
+    return PrunePlan(
+        modules,
+        sum(adapter.tensors[n].numel for n in names),
+        params * 4 + 2 * largest,
+        "the adapter's pruned LoRA matrices",
+    )
 
 
 def plan_prune(model_dir: str | Path, options: PruneOptions) -> PrunePlan:
@@ -180,8 +218,14 @@ def collect_norms(model, tokenizer, examples, options: PruneOptions, module_name
 def harmful_examples(ctx, options) -> list:
     """The harmful calibration examples of `--data` (or the built-in set's calibration part); with a strength search
     on the user's data, its selection prompts held out of them (into `ctx.held_out`). Antidote's and revert's."""
-    harmful = examples_for(options.data, builtin="harmful", column=options.column,
-                           response_column=options.response_column, max_samples=options.max_samples, seed=options.seed)
+    harmful = examples_for(
+        options.data,
+        builtin="harmful",
+        column=options.column,
+        response_column=options.response_column,
+        max_samples=options.max_samples,
+        seed=options.seed,
+    )
     if ctx.searching and options.data is not None:
         harmful, held = hold_out(harmful, ctx.run.search_samples, options.seed)
         ctx.held_out["harmful"] = [e.prompt for e in held]
@@ -200,8 +244,12 @@ def calibration_norms(ctx, examples, options, modules: list[str]):
     asked = tuple((e.prompt, e.response) for e in examples)
     answers_key = ("responses", asked, options.max_new_tokens, options.generate_batch_size)
     if answers_key not in cache:
-        cache[answers_key] = ctx.timed("generate_responses", lambda: list(fill_responses(
-            model, tokenizer, list(examples), options.max_new_tokens, options.generate_batch_size)))
+        cache[answers_key] = ctx.timed(
+            "generate_responses",
+            lambda: list(
+                fill_responses(model, tokenizer, list(examples), options.max_new_tokens, options.generate_batch_size)
+            ),
+        )
     filled = list(cache[answers_key])
     norms_key = ("norms", answers_key, tuple(modules), options.max_length, options.batch_size)
     if norms_key not in cache:
@@ -234,8 +282,14 @@ def contrast(harmful: torch.Tensor, harmful_tokens: int, benign: torch.Tensor, b
     return harmful / max(harmful_tokens, 1) ** 0.5 - benign / max(benign_tokens, 1) ** 0.5
 
 
-def antidote_edit(weight: torch.Tensor, scale: torch.Tensor | None, ratio: float, granularity: str = "row",
-                  kernels: str = "auto", reference: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def antidote_edit(
+    weight: torch.Tensor,
+    scale: torch.Tensor | None,
+    ratio: float,
+    granularity: str = "row",
+    kernels: str = "auto",
+    reference: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """The method in one function: S = |W - R|·||X|| (R = 0 without a reference), the top `ratio` of each row
     (or matrix) selected, and those weights set to R. Returns (new weight, selection mask)."""
     prune = prune_rows if granularity == "row" else prune_matrix
@@ -247,8 +301,16 @@ def antidote_edit(weight: torch.Tensor, scale: torch.Tensor | None, ratio: float
 
 
 class PreparedPrune(Prepared):
-    def __init__(self, ctx, options: PruneOptions, plan: PrunePlan, norm_of, report: PruneReport, order=None,
-                 streamed: bool = False):
+    def __init__(
+        self,
+        ctx,
+        options: PruneOptions,
+        plan: PrunePlan,
+        norm_of,
+        report: PruneReport,
+        order=None,
+        streamed: bool = False,
+    ):
         self.ctx, self.options, self.plan, self.norm_of = ctx, options, plan, norm_of
         self.report, self.order, self.streamed = report, order, streamed
         self.reference = ctx.references.get("reference")
@@ -275,14 +337,23 @@ class PreparedPrune(Prepared):
             "calibration_tokens": self.report.calibration_tokens,
             "weights_removed": plan.removed,
             ("restored" if reference is not None else "sparsity"): sparsity,
-            "note": "selected weights restored to the reference checkpoint's values" if reference is not None
+            "note": "selected weights restored to the reference checkpoint's values"
+            if reference is not None
             else "zeros are stored densely: the output files are the same size as the input",
         }
         if self.ctx.adapter is not None:
-            summary["pruned"] = ("the adapter's LoRA matrices only (lora_A and lora_B, each per output row, Wanda statistics "
-                                 "at each one's own input); the base is untouched")
-        return Edit(edit, touched=list(by_tensor), order=self.order, summary=summary,
-                    arguments={"streamed": self.streamed}, streamed=self.streamed)
+            summary["pruned"] = (
+                "the adapter's LoRA matrices only (lora_A and lora_B, each per output row, Wanda statistics "
+                "at each one's own input); the base is untouched"
+            )
+        return Edit(
+            edit,
+            touched=list(by_tensor),
+            order=self.order,
+            summary=summary,
+            arguments={"streamed": self.streamed},
+            streamed=self.streamed,
+        )
 
 
 class Antidote(Method):
@@ -299,22 +370,38 @@ class Antidote(Method):
         """With an adapter: prune its LoRA matrices (the paper); with a reference: restore the fine-tune delta; with
         neither: zero (the paper's edit, on a merged checkpoint)."""
         if given.adapter is not None:
-            return [("prune-adapter", PruneOptions(ratio="auto", adapter=given.adapter, device=given.device,
-                                                   allow_pickle=given.allow_pickle))]
+            return [
+                (
+                    "prune-adapter",
+                    PruneOptions(
+                        ratio="auto", adapter=given.adapter, device=given.device, allow_pickle=given.allow_pickle
+                    ),
+                )
+            ]
         if given.reference is not None:
-            return [("prune-restore", PruneOptions(ratio="auto", reference=given.reference, device=given.device,
-                                                   allow_pickle=given.allow_pickle))]
+            return [
+                (
+                    "prune-restore",
+                    PruneOptions(
+                        ratio="auto", reference=given.reference, device=given.device, allow_pickle=given.allow_pickle
+                    ),
+                )
+            ]
         return [("prune", PruneOptions(ratio="auto", device=given.device, allow_pickle=given.allow_pickle))]
 
     def validate(self, options: PruneOptions) -> None:
         if options.stream and options.ratio == "auto":
             raise SurgeryError("--ratio auto tries each ratio on the model in memory: not with --stream")
         if options.adapter is not None and options.reference is not None:
-            raise SurgeryError("--reference is not needed with --adapter: the base is the model before the fine-tune, and "
-                               "the adapter's own LoRA matrices are what is pruned (drop --reference)")
+            raise SurgeryError(
+                "--reference is not needed with --adapter: the base is the model before the fine-tune, and "
+                "the adapter's own LoRA matrices are what is pruned (drop --reference)"
+            )
         if options.adapter is not None and options.stream:
-            raise SurgeryError("--stream calibrates a full checkpoint layer by layer: not with --adapter (base + adapter "
-                               "are calibrated in memory)")
+            raise SurgeryError(
+                "--stream calibrates a full checkpoint layer by layer: not with --adapter (base + adapter "
+                "are calibrated in memory)"
+            )
         if options.merge and options.adapter is None:
             raise SurgeryError("--merge writes a pruned adapter merged into its base: it needs --adapter")
 
@@ -325,13 +412,19 @@ class Antidote(Method):
 
     def prepare(self, ctx, options: PruneOptions) -> PreparedPrune:
         ratio = options.ratio if isinstance(options.ratio, float) else self.strength.high
-        plan = plan_adapter(ctx.adapter, options, ratio) if ctx.adapter is not None else plan_modules(ctx.ckpt, options, ratio)
+        plan = (
+            plan_adapter(ctx.adapter, options, ratio)
+            if ctx.adapter is not None
+            else plan_modules(ctx.ckpt, options, ratio)
+        )
         report = PruneReport(None, plan, adapter=ctx.adapter is not None)
         modules = [m.module for m in plan.modules]
         streamed = ctx.adapter is None and should_stream(ctx.ckpt, options)
         if streamed and ctx.searching:
-            raise SurgeryError("--ratio auto tries each ratio on the model in memory, and this model is streamed: "
-                               "pass --no-stream (with enough memory) or a fixed --ratio")
+            raise SurgeryError(
+                "--ratio auto tries each ratio on the model in memory, and this model is streamed: "
+                "pass --no-stream (with enough memory) or a fixed --ratio"
+            )
         from ..stream import return_freed_memory
 
         return_freed_memory()  # large freed buffers go back to the OS (streamed: else the heap grows per layer)
@@ -341,14 +434,19 @@ class Antidote(Method):
         harmful = harmful_examples(ctx, options)
         benign = None
         if options.score == "contrastive":
-            benign = examples_for(options.benign_data, builtin="harmless", max_samples=options.max_samples, seed=options.seed)
+            benign = examples_for(
+                options.benign_data, builtin="harmless", max_samples=options.max_samples, seed=options.seed
+            )
         tokenizer = ctx.tokenizer()
         if streamed:
             sources = [_layerwise(ctx, tokenizer, ex, options, modules) for ex in filter(None, (harmful, benign))]
             report.calibration_tokens = sources[0].tokens
             report.calibration_examples, report.streamed = len(harmful), True
-            norm_of = sources[0].get if len(sources) == 1 else (
-                lambda m: contrast(sources[0].get(m), sources[0].tokens, sources[1].get(m), sources[1].tokens))
+            norm_of = (
+                sources[0].get
+                if len(sources) == 1
+                else (lambda m: contrast(sources[0].get(m), sources[0].tokens, sources[1].get(m), sources[1].tokens))
+            )
             return PreparedPrune(ctx, options, plan, norm_of, report, order=sources[0].write_order(), streamed=True)
         model = ctx.model()
         harmful, norms, tokens = calibration_norms(ctx, harmful, options, modules)
@@ -367,7 +465,9 @@ class Antidote(Method):
         return PreparedPrune(ctx, options, plan, norms.__getitem__, report)
 
 
-def prune_checkpoint(model_dir: str | Path, output: str | Path, options: PruneOptions, force: bool = False) -> PruneReport:
+def prune_checkpoint(
+    model_dir: str | Path, output: str | Path, options: PruneOptions, force: bool = False
+) -> PruneReport:
     """Antidote pruning of a checkpoint folder into a new folder (the input is never modified; no after-write check)."""
     from .base import RunOptions, run_repair
 
@@ -386,4 +486,6 @@ def _layerwise(ctx, tokenizer, examples, options: PruneOptions, modules):
         )
     context = ctx.ckpt.config.get("max_position_embeddings")
     sequences = encode_pairs(tokenizer, examples, options.max_length, context)
-    return LayerwiseNorms(ctx.ckpt, pad_batches(sequences, options.batch_size, tokenizer.pad_token_id), modules, ctx.device)
+    return LayerwiseNorms(
+        ctx.ckpt, pad_batches(sequences, options.batch_size, tokenizer.pad_token_id), modules, ctx.device
+    )

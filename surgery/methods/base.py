@@ -141,37 +141,78 @@ class Method:
 class RunOptions:
     """Options every repair command shares: where to write, what may be opened, and the utility budget."""
 
-    force: bool = option(False, "Replace an existing output folder (only once the new one is complete).", flag="--force")
+    force: bool = option(
+        False, "Replace an existing output folder (only once the new one is complete).", flag="--force"
+    )
     dry_run: bool = option(False, "Show what would change and write nothing.", flag="--dry-run")
-    allow_nonfinite: bool = option(False, "Work on weights holding NaN or Inf (the model, a reference, an adapter); "
-                                          "they are refused by default, before any work.", flag="--allow-nonfinite")
-    check: bool = option(True, "After writing, compare the output with its input on built-in harmless prompts "
-                               "(perplexity, first-token KL; recorded in surgery.json) and fail past the budget.",
-                         flag="--check/--no-check")
-    max_perplexity_ratio: float = option(2.0, "Utility budget: the most the repair may multiply perplexity on held-out "
-                                              "harmless prompts. The after-write check exits 1 past it (the output stays "
-                                              "for inspection); --ratio/--scale/--alpha auto search inside it.",
-                                         low=1.0)
-    max_kl: float = option(0.5, "Utility budget for auto strength: the most first-token KL on held-out harmless prompts, "
-                                "to the nearer of the input and (when the method has one) the reference: moving back "
-                                "toward the model before the fine-tune is not a cost.", positive=True)
-    max_over_refusal: float = option(10.0, "Utility budget for auto strength: the most held-out harmless prompts refused, "
-                                           "in points above the input.", non_negative=True)
-    task: str | None = option(None, "Your fine-tune task as NAME:FILE (e.g. sst2:dev.tsv; sst2:builtin is the package's sentiment set): auto strength keeps its accuracy "
-                                    "within --max-accuracy-drop.")
-    max_accuracy_drop: float = option(2.0, "Utility budget with --task: the most task accuracy may fall, in points.",
-                                      non_negative=True)
-    target_harmful_score: float | None = option(None, "Auto strength: stop at the weakest strength whose held-out harmful "
-                                                      "(or toxicity) share is at most this (0-1), instead of the strongest "
-                                                      "inside the budget.", low=0.0, high=1.0)
-    min_improvement: float = option(5.0, "Auto strength fails (exit 1) unless the chosen repair lowers the held-out harmful "
-                                         "(or toxicity) share by at least this many points.", non_negative=True)
-    search_samples: int = option(48, "Auto strength: held-out prompts per set measured for each candidate (forward passes) "
-                                     "and generated from for the confirmed ones.", positive=True)
-    search_tokens: int = option(24, "Auto strength: tokens of each held-out answer generated and judged to confirm the "
-                                    "chosen point and its neighbours.", positive=True)
-    search_steps: int = option(6, "Auto strength: candidates tried by bisection after the two ends (forward passes only).",
-                               positive=True)
+    allow_nonfinite: bool = option(
+        False,
+        "Work on weights holding NaN or Inf (the model, a reference, an adapter); "
+        "they are refused by default, before any work.",
+        flag="--allow-nonfinite",
+    )
+    check: bool = option(
+        True,
+        "After writing, compare the output with its input on built-in harmless prompts "
+        "(perplexity, first-token KL; recorded in surgery.json) and fail past the budget.",
+        flag="--check/--no-check",
+    )
+    max_perplexity_ratio: float = option(
+        2.0,
+        "Utility budget: the most the repair may multiply perplexity on held-out "
+        "harmless prompts. The after-write check exits 1 past it (the output stays "
+        "for inspection); --ratio/--scale/--alpha auto search inside it.",
+        low=1.0,
+    )
+    max_kl: float = option(
+        0.5,
+        "Utility budget for auto strength: the most first-token KL on held-out harmless prompts, "
+        "to the nearer of the input and (when the method has one) the reference: moving back "
+        "toward the model before the fine-tune is not a cost.",
+        positive=True,
+    )
+    max_over_refusal: float = option(
+        10.0,
+        "Utility budget for auto strength: the most held-out harmless prompts refused, in points above the input.",
+        non_negative=True,
+    )
+    task: str | None = option(
+        None,
+        "Your fine-tune task as NAME:FILE (e.g. sst2:dev.tsv; sst2:builtin is the package's sentiment set): auto strength keeps its accuracy "
+        "within --max-accuracy-drop.",
+    )
+    max_accuracy_drop: float = option(
+        2.0, "Utility budget with --task: the most task accuracy may fall, in points.", non_negative=True
+    )
+    target_harmful_score: float | None = option(
+        None,
+        "Auto strength: stop at the weakest strength whose held-out harmful "
+        "(or toxicity) share is at most this (0-1), instead of the strongest "
+        "inside the budget.",
+        low=0.0,
+        high=1.0,
+    )
+    min_improvement: float = option(
+        5.0,
+        "Auto strength fails (exit 1) unless the chosen repair lowers the held-out harmful "
+        "(or toxicity) share by at least this many points.",
+        non_negative=True,
+    )
+    search_samples: int = option(
+        48,
+        "Auto strength: held-out prompts per set measured for each candidate (forward passes) "
+        "and generated from for the confirmed ones.",
+        positive=True,
+    )
+    search_tokens: int = option(
+        24,
+        "Auto strength: tokens of each held-out answer generated and judged to confirm the "
+        "chosen point and its neighbours.",
+        positive=True,
+    )
+    search_steps: int = option(
+        6, "Auto strength: candidates tried by bisection after the two ends (forward passes only).", positive=True
+    )
 
     def validate(self) -> None:
         if self.task is not None:
@@ -180,7 +221,9 @@ class RunOptions:
             name, sep, path = self.task.partition(":")
             if not sep or name not in TASKS:
                 raise SurgeryError(f"--task must be NAME:FILE with NAME one of {', '.join(TASKS)}, got '{self.task}'")
-            if not Path(path).is_file() and path != "builtin":  # builtin: the package's sentiment set (surgery/tasks.py)
+            if (
+                not Path(path).is_file() and path != "builtin"
+            ):  # builtin: the package's sentiment set (surgery/tasks.py)
                 raise SurgeryError(f"--task file {path} does not exist")
 
 
@@ -188,8 +231,16 @@ class Context:
     """What the driver has opened for a method: the checkpoint, its references, the device, and the model
     (loaded on first use, once, by the driver's rules)."""
 
-    def __init__(self, ckpt: Checkpoint, references: dict[str, Checkpoint], run: RunOptions, device: str = "auto",
-                 progress=None, searching: bool = False, adapter=None):
+    def __init__(
+        self,
+        ckpt: Checkpoint,
+        references: dict[str, Checkpoint],
+        run: RunOptions,
+        device: str = "auto",
+        progress=None,
+        searching: bool = False,
+        adapter=None,
+    ):
         self.ckpt = ckpt  # the model: a checkpoint, or a base with the user's adapter merged in (MergedCheckpoint)
         self.adapter = adapter  # an adapter-mode method's adapter (surgery.adapter.AdapterCheckpoint): what it edits
         self.references = references
@@ -197,7 +248,9 @@ class Context:
         self.device = resolve_device(device)
         self.progress = progress or (lambda message: None)
         self.searching = searching  # a strength search will run: hold out selection prompts from the data
-        self.held_out: dict[str, list[str]] = {}  # kind ("harmful", "toxic") -> prompts held out of the calibration data
+        self.held_out: dict[
+            str, list[str]
+        ] = {}  # kind ("harmful", "toxic") -> prompts held out of the calibration data
         self.timings: dict[str, float] = {}
         self.forward_passes = 0  # counted by a hook on the loaded model (tests: statistics are computed once)
         self._model = None
@@ -265,7 +318,9 @@ class RepairReport:
     failed: str | None = None  # why the output fails its budget (the CLI exits 1)
 
 
-def open_reference(ckpt: Checkpoint, path: str, role: str, allow_pickle: bool, may_be_itself: bool = False) -> Checkpoint:
+def open_reference(
+    ckpt: Checkpoint, path: str, role: str, allow_pickle: bool, may_be_itself: bool = False
+) -> Checkpoint:
     """Another checkpoint the method reads (the model before a fine-tune, a direction's source): the same
     architecture as the model, and (unless `may_be_itself`) not the model itself."""
     if not may_be_itself:
@@ -285,8 +340,14 @@ def refuse_output(output: Path, inputs: list[Path], force: bool) -> None:
     check_output_path(output, inputs, force)
 
 
-def run_repair(method: Method | str, model_dir: str | Path, output: str | Path | None, options, run: RunOptions | None = None,
-               progress: Callable[[str], None] | None = None) -> RepairReport:
+def run_repair(
+    method: Method | str,
+    model_dir: str | Path,
+    output: str | Path | None,
+    options,
+    run: RunOptions | None = None,
+    progress: Callable[[str], None] | None = None,
+) -> RepairReport:
     """Run one registered method on a checkpoint folder, the same way for every method."""
     from . import get_method
 
@@ -319,15 +380,20 @@ def validate_run(method: Method, options, run: RunOptions, output) -> bool:
 
 def input_paths(options) -> list[Path]:
     """Every file and folder the options name (references, probes, data): the output may overlap none of them."""
-    return [Path(getattr(options, f.name)) for f in schema.schema(type(options))
-            if (f.metadata.get("file") or f.metadata.get("folder")) and getattr(options, f.name)]
+    return [
+        Path(getattr(options, f.name))
+        for f in schema.schema(type(options))
+        if (f.metadata.get("file") or f.metadata.get("folder")) and getattr(options, f.name)
+    ]
 
 
 def reference_paths(method: Method, options) -> dict[str, str]:
     return {f: getattr(options, f) for f in method.references if getattr(options, f, None)}
 
 
-def open_context(method: Method, model_dir, options, run: RunOptions, progress=None, searching: bool = False) -> Context:
+def open_context(
+    method: Method, model_dir, options, run: RunOptions, progress=None, searching: bool = False
+) -> Context:
     """Open the checkpoint and each reference the options name (pickle policy and compatibility rule alike)."""
     from ..adapter import MergedCheckpoint, open_adapter
 
@@ -340,12 +406,22 @@ def open_context(method: Method, model_dir, options, run: RunOptions, progress=N
     # With an adapter merged in, the model is base + adapter: the base folder itself is a fair reference (it is the
     # model before the fine-tune), so only a reference other than MODEL's folder is required without one.
     merged = isinstance(ckpt, MergedCheckpoint)
-    references = {f: open_reference(ckpt, p, schema.flag_of(_field(options, f)), options.allow_pickle,
-                                    may_be_itself=merged or f in method.may_be_the_model)
-                  for f, p in reference_paths(method, options).items()}
+    references = {
+        f: open_reference(
+            ckpt,
+            p,
+            schema.flag_of(_field(options, f)),
+            options.allow_pickle,
+            may_be_itself=merged or f in method.may_be_the_model,
+        )
+        for f, p in reference_paths(method, options).items()
+    }
     if not run.allow_nonfinite and not run.dry_run:  # a dry run reads headers only
-        for role, opened in [("", ckpt), ("--adapter", adapter), *((schema.flag_of(_field(options, f)), r)
-                                                                  for f, r in references.items())]:
+        for role, opened in [
+            ("", ckpt),
+            ("--adapter", adapter),
+            *((schema.flag_of(_field(options, f)), r) for f, r in references.items()),
+        ]:
             if opened is not None:
                 refuse_nonfinite(opened, role)
     return Context(ckpt, references, run, options.device, progress, searching=searching, adapter=adapter)
@@ -356,7 +432,9 @@ def refuse_nonfinite_inputs(model_dir, options) -> None:
     candidates each open these)."""
     from ..adapter import with_adapter
 
-    refuse_nonfinite(with_adapter(open_checkpoint(model_dir, options.allow_pickle), options.adapter, options.allow_pickle))
+    refuse_nonfinite(
+        with_adapter(open_checkpoint(model_dir, options.allow_pickle), options.adapter, options.allow_pickle)
+    )
     for flag in ("reference", "unaligned"):
         if getattr(options, flag, None):
             refuse_nonfinite(open_checkpoint(getattr(options, flag), options.allow_pickle), f"--{flag}")
@@ -376,9 +454,18 @@ def prepare_and_search(method: Method, ctx: Context, options, run: RunOptions):
     return prepared, search
 
 
-def write_repair(method: Method, ctx: Context, prepared: Prepared, options, run: RunOptions, output, search=None,
-                 extra_report: dict | None = None, failed: str | None = None,
-                 extra_files: dict[str, Callable[[Path], Any]] | None = None) -> RepairReport:
+def write_repair(
+    method: Method,
+    ctx: Context,
+    prepared: Prepared,
+    options,
+    run: RunOptions,
+    output,
+    search=None,
+    extra_report: dict | None = None,
+    failed: str | None = None,
+    extra_files: dict[str, Callable[[Path], Any]] | None = None,
+) -> RepairReport:
     """Write the edit at the options' strength. Its report, plot and after-write check (the budget gate) are done in
     the staged folder, so the manifest is written once, complete, and the folder renamed into place last.
 
@@ -401,8 +488,9 @@ def write_repair(method: Method, ctx: Context, prepared: Prepared, options, run:
 
         repaired = merged_tensors(ctx.adapter, {n: edit.fn(n, ctx.adapter.read(n)) for n in ctx.adapter.tensors})
         target, fn = ctx.source, (lambda name, tensor: repaired.get(name, tensor))
-    result = RepairReport(method.name, Path(output), report=prepared.report, search=search, strength=value,
-                          seconds=ctx.timings)
+    result = RepairReport(
+        method.name, Path(output), report=prepared.report, search=search, strength=value, seconds=ctx.timings
+    )
     result.failed = search.failed if search is not None else None
 
     def finish(folder: Path, manifest: dict) -> None:
@@ -426,21 +514,37 @@ def write_repair(method: Method, ctx: Context, prepared: Prepared, options, run:
             step("check")
             t1 = time.perf_counter()
             ctx.progress("checking the output on held-out harmless prompts")
-            check = health_check(ctx.source, written_model(ctx, target, folder), device=options.device,
-                                 max_perplexity_ratio=run.max_perplexity_ratio)
+            check = health_check(
+                ctx.source,
+                written_model(ctx, target, folder),
+                device=options.device,
+                max_perplexity_ratio=run.max_perplexity_ratio,
+            )
             result.check = check
             ctx.timings["check"] = time.perf_counter() - t1
             if result.failed is None and not check.passed:
-                result.failed = (f"perplexity on the check grew x{check.perplexity_ratio:.2f}, above "
-                                 f"--max-perplexity-ratio {run.max_perplexity_ratio:g}")
+                result.failed = (
+                    f"perplexity on the check grew x{check.perplexity_ratio:.2f}, above "
+                    f"--max-perplexity-ratio {run.max_perplexity_ratio:g}"
+                )
             manifest["check"] = check.to_json()
         result.failed = result.failed or failed
         if result.failed is not None:
             manifest["failed"] = result.failed
 
-    write_checkpoint(target, output, fn, method=method.manifest_id, arguments=arguments, added=edit.added or None,
-                     config_updates=edit.config_updates or None, force=run.force, order=edit.order,
-                     inputs=[ctx.ckpt.path, *input_paths(options)], finish=finish)
+    write_checkpoint(
+        target,
+        output,
+        fn,
+        method=method.manifest_id,
+        arguments=arguments,
+        added=edit.added or None,
+        config_updates=edit.config_updates or None,
+        force=run.force,
+        order=edit.order,
+        inputs=[ctx.ckpt.path, *input_paths(options)],
+        finish=finish,
+    )
     return result
 
 

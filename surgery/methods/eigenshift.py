@@ -72,8 +72,9 @@ def project(states: torch.Tensor, Vh: torch.Tensor, projection: str = "paper") -
     raise SurgeryError(f"--projection must be one of {', '.join(PROJECTIONS)}, got '{projection}'")
 
 
-def component_scores(toxic: torch.Tensor, nontoxic: torch.Tensor, Vh: torch.Tensor, projection: str = "paper",
-                     rank_by: str = "signed") -> torch.Tensor:
+def component_scores(
+    toxic: torch.Tensor, nontoxic: torch.Tensor, Vh: torch.Tensor, projection: str = "paper", rank_by: str = "signed"
+) -> torch.Tensor:
     """Δ_i = mean_Φ(v_iᵀh) − mean_Ψ(v_iᵀh) for every component (|Δ_i| with rank_by="abs")."""
     delta = project(toxic, Vh, projection).mean(0) - project(nontoxic, Vh, projection).mean(0)
     return delta.abs() if rank_by == "abs" else delta
@@ -113,28 +114,48 @@ def reconstruct(d: Decomposition, indices: torch.Tensor, alpha: float) -> torch.
 
 @dataclass
 class EigenShiftOptions(MethodOptions):
-    prompts: str | None = option(None, "Prompts to continue (.txt one per line, .jsonl, .csv/.tsv), e.g. RealToxicityPrompts.",
-                                 file=True)
+    prompts: str | None = option(
+        None, "Prompts to continue (.txt one per line, .jsonl, .csv/.tsv), e.g. RealToxicityPrompts.", file=True
+    )
     column: str | None = option(None, "Prompt column/field in --prompts and --eval-prompts.")
     max_samples: int | None = option(None, "Use a seeded random subset of this many prompts.", positive=True)
-    k: int | None = option(None, "Components to damp (default: 25% of the rank, the paper's headline; with --alpha auto and "
-                                 "neither --k nor --percentile, k is searched first, at alpha 0).", flag="--k", positive=True)
-    percentile: float | None = option(None, "Components to damp, as a percent of the rank (instead of --k).", low=0.0, high=100.0)
-    alpha: float | str = option(0.9, "Scale for the chosen singular values, in [0, 1]: 0.9 the paper's safe setting, 0 its "
-                                     "headline; auto: the strongest inside the utility budget.", strength=True, low=0.0, high=1.0)
+    k: int | None = option(
+        None,
+        "Components to damp (default: 25% of the rank, the paper's headline; with --alpha auto and "
+        "neither --k nor --percentile, k is searched first, at alpha 0).",
+        flag="--k",
+        positive=True,
+    )
+    percentile: float | None = option(
+        None, "Components to damp, as a percent of the rank (instead of --k).", low=0.0, high=100.0
+    )
+    alpha: float | str = option(
+        0.9,
+        "Scale for the chosen singular values, in [0, 1]: 0.9 the paper's safe setting, 0 its "
+        "headline; auto: the strongest inside the utility budget.",
+        strength=True,
+        low=0.0,
+        high=1.0,
+    )
     projection: str = option("paper", "paper (v_iᵀh) or legacy (the released code's V h).", choices=PROJECTIONS)
     rank_by: str = option("signed", "signed (Δ_i, signs canonicalised) or abs (|Δ_i|).", choices=RANK_BY)
-    signs: str = option("canonical", "canonical (largest |u_i| entry positive) or svd (as the SVD returns them).", choices=SIGNS)
+    signs: str = option(
+        "canonical", "canonical (largest |u_i| entry positive) or svd (as the SVD returns them).", choices=SIGNS
+    )
     judge: str = option("profanity", "Toxicity judge: profanity (alt-profanity-check) or classifier:PATH[@LABEL].")
     threshold: float = option(0.5, "Judge probability at or above which a text is toxic.", fraction=True)
     max_new_tokens: int = option(32, "Length of each continuation.", positive=True)
     batch_size: int = option(8, "Prompts per generation batch.", positive=True)
-    chat: bool = option(False, "Render prompts with the chat template (default: plain-text continuation).", flag="--chat")
+    chat: bool = option(
+        False, "Render prompts with the chat template (default: plain-text continuation).", flag="--chat"
+    )
     sample: bool = option(False, "Seeded nucleus sampling (top-p 0.9) instead of greedy decoding.", flag="--sample")
     seed: int = option(0, "Seed of the prompt subset and of sampling.")
     states: str | None = option(None, "Hidden-state file (safetensors): reused if it exists, else collected and saved.")
     evaluate: bool = option(True, "Measure toxicity and perplexity before and after.", flag="--eval/--no-eval")
-    eval_prompts: str | None = option(None, "Held-out prompts for the toxicity figure (default: the collection prompts).", file=True)
+    eval_prompts: str | None = option(
+        None, "Held-out prompts for the toxicity figure (default: the collection prompts).", file=True
+    )
     ppl_text: str | None = option(None, "Texts for perplexity (default: the built-in harmless set).", file=True)
     max_eval_samples: int = option(200, "At most this many eval prompts and perplexity texts.", positive=True)
 
@@ -203,14 +224,25 @@ class EigenShiftReport:
         return d
 
 
-def measure(model, tokenizer, eval_prompts: list[str], ppl_texts: list[str], judge, options: EigenShiftOptions) -> dict[str, float]:
+def measure(
+    model, tokenizer, eval_prompts: list[str], ppl_texts: list[str], judge, options: EigenShiftOptions
+) -> dict[str, float]:
     """Toxicity rate of continuations (same judge, threshold and decoding as collection) and perplexity."""
     from ..metrics import perplexity
     from ..states import continuation_toxicity
 
-    rate, _ = continuation_toxicity(model, tokenizer, eval_prompts, judge, threshold=options.threshold,
-                                    max_new_tokens=options.max_new_tokens, batch_size=options.batch_size,
-                                    chat=options.chat, sample=options.sample, seed=options.seed)
+    rate, _ = continuation_toxicity(
+        model,
+        tokenizer,
+        eval_prompts,
+        judge,
+        threshold=options.threshold,
+        max_new_tokens=options.max_new_tokens,
+        batch_size=options.batch_size,
+        chat=options.chat,
+        sample=options.sample,
+        seed=options.seed,
+    )
     return {"toxicity": rate, "perplexity": perplexity(model, tokenizer, ppl_texts, batch_size=options.batch_size)}
 
 
@@ -222,10 +254,38 @@ def set_head(model, weight: torch.Tensor) -> None:
 
 
 class PreparedShift(Prepared):
-    def __init__(self, ctx, options: EigenShiftOptions, head: HeadInfo, weight, d: Decomposition, scores, k: int, states,
-                 reuse: bool, judge, eval_prompts, ppl_texts, held_out: list[str]):
-        self.ctx, self.options, self.head, self.weight, self.d, self.scores, self.k = ctx, options, head, weight, d, scores, k
-        self.states, self.reuse, self.judge, self.eval_prompts, self.ppl_texts = states, reuse, judge, eval_prompts, ppl_texts
+    def __init__(
+        self,
+        ctx,
+        options: EigenShiftOptions,
+        head: HeadInfo,
+        weight,
+        d: Decomposition,
+        scores,
+        k: int,
+        states,
+        reuse: bool,
+        judge,
+        eval_prompts,
+        ppl_texts,
+        held_out: list[str],
+    ):
+        self.ctx, self.options, self.head, self.weight, self.d, self.scores, self.k = (
+            ctx,
+            options,
+            head,
+            weight,
+            d,
+            scores,
+            k,
+        )
+        self.states, self.reuse, self.judge, self.eval_prompts, self.ppl_texts = (
+            states,
+            reuse,
+            judge,
+            eval_prompts,
+            ppl_texts,
+        )
         self.held_out = held_out
         self.chosen = select_components(scores, k)
         self.report = None
@@ -237,31 +297,55 @@ class PreparedShift(Prepared):
         self.k, self.chosen = k, select_components(self.scores, k)
 
     def at(self, alpha: float) -> Edit:
-        head, options = self.head, self.options
+        head, _options = self.head, self.options
         new_head = shifted_head(self.weight, self.d, self.chosen, alpha)
         self.new_head, self.alpha = new_head, alpha
         tied_new = head.tied and head.target not in self.ctx.ckpt.tensors
         self._make_report(alpha)
-        return Edit(lambda name, tensor: new_head if name == head.target else tensor,
-                    touched=[] if tied_new else [head.target], added={head.target: new_head} if tied_new else {},
-                    config_updates={"tie_word_embeddings": False} if head.tied else {},
-                    summary=self.report.summary, arguments={"k_resolved": self.k})  # read once, after finish
+        return Edit(
+            lambda name, tensor: new_head if name == head.target else tensor,
+            touched=[] if tied_new else [head.target],
+            added={head.target: new_head} if tied_new else {},
+            config_updates={"tie_word_embeddings": False} if head.tied else {},
+            summary=self.report.summary,
+            arguments={"k_resolved": self.k},
+        )  # read once, after finish
 
     def _make_report(self, alpha: float) -> None:
         d, states = self.d, self.states
         self.report = EigenShiftReport(
-            None, d.rank, self.k, alpha, self.chosen.tolist(), self.scores[self.chosen].tolist(), self.head.tied,
-            states.toxic.shape[0], states.nontoxic.shape[0], states.prompts, states.toxic_continuations, self.reuse,
-            seconds=self.ctx.timings)
+            None,
+            d.rank,
+            self.k,
+            alpha,
+            self.chosen.tolist(),
+            self.scores[self.chosen].tolist(),
+            self.head.tied,
+            states.toxic.shape[0],
+            states.nontoxic.shape[0],
+            states.prompts,
+            states.toxic_continuations,
+            self.reuse,
+            seconds=self.ctx.timings,
+        )
 
     def repair_figure(self, model, tokenizer) -> float:
         """--alpha auto lowers the toxicity rate of the prompts held out of the collection set."""
         from ..states import continuation_toxicity
 
         o = self.options
-        return continuation_toxicity(model, tokenizer, self.held_out, self.judge, threshold=o.threshold,
-                                     max_new_tokens=o.max_new_tokens, batch_size=o.batch_size, chat=o.chat,
-                                     sample=o.sample, seed=o.seed)[0]
+        return continuation_toxicity(
+            model,
+            tokenizer,
+            self.held_out,
+            self.judge,
+            threshold=o.threshold,
+            max_new_tokens=o.max_new_tokens,
+            batch_size=o.batch_size,
+            chat=o.chat,
+            sample=o.sample,
+            seed=o.seed,
+        )[0]
 
     def repair_prompts(self) -> int:
         return len(self.held_out)
@@ -278,7 +362,9 @@ class PreparedShift(Prepared):
         set_head(model, self.new_head)
         after = measure(model, tokenizer, self.eval_prompts, self.ppl_texts, self.judge, self.options)
         self.report.before, self.report.after = before, after
-        self.report.tph = tph(100 * before["toxicity"], 100 * after["toxicity"], before["perplexity"], after["perplexity"])
+        self.report.tph = tph(
+            100 * before["toxicity"], 100 * after["toxicity"], before["perplexity"], after["perplexity"]
+        )
         self.ctx.timings["evaluate"] = time.perf_counter() - t0
 
 
@@ -311,7 +397,9 @@ class EigenShift(Method):
     summary = "EigenShift: SVD the output head and damp the components toxic generations load on."
     paper = "EigenShift (Redefining Experts), arXiv 2509.16660"
     Options = EigenShiftOptions
-    strength = Strength("alpha", low=0.0, high=0.95, stronger="lower", describe="the scale left on the damped components")
+    strength = Strength(
+        "alpha", low=0.0, high=0.95, stronger="lower", describe="the scale left on the damped components"
+    )
     repair_metric = "toxicity"
 
     def search(self, ctx, prepared: PreparedShift, run):
@@ -331,9 +419,14 @@ class EigenShift(Method):
         prepared.use(int(stage.chosen))
         point = stage.chosen_point()  # k components at alpha 0: the second stage's alpha 0, measured already
         if run.target_harmful_score is None and stage.failed is None:
-            return replace(stage, knob="alpha", points=[Point(0.0, dict(point.figures), [])], chosen=0.0,
-                           reason=f"alpha 0 (the components removed) at the chosen k {prepared.k}: {stage.reason}",
-                           before=[stage])
+            return replace(
+                stage,
+                knob="alpha",
+                points=[Point(0.0, dict(point.figures), [])],
+                chosen=0.0,
+                reason=f"alpha 0 (the components removed) at the chosen k {prepared.k}: {stage.reason}",
+                before=[stage],
+            )
         result = search_strength(self, ctx, prepared, run, measurer=measurer, known={0.0: point})
         result.before = [stage]
         return result
@@ -358,24 +451,43 @@ class EigenShift(Method):
         rank = min(head.shape)
         k = components_for(rank, options.k, options.percentile)
         if options.projection == "legacy" and head.shape[0] < head.shape[1]:
-            raise SurgeryError("--projection legacy needs a head with at least as many rows (vocabulary) as columns (hidden)")
-        examples = load_examples(options.prompts, column=options.column, max_samples=options.max_samples,
-                                 seed=options.seed) if options.prompts else []
+            raise SurgeryError(
+                "--projection legacy needs a head with at least as many rows (vocabulary) as columns (hidden)"
+            )
+        examples = (
+            load_examples(options.prompts, column=options.column, max_samples=options.max_samples, seed=options.seed)
+            if options.prompts
+            else []
+        )
         held = []
         if ctx.searching:
             examples, held_examples = hold_out(examples, ctx.run.search_samples, options.seed)
             held = [e.prompt for e in held_examples]
             if len(held) < 2:
-                raise SurgeryError("--alpha auto needs at least 8 --prompts (a quarter is held out to measure toxicity)")
+                raise SurgeryError(
+                    "--alpha auto needs at least 8 --prompts (a quarter is held out to measure toxicity)"
+                )
         prompts = [e.prompt for e in examples]
         eval_prompts = prompts
         if options.eval_prompts:
-            eval_prompts = [e.prompt for e in load_examples(options.eval_prompts, column=options.column,
-                                                            max_samples=options.max_eval_samples, seed=options.seed)]
+            eval_prompts = [
+                e.prompt
+                for e in load_examples(
+                    options.eval_prompts, column=options.column, max_samples=options.max_eval_samples, seed=options.seed
+                )
+            ]
         if options.evaluate and not eval_prompts:
             raise SurgeryError("nothing to evaluate on: give --eval-prompts or --prompts, or pass --no-eval")
-        ppl_texts = [e.prompt for e in load_examples(options.ppl_text, max_samples=options.max_eval_samples,
-                                                     seed=options.seed, builtin="harmless")] if options.evaluate else []
+        ppl_texts = (
+            [
+                e.prompt
+                for e in load_examples(
+                    options.ppl_text, max_samples=options.max_eval_samples, seed=options.seed, builtin="harmless"
+                )
+            ]
+            if options.evaluate
+            else []
+        )
         judge = toxicity_judge(options.judge)
         t0 = time.perf_counter()
         fingerprint, weights = ckpt.fingerprint(), weights_identity(ckpt)
@@ -383,11 +495,23 @@ class EigenShift(Method):
         if reuse:
             states = load_states(options.states, fingerprint, weights, head.shape[1])
         else:
-            states = collect_states(ctx.model(), ctx.tokenizer(), prompts, judge, threshold=options.threshold,
-                                    max_new_tokens=options.max_new_tokens, batch_size=options.batch_size,
-                                    chat=options.chat, sample=options.sample, seed=options.seed)
+            states = collect_states(
+                ctx.model(),
+                ctx.tokenizer(),
+                prompts,
+                judge,
+                threshold=options.threshold,
+                max_new_tokens=options.max_new_tokens,
+                batch_size=options.batch_size,
+                chat=options.chat,
+                sample=options.sample,
+                seed=options.seed,
+            )
             if options.states:
-                settings = {k_: getattr(options, k_) for k_ in ("prompts", "judge", "threshold", "max_new_tokens", "chat", "sample", "seed")}
+                settings = {
+                    k_: getattr(options, k_)
+                    for k_ in ("prompts", "judge", "threshold", "max_new_tokens", "chat", "sample", "seed")
+                }
                 save_states(options.states, states, fingerprint, weights, settings)
         states.check()
         ctx.timings["states"] = time.perf_counter() - t0
@@ -396,10 +520,14 @@ class EigenShift(Method):
         d = decompose(weight, options.signs)
         scores = component_scores(states.toxic, states.nontoxic, d.Vh, options.projection, options.rank_by)
         ctx.timings["decompose"] = time.perf_counter() - t0
-        return PreparedShift(ctx, options, head, weight, d, scores, k, states, reuse, judge, eval_prompts, ppl_texts, held)
+        return PreparedShift(
+            ctx, options, head, weight, d, scores, k, states, reuse, judge, eval_prompts, ppl_texts, held
+        )
 
 
-def eigenshift_checkpoint(model_dir: str | Path, output: str | Path, options: EigenShiftOptions, force: bool = False) -> EigenShiftReport:
+def eigenshift_checkpoint(
+    model_dir: str | Path, output: str | Path, options: EigenShiftOptions, force: bool = False
+) -> EigenShiftReport:
     """EigenShift a checkpoint folder into a new folder (the input is never modified; no after-write check)."""
     from .base import RunOptions, run_repair
 

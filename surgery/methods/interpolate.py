@@ -28,11 +28,20 @@ from .pair import REFERENCE, ReferenceOptions, pair_edit, require_reference
 
 @dataclass
 class InterpolateOptions(ReferenceOptions):
-    alpha: float | str = option(0.5, "W = W_ref + (1 - ALPHA) (W_ft - W_ref): 0 is the fine-tune, 1 the reference "
-                                     "(WiSE-FT: 0.5); auto: the strongest inside the utility budget (loads the model).",
-                                strength=True, low=0.0, high=1.0)
-    targets: list[str] | None = option(None, "Comma-separated globs of tensor (or module) names to interpolate (default: "
-                                             "every floating tensor, embeddings and head included).", patterns=True)
+    alpha: float | str = option(
+        0.5,
+        "W = W_ref + (1 - ALPHA) (W_ft - W_ref): 0 is the fine-tune, 1 the reference "
+        "(WiSE-FT: 0.5); auto: the strongest inside the utility budget (loads the model).",
+        strength=True,
+        low=0.0,
+        high=1.0,
+    )
+    targets: list[str] | None = option(
+        None,
+        "Comma-separated globs of tensor (or module) names to interpolate (default: "
+        "every floating tensor, embeddings and head included).",
+        patterns=True,
+    )
 
 
 @dataclass
@@ -51,9 +60,14 @@ class InterpolateReport:
     delta_norm: float = 0.0  # ||Δ|| over the interpolated tensors (fp32)
 
     def to_json(self) -> dict:
-        return {"alpha": self.alpha, "tensors_interpolated": len(self.interpolated),
-                "tensors_equal_to_reference": len(self.unchanged), "entries": self.entries, "delta_norm": self.delta_norm,
-                "note": "W = W_ref + (1 - alpha) (W_ft - W_ref) in fp32, cast to the stored dtype"}
+        return {
+            "alpha": self.alpha,
+            "tensors_interpolated": len(self.interpolated),
+            "tensors_equal_to_reference": len(self.unchanged),
+            "entries": self.entries,
+            "delta_norm": self.delta_norm,
+            "note": "W = W_ref + (1 - alpha) (W_ft - W_ref) in fp32, cast to the stored dtype",
+        }
 
 
 def interpolated(weight: torch.Tensor, reference: torch.Tensor, alpha: float) -> torch.Tensor:
@@ -104,8 +118,18 @@ class Interpolate(Method):
         """With `surgery repair --reference ALIGNED`: the baseline every delta method must beat."""
         if given.reference is None:
             return []
-        return [("interpolate", InterpolateOptions(alpha="auto", reference=given.reference, device=given.device,
-                                                   allow_pickle=given.allow_pickle, adapter=given.adapter))]
+        return [
+            (
+                "interpolate",
+                InterpolateOptions(
+                    alpha="auto",
+                    reference=given.reference,
+                    device=given.device,
+                    allow_pickle=given.allow_pickle,
+                    adapter=given.adapter,
+                ),
+            )
+        ]
 
     def validate(self, options: InterpolateOptions) -> None:
         require_reference(options)

@@ -21,8 +21,10 @@ from ..options import option
 from .common import MethodOptions
 
 # The two checkpoints a safety vector is taken between (options fields; the driver opens and checks them).
-PAIR = {"aligned": "the aligned model the fine-tune started from",
-        "unaligned": "the same model before alignment (or un-aligned on harmful data)"}
+PAIR = {
+    "aligned": "the aligned model the fine-tune started from",
+    "unaligned": "the same model before alignment (or un-aligned on harmful data)",
+}
 # The one checkpoint a delta is taken from (interpolate, safe-delta).
 REFERENCE = {"reference": "the aligned checkpoint the fine-tune started from (same architecture)"}
 
@@ -30,18 +32,26 @@ REFERENCE = {"reference": "the aligned checkpoint the fine-tune started from (sa
 @dataclass
 class PairOptions(MethodOptions):
     # Required, but checked by `require_pair` (one error line) rather than by the command-line parser.
-    aligned: str | None = option(None, "Required: the aligned checkpoint the fine-tune started from (same architecture).",
-                                 folder=True)
-    unaligned: str | None = option(None, "Required: the unaligned checkpoint, the aligned model before alignment (its base) "
-                                         "or un-aligned on harmful data (same architecture). V = ALIGNED - UNALIGNED.",
-                                   folder=True)
+    aligned: str | None = option(
+        None, "Required: the aligned checkpoint the fine-tune started from (same architecture).", folder=True
+    )
+    unaligned: str | None = option(
+        None,
+        "Required: the unaligned checkpoint, the aligned model before alignment (its base) "
+        "or un-aligned on harmful data (same architecture). V = ALIGNED - UNALIGNED.",
+        folder=True,
+    )
 
 
 @dataclass
 class ReferenceOptions(MethodOptions):
     # Required, but checked by `require_reference` (one error line) rather than by the command-line parser.
-    reference: str | None = option(None, "Required: the aligned checkpoint the fine-tune started from (same architecture; "
-                                         "with --adapter, the base itself may serve).", folder=True)
+    reference: str | None = option(
+        None,
+        "Required: the aligned checkpoint the fine-tune started from (same architecture; "
+        "with --adapter, the base itself may serve).",
+        folder=True,
+    )
 
 
 def require(options, roles: dict[str, str]) -> None:
@@ -59,8 +69,9 @@ def require_reference(options: ReferenceOptions) -> None:
     require(options, REFERENCE)
 
 
-def pair_edit(targets: Iterable[str], change: Callable[..., torch.Tensor], report, references: Sequence = ()
-              ) -> tuple[Callable[[str, torch.Tensor], torch.Tensor], object]:
+def pair_edit(
+    targets: Iterable[str], change: Callable[..., torch.Tensor], report, references: Sequence = ()
+) -> tuple[Callable[[str, torch.Tensor], torch.Tensor], object]:
     """The edit closure of a reference method, and the report object it is written with (for the `Edit` summary: the
     driver serialises it, `report.to_json()`, once every tensor has gone through the closure).
 

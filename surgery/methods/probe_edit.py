@@ -31,25 +31,43 @@ PAPER_FRACTION = 16384 / 352256  # 4.65 %: the paper's 16,384 of Llama-2-7B's 32
 
 @dataclass
 class EditOptions(MethodOptions):
-    probe: str | None = option(None, "Probe folder from `surgery probe-train` (same architecture, final layer).",
-                               folder=True, required=True)
-    alpha: float | str = option(1.08, "gate_proj[i] += ALPHA * w (paper: 1.08 detox, 1 jailbreak, with its W[1], about half "
-                                      "a logistic probe's w: the edit prints the paper-equivalent alpha); negative "
-                                      "reverses; auto: the strongest inside the utility budget.", strength=True)
+    probe: str | None = option(
+        None, "Probe folder from `surgery probe-train` (same architecture, final layer).", folder=True, required=True
+    )
+    alpha: float | str = option(
+        1.08,
+        "gate_proj[i] += ALPHA * w (paper: 1.08 detox, 1 jailbreak, with its W[1], about half "
+        "a logistic probe's w: the edit prints the paper-equivalent alpha); negative "
+        "reverses; auto: the strongest inside the utility budget.",
+        strength=True,
+    )
     count: int | None = option(None, "Rows to edit (K), ranked globally.", non_negative=True)
-    fraction: float | None = option(None, "Share of all gate_proj rows to edit (default: the paper's 4.65%).", low=0.0, high=1.0)
-    gate_check: bool = option(True, "Measure the share of selected gates open (SiLU input > 0) on held-out undesired "
-                                    "and desired inputs before and after the edit (the paper's Fig. 2; loads the model); "
-                                    "printed and stored in surgery.json, with a warning when the mechanism is off.",
-                              flag="--gate-check/--no-gate-check")
-    check_positive: str | None = option(None, "Undesired inputs for the gate check (default: the built-in harmful "
-                                              "requests' selection part). With --dry-run, naming either check file "
-                                              "runs the check (it loads the model).", file=True)
-    check_negative: str | None = option(None, "Desired inputs for the gate check (default: the built-in harmless "
-                                              "requests' selection part).", file=True)
-    centre: bool = option(False, "Beyond the paper: add w_l = w - (w·mu_l/||mu_l||^2) mu_l to layer l's rows, mu_l its "
-                                 "mean gate input on built-in harmless text, so the edit adds nothing on average there.",
-                          flag="--centre")
+    fraction: float | None = option(
+        None, "Share of all gate_proj rows to edit (default: the paper's 4.65%).", low=0.0, high=1.0
+    )
+    gate_check: bool = option(
+        True,
+        "Measure the share of selected gates open (SiLU input > 0) on held-out undesired "
+        "and desired inputs before and after the edit (the paper's Fig. 2; loads the model); "
+        "printed and stored in surgery.json, with a warning when the mechanism is off.",
+        flag="--gate-check/--no-gate-check",
+    )
+    check_positive: str | None = option(
+        None,
+        "Undesired inputs for the gate check (default: the built-in harmful "
+        "requests' selection part). With --dry-run, naming either check file "
+        "runs the check (it loads the model).",
+        file=True,
+    )
+    check_negative: str | None = option(
+        None, "Desired inputs for the gate check (default: the built-in harmless requests' selection part).", file=True
+    )
+    centre: bool = option(
+        False,
+        "Beyond the paper: add w_l = w - (w·mu_l/||mu_l||^2) mu_l to layer l's rows, mu_l its "
+        "mean gate input on built-in harmless text, so the edit adds nothing on average there.",
+        flag="--centre",
+    )
 
     def validate(self) -> None:
         super().validate()
@@ -104,7 +122,9 @@ def gate_tensors(ckpt: Checkpoint) -> dict[str, int]:
     """Every decoder layer's mlp.gate_proj weight tensor and its layer index, found by name."""
     found = gate_projections(ckpt.tensors)
     if not found:
-        raise SurgeryError(f"{ckpt.path} has no mlp.gate_proj weights: probe editing needs a gated-MLP model (llama, qwen, mistral)")
+        raise SurgeryError(
+            f"{ckpt.path} has no mlp.gate_proj weights: probe editing needs a gated-MLP model (llama, qwen, mistral)"
+        )
     return found
 
 
@@ -120,7 +140,9 @@ def select_rows(cosines: dict[str, torch.Tensor], k: int) -> dict[str, list[int]
     values = torch.cat([cosines[n] for n in names])
     owner = torch.cat([torch.full((cosines[n].numel(),), i) for i, n in enumerate(names)])
     local = torch.cat([torch.arange(cosines[n].numel()) for n in names])
-    order = torch.sort(values, stable=True).indices  # ascending: most negative first, stable keeps name/row order on ties
+    order = torch.sort(
+        values, stable=True
+    ).indices  # ascending: most negative first, stable keeps name/row order on ties
     order = order[values[order] < 0][:k]
     chosen: dict[str, list[int]] = {n: [] for n in names}
     for i in order.tolist():
@@ -167,8 +189,17 @@ def plan_rows(ckpt: Checkpoint, probe_dir: str | Path, options: EditOptions) -> 
         norms.append(ckpt.read(t)[torch.tensor(r)].float().norm(dim=1))
     picked = {t: cosines[t][r].tolist() for t, r in rows.items()}
     mean_norm = float(torch.cat(norms).mean()) if norms else 0.0
-    return EditPlan(rows, picked, total, k, gates, probe_norm=float(w.norm()), mean_row_norm=mean_norm,
-                    paper_alpha_per_alpha=probe.paper_alpha_per_alpha, probe_meta=probe.meta), w
+    return EditPlan(
+        rows,
+        picked,
+        total,
+        k,
+        gates,
+        probe_norm=float(w.norm()),
+        mean_row_norm=mean_norm,
+        paper_alpha_per_alpha=probe.paper_alpha_per_alpha,
+        probe_meta=probe.meta,
+    ), w
 
 
 def edit_rows(weight: torch.Tensor, rows: list[int], w: torch.Tensor, alpha: float) -> torch.Tensor:
@@ -199,7 +230,9 @@ def encode_for_probe(tokenizer, examples, meta, pool: str | None = None):
 class PreparedEdit(Prepared):
     def __init__(self, plan: EditPlan, w: torch.Tensor, options: EditOptions, ctx=None):
         self.plan, self.w, self.options, self.ctx = plan, w, options, ctx
-        self.directions = {t: w for t in plan.rows}  # tensor -> what its selected rows move along (w, or w_l with --centre)
+        self.directions = {
+            t: w for t in plan.rows
+        }  # tensor -> what its selected rows move along (w, or w_l with --centre)
         self.report = EditReport(None, plan, options.alpha, str(options.probe))
         self.check_inputs: dict[str, tuple] = {}  # "undesired"/"desired" -> (ids, masks)
 
@@ -223,7 +256,10 @@ class PreparedEdit(Prepared):
 
         ctx, meta, o = self.ctx, self.plan.probe_meta, self.options
         tok, pools, sources, prompts = ctx.tokenizer(), [], {}, {}
-        for kind, path, builtin in (("undesired", o.check_positive, "harmful"), ("desired", o.check_negative, "harmless")):
+        for kind, path, builtin in (
+            ("undesired", o.check_positive, "harmful"),
+            ("desired", o.check_negative, "harmless"),
+        ):
             examples = examples_for(path, builtin=builtin, part=SELECTION, max_samples=CHECK_SAMPLES)
             ids, masks, pool = encode_for_probe(tok, examples, meta)
             self.check_inputs[kind] = (ids, masks)
@@ -232,15 +268,28 @@ class PreparedEdit(Prepared):
             prompts[kind] = len(examples)
         ctx.progress(f"gate check on {sum(prompts.values())} held-out prompts")
         before = {kind: self.activity(kind) for kind in self.check_inputs}
-        self.plan.gate_check = GateCheck(self.options.alpha if isinstance(self.options.alpha, float) else 0.0,
-                                         "/".join(dict.fromkeys(pools)), sources, prompts, self.plan.per_layer(), before)
+        self.plan.gate_check = GateCheck(
+            self.options.alpha if isinstance(self.options.alpha, float) else 0.0,
+            "/".join(dict.fromkeys(pools)),
+            sources,
+            prompts,
+            self.plan.per_layer(),
+            before,
+        )
 
     def activity(self, kind: str):
         from ..gates import gate_activity
 
         ids, masks = self.check_inputs[kind]
-        return gate_activity(self.ctx.model(), ids, masks, self.plan.rows, self.directions, self.plan.layer_of,
-                             pad_id=self.ctx.tokenizer().pad_token_id)
+        return gate_activity(
+            self.ctx.model(),
+            ids,
+            masks,
+            self.plan.rows,
+            self.directions,
+            self.plan.layer_of,
+            pad_id=self.ctx.tokenizer().pad_token_id,
+        )
 
     def bounds(self) -> tuple[float, float] | None:
         """--alpha auto searches relative steps |alpha|·||w|| / mean row norm from 0.05 to 2 (see docs/probes.md)."""
@@ -273,8 +322,9 @@ class PreparedEdit(Prepared):
         }
         if self.options.centre:
             summary["centred_direction_norms"] = {str(k): v for k, v in sorted(plan.centred_norms.items())}
-        return Edit(edit, touched=list(plan.rows), summary=summary,
-                    arguments={"probe": str(Path(self.options.probe).resolve())})
+        return Edit(
+            edit, touched=list(plan.rows), summary=summary, arguments={"probe": str(Path(self.options.probe).resolve())}
+        )
 
     def finish(self, edit: Edit) -> None:
         """The gate check after the edit: the same inputs through the model as the edit leaves it (then undone)."""
@@ -287,6 +337,7 @@ class PreparedEdit(Prepared):
         if check.alpha == 0:
             check.after = dict(check.before)  # nothing moves
         else:
+
             def after():
                 with applied(self.ctx.model(), self.ctx.target, edit):
                     check.after = {kind: self.activity(kind) for kind in self.check_inputs}
@@ -307,8 +358,18 @@ class ProbeEdit(Method):
     def repair_candidates(self, given):
         if given.probe is None:
             return []
-        return [("edit", EditOptions(probe=given.probe, alpha="auto", device=given.device, allow_pickle=given.allow_pickle,
-                                         adapter=given.adapter))]
+        return [
+            (
+                "edit",
+                EditOptions(
+                    probe=given.probe,
+                    alpha="auto",
+                    device=given.device,
+                    allow_pickle=given.allow_pickle,
+                    adapter=given.adapter,
+                ),
+            )
+        ]
 
     def validate(self, options: EditOptions) -> None:
         options.validate()
@@ -334,8 +395,9 @@ class ProbeEdit(Method):
         return prepared
 
 
-def edit_checkpoint(model_dir: str | Path, probe_dir: str | Path, output: str | Path, options: EditOptions,
-                    force: bool = False) -> EditReport:
+def edit_checkpoint(
+    model_dir: str | Path, probe_dir: str | Path, output: str | Path, options: EditOptions, force: bool = False
+) -> EditReport:
     """Write the probe-edited checkpoint; alpha 0 or K 0 writes a bit-identical copy of the weights (no check)."""
     from .base import RunOptions, run_repair
 

@@ -27,14 +27,28 @@ from ..stream import return_freed_memory
 from .base import Edit, Method, Prepared, Strength
 from .pair import PAIR, PairOptions, pair_edit, require_pair
 
+
 @dataclass
 class RestaOptions(PairOptions):
-    beta: float | str = option(1.0, "W = W_ft + BETA * (W_aligned - W_unaligned) (paper: 1); auto: the strongest inside "
-                                    "the utility budget (loads the model).", strength=True, non_negative=True)
-    targets: list[str] | None = option(None, "Comma-separated globs of tensor (or module) names to add V to (default: every "
-                                             "tensor where V is non-zero, embeddings and head included).", patterns=True)
-    dare: float = option(0.0, "DARE on the fine-tune delta first: drop each entry of W_ft - W_aligned with this probability "
-                              "and rescale the rest by 1/(1-P) (0: no DARE).", non_negative=True)
+    beta: float | str = option(
+        1.0,
+        "W = W_ft + BETA * (W_aligned - W_unaligned) (paper: 1); auto: the strongest inside "
+        "the utility budget (loads the model).",
+        strength=True,
+        non_negative=True,
+    )
+    targets: list[str] | None = option(
+        None,
+        "Comma-separated globs of tensor (or module) names to add V to (default: every "
+        "tensor where V is non-zero, embeddings and head included).",
+        patterns=True,
+    )
+    dare: float = option(
+        0.0,
+        "DARE on the fine-tune delta first: drop each entry of W_ft - W_aligned with this probability "
+        "and rescale the rest by 1/(1-P) (0: no DARE).",
+        non_negative=True,
+    )
     seed: int = option(0, "Seed of DARE's drops (each tensor's draw depends on it and the tensor's name).")
 
 
@@ -60,14 +74,22 @@ class RestaReport:
     delta_norm: float = 0.0  # ||Δ|| = ||W_ft - W_aligned|| over the same tensors (before DARE)
 
     def to_json(self) -> dict:
-        return {"beta": self.beta, "dare": self.dare, "tensors_added": len(self.added), "tensors_with_zero_vector":
-                self.zero_vector, "entries": self.entries, "dare_dropped": self.dropped,
-                "vector_norm": self.vector_norm, "delta_norm": self.delta_norm,
-                "note": "W = W_ft + beta * (W_aligned - W_unaligned) in fp32, cast to the stored dtype"}
+        return {
+            "beta": self.beta,
+            "dare": self.dare,
+            "tensors_added": len(self.added),
+            "tensors_with_zero_vector": self.zero_vector,
+            "entries": self.entries,
+            "dare_dropped": self.dropped,
+            "vector_norm": self.vector_norm,
+            "delta_norm": self.delta_norm,
+            "note": "W = W_ft + beta * (W_aligned - W_unaligned) in fp32, cast to the stored dtype",
+        }
 
 
-def restored(weight: torch.Tensor, aligned: torch.Tensor, unaligned: torch.Tensor, beta: float, p: float = 0.0,
-             seed: int = 0) -> tuple[torch.Tensor, dict]:
+def restored(
+    weight: torch.Tensor, aligned: torch.Tensor, unaligned: torch.Tensor, beta: float, p: float = 0.0, seed: int = 0
+) -> tuple[torch.Tensor, dict]:
     """The method on one tensor: W_ft (DARE'd when p > 0) + beta * V, computed in fp32, in the weight's dtype.
     Returns the new tensor and its figures (||V||², ||Δ||², delta entries DARE dropped). At most two fp32
     temporaries of the tensor's size live beside the three inputs (Δ is gone before V is taken)."""
@@ -154,12 +176,12 @@ class Resta(Method):
         largest = max(infos, key=lambda t: t.numel, default=None)
         # The largest tensor three times as stored, and up to three fp32 temporaries of it (four with DARE's draw).
         peak = 0 if largest is None else 3 * largest.nbytes + (3 + (options.dare > 0)) * 4 * largest.numel
-        return RestaPlan(targets, sum(t.numel for t in infos), largest.nbytes if largest else 0, peak, options.beta,
-                         options.dare)
+        return RestaPlan(
+            targets, sum(t.numel for t in infos), largest.nbytes if largest else 0, peak, options.beta, options.dare
+        )
 
     def prepare(self, ctx, options: RestaOptions) -> PreparedResta:
         targets = self.targets(ctx, options)
         check_pair(ctx.ckpt, ctx.references["aligned"], ctx.references["unaligned"], targets)
         return_freed_memory()  # each tensor's buffers go back to the OS when freed (else the heap grows tensor by tensor)
         return PreparedResta(ctx, options, targets)  # no model: a fixed beta streams; the search loads it itself
-

@@ -45,15 +45,28 @@ SCORES = ("wanda", "magnitude")
 
 @dataclass
 class RevertOptions(PairOptions):
-    fraction: float | str = option(1.0, "Share of each tensor's sign-conflicting delta entries reverted to the aligned values, "
-                                         "highest score first (1: all of them, IRR's default); auto: the strongest inside "
-                                         "the utility budget.", strength=True, low=0.0, high=1.0)
-    score: str = option("wanda", "wanda (|Δ|·‖X‖, ‖X‖ the input norm on harmful data) or magnitude (|Δ|: no data, no "
-                                 "model).", choices=SCORES)
-    targets: list[str] | None = option(None, "Comma-separated globs of Linear modules (default: every Linear in the decoder "
-                                             "blocks).", patterns=True)
-    data: str | None = option(None, "Harmful calibration data for --score wanda (.jsonl, .csv, .tsv or .txt); default: the "
-                                    "built-in set.", file=True)
+    fraction: float | str = option(
+        1.0,
+        "Share of each tensor's sign-conflicting delta entries reverted to the aligned values, "
+        "highest score first (1: all of them, IRR's default); auto: the strongest inside "
+        "the utility budget.",
+        strength=True,
+        low=0.0,
+        high=1.0,
+    )
+    score: str = option(
+        "wanda",
+        "wanda (|Δ|·‖X‖, ‖X‖ the input norm on harmful data) or magnitude (|Δ|: no data, no model).",
+        choices=SCORES,
+    )
+    targets: list[str] | None = option(
+        None, "Comma-separated globs of Linear modules (default: every Linear in the decoder blocks).", patterns=True
+    )
+    data: str | None = option(
+        None,
+        "Harmful calibration data for --score wanda (.jsonl, .csv, .tsv or .txt); default: the built-in set.",
+        file=True,
+    )
     column: str | None = option(None, "Prompt column/field in --data.")
     response_column: str | None = option(None, "Response column/field in --data (missing responses are generated).")
     max_samples: int = option(128, "Calibration examples (seeded random subset).", positive=True)
@@ -86,21 +99,42 @@ class RevertReport:
     calibration_tokens: int = 0
 
     def totals(self) -> dict[str, int]:
-        return {"entries": sum(self.entries.values()), "changed": sum(self.changed.values()),
-                "conflicting": sum(self.conflicting.values()), "reverted": sum(self.reverted.values())}
+        return {
+            "entries": sum(self.entries.values()),
+            "changed": sum(self.changed.values()),
+            "conflicting": sum(self.conflicting.values()),
+            "reverted": sum(self.reverted.values()),
+        }
 
     def to_json(self) -> dict:
-        return {"fraction": self.fraction, "score": self.score, **self.totals(), "per_tensor": {
-            name: {"entries": self.entries[name], "changed": self.changed[name], "conflicting": self.conflicting[name],
-                   "reverted": self.reverted[name]} for name in self.entries},
-            "tensors_with_zero_vector": self.zero_vector, "calibration_examples": self.calibration_examples,
+        return {
+            "fraction": self.fraction,
+            "score": self.score,
+            **self.totals(),
+            "per_tensor": {
+                name: {
+                    "entries": self.entries[name],
+                    "changed": self.changed[name],
+                    "conflicting": self.conflicting[name],
+                    "reverted": self.reverted[name],
+                }
+                for name in self.entries
+            },
+            "tensors_with_zero_vector": self.zero_vector,
+            "calibration_examples": self.calibration_examples,
             "calibration_tokens": self.calibration_tokens,
             "note": "conflicting: Δ and V non-zero with opposite signs; reverted per tensor: floor(fraction · conflicting), "
-                    "highest score first, set to W_aligned; no recalibration (IRR's third step) is done"}
+            "highest score first, set to W_aligned; no recalibration (IRR's third step) is done",
+        }
 
 
-def revert_tensor(weight: torch.Tensor, aligned: torch.Tensor, unaligned: torch.Tensor, fraction: float,
-                  column_norm: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
+def revert_tensor(
+    weight: torch.Tensor,
+    aligned: torch.Tensor,
+    unaligned: torch.Tensor,
+    fraction: float,
+    column_norm: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, dict]:
     """The method on one weight: its sign-conflicting delta entries found, the top `fraction` of them by
     |Δ| (times the input column norm, Wanda) set back to the aligned values. Returns the new weight (the
     weight itself when nothing is reverted) and the counts."""
@@ -126,10 +160,17 @@ class PreparedRevert(Prepared):
         self.report = report
 
     def at(self, fraction: float) -> Edit:
-        score = self.options.score if self.norms is not None or self.options.score == "magnitude" else \
-            "none (fraction 1 reverts every conflicting entry)"
-        report = self.report = RevertReport(fraction, score, calibration_examples=self.calibration.calibration_examples,
-                                            calibration_tokens=self.calibration.calibration_tokens)
+        score = (
+            self.options.score
+            if self.norms is not None or self.options.score == "magnitude"
+            else "none (fraction 1 reverts every conflicting entry)"
+        )
+        report = self.report = RevertReport(
+            fraction,
+            score,
+            calibration_examples=self.calibration.calibration_examples,
+            calibration_tokens=self.calibration.calibration_tokens,
+        )
 
         def change(name: str, weight: torch.Tensor, aligned: torch.Tensor, unaligned: torch.Tensor) -> torch.Tensor:
             norm = self.norms[self.module_of[name]] if self.norms is not None else None
@@ -153,7 +194,9 @@ class SignConflictRevert(Method):
     Options = RevertOptions
     references = PAIR
     # Log scale from 1% of each tensor's conflicts to all of them: the high-score end carries most of the effect.
-    strength = Strength("fraction", low=0.01, high=1.0, log=True, describe="share of each tensor's conflicting entries reverted")
+    strength = Strength(
+        "fraction", low=0.01, high=1.0, log=True, describe="share of each tensor's conflicting entries reverted"
+    )
 
     def repair_candidates(self, given):
         """With `surgery repair --reference ALIGNED --unaligned BASE`: this method joins the candidates."""
@@ -169,8 +212,9 @@ class SignConflictRevert(Method):
         modules = self.modules(ctx, options)
         check_pair(ctx.ckpt, ctx.references["aligned"], ctx.references["unaligned"], list(modules.values()))
         shapes = {t: ctx.ckpt.tensors[t].shape for t in modules.values()}
-        return RevertPlan(modules, shapes, sum(ctx.ckpt.tensors[t].numel for t in modules.values()), options.score,
-                          options.fraction)
+        return RevertPlan(
+            modules, shapes, sum(ctx.ckpt.tensors[t].numel for t in modules.values()), options.score, options.fraction
+        )
 
     def prepare(self, ctx, options: RevertOptions) -> PreparedRevert:
         modules = self.modules(ctx, options)
@@ -182,8 +226,9 @@ class SignConflictRevert(Method):
             return PreparedRevert(ctx, options, modules, None, report)
         torch.manual_seed(options.seed)
         harmful = harmful_examples(ctx, options)
-        harmful, norms, tokens = calibration_norms(ctx, harmful, options, list(modules))  # shared with prune's in repair
+        harmful, norms, tokens = calibration_norms(
+            ctx, harmful, options, list(modules)
+        )  # shared with prune's in repair
         report.calibration_examples, report.calibration_tokens = len(harmful), tokens
         gc.collect()
         return PreparedRevert(ctx, options, modules, norms, report)
-

@@ -71,24 +71,43 @@ INNER = 128  # columns whose errors are applied one by one before the rest of th
 
 @dataclass
 class SafeDeltaOptions(ReferenceOptions):
-    budget: float | str = option(0.1, "Safety budget s: the OBS safety cost the kept fine-tune delta may add, in the "
-                                      "authors' units (their example: 0.11 for a Llama-2-7B PureBad fine-tune); larger "
-                                      "keeps more of the fine-tune; auto: the strongest (smallest) inside the utility "
-                                      "budget.", strength=True, non_negative=True)
-    protect: float = option(0.15, "Share of each block's entries, the most safety-sensitive columns, never given the "
-                                  "fine-tune value (the authors' 0.15).", low=0.0, high=1.0)
-    damp: float = option(0.01, "Hessian damping: λ = DAMP · mean(diag H) added to the diagonal (the authors' 1%).",
-                         positive=True)
+    budget: float | str = option(
+        0.1,
+        "Safety budget s: the OBS safety cost the kept fine-tune delta may add, in the "
+        "authors' units (their example: 0.11 for a Llama-2-7B PureBad fine-tune); larger "
+        "keeps more of the fine-tune; auto: the strongest (smallest) inside the utility "
+        "budget.",
+        strength=True,
+        non_negative=True,
+    )
+    protect: float = option(
+        0.15,
+        "Share of each block's entries, the most safety-sensitive columns, never given the "
+        "fine-tune value (the authors' 0.15).",
+        low=0.0,
+        high=1.0,
+    )
+    damp: float = option(
+        0.01, "Hessian damping: λ = DAMP · mean(diag H) added to the diagonal (the authors' 1%).", positive=True
+    )
     block: int = option(2048, "Columns per selection block (the authors' 2048).", positive=True)
-    targets: list[str] | None = option(None, "Comma-separated globs of Linear modules (default: every Linear in the decoder "
-                                             "blocks).", patterns=True)
-    data: str | None = option(None, "Safety calibration prompts, harmful requests (.jsonl, .csv, .tsv or .txt), with or "
-                                    "without safe responses; default: the built-in harmful set.", file=True)
+    targets: list[str] | None = option(
+        None, "Comma-separated globs of Linear modules (default: every Linear in the decoder blocks).", patterns=True
+    )
+    data: str | None = option(
+        None,
+        "Safety calibration prompts, harmful requests (.jsonl, .csv, .tsv or .txt), with or "
+        "without safe responses; default: the built-in harmful set.",
+        file=True,
+    )
     column: str | None = option(None, "Prompt column/field in --data.")
     response_column: str | None = option(None, "Response column/field in --data.")
-    responses: str = option("aligned", "Safe responses for prompts without one: aligned (the aligned model's own greedy "
-                                       "answers, the paper's) or refusal (one fixed refusal sentence, no generation).",
-                            choices=RESPONSES)
+    responses: str = option(
+        "aligned",
+        "Safe responses for prompts without one: aligned (the aligned model's own greedy "
+        "answers, the paper's) or refusal (one fixed refusal sentence, no generation).",
+        choices=RESPONSES,
+    )
     max_samples: int = option(128, "Calibration examples (seeded random subset; the authors' 128).", positive=True)
     max_length: int = option(256, "Tokens per calibration example.", positive=True)
     max_new_tokens: int = option(32, "--responses aligned: length of the generated answers.", positive=True)
@@ -114,7 +133,9 @@ def inverse_factor(hessian: torch.Tensor, damp: float = 0.01, dtype: torch.dtype
         inverse = torch.cholesky_inverse(lower)
         return torch.linalg.cholesky(inverse, upper=True).to(dtype)
     except torch.linalg.LinAlgError:
-        raise SurgeryError("the safety calibration Hessian is not positive definite even after damping: raise --damp") from None
+        raise SurgeryError(
+            "the safety calibration Hessian is not positive definite even after damping: raise --damp"
+        ) from None
 
 
 def block_limit(inverse_sq: torch.Tensor, rows: int, budget: float) -> float:
@@ -128,15 +149,22 @@ def admitted_entries(cost: torch.Tensor, inverse_sq: torch.Tensor, limit: float,
     rows, count = cost.shape
     order = torch.argsort(inverse_sq.expand(rows, count).reshape(-1), stable=True)
     n = order.numel()
-    eligible = order[:n - int(protect * n)]
+    eligible = order[: n - int(protect * n)]
     mask = torch.zeros(n, dtype=torch.bool, device=cost.device)
     mask[eligible] = torch.cumsum(cost.reshape(-1)[eligible], 0) <= limit
     return mask.view(rows, count)
 
 
-def safe_delta_tensor(aligned: torch.Tensor, tuned: torch.Tensor, factor: torch.Tensor, budget: float,
-                      protect: float = 0.15, block: int = 2048, compute: torch.dtype = torch.float32,
-                      device: torch.device | str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def safe_delta_tensor(
+    aligned: torch.Tensor,
+    tuned: torch.Tensor,
+    factor: torch.Tensor,
+    budget: float,
+    protect: float = 0.15,
+    block: int = 2048,
+    compute: torch.dtype = torch.float32,
+    device: torch.device | str | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """The method on one weight [rows, cols]: returns (new weight in the tuned weight's dtype and device, admitted
     mask). `factor` is U of `inverse_factor` for this weight's input (cols x cols); computed on `device`."""
     device = device or tuned.device
@@ -161,10 +189,10 @@ def safe_delta_tensor(aligned: torch.Tensor, tuned: torch.Tensor, factor: torch.
                 e = (current - q) / d[j]
                 w[:, j] = q
                 if j + 1 < k2:
-                    w[:, j + 1:k2] -= e[:, None] * u[j, j + 1:k2][None, :]
+                    w[:, j + 1 : k2] -= e[:, None] * u[j, j + 1 : k2][None, :]
                 errors[:, j - i1] = e
             if k2 < i2:
-                w[:, k2:i2] -= errors[:, k1 - i1:k2 - i1] @ u[k1:k2, k2:i2]
+                w[:, k2:i2] -= errors[:, k1 - i1 : k2 - i1] @ u[k1:k2, k2:i2]
         if i2 < cols:
             w[:, i2:] -= errors @ u[i1:i2, i2:]
     return w.to(device=tuned.device, dtype=tuned.dtype), admitted
@@ -192,8 +220,10 @@ class InputHessians(InputNorms):
             if leader != name:
                 seen = self._inputs.get(leader)
                 if seen is None or seen() is not x:
-                    raise SurgeryError(f"{name} and {leader} read the same input on the first batch but not later: "
-                                       "cannot share their Hessian")
+                    raise SurgeryError(
+                        f"{name} and {leader} read the same input on the first batch but not later: "
+                        "cannot share their Hessian"
+                    )
                 return
             self._inputs[name] = weakref.ref(x)
             flat = x.detach().reshape(-1, x.shape[-1])
@@ -229,8 +259,10 @@ def calibration_hessians(ctx, options: SafeDeltaOptions, modules: list[str]) -> 
     model = load_model(reference, ctx.device)
     tokenizer = load_tokenizer(reference.path)
     if options.responses == "aligned":
-        examples = ctx.timed("generate_responses", lambda: fill_responses(
-            model, tokenizer, examples, options.max_new_tokens, options.generate_batch_size))
+        examples = ctx.timed(
+            "generate_responses",
+            lambda: fill_responses(model, tokenizer, examples, options.max_new_tokens, options.generate_batch_size),
+        )
     t0 = time.perf_counter()
     context = getattr(model.config, "max_position_embeddings", None)
     sequences = encode_pairs(tokenizer, examples, options.max_length, context)
@@ -238,8 +270,12 @@ def calibration_hessians(ctx, options: SafeDeltaOptions, modules: list[str]) -> 
     stats.run(pad_batches(sequences, options.batch_size, tokenizer.pad_token_id))
     hessians = stats.hessians()
     ctx.timings["calibrate"] = time.perf_counter() - t0
-    figures = {"calibration_examples": len(examples), "calibration_tokens": stats.tokens, "responses": options.responses}
-    del model, stats
+    figures = {
+        "calibration_examples": len(examples),
+        "calibration_tokens": stats.tokens,
+        "responses": options.responses,
+    }
+    model = stats = None  # the aligned model is needed for prepare only
     gc.collect()
     return hessians, figures
 
@@ -267,21 +303,38 @@ class SafeDeltaReport:
     hessians: int = 0  # distinct Hessians (modules reading the same input share one)
 
     def totals(self) -> dict:
-        return {"entries": sum(self.entries.values()), "changed": sum(self.changed.values()),
-                "admitted": sum(self.admitted.values())}
+        return {
+            "entries": sum(self.entries.values()),
+            "changed": sum(self.changed.values()),
+            "admitted": sum(self.admitted.values()),
+        }
 
     def to_json(self) -> dict:
-        return {"budget": self.budget, "protect": self.protect, **self.totals(), "hessians": self.hessians,
-                **self.calibration,
-                "per_tensor": {n: {"entries": self.entries[n], "changed": self.changed[n], "admitted": self.admitted[n]}
-                               for n in self.entries},
-                "note": "admitted entries take W_ft; the rest are W_aligned plus the OBS compensation of the admitted "
-                        "ones on the aligned model's safety-data Hessian"}
+        return {
+            "budget": self.budget,
+            "protect": self.protect,
+            **self.totals(),
+            "hessians": self.hessians,
+            **self.calibration,
+            "per_tensor": {
+                n: {"entries": self.entries[n], "changed": self.changed[n], "admitted": self.admitted[n]}
+                for n in self.entries
+            },
+            "note": "admitted entries take W_ft; the rest are W_aligned plus the OBS compensation of the admitted "
+            "ones on the aligned model's safety-data Hessian",
+        }
 
 
 class PreparedSafeDelta(Prepared):
-    def __init__(self, ctx, options: SafeDeltaOptions, modules: dict[str, str], factors: dict[str, torch.Tensor],
-                 calibration: dict, distinct: int):
+    def __init__(
+        self,
+        ctx,
+        options: SafeDeltaOptions,
+        modules: dict[str, str],
+        factors: dict[str, torch.Tensor],
+        calibration: dict,
+        distinct: int,
+    ):
         self.options, self.modules, self.factors = options, modules, factors
         self.reference, self.device = ctx.references["reference"], ctx.device
         self.module_of = {tensor: module for module, tensor in modules.items()}
@@ -290,13 +343,15 @@ class PreparedSafeDelta(Prepared):
 
     def at(self, budget: float) -> Edit:
         options = self.options
-        report = self.report = SafeDeltaReport(budget, options.protect, calibration=self.calibration,
-                                               hessians=self.distinct)
+        report = self.report = SafeDeltaReport(
+            budget, options.protect, calibration=self.calibration, hessians=self.distinct
+        )
 
         def change(name: str, weight: torch.Tensor, aligned: torch.Tensor) -> torch.Tensor:
             factor = self.factors[self.module_of[name]]
-            new, admitted = safe_delta_tensor(aligned, weight, factor, budget, options.protect, options.block,
-                                              device=self.device)
+            new, admitted = safe_delta_tensor(
+                aligned, weight, factor, budget, options.protect, options.block, device=self.device
+            )
             report.entries[name] = weight.numel()
             report.changed[name] = int(torch.count_nonzero(weight.float() != aligned.float()))
             report.admitted[name] = int(admitted.sum())
@@ -309,22 +364,40 @@ class PreparedSafeDelta(Prepared):
 class SafeDelta(Method):
     name = "safe-delta"
     manifest_id = "safe-delta"
-    summary = ("Safe Delta: keep the fine-tune delta entries a safety budget allows, least safety-sensitive first, with "
-               "OBS compensation on the aligned model's safety-data Hessian.")
+    summary = (
+        "Safe Delta: keep the fine-tune delta entries a safety budget allows, least safety-sensitive first, with "
+        "OBS compensation on the aligned model's safety-data Hessian."
+    )
     paper = "Lu et al. 2025, Safe Delta (ICML 2025), arXiv 2505.12038"
     Options = SafeDeltaOptions
     references = REFERENCE
     # A larger budget keeps more of the fine-tune (a weaker repair); on a log scale, as the useful s spans decades
     # with the size of the delta. 0 (the aligned model) is not searched.
-    strength = Strength("budget", low=0.001, high=100.0, log=True, stronger="lower",
-                        describe="safety budget: the larger, the more of the fine-tune delta is kept")
+    strength = Strength(
+        "budget",
+        low=0.001,
+        high=100.0,
+        log=True,
+        stronger="lower",
+        describe="safety budget: the larger, the more of the fine-tune delta is kept",
+    )
 
     def repair_candidates(self, given):
         """With `surgery repair --reference ALIGNED`."""
         if given.reference is None:
             return []
-        return [("safe-delta", SafeDeltaOptions(budget="auto", reference=given.reference, device=given.device,
-                                                allow_pickle=given.allow_pickle, adapter=given.adapter))]
+        return [
+            (
+                "safe-delta",
+                SafeDeltaOptions(
+                    budget="auto",
+                    reference=given.reference,
+                    device=given.device,
+                    allow_pickle=given.allow_pickle,
+                    adapter=given.adapter,
+                ),
+            )
+        ]
 
     def validate(self, options: SafeDeltaOptions) -> None:
         require_reference(options)

@@ -28,13 +28,22 @@ from .pair import PAIR, PairOptions, pair_edit, require_pair
 
 @dataclass
 class SafeLoraOptions(PairOptions):
-    layers: float | str = option(10, "Project the K LoRA targets whose update is least aligned (lowest cosine between "
-                                     "C·B·A and B·A; the authors' default 10), or auto: the most inside the utility "
-                                     "budget.", strength=True, non_negative=True)
-    threshold: float | None = option(None, "Instead of --layers: project every target whose cosine is at most this.",
-                                     low=-1.0, high=1.0)
-    merge: bool = option(False, "Write the projected adapter merged into the base (a full checkpoint) instead of the "
-                                "adapter folder.", flag="--merge")
+    layers: float | str = option(
+        10,
+        "Project the K LoRA targets whose update is least aligned (lowest cosine between "
+        "C·B·A and B·A; the authors' default 10), or auto: the most inside the utility "
+        "budget.",
+        strength=True,
+        non_negative=True,
+    )
+    threshold: float | None = option(
+        None, "Instead of --layers: project every target whose cosine is at most this.", low=-1.0, high=1.0
+    )
+    merge: bool = option(
+        False,
+        "Write the projected adapter merged into the base (a full checkpoint) instead of the adapter folder.",
+        flag="--merge",
+    )
 
 
 @dataclass
@@ -51,9 +60,13 @@ class SafeLoraReport:
     pdst: float | None = None
 
     def to_json(self) -> dict:
-        return {"targets": len(self.targets), "projected": self.projected, "pdst": self.pdst,
-                "cosine": {t.module: round(t.cosine, 6) for t in self.targets},
-                "note": "B <- (V·Vᵀ/‖V‖_F)·B on the projected targets, in fp32, cast to B's dtype; A untouched"}
+        return {
+            "targets": len(self.targets),
+            "projected": self.projected,
+            "pdst": self.pdst,
+            "cosine": {t.module: round(t.cosine, 6) for t in self.targets},
+            "note": "B <- (V·Vᵀ/‖V‖_F)·B on the projected targets, in fp32, cast to B's dtype; A untouched",
+        }
 
 
 def projection(aligned: torch.Tensor, unaligned: torch.Tensor) -> torch.Tensor:
@@ -76,11 +89,13 @@ def least_aligned(targets: list[SafeLoraTarget], layers: float | None, threshold
     ranked = sorted(targets, key=lambda t: (t.cosine, t.module))  # least aligned first
     if threshold is not None:
         return [t for t in ranked if t.cosine <= threshold]
-    return ranked[:int(round(layers or 0))]
+    return ranked[: int(round(layers or 0))]
 
 
 class PreparedSafeLora(Prepared):
-    def __init__(self, ctx, options: SafeLoraOptions, targets: list[SafeLoraTarget], projections: dict[str, torch.Tensor]):
+    def __init__(
+        self, ctx, options: SafeLoraOptions, targets: list[SafeLoraTarget], projections: dict[str, torch.Tensor]
+    ):
         self.ctx, self.options, self.targets, self.projections = ctx, options, targets, projections
         self.report = SafeLoraReport(targets)
 
@@ -100,14 +115,17 @@ class PreparedSafeLora(Prepared):
             return new.to(weight.dtype)
 
         edit, recorded = pair_edit(chosen, change, report)
-        return Edit(edit, touched=sorted(chosen), summary={"safelora": recorded},
-                    arguments={"projected_targets": len(chosen)})
+        return Edit(
+            edit, touched=sorted(chosen), summary={"safelora": recorded}, arguments={"projected_targets": len(chosen)}
+        )
 
 
 class SafeLora(Method):
     name = "safelora"
     manifest_id = "safelora"
-    summary = "SafeLoRA: project the adapter's least-aligned LoRA updates onto the alignment subspace (aligned - unaligned)."
+    summary = (
+        "SafeLoRA: project the adapter's least-aligned LoRA updates onto the alignment subspace (aligned - unaligned)."
+    )
     paper = "Hsu et al. 2024, Safe LoRA, arXiv 2405.16833"
     Options = SafeLoraOptions
     references = PAIR
@@ -119,9 +137,19 @@ class SafeLora(Method):
         """With `surgery repair --adapter A --reference ALIGNED --unaligned BASE`."""
         if given.adapter is None or given.reference is None or given.unaligned is None:
             return []
-        return [("safelora", SafeLoraOptions(layers="auto", adapter=given.adapter, aligned=given.reference,
-                                             unaligned=given.unaligned, device=given.device,
-                                             allow_pickle=given.allow_pickle))]
+        return [
+            (
+                "safelora",
+                SafeLoraOptions(
+                    layers="auto",
+                    adapter=given.adapter,
+                    aligned=given.reference,
+                    unaligned=given.unaligned,
+                    device=given.device,
+                    allow_pickle=given.allow_pickle,
+                ),
+            )
+        ]
 
     def validate(self, options: SafeLoraOptions) -> None:
         if options.adapter is None:
@@ -148,5 +176,7 @@ class SafeLora(Method):
             projections[t.module] = c
             targets.append(SafeLoraTarget(t.module, t.b, update_cosine(c, adapter.read(t.a), adapter.read(t.b))))
         if not targets:
-            raise SurgeryError("--aligned and --unaligned hold the same weights on every LoRA target: no alignment subspace")
+            raise SurgeryError(
+                "--aligned and --unaligned hold the same weights on every LoRA target: no alignment subspace"
+            )
         return PreparedSafeLora(ctx, options, targets, projections)

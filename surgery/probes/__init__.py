@@ -6,7 +6,17 @@ from .probe_train import ProbeOptions, ProbeReport, train_probe_checkpoint
 from .train import FittedProbe, fit_paper_probe, fit_probe
 
 __all__ = [
-    "FittedProbe", "Probe", "ProbeMeta", "ProbeOptions", "ProbeReport", "encode_examples", "fit_paper_probe", "fit_probe",
-    "load_probe", "pool",
-    "pooled_hidden_states", "save_probe", "train_probe_checkpoint",
+    "FittedProbe",
+    "Probe",
+    "ProbeMeta",
+    "ProbeOptions",
+    "ProbeReport",
+    "encode_examples",
+    "fit_paper_probe",
+    "fit_probe",
+    "load_probe",
+    "pool",
+    "pooled_hidden_states",
+    "save_probe",
+    "train_probe_checkpoint",
 ]

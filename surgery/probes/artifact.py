@@ -19,7 +19,6 @@ from safetensors.torch import load_file, save_file
 
 from ..checkpoint import Checkpoint, read_shard_header
 from ..errors import SurgeryError
-
 from .collect import POOLINGS, POOLS
 from .train import CLASSIFIERS
 
@@ -92,8 +91,11 @@ class Probe:
 def save_probe(probe: Probe, folder: str | Path) -> Path:
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    save_file({"weight": probe.weight.contiguous(), "bias": probe.bias.contiguous()}, str(folder / WEIGHTS_NAME),
-              metadata={"undesired_row": str(probe.meta.undesired_row), "fingerprint": probe.meta.fingerprint})
+    save_file(
+        {"weight": probe.weight.contiguous(), "bias": probe.bias.contiguous()},
+        str(folder / WEIGHTS_NAME),
+        metadata={"undesired_row": str(probe.meta.undesired_row), "fingerprint": probe.meta.fingerprint},
+    )
     (folder / META_NAME).write_text(json.dumps(asdict(probe.meta), indent=2) + "\n")
     return folder
 
@@ -102,7 +104,9 @@ def load_probe(folder: str | Path, ckpt: Checkpoint | None = None) -> Probe:
     """Read a probe; with `ckpt`, refuse it unless it was trained on a model of the same fingerprint."""
     folder = Path(folder)
     if not (folder / META_NAME).is_file() or not (folder / WEIGHTS_NAME).is_file():
-        raise SurgeryError(f"{folder} is not a probe folder: expected {WEIGHTS_NAME} and {META_NAME} (from `surgery probe-train`)")
+        raise SurgeryError(
+            f"{folder} is not a probe folder: expected {WEIGHTS_NAME} and {META_NAME} (from `surgery probe-train`)"
+        )
     try:
         raw = json.loads((folder / META_NAME).read_text(encoding="utf-8"))
         if not isinstance(raw, dict):
@@ -116,11 +120,15 @@ def load_probe(folder: str | Path, ckpt: Checkpoint | None = None) -> Probe:
     except SurgeryError as e:
         raise SurgeryError(f"probe {folder} is corrupt: {e}") from None
     if set(header.tensors) != {"weight", "bias"}:
-        raise SurgeryError(f"probe {folder} is corrupt: {WEIGHTS_NAME} holds {sorted(header.tensors)}, expected weight and bias")
+        raise SurgeryError(
+            f"probe {folder} is corrupt: {WEIGHTS_NAME} holds {sorted(header.tensors)}, expected weight and bias"
+        )
     tensors = load_file(str(folder / WEIGHTS_NAME))
     weight, bias = tensors["weight"].float(), tensors["bias"].float()
     if weight.ndim != 2 or weight.shape[0] != 2 or bias.shape != (2,) or weight.shape[1] != meta.hidden_size:
-        raise SurgeryError(f"probe {folder} has weight {tuple(weight.shape)} / bias {tuple(bias.shape)}, expected [2, {meta.hidden_size}] / [2]")
+        raise SurgeryError(
+            f"probe {folder} has weight {tuple(weight.shape)} / bias {tuple(bias.shape)}, expected [2, {meta.hidden_size}] / [2]"
+        )
     if not (torch.isfinite(weight).all() and torch.isfinite(bias).all()):
         raise SurgeryError(f"probe {folder} is corrupt: its weights are not all finite numbers")
     if ckpt is not None and meta.fingerprint != ckpt.fingerprint():
@@ -133,22 +141,29 @@ def load_probe(folder: str | Path, ckpt: Checkpoint | None = None) -> Probe:
 
 def _check_meta(folder: Path, meta: ProbeMeta) -> None:
     """probe.json's fields have the types and ranges probe-train writes; anything else would fail far from here."""
+
     def count(value) -> bool:
         return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
     problems = [
         (isinstance(meta.fingerprint, str), "fingerprint is not a string"),
         (count(meta.num_layers), f"num_layers {meta.num_layers!r} is not a layer count"),
-        (count(meta.layer) and (not count(meta.num_layers) or meta.layer <= meta.num_layers),
-         f"layer {meta.layer!r} is not a hidden state of the model's 0..{meta.num_layers}"),
+        (
+            count(meta.layer) and (not count(meta.num_layers) or meta.layer <= meta.num_layers),
+            f"layer {meta.layer!r} is not a hidden state of the model's 0..{meta.num_layers}",
+        ),
         (count(meta.hidden_size) and meta.hidden_size > 0, f"hidden_size {meta.hidden_size!r} is not a positive size"),
         (meta.pooling in POOLINGS, f"pooling {meta.pooling!r} is not one of {', '.join(POOLINGS)}"),
         (meta.pool in POOLS, f"pool {meta.pool!r} is not one of {', '.join(POOLS)}"),
         (meta.classifier in CLASSIFIERS, f"classifier {meta.classifier!r} is not one of {', '.join(CLASSIFIERS)}"),
-        (isinstance(meta.labels, list) and len(meta.labels) == 2 and all(isinstance(x, str) for x in meta.labels),
-         f"labels {meta.labels!r} are not two class names"),
-        (meta.undesired_row in (0, 1) and not isinstance(meta.undesired_row, bool),
-         f"undesired_row {meta.undesired_row!r} is not row 0 or 1 of the probe"),
+        (
+            isinstance(meta.labels, list) and len(meta.labels) == 2 and all(isinstance(x, str) for x in meta.labels),
+            f"labels {meta.labels!r} are not two class names",
+        ),
+        (
+            meta.undesired_row in (0, 1) and not isinstance(meta.undesired_row, bool),
+            f"undesired_row {meta.undesired_row!r} is not row 0 or 1 of the probe",
+        ),
     ]
     for ok, why in problems:
         if not ok:

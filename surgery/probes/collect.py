@@ -63,22 +63,28 @@ def text_spans(tokenizer, example: Example, chat: bool) -> tuple[str, dict[str, 
     for (name, content), sentinel in zip(parts, _SENTINELS):
         at = marked.find(sentinel, cursor)
         if at < 0:
-            raise SurgeryError(f"the chat template of {tokenizer.name_or_path} drops the {name}: --pool content/response "
-                               "cannot find it (use --pool all)")
+            raise SurgeryError(
+                f"the chat template of {tokenizer.name_or_path} drops the {name}: --pool content/response "
+                "cannot find it (use --pool all)"
+            )
         start += at - cursor  # the template text between the previous message and this one is the same in both renders
         found = text.find(content, start)
         if found != start:  # a template that edits the message (strips it, say): look for what is left of it
             found = text.find(content.strip(), start)
             if found < 0 or not content.strip():
-                raise SurgeryError(f"the chat template of {tokenizer.name_or_path} changes the {name} text: --pool "
-                                   "content/response cannot tell its tokens from the template's (use --pool all)")
+                raise SurgeryError(
+                    f"the chat template of {tokenizer.name_or_path} changes the {name} text: --pool "
+                    "content/response cannot tell its tokens from the template's (use --pool all)"
+                )
             content = content.strip()
         spans[name] = (found, found + len(content))
         cursor, start = at + len(sentinel), found + len(content)
     return text, spans
 
 
-def encode_examples(tokenizer, examples: list[Example], chat: bool, pool: str, max_length: int) -> tuple[list[list[int]], list[list[int]]]:
+def encode_examples(
+    tokenizer, examples: list[Example], chat: bool, pool: str, max_length: int
+) -> tuple[list[list[int]], list[list[int]]]:
     """(token ids, pool masks) cut to `max_length`: mask 1 on the tokens `pool` reads.
 
     `content`: every token with a character of the prompt or the response (the template's own tokens and
@@ -90,10 +96,13 @@ def encode_examples(tokenizer, examples: list[Example], chat: bool, pool: str, m
         seqs = encode_texts(tokenizer, render(tokenizer, examples, chat), max_length, chat)
         return seqs, [[1] * len(s) for s in seqs]
     if not getattr(tokenizer, "is_fast", False):
-        raise SurgeryError(f"--pool {pool} needs a fast tokenizer (character offsets); this model's is not: use --pool all")
+        raise SurgeryError(
+            f"--pool {pool} needs a fast tokenizer (character offsets); this model's is not: use --pool all"
+        )
     if pool == "response" and any(ex.response is None for ex in examples):
-        raise SurgeryError("--pool response needs a response for every example (a response column or field): "
-                           "use --pool content")
+        raise SurgeryError(
+            "--pool response needs a response for every example (a response column or field): use --pool content"
+        )
     seqs, masks = [], []
     for ex in examples:
         text, spans = text_spans(tokenizer, ex, chat)
@@ -104,8 +113,9 @@ def encode_examples(tokenizer, examples: list[Example], chat: bool, pool: str, m
         if not ids:
             raise SurgeryError("an example encodes to zero tokens: remove empty lines from the data")
         if not any(mask):
-            raise SurgeryError(f"an example has no {pool} tokens within the first {max_length} (--max-length): "
-                               f"'{ex.prompt[:60]}'")
+            raise SurgeryError(
+                f"an example has no {pool} tokens within the first {max_length} (--max-length): '{ex.prompt[:60]}'"
+            )
         seqs.append(ids)
         masks.append(mask)
     return seqs, masks
@@ -129,8 +139,15 @@ def padded_masks(masks: list[list[int]], batch_size: int):
 
 
 @torch.no_grad()
-def pooled_hidden_states(model, sequences: list[list[int]], layers: list[int], pooling: str = "mean",
-                         batch_size: int = 8, pad_id: int = 0, masks: list[list[int]] | None = None) -> dict[int, torch.Tensor]:
+def pooled_hidden_states(
+    model,
+    sequences: list[list[int]],
+    layers: list[int],
+    pooling: str = "mean",
+    batch_size: int = 8,
+    pad_id: int = 0,
+    masks: list[list[int]] | None = None,
+) -> dict[int, torch.Tensor]:
     """{layer: [n, hidden] fp32 on CPU} for each layer index in `layers` (see the module docstring).
 
     `masks` (from `encode_examples`): which tokens of each sequence are pooled; None: every real token.

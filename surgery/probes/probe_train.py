@@ -19,7 +19,6 @@ from ..errors import SurgeryError
 from ..model import load_model, load_tokenizer, resolve_device
 from ..prompts import load_examples
 from ..writer import check_output_path, staged_output
-
 from .artifact import Probe, ProbeMeta, save_probe
 from .collect import POOLINGS, POOLS, default_pool, encode_examples, layer_count, pooled_hidden_states
 from .train import CLASSIFIERS, PAPER_EPOCHS, PAPER_LR, fit_paper_probe, fit_probe
@@ -103,8 +102,14 @@ class ProbeReport:
     seconds: dict[str, float] = field(default_factory=dict)
 
 
-def train_probe_checkpoint(model_dir: str | Path, positive: str | Path, negative: str | Path, output: str | Path,
-                           options: ProbeOptions, force: bool = False) -> ProbeReport:
+def train_probe_checkpoint(
+    model_dir: str | Path,
+    positive: str | Path,
+    negative: str | Path,
+    output: str | Path,
+    options: ProbeOptions,
+    force: bool = False,
+) -> ProbeReport:
     """Train and save a probe; the output folder appears complete or not at all."""
     options.validate()
     from ..adapter import with_adapter
@@ -114,12 +119,24 @@ def train_probe_checkpoint(model_dir: str | Path, positive: str | Path, negative
         refuse_nonfinite(ckpt)
     num_layers = int(ckpt.config.get("num_hidden_layers", 0))
     layers = options.layers(num_layers)
-    pos = load_examples(positive, column=options.column, response_column=options.response_column,
-                        max_samples=options.max_samples, seed=options.seed)
-    neg = load_examples(negative, column=options.column, response_column=options.response_column,
-                        max_samples=options.max_samples, seed=options.seed)
+    pos = load_examples(
+        positive,
+        column=options.column,
+        response_column=options.response_column,
+        max_samples=options.max_samples,
+        seed=options.seed,
+    )
+    neg = load_examples(
+        negative,
+        column=options.column,
+        response_column=options.response_column,
+        max_samples=options.max_samples,
+        seed=options.seed,
+    )
     if min(len(pos), len(neg)) < 2:
-        raise SurgeryError(f"a probe needs at least 2 examples per class, got {len(pos)} positive and {len(neg)} negative")
+        raise SurgeryError(
+            f"a probe needs at least 2 examples per class, got {len(pos)} positive and {len(neg)} negative"
+        )
     output = Path(output)
     inputs = [ckpt.path, Path(positive), Path(negative), *([Path(options.adapter)] if options.adapter else [])]
     check_output_path(output, inputs, force)
@@ -130,28 +147,57 @@ def train_probe_checkpoint(model_dir: str | Path, positive: str | Path, negative
     num_layers = layer_count(model)
     pool = options.pool or default_pool(options.chat, pos + neg)
     seqs, masks = encode_examples(tokenizer, pos + neg, options.chat, pool, options.max_length)
-    features = pooled_hidden_states(model, seqs, layers, options.pooling, options.batch_size, tokenizer.pad_token_id, masks)
+    features = pooled_hidden_states(
+        model, seqs, layers, options.pooling, options.batch_size, tokenizer.pad_token_id, masks
+    )
     labels = torch.tensor([1] * len(pos) + [0] * len(neg))
     timings["hidden_states"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     epochs, lr = options.epochs or PAPER_EPOCHS, options.lr or PAPER_LR
     if options.classifier == "paper":
-        fitted = {layer: fit_paper_probe(features[layer], labels, options.test_fraction, options.seed, epochs, lr) for layer in layers}
+        fitted = {
+            layer: fit_paper_probe(features[layer], labels, options.test_fraction, options.seed, epochs, lr)
+            for layer in layers
+        }
     else:
-        fitted = {layer: fit_probe(features[layer], labels, options.test_fraction, options.seed, options.c) for layer in layers}
+        fitted = {
+            layer: fit_probe(features[layer], labels, options.test_fraction, options.seed, options.c)
+            for layer in layers
+        }
     timings["fit"] = time.perf_counter() - t0
-    kept = num_layers if num_layers in fitted else layers[0]  # --layer all saves the final-layer probe (the one `edit` uses)
+    kept = (
+        num_layers if num_layers in fitted else layers[0]
+    )  # --layer all saves the final-layer probe (the one `edit` uses)
     best = fitted[kept]
     meta = ProbeMeta(
-        fingerprint=ckpt.fingerprint(), model=str(ckpt.path.resolve()), layer=kept, num_layers=num_layers,
-        hidden_size=int(best.weight.shape[1]), pooling=options.pooling, chat=options.chat,
-        labels=[options.negative_name, options.positive_name], train_accuracy=best.train_accuracy,
-        test_accuracy=best.test_accuracy, n_train=best.n_train, n_test=best.n_test, n_positive=len(pos),
-        n_negative=len(neg), seed=options.seed, test_fraction=options.test_fraction,
-        c=best.c, pool=pool, classifier=options.classifier,
-        epochs=epochs if options.classifier == "paper" else None, lr=lr if options.classifier == "paper" else None,
-        steps=best.steps, init_share=best.init_share,
-        layer_accuracy={str(k): {"train": v.train_accuracy, "test": v.test_accuracy, "c": v.c} for k, v in fitted.items()} if len(layers) > 1 else {},
+        fingerprint=ckpt.fingerprint(),
+        model=str(ckpt.path.resolve()),
+        layer=kept,
+        num_layers=num_layers,
+        hidden_size=int(best.weight.shape[1]),
+        pooling=options.pooling,
+        chat=options.chat,
+        labels=[options.negative_name, options.positive_name],
+        train_accuracy=best.train_accuracy,
+        test_accuracy=best.test_accuracy,
+        n_train=best.n_train,
+        n_test=best.n_test,
+        n_positive=len(pos),
+        n_negative=len(neg),
+        seed=options.seed,
+        test_fraction=options.test_fraction,
+        c=best.c,
+        pool=pool,
+        classifier=options.classifier,
+        epochs=epochs if options.classifier == "paper" else None,
+        lr=lr if options.classifier == "paper" else None,
+        steps=best.steps,
+        init_share=best.init_share,
+        layer_accuracy={
+            str(k): {"train": v.train_accuracy, "test": v.test_accuracy, "c": v.c} for k, v in fitted.items()
+        }
+        if len(layers) > 1
+        else {},
     )
     probe = Probe(best.weight, best.bias, meta)
     table = {k: (v.train_accuracy, v.test_accuracy) for k, v in fitted.items()}
@@ -159,13 +205,19 @@ def train_probe_checkpoint(model_dir: str | Path, positive: str | Path, negative
         save_probe(probe, tmp)
         if len(layers) > 1:
             write_layer_table(table, tmp / TABLE_NAME)
-            plot_layers(table, tmp / PLOT_NAME, f"{options.positive_name} vs {options.negative_name} ({ckpt.path.name}, "
-                                                f"{options.pooling} of {pool} tokens, {options.classifier})")
+            plot_layers(
+                table,
+                tmp / PLOT_NAME,
+                f"{options.positive_name} vs {options.negative_name} ({ckpt.path.name}, "
+                f"{options.pooling} of {pool} tokens, {options.classifier})",
+            )
     return ProbeReport(output, probe, table, timings)
 
 
 def write_layer_table(table: dict[int, tuple[float, float]], path: Path) -> None:
-    lines = ["layer\ttrain_accuracy\ttest_accuracy"] + [f"{k}\t{tr:.4f}\t{te:.4f}" for k, (tr, te) in sorted(table.items())]
+    lines = ["layer\ttrain_accuracy\ttest_accuracy"] + [
+        f"{k}\t{tr:.4f}\t{te:.4f}" for k, (tr, te) in sorted(table.items())
+    ]
     path.write_text("\n".join(lines) + "\n")
 
 

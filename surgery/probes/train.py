@@ -50,8 +50,14 @@ def split_indices(labels: np.ndarray, test_fraction: float, seed: int) -> tuple[
 C_GRID = np.logspace(-4, 2, 7)
 
 
-def fit_probe(features: torch.Tensor, labels: torch.Tensor, test_fraction: float = 0.2, seed: int = 0,
-              c: float | None = None, max_iter: int = 2000) -> FittedProbe:
+def fit_probe(
+    features: torch.Tensor,
+    labels: torch.Tensor,
+    test_fraction: float = 0.2,
+    seed: int = 0,
+    c: float | None = None,
+    max_iter: int = 2000,
+) -> FittedProbe:
     """Fit on the train split, score on the held-out split; `labels` 1 = undesired class.
 
     Features are standardised for the fit (hidden states carry a few huge dimensions that stall lbfgs)
@@ -73,7 +79,9 @@ def fit_probe(features: torch.Tensor, labels: torch.Tensor, test_fraction: float
         if folds >= 2:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", FutureWarning)  # sklearn 1.8's notice about renaming fitted attributes
-                cv = LogisticRegressionCV(Cs=C_GRID, cv=folds, max_iter=max_iter, random_state=seed).fit(z[train], y[train])
+                cv = LogisticRegressionCV(Cs=C_GRID, cv=folds, max_iter=max_iter, random_state=seed).fit(
+                    z[train], y[train]
+                )
             c = float(cv.C_[0])
         else:
             c = 1.0
@@ -92,8 +100,15 @@ PAPER_LR, PAPER_EPOCHS, PAPER_BATCH = 1e-4, 9, 16  # Table 14 of the paper; the 
 MOSTLY_RANDOM = 0.5  # init_share above this: training moved W[1] less far than the length of its random start
 
 
-def fit_paper_probe(features: torch.Tensor, labels: torch.Tensor, test_fraction: float = 0.2, seed: int = 0,
-                    epochs: int = PAPER_EPOCHS, lr: float = PAPER_LR, batch_size: int = PAPER_BATCH) -> FittedProbe:
+def fit_paper_probe(
+    features: torch.Tensor,
+    labels: torch.Tensor,
+    test_fraction: float = 0.2,
+    seed: int = 0,
+    epochs: int = PAPER_EPOCHS,
+    lr: float = PAPER_LR,
+    batch_size: int = PAPER_BATCH,
+) -> FittedProbe:
     """The paper's probe: softmax(W h + b) over [desired, undesired] on raw states, cross-entropy, Adam (Eq. 1).
 
     Initialised as torch's nn.Linear (uniform in +-1/sqrt(hidden)), from `seed`. With softmax over two
@@ -120,7 +135,7 @@ def fit_paper_probe(features: torch.Tensor, labels: torch.Tensor, test_fraction:
         for _ in range(epochs):
             order = train_t[torch.randperm(len(train_t), generator=g)]
             for start in range(0, len(order), batch_size):
-                batch = order[start:start + batch_size]
+                batch = order[start : start + batch_size]
                 loss = torch.nn.functional.cross_entropy(x[batch] @ weight.T + bias, y[batch])
                 optimiser.zero_grad()
                 loss.backward()
@@ -134,5 +149,15 @@ def fit_paper_probe(features: torch.Tensor, labels: torch.Tensor, test_fraction:
         return float(((x[idx] @ weight.T + bias).argmax(1) == y[idx]).float().mean()) if len(idx) else float("nan")
 
     init_share = float(initial.norm() / (initial.norm() + (weight[1] - initial).norm()))
-    return FittedProbe(weight.clone(), bias.clone(), accuracy(train_t), accuracy(test_t), len(train), len(test), None,
-                       classifier="paper", steps=steps, init_share=init_share)
+    return FittedProbe(
+        weight.clone(),
+        bias.clone(),
+        accuracy(train_t),
+        accuracy(test_t),
+        len(train),
+        len(test),
+        None,
+        classifier="paper",
+        steps=steps,
+        init_share=init_share,
+    )

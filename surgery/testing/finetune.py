@@ -84,13 +84,19 @@ def finetune(model, tokenizer, examples: list[Example], options: TrainOptions, l
     if not examples:
         raise SurgeryError("no training examples")
     encoded = [encode_example(tokenizer, ex, options.max_length) for ex in examples]
-    encoded = [e for e in encoded if any(label != -100 for label in e[1])]  # a prompt filling max_length teaches nothing
+    encoded = [
+        e for e in encoded if any(label != -100 for label in e[1])
+    ]  # a prompt filling max_length teaches nothing
     if not encoded:
         raise SurgeryError(f"every training prompt is longer than max_length={options.max_length}")
     device = next(model.parameters()).device
     torch.manual_seed(options.seed)
     rng = random.Random(options.seed)
-    params = [p for n, p in model.named_parameters() if options.trainable is None or any(fnmatch.fnmatchcase(n, g) for g in options.trainable)]
+    params = [
+        p
+        for n, p in model.named_parameters()
+        if options.trainable is None or any(fnmatch.fnmatchcase(n, g) for g in options.trainable)
+    ]
     if not params:
         raise SurgeryError(f"no parameter matches trainable={options.trainable}")
     optimizer = torch.optim.AdamW(params, lr=options.lr, weight_decay=options.weight_decay)
@@ -115,7 +121,9 @@ def finetune(model, tokenizer, examples: list[Example], options: TrainOptions, l
         schedule.step()
         report.losses.append(loss.item())
         if log and (step + 1) % options.log_every == 0:
-            log(f"step {step + 1}/{options.steps} loss {sum(report.losses[-options.log_every:]) / options.log_every:.4f}")
+            log(
+                f"step {step + 1}/{options.steps} loss {sum(report.losses[-options.log_every :]) / options.log_every:.4f}"
+            )
     model.eval()
     report.seconds = time.perf_counter() - start
     return report

@@ -16,7 +16,7 @@ SPECIALS = ["<pad>", "<eos>", "<|user|>", "<|assistant|>", "<|system|>", "<|end|
 
 def char_tokenizer():
     """A character-level fast tokenizer with a chat template (about 100 symbols)."""
-    from tokenizers import Regex, Tokenizer, models, pre_tokenizers, decoders
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
     chars = sorted(set(string.printable) - set("\x0b\x0c\r"))
@@ -25,23 +25,42 @@ def char_tokenizer():
     core.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
     core.decoder = decoders.Fuse()
     tok = PreTrainedTokenizerFast(
-        tokenizer_object=core, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>",
+        tokenizer_object=core,
+        pad_token="<pad>",
+        eos_token="<eos>",
+        unk_token="<unk>",
         additional_special_tokens=SPECIALS[2:],
     )
     tok.chat_template = CHAT_TEMPLATE
     return tok
 
 
-def tiny_llama(vocab_size: int = 128, hidden: int = 32, layers: int = 2, heads: int = 4, intermediate: int = 64,
-               tied: bool = False, seed: int = 0, dtype: torch.dtype = torch.float32):
+def tiny_llama(
+    vocab_size: int = 128,
+    hidden: int = 32,
+    layers: int = 2,
+    heads: int = 4,
+    intermediate: int = 64,
+    tied: bool = False,
+    seed: int = 0,
+    dtype: torch.dtype = torch.float32,
+):
     """A randomly initialised Llama small enough to train and edit in a test."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
     config = LlamaConfig(
-        vocab_size=vocab_size, hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
-        num_attention_heads=heads, num_key_value_heads=heads // 2 or 1, max_position_embeddings=512,
-        tie_word_embeddings=tied, pad_token_id=0, eos_token_id=1, bos_token_id=None,
+        vocab_size=vocab_size,
+        hidden_size=hidden,
+        intermediate_size=intermediate,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=heads // 2 or 1,
+        max_position_embeddings=512,
+        tie_word_embeddings=tied,
+        pad_token_id=0,
+        eos_token_id=1,
+        bos_token_id=None,
     )
     model = LlamaForCausalLM(config)
     if tied:
@@ -49,8 +68,15 @@ def tiny_llama(vocab_size: int = 128, hidden: int = 32, layers: int = 2, heads: 
     return model.to(dtype).eval()
 
 
-def save_tiny_checkpoint(path: str | Path, *, dtype: torch.dtype = torch.float32, tied: bool = False,
-                         shard_bytes: int | None = None, seed: int = 0, model=None) -> Path:
+def save_tiny_checkpoint(
+    path: str | Path,
+    *,
+    dtype: torch.dtype = torch.float32,
+    tied: bool = False,
+    shard_bytes: int | None = None,
+    seed: int = 0,
+    model=None,
+) -> Path:
     """Save a tiny Llama + char tokenizer as a Hugging Face folder (sharded when shard_bytes is given)."""
     path = Path(path)
     model = model if model is not None else tiny_llama(tied=tied, seed=seed, dtype=dtype)
