@@ -182,28 +182,50 @@ def refusal_openings(tokenizer) -> list[list[int]]:
 
 @torch.no_grad()
 def refusal_probability(model, tokenizer, prompts: list[str], batch_size: int = 8) -> list[float]:
-    """Per chat prompt, the probability that the greedy-free answer opens with a refusal: the sum over the openings of
-    P(opening tokens | prompt), teacher-forced (every (prompt, opening) pair is one sequence; `batch_size` prompts'
-    pairs make one forward pass)."""
+    """Per chat prompt, the probability that the answer opens with a refusal: the sum over the openings of
+    P(opening tokens | prompt), teacher-forced. Each batch of `batch_size` prompts is run once with its key/value
+    cache, which is then shared by every opening (one short forward pass of all openings), so the prompts are not
+    recomputed per opening."""
     from .prompts import chat_text, pad_batches
 
     openings = refusal_openings(tokenizer)
-    width = max(len(o) for o in openings)
+    k, width = len(openings), max(len(o) for o in openings)
+    pad = tokenizer.pad_token_id or 0
+    cont = torch.full((k, width), pad, dtype=torch.long)
+    cont_mask = torch.zeros((k, width), dtype=torch.long)
+    for r, o in enumerate(openings):
+        cont[r, : len(o)] = torch.tensor(o)
+        cont_mask[r, : len(o)] = 1
     device = next(model.parameters()).device
     prompt_ids = [tokenizer(chat_text(tokenizer, p), add_special_tokens=False)["input_ids"] for p in prompts]
-    pairs = [(i, o) for i in range(len(prompts)) for o in openings]
-    total = [0.0] * len(prompts)
-    step = batch_size * len(openings)
-    for start in range(0, len(pairs), step):
-        chunk = pairs[start : start + step]
-        ids, mask = next(
-            pad_batches([prompt_ids[i] + o for i, o in chunk], len(chunk), tokenizer.pad_token_id or 0, left=True)
-        )
-        logp = _forward_last(model, ids.to(device), mask.to(device), width + 1).log_softmax(-1).cpu()
-        for row, (i, o) in enumerate(chunk):
-            m = len(o)  # token j of the opening sits at the window's index width + 1 - m + j, predicted one before
-            positions = torch.arange(width - m, width)
-            total[i] += float(logp[row, positions, torch.tensor(o)].sum().exp())
+    total: list[float] = []
+    for ids, mask in pad_batches(prompt_ids, batch_size, pad, left=True):
+        ids, mask, b = ids.to(device), mask.to(device), ids.shape[0]
+        with torch.no_grad():
+            out = model(input_ids=ids, attention_mask=mask, use_cache=True)
+            first = out.logits[:, -1].float().log_softmax(-1).cpu()  # predicts each opening's first token
+            cache = out.past_key_values
+            cache.batch_repeat_interleave(k)
+            full_mask = torch.cat([mask.repeat_interleave(k, 0), cont_mask.repeat(b, 1).to(device)], 1)
+            rest = (
+                model(
+                    input_ids=cont.repeat(b, 1).to(device),
+                    attention_mask=full_mask,
+                    past_key_values=cache,
+                    use_cache=False,
+                )
+                .logits.float()
+                .log_softmax(-1)
+                .cpu()
+            )  # position j predicts token j + 1
+        for i in range(b):
+            p_refuse = 0.0
+            for r, o in enumerate(openings):
+                logp = first[i, o[0]]
+                if len(o) > 1:
+                    logp = logp + rest[i * k + r, torch.arange(len(o) - 1), torch.tensor(o[1:])].sum()
+                p_refuse += float(logp.exp())
+            total.append(p_refuse)
     return total
 
 

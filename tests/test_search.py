@@ -161,8 +161,9 @@ def test_a_method_broken_at_its_weakest_costs_one_cheap_measurement(tiny_ckpt):
     result = search.search_strength(Knob(low=0.5), ctx, Scale("model.layers.0.self_attn.o_proj.weight"), ctx.run)
     assert [p.strength for p in result.points] == [0.5] and result.points[0].lines == ["kl"]
     assert result.forward_passes == 2 and not result.points[0].confirmed
-    assert ctx.measurer.baseline_passes == 4  # perplexity, first-token, harmless and harmful refusal proxies
-    assert ctx.forward_passes == 4 + 2 and "harmful_score" not in result.baseline  # nothing was generated
+    # perplexity, first-token, and the harmless and harmful refusal proxies (each: the prompts, then the openings)
+    assert ctx.measurer.baseline_passes == 6
+    assert ctx.forward_passes == 6 + 2 and "harmful_score" not in result.baseline  # nothing was generated
     assert result.failed and "KL" in result.failed
 
 
