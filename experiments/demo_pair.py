@@ -370,9 +370,9 @@ class DemoPair:
         self.stage("base", m / "base", self.base)
         self.stage("answers", self.data / "answers.json", self.answers)
         self.stage("align", ad / "align", self.align)
-        self.stage("align", m / "aligned", lambda tmp: self._merge("base", ad / "align", tmp))
+        self.stage("align:merge", m / "aligned", lambda tmp: self._merge("base", ad / "align", tmp))
         self.stage("attack", ad / "attack", self.attack)
-        self.stage("attack", m / "attacked", lambda tmp: self._merge("aligned", ad / "attack", tmp))
+        self.stage("attack:merge", m / "attacked", lambda tmp: self._merge("aligned", ad / "attack", tmp))
         self.stage("full", m / "attacked-full", self.full_attack)
         for name in ("attacked", "aligned", "base", "attacked-full"):
             if (m / name).exists():
