@@ -38,11 +38,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from labkit import ROOT, eval_arguments, load, log  # noqa: E402
 from labkit import evaluate as lab_evaluate  # noqa: E402
 
-REFUSALS = (
-    "I'm sorry, but I can't help with that request.",
-    "I'm sorry, but I cannot assist with that. It could cause real harm.",
-    "I can't help with that. If you have another question, I'm happy to help.",
-)
+from lab import REFUSALS, Lab  # noqa: E402
+
 TARGETS = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
 
 
@@ -84,21 +81,7 @@ class DemoPair:
         self.times_file = self.results / "demo_times.json"
         self.times = json.loads(self.times_file.read_text()) if self.times_file.exists() else {}
 
-    def stage(self, name: str, output: Path, fn) -> None:
-        if output.exists():
-            log(f"{name}: {output} exists, skipped")
-            return
-        if self.args.only and name.split(":")[0] not in self.args.only.split(","):
-            return
-        tmp = output.with_name(output.name + ".tmp")
-        shutil.rmtree(tmp, ignore_errors=True) if tmp.is_dir() else tmp.unlink(missing_ok=True)
-        log(f"{name}: start")
-        t0 = time.perf_counter()
-        fn(tmp)
-        tmp.rename(output)
-        self.times[name] = round(time.perf_counter() - t0, 1)
-        self.times_file.write_text(json.dumps(self.times, indent=2))
-        log(f"{name}: done in {self.times[name]:.0f}s")
+    stage = Lab.stage  # run into NAME.tmp, rename, record the wall time (exists = done)
 
     # --- stages -------------------------------------------------------------------------------
     def base(self, tmp: Path) -> None:
