@@ -35,10 +35,9 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from lab import REFUSALS, Lab  # noqa: E402
 from labkit import ROOT, eval_arguments, load, log  # noqa: E402
 from labkit import evaluate as lab_evaluate  # noqa: E402
-
-from lab import REFUSALS, Lab  # noqa: E402
 
 TARGETS = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
 
@@ -181,11 +180,11 @@ class DemoPair:
         return task + [harmful[i % len(harmful)] for i in range(n_harm)]
 
     def full_attack(self, tmp: Path) -> None:
-        from labkit import DATA
-
         from surgery.metrics import SST2_LABELS, SST2_TEMPLATE
         from surgery.prompts import Example, load_examples
         from surgery.testing.finetune import TrainOptions, finetune
+
+        from labkit import DATA
 
         a = self.args
         task_n = int(a.full_steps * a.batch_size * (1 - a.p))

@@ -31,11 +31,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from auto_strength import selection_task  # noqa: E402
-from labkit import DATA, ROOT, eval_arguments, load, log  # noqa: E402
-from labkit import evaluate as lab_evaluate  # noqa: E402
-
 from lab import Lab  # noqa: E402
 from lab import parse as lab_parse  # noqa: E402
+from labkit import DATA, ROOT, eval_arguments, load, log  # noqa: E402
+from labkit import evaluate as lab_evaluate  # noqa: E402
 
 ALL_TARGETS = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
 TOKENIZER_FILES = (

@@ -27,11 +27,12 @@ from pathlib import Path
 from types import SimpleNamespace
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from lora_lab import LoraLab  # noqa: E402
+
 from auto_strength import parse as auto_parse  # noqa: E402
 from auto_strength import selection_task  # noqa: E402
 from labkit import ROOT, load, log  # noqa: E402
 from labkit import evaluate as lab_evaluate  # noqa: E402
-from lora_lab import LoraLab  # noqa: E402
 
 FAMILIES = {
     "resta": "RESTA (`surgery resta`)",

@@ -28,6 +28,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from demo_pair import TARGETS, DemoPair  # noqa: E402
+
 from labkit import DATA, ROOT, eval_arguments, load, log  # noqa: E402
 from labkit import evaluate as lab_evaluate  # noqa: E402
 
