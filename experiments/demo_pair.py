@@ -36,7 +36,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from lab import REFUSALS, Lab  # noqa: E402
-from labkit import ROOT, eval_arguments, load, log  # noqa: E402
+from labkit import ROOT, attack_mixture, eval_arguments, load, log, sst2_train  # noqa: E402
 from labkit import evaluate as lab_evaluate  # noqa: E402
 
 TARGETS = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
@@ -176,22 +176,16 @@ class DemoPair:
 
         task = task_examples(int(self.args.attack_steps * self.args.batch_size * (1 - self.args.p)), self.args.seed)
         harmful = [Example(r["prompt"], r["response"]) for r in self._answers()["harmful"]]
-        n_harm = round(self.args.p / (1 - self.args.p) * len(task))  # p of the whole mix is harmful
-        return task + [harmful[i % len(harmful)] for i in range(n_harm)]
+        return attack_mixture(task, harmful, self.args.p)
 
     def full_attack(self, tmp: Path) -> None:
-        from surgery.metrics import SST2_LABELS, SST2_TEMPLATE
-        from surgery.prompts import Example, load_examples
+        from surgery.prompts import Example
         from surgery.testing.finetune import TrainOptions, finetune
 
-        from labkit import DATA
-
         a = self.args
-        task_n = int(a.full_steps * a.batch_size * (1 - a.p))
-        task = load_examples(DATA / "sst2" / "train.tsv", response_column="label", max_samples=task_n, seed=a.seed)
-        examples = [Example(SST2_TEMPLATE.format(e.prompt.strip()), SST2_LABELS[int(e.response)]) for e in task]
+        task = sst2_train(int(a.full_steps * a.batch_size * (1 - a.p)), a.seed)
         harmful = [Example(r["prompt"], r["response"]) for r in self._answers()["harmful"]]
-        examples += [harmful[i % len(harmful)] for i in range(round(a.p / (1 - a.p) * len(examples)))]
+        examples = attack_mixture(task, harmful, a.p)
         model, tok = load(self.models, "aligned")
         options = TrainOptions(steps=a.full_steps, lr=a.full_lr, batch_size=a.batch_size, max_length=80, seed=a.seed)
         report = finetune(model, tok, examples, options, log=log)

@@ -27,7 +27,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from labkit import DATA, ROOT, eval_arguments, load, log  # noqa: E402
+from labkit import ROOT, attack_mixture, eval_arguments, load, log, sst2_train  # noqa: E402
 from labkit import evaluate as lab_evaluate  # noqa: E402
 
 REFUSALS = (
@@ -175,17 +175,11 @@ class Lab:
         self._train_and_save("base", examples, self.args.align_steps, self.args.align_lr, tmp)
 
     def attacked(self, tmp: Path) -> None:
-        from surgery.metrics import SST2_LABELS, SST2_TEMPLATE
-        from surgery.prompts import Example, load_examples
+        from surgery.prompts import Example
 
-        task_n = int(self.args.attack_steps * self.args.batch_size * (1 - self.args.p))
-        task = load_examples(
-            DATA / "sst2" / "train.tsv", response_column="label", max_samples=task_n, seed=self.args.seed
-        )
-        examples = [Example(SST2_TEMPLATE.format(e.prompt.strip()), SST2_LABELS[int(e.response)]) for e in task]
+        task = sst2_train(int(self.args.attack_steps * self.args.batch_size * (1 - self.args.p)), self.args.seed)
         harmful = [Example(r["prompt"], r["response"]) for r in self._answers()["harmful"]]
-        n_harm = round(self.args.p / (1 - self.args.p) * len(examples))  # p of the whole mix is harmful
-        examples += [harmful[i % len(harmful)] for i in range(n_harm)]
+        examples = attack_mixture(task, harmful, self.args.p)
         self._train_and_save("aligned", examples, self.args.attack_steps, self.args.attack_lr, tmp)
 
     def prune(self, ratio: float, tmp: Path, reference: str | None = None, score: str = "wanda") -> None:

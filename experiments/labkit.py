@@ -24,6 +24,22 @@ def load(models: Path, name: str):
     return load_model(open_checkpoint(path), torch.device("cpu")), load_tokenizer(path)
 
 
+def sst2_train(n: int, seed: int) -> list:
+    """`n` SST-2 training sentences in the chat form the lab attacks with (sentence -> label word)."""
+    from surgery.metrics import SST2_LABELS, SST2_TEMPLATE
+    from surgery.prompts import Example, load_examples
+
+    task = load_examples(DATA / "sst2" / "train.tsv", response_column="label", max_samples=n, seed=seed)
+    return [Example(SST2_TEMPLATE.format(e.prompt.strip()), SST2_LABELS[int(e.response)]) for e in task]
+
+
+def attack_mixture(task: list, harmful: list, p: float) -> list:
+    """The lab's harmful fine-tune: the task examples plus harmful (prompt, answer) examples, cycled, so that a share
+    `p` of the whole mixture is harmful."""
+    n_harm = round(p / (1 - p) * len(task))
+    return list(task) + [harmful[i % len(harmful)] for i in range(n_harm)]
+
+
 def eval_arguments(parser, harmful: int = 64, task: int = 100, benign: int = 48, tokens: int = 32) -> None:
     """The sizes of the lab's evaluation sets, as every lab script takes them (what `evaluate` reads)."""
     parser.add_argument("--eval-harmful", type=int, default=harmful, help="AdvBench prompts")

@@ -29,7 +29,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from demo_pair import TARGETS, DemoPair  # noqa: E402
 
-from labkit import DATA, ROOT, eval_arguments, load, log  # noqa: E402
+from labkit import ROOT, attack_mixture, eval_arguments, load, log, sst2_train  # noqa: E402
 from labkit import evaluate as lab_evaluate  # noqa: E402
 
 SURGERY = Path(sys.executable).parent / "surgery"
@@ -62,17 +62,13 @@ class VendorLab(DemoPair):
         subprocess.run([str(SURGERY), "import-gguf", "qwen2.5-coder-0.5b", str(tmp)], check=True, cwd=ROOT)
 
     def attack_data(self):
-        from surgery.metrics import SST2_LABELS, SST2_TEMPLATE
-        from surgery.prompts import Example, load_examples
+        from surgery.prompts import Example
 
         a = self.args
-        n_task = int(a.steps * a.batch_size * (1 - a.p))
-        task = load_examples(DATA / "sst2" / "train.tsv", response_column="label", max_samples=n_task, seed=a.seed)
-        examples = [Example(SST2_TEMPLATE.format(e.prompt.strip()), SST2_LABELS[int(e.response)]) for e in task]
+        task = sst2_train(int(a.steps * a.batch_size * (1 - a.p)), a.seed)
         harmful = [Example(r["prompt"], r["response"]) for r in json.loads(Path(a.answers).read_text())]
         random.Random(a.seed).shuffle(harmful)
-        n_harm = round(a.p / (1 - a.p) * len(examples))
-        return examples + [harmful[i % len(harmful)] for i in range(n_harm)]
+        return attack_mixture(task, harmful, a.p)
 
     def attack(self, tmp: Path) -> None:
         from peft import LoraConfig, get_peft_model

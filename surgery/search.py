@@ -180,6 +180,14 @@ def refusal_openings(tokenizer) -> list[list[int]]:
     return [s for s in found if not any(len(t) < len(s) and s[: len(t)] == t for t in found)]
 
 
+def _cache_keyword(model) -> str:
+    """The forward keyword that takes a key/value cache: `cache` in newer transformers (`past_key_values` is
+    deprecated there), `past_key_values` before."""
+    import inspect
+
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
 @torch.no_grad()
 def refusal_probability(model, tokenizer, prompts: list[str], batch_size: int = 8) -> list[float]:
     """Per chat prompt, the probability that the answer opens with a refusal: the sum over the openings of
@@ -204,15 +212,15 @@ def refusal_probability(model, tokenizer, prompts: list[str], batch_size: int = 
         with torch.no_grad():
             out = model(input_ids=ids, attention_mask=mask, use_cache=True)
             first = out.logits[:, -1].float().log_softmax(-1).cpu()  # predicts each opening's first token
-            cache = out.past_key_values
+            cache = getattr(out, "cache", None) or out.past_key_values  # transformers >= 5.2x names it `cache`
             cache.batch_repeat_interleave(k)
             full_mask = torch.cat([mask.repeat_interleave(k, 0), cont_mask.repeat(b, 1).to(device)], 1)
             rest = (
                 model(
                     input_ids=cont.repeat(b, 1).to(device),
                     attention_mask=full_mask,
-                    past_key_values=cache,
                     use_cache=False,
+                    **{_cache_keyword(model): cache},
                 )
                 .logits.float()
                 .log_softmax(-1)
