@@ -24,7 +24,7 @@ from __future__ import annotations
 import itertools
 import json
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Callable
@@ -52,7 +52,7 @@ def offers() -> dict[str, list[frozenset[str]]]:
         for combo in combos:
             given = SimpleNamespace(
                 **{k: (f"<{k}>" if k in combo else None) for k in INPUTS},
-                methods=None,
+                methods=["<every>"],  # every candidate a method offers when asked by name (ablation's)
                 max_harmful_score=None,
                 device="auto",
                 allow_pickle=False,
@@ -132,6 +132,7 @@ class Candidate:
     error: str | None = None
     seconds: float = 0.0
     resolved: dict = field(default_factory=dict)  # options the preparation resolved (ablation's layer): for --pick
+    finalist: bool = False  # its choice was confirmed by generation (else: screened on the proxies only)
 
     def figure(self, key: str) -> float | None:
         return self.search.chosen_point().figures.get(key) if self.search is not None else None
@@ -152,6 +153,7 @@ class Candidate:
             "knob": self.search.knob if self.search else None,
             "chosen": self.search.chosen if self.search else None,
             "inside_budget": self.inside,
+            "confirmed": self.finalist,
             "failed": self.search.failed if self.search else self.error,
             "bound": self.search.bound if self.search else None,
             "forward_passes": self.search.forward_passes if self.search else None,
@@ -206,6 +208,46 @@ def candidates(options: RepairOptions) -> list[Candidate]:
             hint = f": {hint}" if hint else f" (with what was given: {', '.join(sorted(known))})"
             raise SurgeryError(f"--methods: no candidate '{w}'{hint}")
     return [c for c in offered if c.label in wanted]
+
+
+# `surgery repair` with several candidates: each is screened on the forward-pass figures with at most SCREEN_STEPS
+# bisection steps and no generation; the FINALISTS best by the harmful proxy (inside the budget on the proxies) are
+# searched on with the full --search-steps (the screened points reused) and their proxy choice confirmed by generation.
+SCREEN_STEPS = 2
+FINALISTS = 2
+
+
+def rank_key(c: Candidate):
+    """Screening order: inside the budget on the proxies first, then the lowest harmful proxy, then the lower
+    perplexity ratio."""
+    f = c.search.chosen_point().figures
+    harmful = f.get(F.HARMFUL_PROXY, f.get(F.HARMFUL, 1.0))  # a method's own figure where it has no proxy
+    return (c.search.failed is not None, round(harmful, 6), f.get(F.PERPLEXITY_RATIO, 1.0))
+
+
+def finish(todo: list[Candidate], run, say) -> None:
+    """The finalists' searches completed and confirmed by generation (see SCREEN_STEPS); the others keep their
+    screening (proxy) figures and are marked so in the report."""
+    from . import search
+
+    screened = sorted((c for c in todo if c.search is not None), key=rank_key)
+    passed = [c for c in screened if c.search.failed is None]
+    finalists = passed[:FINALISTS] or screened[:1]  # nothing passed: the best is confirmed to say why it fails
+    for c in finalists:
+        method = REGISTRY[c.method]
+        say(f"[finalist {c.label}] refining and confirming {c.search.knob} {c.search.chosen:g}")
+        t0 = time.perf_counter()
+        c.ctx.confirm = "chosen"
+        known = {p.strength: p for p in c.search.points}
+        try:
+            c.search = search.search_strength(method, c.ctx, c.prepared, run, known=known)
+            setattr(c.options, method.strength.field, c.search.chosen)
+            c.finalist = True
+        except SurgeryError as e:
+            c.error = str(e)
+        spent = time.perf_counter() - t0
+        c.seconds += spent
+        c.ctx.timings["search"] = c.ctx.timings.get("search", 0.0) + spent
 
 
 @dataclass
@@ -265,6 +307,8 @@ def repair_checkpoint(
     # By how the candidate sees an adapter (merged, or its own LoRA matrices): the unedited model, one Measurer (one
     # baseline for every candidate) and one calibration cache.
     shared, measurers, caches = {}, {}, {}
+    several = len(todo) > 1
+    screen = replace(run, search_steps=min(run.search_steps, SCREEN_STEPS)) if several else run
     for i, c in enumerate(todo):
         method = REGISTRY[c.method]
         t0 = time.perf_counter()
@@ -285,14 +329,20 @@ def repair_checkpoint(
                 measurers[kind] = search.Measurer(c.ctx, None, run, F.HARMFUL, anchor=anchor)
             c.ctx.measurer = measurers[kind]
             shared[kind] = (c.ctx.model(), c.ctx.tokenizer())
-            c.prepared, c.search = prepare_and_search(method, c.ctx, c.options, run)
+            c.ctx.confirm = "none" if several else "neighbours"  # several: screened on the proxies, finalists below
+            c.prepared, c.search = prepare_and_search(method, c.ctx, c.options, screen)
             resolved = getattr(c.prepared, "resolved", None)
             c.resolved = resolved() if resolved else {}
         except SurgeryError as e:
             c.error = str(e)
         c.seconds = time.perf_counter() - t0
-    inside = [c for c in todo if c.inside]
-    pool = inside or [c for c in todo if c.search is not None]
+    if several:
+        finish(todo, run, say)
+    else:
+        for c in todo:
+            c.finalist = c.search is not None
+    inside = [c for c in todo if c.finalist and c.inside]
+    pool = inside or [c for c in todo if c.finalist]
     if not pool:
         raise SurgeryError("no candidate repair could be measured: " + "; ".join(f"{c.label}: {c.error}" for c in todo))
     winner = min(
@@ -305,7 +355,8 @@ def repair_checkpoint(
     failed = None
     if not inside:
         failed = "no method repairs inside the budget: " + "; ".join(
-            f"{c.label}: {c.search.failed if c.search else c.error}" for c in todo
+            f"{c.label}: {(c.search.failed or 'screened inside on the proxies, not a finalist') if c.search else c.error}"
+            for c in todo
         )
     elif options.max_harmful_score is not None and winner.figure(F.HARMFUL) > options.max_harmful_score:
         failed = (
@@ -362,17 +413,15 @@ def read_point(path: str | Path, n: int, model_dir) -> tuple[Path, dict]:
 def pick_checkpoint(model_dir, output, options: RepairOptions, run: RunOptions, progress=None) -> RepairAllReport:
     """--pick N --from PATH: point N's method at its strength, written as that method's fixed-strength run would write it
     (its statistics prepared once; nothing measured)."""
-    from dataclasses import replace
-
     path, point = read_point(options.pick_from, options.pick, model_dir)
-    offered = {c.label: c for c in candidates(replace(options, methods=None))}
-    c = offered.get(point.get("candidate"))
-    if c is None:
+    try:
+        (c,) = candidates(replace(options, methods=[str(point.get("candidate"))]))
+    except SurgeryError:
         hint = needs(str(point.get("candidate")))
         raise SurgeryError(
             f"--pick {options.pick}: point {options.pick} is {point.get('candidate')}, not a candidate with "
             f"what was given" + (f" ({hint})" if hint else "")
-        )
+        ) from None
     method = REGISTRY[c.method]
     if not method.strength or point.get("knob") != method.strength.field:
         raise SurgeryError(

@@ -188,30 +188,56 @@ def _cache_keyword(model) -> str:
     return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
+def opening_paths(openings: list[list[int]]) -> tuple[list[list[int]], list[tuple[int, int]]]:
+    """The token paths to teacher-force after a prompt so that every opening's probability can be read: each
+    opening's tokens but its last, with the paths that are a prefix of another dropped (the longer one gives the same
+    positions). Returns the paths and, per opening, (path, start): the path that holds its prefix. "I'm sorry", "I am
+    sorry", "I cannot", "I can't", "I apologize" need "I'm", "I am", "I can": 2 tokens each instead of 3 per opening."""
+    prefixes = [o[:-1] for o in openings if len(o) > 1]
+    paths: list[list[int]] = []
+    for q in sorted(prefixes, key=len, reverse=True):
+        if not any(p[: len(q)] == q for p in paths):
+            paths.append(q)
+    where = []
+    for o in openings:
+        q = o[:-1]
+        where.append(next(((i, len(q)) for i, p in enumerate(paths) if p[: len(q)] == q), (-1, 0)))
+    return paths, where
+
+
 @torch.no_grad()
-def refusal_probability(model, tokenizer, prompts: list[str], batch_size: int = 8) -> list[float]:
+def refusal_probability(model, tokenizer, prompts: list[str], batch_size: int = 8, with_first: bool = False):
     """Per chat prompt, the probability that the answer opens with a refusal: the sum over the openings of
     P(opening tokens | prompt), teacher-forced. Each batch of `batch_size` prompts is run once with its key/value
-    cache, which is then shared by every opening (one short forward pass of all openings), so the prompts are not
-    recomputed per opening."""
+    cache, which is then shared by the openings' token paths (`opening_paths`: one short forward pass of all of
+    them), so the prompts are not recomputed per opening.
+
+    With `with_first`, also the first answer token's log-probabilities [n, vocab] (what `next_token_logprobs` gives,
+    from the same pass): KL and the over-refusal proxy on the same prompts cost one pass."""
     from .prompts import chat_text, pad_batches
 
     openings = refusal_openings(tokenizer)
-    k, width = len(openings), max(len(o) for o in openings)
+    paths, where = opening_paths(openings)
+    k, width = len(paths), max((len(p) for p in paths), default=0)
     pad = tokenizer.pad_token_id or 0
     cont = torch.full((k, width), pad, dtype=torch.long)
     cont_mask = torch.zeros((k, width), dtype=torch.long)
-    for r, o in enumerate(openings):
-        cont[r, : len(o)] = torch.tensor(o)
-        cont_mask[r, : len(o)] = 1
+    for r, q in enumerate(paths):
+        cont[r, : len(q)] = torch.tensor(q)
+        cont_mask[r, : len(q)] = 1
     device = next(model.parameters()).device
     prompt_ids = [tokenizer(chat_text(tokenizer, p), add_special_tokens=False)["input_ids"] for p in prompts]
     total: list[float] = []
+    firsts: list[torch.Tensor] = []
     for ids, mask in pad_batches(prompt_ids, batch_size, pad, left=True):
         ids, mask, b = ids.to(device), mask.to(device), ids.shape[0]
-        with torch.no_grad():
-            out = model(input_ids=ids, attention_mask=mask, use_cache=True)
-            first = out.logits[:, -1].float().log_softmax(-1).cpu()  # predicts each opening's first token
+        try:  # only the last position's logits (the head over every position is a tenth of the pass)
+            out = model(input_ids=ids, attention_mask=mask, use_cache=k > 0, logits_to_keep=1)
+        except TypeError:  # a model class without logits_to_keep
+            out = model(input_ids=ids, attention_mask=mask, use_cache=k > 0)
+        first = out.logits[:, -1].float().log_softmax(-1).cpu()  # predicts each opening's first token
+        firsts.append(first)
+        if k:
             cache = getattr(out, "cache", None) or out.past_key_values  # transformers >= 5.2x names it `cache`
             cache.batch_repeat_interleave(k)
             full_mask = torch.cat([mask.repeat_interleave(k, 0), cont_mask.repeat(b, 1).to(device)], 1)
@@ -225,15 +251,17 @@ def refusal_probability(model, tokenizer, prompts: list[str], batch_size: int = 
                 .logits.float()
                 .log_softmax(-1)
                 .cpu()
-            )  # position j predicts token j + 1
+            )  # path position j predicts the token after the path's first j + 1 tokens
         for i in range(b):
             p_refuse = 0.0
-            for r, o in enumerate(openings):
+            for o, (path, n) in zip(openings, where):
                 logp = first[i, o[0]]
-                if len(o) > 1:
-                    logp = logp + rest[i * k + r, torch.arange(len(o) - 1), torch.tensor(o[1:])].sum()
+                if n:
+                    logp = logp + rest[i * k + path, torch.arange(n), torch.tensor(o[1:])].sum()
                 p_refuse += float(logp.exp())
             total.append(p_refuse)
+    if with_first:
+        return total, (torch.cat(firsts) if firsts else torch.empty(0))
     return total
 
 
@@ -326,16 +354,18 @@ class Measurer:
 
     def measure_baseline(self) -> dict[str, float]:
         """The unedited model's cheap figures (and, with a reference, its first-token log-probabilities)."""
-        from .metrics import next_token_logprobs, perplexity
+        from .metrics import perplexity
 
         start = self.passes()
         b = self.baseline
         b[F.PERPLEXITY] = perplexity(self.model, self.tokenizer, self.harmless, batch_size=self.batch)
-        self._base_logprobs = next_token_logprobs(self.model, self.tokenizer, self.harmless, self.batch)
+        over, self._base_logprobs = refusal_probability(
+            self.model, self.tokenizer, self.harmless, self.batch, with_first=True
+        )
+        b[F.OVER_REFUSAL_PROXY] = _mean(over)
         if self.anchor is not None:
             self._anchor_logprobs = self._reference_logprobs()
             b[F.KL_REFERENCE] = _mean_kl(self._anchor_logprobs, self._base_logprobs)  # where the input itself stands
-        b[F.OVER_REFUSAL_PROXY] = _mean(refusal_probability(self.model, self.tokenizer, self.harmless, self.batch))
         if self.task:
             b[F.ACCURACY_PROXY] = label_accuracy(self.model, self.tokenizer, *self.task, self.labels, self.batch)
         b[F.HARMFUL_PROXY] = 1.0 - _mean(refusal_probability(self.model, self.tokenizer, self.harmful, self.batch))
@@ -377,7 +407,7 @@ class Measurer:
         self._cheap(point, stop=True)
 
     def _cheap(self, point: Point, stop: bool) -> None:
-        from .metrics import next_token_logprobs, perplexity
+        from .metrics import perplexity
 
         run, f, b = self.run, point.figures, self.baseline
         if F.PERPLEXITY not in f:
@@ -387,8 +417,9 @@ class Measurer:
                 point.breaks("perplexity", f"perplexity x{f[F.PERPLEXITY_RATIO]:.3g} > x{run.max_perplexity_ratio:g}")
         if stop and point.broken:
             return
-        if F.KL not in f:
-            logprobs = next_token_logprobs(self.model, self.tokenizer, self.harmless, self.batch)
+        if F.KL not in f:  # the first-token distribution and the over-refusal proxy come from one pass
+            over, logprobs = refusal_probability(self.model, self.tokenizer, self.harmless, self.batch, with_first=True)
+            f[F.OVER_REFUSAL_PROXY] = _mean(over)
             f[F.KL_INPUT] = _mean_kl(self._base_logprobs, logprobs)
             f[F.KL] = f[F.KL_INPUT]
             if self._anchor_logprobs is not None:
@@ -399,8 +430,11 @@ class Measurer:
                 point.breaks("kl", f"KL{nearer} {f[F.KL]:.3g} > {run.max_kl:g}")
         if stop and point.broken:
             return
-        if F.OVER_REFUSAL_PROXY not in f:
-            f[F.OVER_REFUSAL_PROXY] = _mean(refusal_probability(self.model, self.tokenizer, self.harmless, self.batch))
+        if F.OVER_REFUSAL_PROXY_POINTS not in f:
+            if F.OVER_REFUSAL_PROXY not in f:  # KL was given (known figures) without it
+                f[F.OVER_REFUSAL_PROXY] = _mean(
+                    refusal_probability(self.model, self.tokenizer, self.harmless, self.batch)
+                )
             f[F.OVER_REFUSAL_PROXY_POINTS] = 100 * (f[F.OVER_REFUSAL_PROXY] - b[F.OVER_REFUSAL_PROXY])
             if f[F.OVER_REFUSAL_PROXY_POINTS] > run.max_over_refusal:
                 point.breaks(
@@ -577,17 +611,25 @@ def search_strength(method, ctx, prepared, run, knob=None, measurer=None, known=
             return min((p for p in pool if reaches(p, figure)), key=weakness, default=None)
         return min(pool, key=lambda p: (round(p.figures[figure], 6), weakness(p)), default=None)
 
-    # Confirmation: the proxy's choice and its measured neighbours (or, when nothing passed, the weakest point unless an
-    # exact line rejects it); when none of them passes on the generated figures, weaker points in turn until one does.
+    # Confirmation (`ctx.confirm`): "neighbours" (a method's own search) the proxy's choice and its measured neighbours;
+    # "chosen" (`surgery repair`'s finalists) the proxy's choice alone; "none" (`surgery repair`'s screening) nothing,
+    # the proxy's choice is returned as chosen. When nothing passed the proxies, the weakest point is confirmed unless
+    # an exact line rejects it; when no confirmed point passes on the generated figures, weaker points in turn until
+    # one does.
+    mode = getattr(ctx, "confirm", "neighbours")
     proxy_choice = best(ordered, key)
     if proxy_choice is None and target is not None:
         proxy_choice = min((p for p in ordered if p.within), key=lambda p: p.figures.get(key, 1.0), default=None)
+    if mode == "none":
+        now = measurer.passes() if hasattr(measurer, "passes") else ctx.forward_passes
+        return screened(measurer, knob, ordered, proxy_choice, now - start, t_start)
     centre = ordered.index(proxy_choice) if proxy_choice is not None else 0
-    for p in ordered[max(centre - 1, 0) : centre + 2]:
+    span = 1 if mode == "neighbours" else 0
+    for p in ordered[max(centre - span, 0) : centre + span + 1]:
         confirm(p)
     confirmed = [p for p in ordered if p.confirmed]
     if not any(p.within for p in confirmed):
-        for p in reversed(ordered[: max(centre - 1, 0)]):
+        for p in reversed(ordered[: max(centre - span, 0)]):
             confirm(p)
             if p.within:
                 break
@@ -652,6 +694,32 @@ def search_strength(method, ctx, prepared, run, knob=None, measurer=None, known=
         (measurer.passes() if hasattr(measurer, "passes") else ctx.forward_passes) - start,
     )
     result.bound = binding(result, chosen, ordered, weakness, target)
+    result.seconds = time.perf_counter() - t_start
+    return result
+
+
+def screened(measurer, knob, ordered: list[Point], proxy_choice: Point | None, passes: int, t_start: float):
+    """A search stopped before generation (`surgery repair`'s screening): its points, with the proxy's choice (or the
+    weakest point, failed, when nothing passed the proxies) as chosen. Its figures are proxies only."""
+    chosen = proxy_choice or ordered[0]
+    failed = None
+    if proxy_choice is None:
+        failed = (
+            f"no {knob.field} between {ordered[0].strength:g} and {ordered[-1].strength:g} stays inside the budget "
+            f"(forward-pass figures): weakest tried {knob.field} {chosen.strength:g} breaks {'; '.join(chosen.broken)}"
+        )
+    result = SearchResult(
+        knob.field,
+        measurer.metric,
+        measurer.baseline,
+        ordered,
+        chosen.strength,
+        "the proxies' choice (screening: not confirmed by generation)",
+        {},
+        failed,
+        measurer.prompts(),
+        passes,
+    )
     result.seconds = time.perf_counter() - t_start
     return result
 

@@ -80,13 +80,45 @@ def test_repair_writes_the_method_with_the_lowest_held_out_harmful_score(monkeyp
     assert code == 0, cap.err
     assert manifest["method"] == "antidote-prune" and manifest["arguments"]["reference"] == str(ref)
     tried = {c["candidate"]: c for c in manifest["report"]["repair"]["candidates"]}
-    assert set(tried) == {"prune-restore", "ablate", "ablate-from-reference", "interpolate", "safe-delta"}
+    # with a reference, the reference-based repairs (the ablations' layer scans only when --methods names them)
+    assert set(tried) == {"prune-restore", "interpolate", "safe-delta"}
     assert manifest["report"]["repair"]["chosen"] == "prune-restore"
     assert (tmp_path / "out" / "repair.png").is_file()
     assert (folder_hashes(model), folder_hashes(ref)) == before
-    # MODEL loaded once for every candidate; the reference once more for its direction; the check loads input and output.
+    # MODEL loaded once for every candidate (the reference is read tensor by tensor); the check loads input and output
     # (the check reads the output in its staged folder, .out.surgery-tmp-*, before the rename)
-    assert sorted("out" if n.startswith(".out.") else n for n in loads) == sorted(["model", "ref", "model", "out"])
+    assert sorted("out" if n.startswith(".out.") else n for n in loads) == sorted(["model", "model", "out"])
+
+
+def test_repair_screens_every_candidate_and_confirms_only_the_finalists(monkeypatch, make_ckpt, tmp_path, capsys):
+    """Five candidates, the ablations named by --methods: each is screened on its cheap figures without generation; the
+    two best (prune-restore 0.2, then the ablations' 0.5) are the finalists, whose choices alone are confirmed."""
+    from surgery import repair
+
+    model, ref = make_ckpt("model"), make_ckpt("ref")
+    planted(monkeypatch, {"prune": 0.2, "ablate": 0.5})
+    confirmed = []
+    real_finish = repair.finish
+
+    def finish(todo, run, say):
+        real_finish(todo, run, say)
+        confirmed.extend(c.label for c in todo if c.finalist)
+
+    monkeypatch.setattr(repair, "finish", finish)
+    methods = "prune-restore,ablate,ablate-from-reference,interpolate,safe-delta"
+    argv = ["repair", model, "-o", tmp_path / "out", "--reference", ref, "--device", "cpu", "--methods", methods]
+    code, cap = run(argv, capsys)
+    assert code == 0, cap.err
+    found = json.loads((tmp_path / "out" / "surgery.json").read_text())["report"]["repair"]
+    tried = {c["candidate"]: c for c in found["candidates"]}
+    assert set(tried) == set(methods.split(","))
+    assert sorted(confirmed) == ["ablate", "prune-restore"] and found["chosen"] == "prune-restore"
+    assert {k for k, c in tried.items() if c["confirmed"]} == {"ablate", "prune-restore"}
+    # a screened candidate has no generated point; a finalist has exactly its chosen point confirmed
+    points = found["points"]
+    assert not any(p["confirmed"] for p in points if p["candidate"] not in confirmed)
+    for label in confirmed:
+        assert [p["strength"] for p in points if p["candidate"] == label and p["confirmed"]] == [tried[label]["chosen"]]
 
 
 def test_repair_gate_fails_when_no_method_reaches_the_bar(monkeypatch, tiny_ckpt, tmp_path, capsys):

@@ -155,15 +155,16 @@ def test_nothing_inside_the_budget_fails_with_the_best_point(monkeypatch, tiny_c
 
 def test_a_method_broken_at_its_weakest_costs_one_cheap_measurement(tiny_ckpt):
     """Real measurement on the tiny model: the weakest edit (o_proj halved) already moves the KL past a planted 1e-6, so the
-    search stops after that one candidate, which costs one perplexity pass and one first-token pass (4 prompts: one batch
-    each)."""
+    search stops after that one candidate, which costs one perplexity pass and the first-token pass with its openings'
+    continuation (which gives the over-refusal proxy too; 4 prompts: one batch each)."""
     ctx = context(tiny_ckpt, max_kl=1e-6, search_samples=4, search_tokens=2)
     result = search.search_strength(Knob(low=0.5), ctx, Scale("model.layers.0.self_attn.o_proj.weight"), ctx.run)
     assert [p.strength for p in result.points] == [0.5] and result.points[0].lines == ["kl"]
-    assert result.forward_passes == 2 and not result.points[0].confirmed
-    # perplexity, first-token, and the harmless and harmful refusal proxies (each: the prompts, then the openings)
-    assert ctx.measurer.baseline_passes == 6
-    assert ctx.forward_passes == 6 + 2 and "harmful_score" not in result.baseline  # nothing was generated
+    assert result.forward_passes == 3 and not result.points[0].confirmed
+    # perplexity, then the harmless (first-token distribution and over-refusal proxy) and harmful refusal proxies, each
+    # the prompts and then the openings' continuation
+    assert ctx.measurer.baseline_passes == 5
+    assert ctx.forward_passes == 5 + 3 and "harmful_score" not in result.baseline  # nothing was generated
     assert result.failed and "KL" in result.failed
 
 
@@ -310,7 +311,7 @@ def test_statistics_are_computed_once_per_search(monkeypatch, tiny_ckpt, harmful
     found = report["search"]
     # the weakest end breaks the budget (one weight per row of a 32-wide matrix already moves the KL): one measurement,
     # one calibration; bisection itself is tested on planted curves above
-    assert len(found["candidates"]) == 1 and calls == [1] and found["forward_passes"] == 2
+    assert len(found["candidates"]) == 1 and calls == [1] and found["forward_passes"] == 3
     chosen = antidote.plan_modules(open_checkpoint(tiny_ckpt), PruneOptions(), found["chosen"])
     assert report["weights_removed"] == chosen.removed  # the count at the chosen ratio, not at the first one tried
     assert (

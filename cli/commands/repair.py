@@ -51,8 +51,8 @@ def show(report) -> None:
         "budget",
         "bound by",
         "time",
-        title="surgery repair: each method at its automatic strength (same held-out prompts, "
-        "same budget; generated figures of the confirmed choice)",
+        title="surgery repair: each method at its automatic strength (same held-out prompts, same budget; every "
+        "method screened on forward-pass proxies, the finalists' choices confirmed by generation)",
     )
     for c in report.candidates:
         if c.search is None:
@@ -64,12 +64,14 @@ def show(report) -> None:
             f"{c.search.knob} {c.search.chosen:g}",
             f"{100 * f[F.HARMFUL]:.1f}% (from {100 * base[F.HARMFUL]:.1f}%)"
             if F.HARMFUL in f and F.HARMFUL in base
+            else f"proxy {100 * f[F.HARMFUL_PROXY]:.1f}% (from {100 * base[F.HARMFUL_PROXY]:.1f}%)"
+            if F.HARMFUL_PROXY in f and F.HARMFUL_PROXY in base
             else "-",
             f"x{f[F.PERPLEXITY_RATIO]:.3g}" if F.PERPLEXITY_RATIO in f else "-",
             f"{f[F.KL]:.3g}" if F.KL in f else "-",
             f"{f[F.OVER_REFUSAL_POINTS]:+.1f} pts" if F.OVER_REFUSAL_POINTS in f else "-",
             f"{-f[F.ACCURACY_DROP_POINTS]:+.1f} pts" if F.ACCURACY_DROP_POINTS in f else "-",
-            "inside" if c.inside else (c.search.failed or "")[:60],
+            ("inside" if c.finalist else "inside (proxies; screened)") if c.inside else (c.search.failed or "")[:60],
             (c.search.bound or "").split(":")[0],
             f"{c.seconds:.0f}s",
         )
