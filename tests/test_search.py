@@ -187,6 +187,20 @@ def test_refusal_probability_is_the_teacher_forced_probability_of_the_openings(t
             want += float(sum(logp[len(ids) - 1 + j, t] for j, t in enumerate(o)).exp())
         assert got == pytest.approx(want, rel=1e-4)
     assert 0 < found[0] < 1
+    # the first-token distribution from the same pass is the one next_token_logprobs gives
+    from surgery.metrics import next_token_logprobs
+
+    again, first = search.refusal_probability(model, tok, prompts, batch_size=2, with_first=True)
+    assert again == pytest.approx(found, rel=1e-6)
+    assert torch.allclose(first, next_token_logprobs(model, tok, prompts, batch_size=2), atol=1e-4)
+
+
+def test_opening_paths_cover_every_opening_with_the_fewest_paths():
+    openings = [[1, 2, 3], [1, 4, 5], [1, 2, 6], [7], [8, 9], [1, 10]]
+    paths, where = search.opening_paths(openings)
+    assert sorted(paths) == [[1, 2], [1, 4], [8]]  # [1] (of [1, 10]) is a prefix of [1, 2]: not a path of its own
+    for o, (path, n) in zip(openings, where):
+        assert n == len(o) - 1 and (n == 0 or paths[path][:n] == o[:-1])
 
 
 def test_kl_is_measured_to_the_nearer_of_the_input_and_the_reference(tmp_path, tiny_ckpt):
