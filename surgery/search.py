@@ -205,54 +205,123 @@ def opening_paths(openings: list[list[int]]) -> tuple[list[list[int]], list[tupl
     return paths, where
 
 
+SHARED_PREFIX_MIN = 8  # a batch's common prompt prefix (the chat template's system turn) shorter than this is not split
+
+
+def _common_prefix(seqs: list[list[int]]) -> int:
+    """Length of the token prefix every sequence shares, leaving at least one token of each."""
+    n = min(len(x) for x in seqs) - 1
+    first = seqs[0]
+    for i in range(max(n, 0)):
+        if any(x[i] != first[i] for x in seqs):
+            return i
+    return max(n, 0)
+
+
+def _cache_of(out):
+    return getattr(out, "cache", None) or out.past_key_values  # transformers >= 5.2x names it `cache`
+
+
 @torch.no_grad()
-def refusal_probability(model, tokenizer, prompts: list[str], batch_size: int = 8, with_first: bool = False):
-    """Per chat prompt, the probability that the answer opens with a refusal: the sum over the openings of
-    P(opening tokens | prompt), teacher-forced. Each batch of `batch_size` prompts is run once with its key/value
-    cache, which is then shared by the openings' token paths (`opening_paths`: one short forward pass of all of
-    them), so the prompts are not recomputed per opening.
+def prompt_pass(model, seqs: list[list[int]], pad: int, paths: list[list[int]] | None = None):
+    """One batch of chat prompts (token ids): the first answer token's log-probabilities [b, vocab], and with `paths`
+    (token paths teacher-forced after every prompt) their log-probabilities [b * len(paths), width, vocab] (row
+    i * k + r: prompt i, path r; position j predicts the token after the path's first j + 1 tokens).
 
-    With `with_first`, also the first answer token's log-probabilities [n, vocab] (what `next_token_logprobs` gives,
-    from the same pass): KL and the over-refusal proxy on the same prompts cost one pass."""
-    from .prompts import chat_text, pad_batches
-
-    openings = refusal_openings(tokenizer)
-    paths, where = opening_paths(openings)
-    k, width = len(paths), max((len(p) for p in paths), default=0)
-    pad = tokenizer.pad_token_id or 0
+    The prompts' common prefix (the chat template's system turn: 20 of SmolLM2's 46 tokens) is run once and its
+    key/value cache shared by the batch; the rest is right-padded with explicit positions, so every real token sees
+    exactly the tokens and positions it would alone (tested against unbatched passes). The paths then run on that
+    cache, pads masked."""
+    device = next(model.parameters()).device
+    b, k = len(seqs), len(paths or [])
+    width = max((len(q) for q in paths or []), default=0)
+    keyword = _cache_keyword(model)
+    shared = _common_prefix(seqs)
+    if shared < SHARED_PREFIX_MIN:
+        shared = 0
+    cache = None
+    if shared:
+        prefix = torch.tensor([seqs[0][:shared]], device=device)
+        try:  # the prefix's logits are not needed
+            out = model(input_ids=prefix, use_cache=True, logits_to_keep=1)
+        except TypeError:  # a model class without logits_to_keep
+            out = model(input_ids=prefix, use_cache=True)
+        cache = _cache_of(out)
+        cache.batch_repeat_interleave(b)
+    rest = [x[shared:] for x in seqs]
+    lengths = torch.tensor([len(x) for x in rest])
+    longest = int(lengths.max())
+    ids = torch.full((b, longest), pad, dtype=torch.long)
+    mask = torch.zeros((b, shared + longest), dtype=torch.long)
+    mask[:, :shared] = 1
+    for i, x in enumerate(rest):
+        ids[i, : len(x)] = torch.tensor(x)
+        mask[i, shared : shared + len(x)] = 1
+    positions = (shared + torch.arange(longest)).expand(b, longest)
+    kwargs = {keyword: cache} if cache is not None else {}
+    out = model(
+        input_ids=ids.to(device),
+        attention_mask=mask.to(device),
+        position_ids=positions.to(device),
+        use_cache=k > 0,
+        **kwargs,
+    )
+    last = (lengths - 1).to(device)
+    first = out.logits[torch.arange(b, device=device), last].float().log_softmax(-1).cpu()
+    if not k:
+        return first, None
+    cache = _cache_of(out)
+    cache.batch_repeat_interleave(k)
     cont = torch.full((k, width), pad, dtype=torch.long)
     cont_mask = torch.zeros((k, width), dtype=torch.long)
     for r, q in enumerate(paths):
         cont[r, : len(q)] = torch.tensor(q)
         cont_mask[r, : len(q)] = 1
-    device = next(model.parameters()).device
-    prompt_ids = [tokenizer(chat_text(tokenizer, p), add_special_tokens=False)["input_ids"] for p in prompts]
+    full_mask = torch.cat([mask.repeat_interleave(k, 0), cont_mask.repeat(b, 1)], 1)
+    cont_positions = (shared + lengths).repeat_interleave(k)[:, None] + torch.arange(width)[None, :]
+    tail = model(
+        input_ids=cont.repeat(b, 1).to(device),
+        attention_mask=full_mask.to(device),
+        position_ids=cont_positions.to(device),
+        use_cache=False,
+        **{keyword: cache},
+    )
+    return first, tail.logits.float().log_softmax(-1).cpu()
+
+
+@torch.no_grad()
+def first_token_logprobs(model, tokenizer, prompts: list[str], batch_size: int = 8) -> torch.Tensor:
+    """`metrics.next_token_logprobs` with each batch's common prefix run once (prompt_pass)."""
+    from .prompts import chat_text
+
+    pad = tokenizer.pad_token_id or 0
+    seqs = [tokenizer(chat_text(tokenizer, p), add_special_tokens=False)["input_ids"] for p in prompts]
+    rows = [prompt_pass(model, seqs[i : i + batch_size], pad)[0] for i in range(0, len(seqs), batch_size)]
+    return torch.cat(rows) if rows else torch.empty(0)
+
+
+@torch.no_grad()
+def refusal_probability(model, tokenizer, prompts: list[str], batch_size: int = 8, with_first: bool = False):
+    """Per chat prompt, the probability that the answer opens with a refusal: the sum over the openings of
+    P(opening tokens | prompt), teacher-forced. Each batch of `batch_size` prompts is run once (its common prefix
+    once for all of them) and its key/value cache shared by the openings' token paths (`opening_paths`: one short
+    forward pass of all of them), so the prompts are not recomputed per opening (`prompt_pass`).
+
+    With `with_first`, also the first answer token's log-probabilities [n, vocab] (what `next_token_logprobs` gives,
+    from the same pass): KL and the over-refusal proxy on the same prompts cost one pass."""
+    from .prompts import chat_text
+
+    openings = refusal_openings(tokenizer)
+    paths, where = opening_paths(openings)
+    k = len(paths)
+    pad = tokenizer.pad_token_id or 0
+    seqs = [tokenizer(chat_text(tokenizer, p), add_special_tokens=False)["input_ids"] for p in prompts]
     total: list[float] = []
     firsts: list[torch.Tensor] = []
-    for ids, mask in pad_batches(prompt_ids, batch_size, pad, left=True):
-        ids, mask, b = ids.to(device), mask.to(device), ids.shape[0]
-        try:  # only the last position's logits (the head over every position is a tenth of the pass)
-            out = model(input_ids=ids, attention_mask=mask, use_cache=k > 0, logits_to_keep=1)
-        except TypeError:  # a model class without logits_to_keep
-            out = model(input_ids=ids, attention_mask=mask, use_cache=k > 0)
-        first = out.logits[:, -1].float().log_softmax(-1).cpu()  # predicts each opening's first token
+    for start in range(0, len(seqs), batch_size):
+        first, rest = prompt_pass(model, seqs[start : start + batch_size], pad, paths)
         firsts.append(first)
-        if k:
-            cache = getattr(out, "cache", None) or out.past_key_values  # transformers >= 5.2x names it `cache`
-            cache.batch_repeat_interleave(k)
-            full_mask = torch.cat([mask.repeat_interleave(k, 0), cont_mask.repeat(b, 1).to(device)], 1)
-            rest = (
-                model(
-                    input_ids=cont.repeat(b, 1).to(device),
-                    attention_mask=full_mask,
-                    use_cache=False,
-                    **{_cache_keyword(model): cache},
-                )
-                .logits.float()
-                .log_softmax(-1)
-                .cpu()
-            )  # path position j predicts the token after the path's first j + 1 tokens
-        for i in range(b):
+        for i in range(first.shape[0]):
             p_refuse = 0.0
             for o, (path, n) in zip(openings, where):
                 logp = first[i, o[0]]
@@ -290,9 +359,7 @@ def label_accuracy(
 ) -> float:
     """Share of task prompts whose first answer token is more likely one of the right label's tokens than any other
     label's (log-sum-exp over each label's tokens, argmax): the forward-pass proxy of task_accuracy."""
-    from .metrics import next_token_logprobs
-
-    logp = next_token_logprobs(model, tokenizer, prompts, batch_size)
+    logp = first_token_logprobs(model, tokenizer, prompts, batch_size)
     scores = torch.stack([logp[:, ids].logsumexp(-1) for ids in label_tokens_], -1)
     return (scores.argmax(-1) == torch.tensor(labels)).float().mean().item() if prompts else 0.0
 
@@ -387,18 +454,17 @@ class Measurer:
         """The reference's first-token log-probabilities on the harmless prompts: its tensors put into the model in memory
         and taken out again (with an adapter applied, the reference is loaded beside it instead)."""
         from .methods.base import Edit
-        from .metrics import next_token_logprobs
 
         ref, ckpt = self.anchor, self.ctx.ckpt
         if getattr(self.ctx, "adapter", None) is None:
             names = [n for n in ckpt.tensors if n in ref.tensors]
             with applied(self.model, ckpt, Edit(lambda name, tensor: ref.read(name), touched=names)):
-                return next_token_logprobs(self.model, self.tokenizer, self.harmless, self.batch)
+                return first_token_logprobs(self.model, self.tokenizer, self.harmless, self.batch)
         from .model import load_model
 
         other = load_model(ref, self.ctx.device)
         try:
-            return next_token_logprobs(other, self.tokenizer, self.harmless, self.batch)
+            return first_token_logprobs(other, self.tokenizer, self.harmless, self.batch)
         finally:
             del other
 

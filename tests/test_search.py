@@ -168,15 +168,18 @@ def test_a_method_broken_at_its_weakest_costs_one_cheap_measurement(tiny_ckpt):
     assert result.failed and "KL" in result.failed
 
 
-def test_refusal_probability_is_the_teacher_forced_probability_of_the_openings(tiny_ckpt):
+@pytest.mark.parametrize("split", [True, False], ids=["common-prefix-shared", "whole-prompts"])
+def test_refusal_probability_is_the_teacher_forced_probability_of_the_openings(tiny_ckpt, monkeypatch, split):
     from surgery.prompts import chat_text
 
+    # split: the batch's common prefix runs once and the rest on its cache (every length); else each prompt whole
+    monkeypatch.setattr(search, "SHARED_PREFIX_MIN", 1 if split else 10**9)
     ctx = context(tiny_ckpt)
     model, tok = ctx.model(), ctx.tokenizer()
     openings = search.refusal_openings(tok)
     assert [tok.eos_token_id] in openings and len(openings) >= 5
     assert not any(a != b and b[: len(a)] == a for a in openings for b in openings)  # disjoint events
-    prompts = ["hello there, how are you", "how to"]  # different lengths: left padding in one batch
+    prompts = ["hello there, how are you", "how to"]  # different lengths: padding in one batch
     found = search.refusal_probability(model, tok, prompts, batch_size=2)
     for prompt, got in zip(prompts, found):
         ids = tok(chat_text(tok, prompt), add_special_tokens=False)["input_ids"]
