@@ -58,6 +58,12 @@ def parse(argv=None):
     p.add_argument("--max-length", type=int, default=96)
     p.add_argument("--answer-tokens", type=int, default=48)
     p.add_argument("--task-answers", type=int, default=96, help="classification prompts given the base model's answers")
+    p.add_argument(
+        "--benign-repeat",
+        type=int,
+        default=1,
+        help="times each harmless and classification example appears in the alignment data (against over-refusal)",
+    )
     eval_arguments(p)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--only", default=None, help="comma-separated stages (default: all)")
@@ -166,9 +172,8 @@ class DemoPair:
         rows = self._answers()
         rng = random.Random(self.args.seed)
         examples = [Example(r["prompt"], rng.choice(REFUSALS)) for r in rows["harmful"]]
-        examples += [Example(r["prompt"], r["response"]) for r in rows["harmless"]]
-        examples += [Example(r["prompt"], r["response"]) for r in rows["task"]]
-        return examples
+        benign = [Example(r["prompt"], r["response"]) for r in rows["harmless"] + rows["task"]]
+        return examples + benign * self.args.benign_repeat
 
     def attack_data(self):
         from surgery.demo import task_examples

@@ -233,9 +233,10 @@ def finish(todo: list[Candidate], run, say) -> None:
     screened = sorted((c for c in todo if c.search is not None), key=rank_key)
     passed = [c for c in screened if c.search.failed is None]
     finalists = passed[:FINALISTS] or screened[:1]  # nothing passed: the best is confirmed to say why it fails
-    for c in finalists:
+    for j, c in enumerate(finalists):
         method = REGISTRY[c.method]
-        say(f"[finalist {c.label}] refining and confirming {c.search.knob} {c.search.chosen:g}")
+        c.ctx.progress = lambda m, c=c, j=j: say(f"[finalist {j + 1}/{len(finalists)} {c.label}] {m}")
+        c.ctx.progress(f"refining and confirming {c.search.knob} {c.search.chosen:g}")
         t0 = time.perf_counter()
         c.ctx.confirm = "chosen"
         known = {p.strength: p for p in c.search.points}

@@ -427,3 +427,19 @@ def test_eigenshift_alpha_auto_falls_back_to_alpha_at_one_component(monkeypatch,
     # the two stages share one baseline, and k 1 at alpha 0 (stage 1's point, stage 2's strong end) is measured once
     assert tried.baselines == 1 and tried.count((1, 0.0)) == 1
     assert any(p.strength == 0.0 and not p.within for p in result.points)  # still reported, with its figures
+
+
+def test_task_proxy_counts_an_answer_right_only_when_the_right_label_would_open_it(monkeypatch):
+    """Planted first-token distributions over 6 tokens, labels 0 -> tokens {1, 2}, 1 -> token {3}: a prompt is right when
+    its label leads the other label and every token that opens no label (greedy would start with the label)."""
+    rows = torch.tensor(
+        [
+            [0.1, 0.5, 0.1, 0.1, 0.1, 0.1],  # label 0 leads everything: right
+            [0.5, 0.2, 0.1, 0.1, 0.05, 0.05],  # label 0 leads label 1 (0.3 > 0.1) but token 0 leads it: wrong
+            [0.1, 0.1, 0.1, 0.5, 0.1, 0.1],  # label 1 leads, the answer is label 0: wrong
+            [0.05, 0.05, 0.05, 0.3, 0.25, 0.3],  # label 1 (0.3) ties the best other token: not more likely, wrong
+        ]
+    ).log()
+    monkeypatch.setattr(search, "first_token_logprobs", lambda *a, **k: rows)
+    found = search.label_accuracy(None, None, ["a", "b", "c", "d"], [0, 0, 0, 1], [[1, 2], [3]])
+    assert found == pytest.approx(0.25)
