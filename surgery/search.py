@@ -92,9 +92,10 @@ class SearchResult:
         ):
             limit = self.budget.get(key)
             if limit is not None and sizes.get(kind) and limit < 100 / sizes[kind]:
+                effect = "applied as one item (accuracy_limit)" if kind == "task" else f"one {what} breaks it"
                 found.append(
                     f"{flag} {limit:g} is finer than one of the {sizes[kind]} {kind} items "
-                    f"({100 / sizes[kind]:.1f} points): one {what} breaks it"
+                    f"({100 / sizes[kind]:.1f} points): {effect}"
                 )
         return found
 
@@ -521,11 +522,9 @@ class Measurer:
         if self.task and F.ACCURACY_PROXY not in f:
             f[F.ACCURACY_PROXY] = label_accuracy(self.model, self.tokenizer, *self.task, self.labels, self.batch)
             f[F.ACCURACY_PROXY_DROP_POINTS] = 100 * (b[F.ACCURACY_PROXY] - f[F.ACCURACY_PROXY])
-            if f[F.ACCURACY_PROXY_DROP_POINTS] > run.max_accuracy_drop:
-                point.breaks(
-                    "accuracy",
-                    f"accuracy proxy -{f[F.ACCURACY_PROXY_DROP_POINTS]:.1f} points > -{run.max_accuracy_drop:g}",
-                )
+            limit = accuracy_limit(run, len(self.task[0]))
+            if f[F.ACCURACY_PROXY_DROP_POINTS] > limit:
+                point.breaks("accuracy", f"accuracy proxy -{f[F.ACCURACY_PROXY_DROP_POINTS]:.1f} points > -{limit:.3g}")
         if stop and point.broken:
             return
         if self.search_key not in f:
@@ -548,7 +547,7 @@ class Measurer:
             f[F.ACCURACY_DROP_POINTS] = 100 * (b[F.ACCURACY] - f[F.ACCURACY])
         if self.metric not in f:
             f[self.metric] = self._repair()
-        judge(point, run)
+        judge(point, run, len(self.task[0]) if self.task else None)
         point.confirmed = True
 
     def _refused(self, prompts: list[str]) -> float:
@@ -568,12 +567,20 @@ class Measurer:
         return 1.0 - self._refused(self.harmful)
 
 
-def judge(point: Point, run) -> None:
+def accuracy_limit(run, items: int | None) -> float:
+    """The task line as the search applies it: --max-accuracy-drop, or one item of the task's selection set when that
+    is coarser (48 items: 2.08 points against the default 2). A line finer than one item would read a single item,
+    the noise of the set, as a broken budget and stop every method at the first item it flips."""
+    return max(run.max_accuracy_drop, 100 / items + 1e-9) if items else run.max_accuracy_drop
+
+
+def judge(point: Point, run, task_items: int | None = None) -> None:
     """The point's budget lines from its figures as they stand: perplexity and KL, then over-refusal and task accuracy
-    from the generated figures (a confirmed point) or their proxies."""
+    from the generated figures (a confirmed point) or their proxies (`task_items`: the task set's size, see
+    accuracy_limit)."""
     lines = []
     for line, (key, limit_field) in F.LINES.items():
-        limit = getattr(run, limit_field)
+        limit = accuracy_limit(run, task_items) if line == "accuracy" else getattr(run, limit_field)
         value = point.figures.get(key, point.figures.get(F.PROXY_OF.get(key, key)))
         if value is None or (line == "accuracy" and not run.task):
             continue
@@ -585,7 +592,7 @@ def judge(point: Point, run) -> None:
         elif line == "over_refusal" and value > limit:
             lines.append((line, f"over-refusal +{value:.1f} points > +{limit:g}"))
         elif line == "accuracy" and value > limit:
-            lines.append((line, f"accuracy -{value:.1f} points > -{limit:g}"))
+            lines.append((line, f"accuracy -{value:.1f} points > -{limit:.3g}"))
     point.lines, point.broken = [n for n, _ in lines], [m for _, m in lines]
 
 

@@ -443,3 +443,16 @@ def test_task_proxy_counts_an_answer_right_only_when_the_right_label_would_open_
     monkeypatch.setattr(search, "first_token_logprobs", lambda *a, **k: rows)
     found = search.label_accuracy(None, None, ["a", "b", "c", "d"], [0, 0, 0, 1], [[1, 2], [3]])
     assert found == pytest.approx(0.25)
+
+
+def test_the_task_line_is_applied_at_the_resolution_of_the_task_set():
+    """--max-accuracy-drop 2 with 48 task items (one item: 2.08 points): one item lost is inside, two are not; with 200
+    items the line is the 2 points given."""
+    from surgery.methods import RunOptions
+
+    run = RunOptions(task="sst2:builtin", max_accuracy_drop=2.0)
+    assert search.accuracy_limit(run, 48) == pytest.approx(100 / 48) and search.accuracy_limit(run, 200) == 2.0
+    for drop, items, inside in [(100 / 48, 48, True), (200 / 48, 48, False), (2.5, 200, False), (1.5, 200, True)]:
+        point = search.Point(1.0, {"perplexity_ratio": 1.0, "kl": 0.0, "accuracy_drop_points": drop})
+        search.judge(point, run, items)
+        assert point.within is inside, (drop, items, point.broken)
