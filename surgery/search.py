@@ -536,19 +536,26 @@ class Measurer:
                 f[self.metric] = self._repair()  # a method's own figure, generated for every candidate
 
     def confirm(self, point: Point) -> None:
-        """Generate and judge (the candidate applied): the repair figure, over-refusal and task accuracy; then the point's
-        budget is judged on these instead of their proxies (perplexity and KL are exact already)."""
+        """Generate and judge (the candidate applied): over-refusal, then task accuracy, then the repair figure, each
+        judged as it comes; the first broken line ends the confirmation (a point rejected on over-refusal costs one
+        set of answers, not three). The point's budget is then judged on these instead of their proxies (perplexity
+        and KL are exact already)."""
         run, f, b = self.run, point.figures, self.baseline
+        items = len(self.task[0]) if self.task else None
         self._cheap(point, stop=False)  # a point stopped early gets its remaining proxies too (both are reported)
+        point.confirmed = True
         f[F.OVER_REFUSAL] = self._refused(self.harmless)
         f[F.OVER_REFUSAL_POINTS] = 100 * (f[F.OVER_REFUSAL] - b[F.OVER_REFUSAL])
+        if f[F.OVER_REFUSAL_POINTS] > run.max_over_refusal:  # generated and broken: the rest is not generated
+            return judge(point, run, items)
         if self.task:
             f[F.ACCURACY] = self._accuracy()
             f[F.ACCURACY_DROP_POINTS] = 100 * (b[F.ACCURACY] - f[F.ACCURACY])
+            if f[F.ACCURACY_DROP_POINTS] > accuracy_limit(run, items):
+                return judge(point, run, items)
         if self.metric not in f:
             f[self.metric] = self._repair()
-        judge(point, run, len(self.task[0]) if self.task else None)
-        point.confirmed = True
+        judge(point, run, items)
 
     def _refused(self, prompts: list[str]) -> float:
         from .metrics import refusal_rate

@@ -456,3 +456,25 @@ def test_the_task_line_is_applied_at_the_resolution_of_the_task_set():
         point = search.Point(1.0, {"perplexity_ratio": 1.0, "kl": 0.0, "accuracy_drop_points": drop})
         search.judge(point, run, items)
         assert point.within is inside, (drop, items, point.broken)
+
+
+def test_confirmation_stops_at_the_first_generated_line_it_breaks(monkeypatch):
+    """Over-refusal is generated first: broken there, neither the task's nor the harmful answers are generated; inside,
+    all three are, and the point is judged on them."""
+    from surgery.methods import RunOptions
+
+    m = search.Measurer.__new__(search.Measurer)
+    m.run, m.metric, m.prepared = RunOptions(task="sst2:builtin"), "harmful_score", None
+    m.baseline = {"over_refusal": 0.0, "accuracy": 0.8, "harmful_score": 0.9}
+    m.task, m.harmless, m.harmful = (["x"] * 48, [0] * 48), ["h"] * 48, ["b"] * 48
+    calls = []
+    monkeypatch.setattr(m, "_cheap", lambda point, stop: point.figures.update(perplexity_ratio=1.0, kl=0.0))
+    for refused, expected in [(0.5, ["refused"]), (0.05, ["refused", "accuracy", "repair"])]:
+        calls.clear()
+        monkeypatch.setattr(m, "_refused", lambda prompts, r=refused: calls.append("refused") or r)
+        monkeypatch.setattr(m, "_accuracy", lambda: calls.append("accuracy") or 0.8)
+        monkeypatch.setattr(m, "_repair", lambda: calls.append("repair") or 0.2)
+        point = search.Point(1.0)
+        m.confirm(point)
+        assert calls == expected and point.confirmed
+        assert point.within is (refused == 0.05) and ("harmful_score" in point.figures) is (refused == 0.05)
