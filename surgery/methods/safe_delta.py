@@ -168,34 +168,38 @@ def safe_delta_tensor(
     """The method on one weight [rows, cols]: returns (new weight in the tuned weight's dtype and device, admitted
     mask). `factor` is U of `inverse_factor` for this weight's input (cols x cols); computed on `device`."""
     device = device or tuned.device
-    w = aligned.to(device=device, dtype=compute, copy=True)
+    # Worked on transposed ([cols, rows]): the sequential pass touches one column at a time, a contiguous row here
+    # (bit-identical to the untransposed loop, about 2x faster on CPU).
+    wt = aligned.to(device=device, dtype=compute).t().contiguous()
     target = tuned.to(device=device, dtype=compute)
-    u = factor.to(device=w.device, dtype=compute)
-    rows, cols = w.shape
+    target_t = target.t().contiguous()
+    u = factor.to(device=wt.device, dtype=compute)
+    cols, rows = wt.shape
     d = torch.diagonal(u)
     admitted = torch.zeros(rows, cols, dtype=torch.bool)
     for i1 in range(0, cols, block):
         i2 = min(i1 + block, cols)
         inverse_sq = 1.0 / d[i1:i2] ** 2
-        cost = (target[:, i1:i2] - w[:, i1:i2]) ** 2 * inverse_sq
+        cost = (target[:, i1:i2] - wt[i1:i2].t()) ** 2 * inverse_sq
         mask = admitted_entries(cost, inverse_sq, block_limit(inverse_sq, rows, budget), protect)
         admitted[:, i1:i2] = mask.cpu()
-        errors = torch.zeros(rows, i2 - i1, dtype=compute, device=w.device)
+        mask_t = mask.t().contiguous()
+        errors = torch.zeros(i2 - i1, rows, dtype=compute, device=wt.device)
         for k1 in range(i1, i2, INNER):
             k2 = min(k1 + INNER, i2)
             for j in range(k1, k2):
-                current = w[:, j]
-                q = torch.where(mask[:, j - i1], target[:, j], current)
+                current = wt[j]
+                q = torch.where(mask_t[j - i1], target_t[j], current)
                 e = (current - q) / d[j]
-                w[:, j] = q
+                wt[j] = q
                 if j + 1 < k2:
-                    w[:, j + 1 : k2] -= e[:, None] * u[j, j + 1 : k2][None, :]
-                errors[:, j - i1] = e
+                    wt[j + 1 : k2] -= u[j, j + 1 : k2][:, None] * e[None, :]
+                errors[j - i1] = e
             if k2 < i2:
-                w[:, k2:i2] -= errors[:, k1 - i1 : k2 - i1] @ u[k1:k2, k2:i2]
+                wt[k2:i2] -= u[k1:k2, k2:i2].t() @ errors[k1 - i1 : k2 - i1]
         if i2 < cols:
-            w[:, i2:] -= errors @ u[i1:i2, i2:]
-    return w.to(device=tuned.device, dtype=tuned.dtype), admitted
+            wt[i2:] -= u[i1:i2, i2:].t() @ errors
+    return wt.t().contiguous().to(device=tuned.device, dtype=tuned.dtype), admitted
 
 
 # ---- calibration: the aligned model's Hessians ----------------------------------------------------------------------
