@@ -32,19 +32,106 @@ def perplexity(model, tokenizer, texts: list[str], max_length: int = 256, batch_
     return math.exp(total / max(count, 1))
 
 
+def _cache_keyword(model) -> str:
+    """The forward keyword that takes a key/value cache: `cache` in newer transformers (`past_key_values` is
+    deprecated there), `past_key_values` before."""
+    import inspect
+
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
+SHARED_PREFIX_MIN = 8  # a batch's common prompt prefix (the chat template's system turn) shorter than this is not split
+
+
+def _common_prefix(seqs: list[list[int]]) -> int:
+    """Length of the token prefix every sequence shares, leaving at least one token of each."""
+    n = min(len(x) for x in seqs) - 1
+    first = seqs[0]
+    for i in range(max(n, 0)):
+        if any(x[i] != first[i] for x in seqs):
+            return i
+    return max(n, 0)
+
+
+def _cache_of(out):
+    return getattr(out, "cache", None) or out.past_key_values  # transformers >= 5.2x names it `cache`
+
+
+@torch.no_grad()
+def prompt_pass(model, seqs: list[list[int]], pad: int, paths: list[list[int]] | None = None):
+    """One batch of chat prompts (token ids): the first answer token's log-probabilities [b, vocab], and with `paths`
+    (token paths teacher-forced after every prompt) their log-probabilities [b * len(paths), width, vocab] (row
+    i * k + r: prompt i, path r; position j predicts the token after the path's first j + 1 tokens).
+
+    The prompts' common prefix (the chat template's system turn: 20 of SmolLM2's 46 tokens) is run once and its
+    key/value cache shared by the batch; the rest is right-padded with explicit positions, so every real token sees
+    exactly the tokens and positions it would alone (tested against unbatched passes). The paths then run on that
+    cache, pads masked."""
+    device = next(model.parameters()).device
+    b, k = len(seqs), len(paths or [])
+    width = max((len(q) for q in paths or []), default=0)
+    keyword = _cache_keyword(model)
+    shared = _common_prefix(seqs)
+    if shared < SHARED_PREFIX_MIN:
+        shared = 0
+    cache = None
+    if shared:
+        prefix = torch.tensor([seqs[0][:shared]], device=device)
+        try:  # the prefix's logits are not needed
+            out = model(input_ids=prefix, use_cache=True, logits_to_keep=1)
+        except TypeError:  # a model class without logits_to_keep
+            out = model(input_ids=prefix, use_cache=True)
+        cache = _cache_of(out)
+        cache.batch_repeat_interleave(b)
+    rest = [x[shared:] for x in seqs]
+    lengths = torch.tensor([len(x) for x in rest])
+    longest = int(lengths.max())
+    ids = torch.full((b, longest), pad, dtype=torch.long)
+    mask = torch.zeros((b, shared + longest), dtype=torch.long)
+    mask[:, :shared] = 1
+    for i, x in enumerate(rest):
+        ids[i, : len(x)] = torch.tensor(x)
+        mask[i, shared : shared + len(x)] = 1
+    positions = (shared + torch.arange(longest)).expand(b, longest)
+    kwargs = {keyword: cache} if cache is not None else {}
+    out = model(
+        input_ids=ids.to(device),
+        attention_mask=mask.to(device),
+        position_ids=positions.to(device),
+        use_cache=k > 0,
+        **kwargs,
+    )
+    last = (lengths - 1).to(device)
+    first = out.logits[torch.arange(b, device=device), last].float().log_softmax(-1).cpu()
+    if not k:
+        return first, None
+    cache = _cache_of(out)
+    cache.batch_repeat_interleave(k)
+    cont = torch.full((k, width), pad, dtype=torch.long)
+    cont_mask = torch.zeros((k, width), dtype=torch.long)
+    for r, q in enumerate(paths):
+        cont[r, : len(q)] = torch.tensor(q)
+        cont_mask[r, : len(q)] = 1
+    full_mask = torch.cat([mask.repeat_interleave(k, 0), cont_mask.repeat(b, 1)], 1)
+    cont_positions = (shared + lengths).repeat_interleave(k)[:, None] + torch.arange(width)[None, :]
+    tail = model(
+        input_ids=cont.repeat(b, 1).to(device),
+        attention_mask=full_mask.to(device),
+        position_ids=cont_positions.to(device),
+        use_cache=False,
+        **{keyword: cache},
+    )
+    return first, tail.logits.float().log_softmax(-1).cpu()
+
+
 @torch.no_grad()
 def next_token_logprobs(model, tokenizer, prompts: list[str], batch_size: int = 8) -> torch.Tensor:
-    """Log-probabilities of the first response token for each chat prompt, [n, vocab] in fp32."""
+    """Log-probabilities of the first response token for each chat prompt, [n, vocab] in fp32 (each batch's common
+    prefix run once: `prompt_pass`)."""
+    pad = tokenizer.pad_token_id or 0
     seqs = [tokenizer(chat_text(tokenizer, p), add_special_tokens=False)["input_ids"] for p in prompts]
-    rows = []
-    for ids, mask in pad_batches(seqs, batch_size, tokenizer.pad_token_id or 0, left=True):
-        ids, mask = ids.to(_device(model)), mask.to(_device(model))
-        try:  # only the last position's logits: a [batch, 1, vocab] tensor instead of [batch, length, vocab]
-            logits = model(input_ids=ids, attention_mask=mask, use_cache=False, logits_to_keep=1).logits
-        except TypeError:  # a model class without logits_to_keep
-            logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
-        rows.append(logits[:, -1].float().log_softmax(-1).cpu())
-    return torch.cat(rows)
+    rows = [prompt_pass(model, seqs[i : i + batch_size], pad)[0] for i in range(0, len(seqs), batch_size)]
+    return torch.cat(rows) if rows else torch.empty(0)
 
 
 def first_token_kl(model, reference, tokenizer, prompts: list[str], batch_size: int = 8) -> float:

@@ -29,6 +29,7 @@ from pathlib import Path
 import torch
 
 from . import figures as F
+from .metrics import next_token_logprobs, prompt_pass
 from .splits import SELECTION, builtin_part
 
 # Openings of a refusal, teacher-forced after the chat prompt (see refusal_probability); the empty answer (EOS first)
@@ -158,15 +159,6 @@ def applied(model, ckpt, edit):
                 setattr(model.get_submodule(module_name), attr, old)
 
 
-def _forward_last(model, ids, mask, keep: int) -> torch.Tensor:
-    """Logits of the last `keep` positions, [batch, keep, vocab] in fp32."""
-    try:
-        logits = model(input_ids=ids, attention_mask=mask, use_cache=False, logits_to_keep=keep).logits
-    except TypeError:  # a model class without logits_to_keep
-        logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
-    return logits[:, -keep:].float()
-
-
 def refusal_openings(tokenizer) -> list[list[int]]:
     """The token ids of each refusal opening (REFUSAL_OPENINGS as the tokenizer spells them at the start of an answer,
     and EOS alone: the empty answer). An opening whose ids extend another's is dropped (its answers are counted by the
@@ -179,14 +171,6 @@ def refusal_openings(tokenizer) -> list[list[int]]:
     if tokenizer.eos_token_id is not None and [tokenizer.eos_token_id] not in found:
         found.append([tokenizer.eos_token_id])
     return [s for s in found if not any(len(t) < len(s) and s[: len(t)] == t for t in found)]
-
-
-def _cache_keyword(model) -> str:
-    """The forward keyword that takes a key/value cache: `cache` in newer transformers (`past_key_values` is
-    deprecated there), `past_key_values` before."""
-    import inspect
-
-    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
 def opening_paths(openings: list[list[int]]) -> tuple[list[list[int]], list[tuple[int, int]]]:
@@ -204,101 +188,6 @@ def opening_paths(openings: list[list[int]]) -> tuple[list[list[int]], list[tupl
         q = o[:-1]
         where.append(next(((i, len(q)) for i, p in enumerate(paths) if p[: len(q)] == q), (-1, 0)))
     return paths, where
-
-
-SHARED_PREFIX_MIN = 8  # a batch's common prompt prefix (the chat template's system turn) shorter than this is not split
-
-
-def _common_prefix(seqs: list[list[int]]) -> int:
-    """Length of the token prefix every sequence shares, leaving at least one token of each."""
-    n = min(len(x) for x in seqs) - 1
-    first = seqs[0]
-    for i in range(max(n, 0)):
-        if any(x[i] != first[i] for x in seqs):
-            return i
-    return max(n, 0)
-
-
-def _cache_of(out):
-    return getattr(out, "cache", None) or out.past_key_values  # transformers >= 5.2x names it `cache`
-
-
-@torch.no_grad()
-def prompt_pass(model, seqs: list[list[int]], pad: int, paths: list[list[int]] | None = None):
-    """One batch of chat prompts (token ids): the first answer token's log-probabilities [b, vocab], and with `paths`
-    (token paths teacher-forced after every prompt) their log-probabilities [b * len(paths), width, vocab] (row
-    i * k + r: prompt i, path r; position j predicts the token after the path's first j + 1 tokens).
-
-    The prompts' common prefix (the chat template's system turn: 20 of SmolLM2's 46 tokens) is run once and its
-    key/value cache shared by the batch; the rest is right-padded with explicit positions, so every real token sees
-    exactly the tokens and positions it would alone (tested against unbatched passes). The paths then run on that
-    cache, pads masked."""
-    device = next(model.parameters()).device
-    b, k = len(seqs), len(paths or [])
-    width = max((len(q) for q in paths or []), default=0)
-    keyword = _cache_keyword(model)
-    shared = _common_prefix(seqs)
-    if shared < SHARED_PREFIX_MIN:
-        shared = 0
-    cache = None
-    if shared:
-        prefix = torch.tensor([seqs[0][:shared]], device=device)
-        try:  # the prefix's logits are not needed
-            out = model(input_ids=prefix, use_cache=True, logits_to_keep=1)
-        except TypeError:  # a model class without logits_to_keep
-            out = model(input_ids=prefix, use_cache=True)
-        cache = _cache_of(out)
-        cache.batch_repeat_interleave(b)
-    rest = [x[shared:] for x in seqs]
-    lengths = torch.tensor([len(x) for x in rest])
-    longest = int(lengths.max())
-    ids = torch.full((b, longest), pad, dtype=torch.long)
-    mask = torch.zeros((b, shared + longest), dtype=torch.long)
-    mask[:, :shared] = 1
-    for i, x in enumerate(rest):
-        ids[i, : len(x)] = torch.tensor(x)
-        mask[i, shared : shared + len(x)] = 1
-    positions = (shared + torch.arange(longest)).expand(b, longest)
-    kwargs = {keyword: cache} if cache is not None else {}
-    out = model(
-        input_ids=ids.to(device),
-        attention_mask=mask.to(device),
-        position_ids=positions.to(device),
-        use_cache=k > 0,
-        **kwargs,
-    )
-    last = (lengths - 1).to(device)
-    first = out.logits[torch.arange(b, device=device), last].float().log_softmax(-1).cpu()
-    if not k:
-        return first, None
-    cache = _cache_of(out)
-    cache.batch_repeat_interleave(k)
-    cont = torch.full((k, width), pad, dtype=torch.long)
-    cont_mask = torch.zeros((k, width), dtype=torch.long)
-    for r, q in enumerate(paths):
-        cont[r, : len(q)] = torch.tensor(q)
-        cont_mask[r, : len(q)] = 1
-    full_mask = torch.cat([mask.repeat_interleave(k, 0), cont_mask.repeat(b, 1)], 1)
-    cont_positions = (shared + lengths).repeat_interleave(k)[:, None] + torch.arange(width)[None, :]
-    tail = model(
-        input_ids=cont.repeat(b, 1).to(device),
-        attention_mask=full_mask.to(device),
-        position_ids=cont_positions.to(device),
-        use_cache=False,
-        **{keyword: cache},
-    )
-    return first, tail.logits.float().log_softmax(-1).cpu()
-
-
-@torch.no_grad()
-def first_token_logprobs(model, tokenizer, prompts: list[str], batch_size: int = 8) -> torch.Tensor:
-    """`metrics.next_token_logprobs` with each batch's common prefix run once (prompt_pass)."""
-    from .prompts import chat_text
-
-    pad = tokenizer.pad_token_id or 0
-    seqs = [tokenizer(chat_text(tokenizer, p), add_special_tokens=False)["input_ids"] for p in prompts]
-    rows = [prompt_pass(model, seqs[i : i + batch_size], pad)[0] for i in range(0, len(seqs), batch_size)]
-    return torch.cat(rows) if rows else torch.empty(0)
 
 
 @torch.no_grad()
@@ -361,9 +250,9 @@ def label_accuracy(
     """Share of task prompts whose answer would open with the right label, the forward-pass proxy of task_accuracy:
     the right label's first tokens (log-sum-exp over its spellings) are more likely than every other label's *and*
     than any token that opens no label. Without the second condition a model that answers the prompt with something
-    else (a refusal, a restated question) still counted as right whenever the right label led the others: on the
-    demonstration pair the proxy passed `revert --fraction 1` at no accuracy loss where generation lost 43 points."""
-    logp = first_token_logprobs(model, tokenizer, prompts, batch_size)
+    else (a refusal, a restated question) still counted as right whenever the right label led the others, so a repair
+    that moved the answers away from the label words passed the proxy at no accuracy loss."""
+    logp = next_token_logprobs(model, tokenizer, prompts, batch_size)
     if not prompts:
         return 0.0
     scores = torch.stack([logp[:, ids].logsumexp(-1) for ids in label_tokens_], -1)
@@ -469,12 +358,12 @@ class Measurer:
         if getattr(self.ctx, "adapter", None) is None:
             names = [n for n in ckpt.tensors if n in ref.tensors]
             with applied(self.model, ckpt, Edit(lambda name, tensor: ref.read(name), touched=names)):
-                return first_token_logprobs(self.model, self.tokenizer, self.harmless, self.batch)
+                return next_token_logprobs(self.model, self.tokenizer, self.harmless, self.batch)
         from .model import load_model
 
         other = load_model(ref, self.ctx.device)
         try:
-            return first_token_logprobs(other, self.tokenizer, self.harmless, self.batch)
+            return next_token_logprobs(other, self.tokenizer, self.harmless, self.batch)
         finally:
             del other
 

@@ -6,6 +6,7 @@ import json
 import pytest
 import torch
 
+import surgery.metrics as metrics
 import surgery.search as search
 from cli.main import main
 from surgery.checkpoint import open_checkpoint
@@ -173,7 +174,7 @@ def test_refusal_probability_is_the_teacher_forced_probability_of_the_openings(t
     from surgery.prompts import chat_text
 
     # split: the batch's common prefix runs once and the rest on its cache (every length); else each prompt whole
-    monkeypatch.setattr(search, "SHARED_PREFIX_MIN", 1 if split else 10**9)
+    monkeypatch.setattr(metrics, "SHARED_PREFIX_MIN", 1 if split else 10**9)
     ctx = context(tiny_ckpt)
     model, tok = ctx.model(), ctx.tokenizer()
     openings = search.refusal_openings(tok)
@@ -190,12 +191,15 @@ def test_refusal_probability_is_the_teacher_forced_probability_of_the_openings(t
             want += float(sum(logp[len(ids) - 1 + j, t] for j, t in enumerate(o)).exp())
         assert got == pytest.approx(want, rel=1e-4)
     assert 0 < found[0] < 1
-    # the first-token distribution from the same pass is the one next_token_logprobs gives
-    from surgery.metrics import next_token_logprobs
-
+    # the first-token distribution from the same pass is each prompt's own, run alone
     again, first = search.refusal_probability(model, tok, prompts, batch_size=2, with_first=True)
     assert again == pytest.approx(found, rel=1e-6)
-    assert torch.allclose(first, next_token_logprobs(model, tok, prompts, batch_size=2), atol=1e-4)
+    for row, prompt in zip(first, prompts):
+        ids = tok(chat_text(tok, prompt), add_special_tokens=False)["input_ids"]
+        with torch.no_grad():
+            alone = model(input_ids=torch.tensor([ids])).logits[0, -1].float().log_softmax(-1)
+        assert torch.allclose(row, alone, atol=1e-4)
+    assert torch.allclose(first, metrics.next_token_logprobs(model, tok, prompts, batch_size=2), atol=1e-5)
 
 
 def test_opening_paths_cover_every_opening_with_the_fewest_paths():
@@ -440,7 +444,7 @@ def test_task_proxy_counts_an_answer_right_only_when_the_right_label_would_open_
             [0.05, 0.05, 0.05, 0.3, 0.25, 0.3],  # label 1 (0.3) ties the best other token: not more likely, wrong
         ]
     ).log()
-    monkeypatch.setattr(search, "first_token_logprobs", lambda *a, **k: rows)
+    monkeypatch.setattr(search, "next_token_logprobs", lambda *a, **k: rows)
     found = search.label_accuracy(None, None, ["a", "b", "c", "d"], [0, 0, 0, 1], [[1, 2], [3]])
     assert found == pytest.approx(0.25)
 
