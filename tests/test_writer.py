@@ -195,7 +195,7 @@ main(sys.argv[1:])
 """
 
 
-@pytest.mark.parametrize("at", ["check", "renamed"])
+@pytest.mark.parametrize("at", STEPS)
 def test_a_kill_at_a_step_leaves_no_output_or_a_true_one(tiny_ckpt, tmp_path, at):
     """SIGKILL (nothing can be cleaned up): before the rename no output exists; after it, the output is complete."""
     import os
@@ -203,6 +203,8 @@ def test_a_kill_at_a_step_leaves_no_output_or_a_true_one(tiny_ckpt, tmp_path, at
     import subprocess
     import sys
     from pathlib import Path
+
+    from surgery.checkpoint import sha256_file
 
     out = tmp_path / "work" / "out"
     out.parent.mkdir()
@@ -225,6 +227,8 @@ def test_a_kill_at_a_step_leaves_no_output_or_a_true_one(tiny_ckpt, tmp_path, at
         "0",
         "--max-kl",
         "1e-5",
+        "--search-steps",
+        "1",
     ]
     env = {**os.environ, "SURGERY_KILL_AT": at}
     run = subprocess.run(
@@ -235,13 +239,16 @@ def test_a_kill_at_a_step_leaves_no_output_or_a_true_one(tiny_ckpt, tmp_path, at
         text=True,
         timeout=300,
     )
-    assert run.returncode == -signal.SIGKILL, run.stderr
-    if at == "check":
+    assert run.returncode == -signal.SIGKILL, run.stderr  # the step was reached
+    if at != "renamed":
         assert not out.exists()  # a staged folder may remain (hidden, beside it), never a partial output
         assert all(p.name.startswith(".out.surgery-tmp-") for p in out.parent.iterdir())
         return
+    assert [p.name for p in out.parent.iterdir()] == ["out"]  # the staged folder became the output
     manifest = json.loads((out / MANIFEST_NAME).read_text())
-    assert manifest["failed"] and "check" in manifest and (out / "search.png").is_file()
+    assert manifest["failed"] and manifest["check"]["prompts"] > 0 and (out / "search.png").is_file()
+    assert manifest["report"]["search"]["chosen"] is not None
+    assert manifest["output_sha256"] == {"model.safetensors": sha256_file(out / "model.safetensors")}
 
 
 def test_the_method_report_is_serialised_once_after_the_write(searched_prune, tmp_path):
