@@ -322,8 +322,13 @@ class PreparedEdit(Prepared):
         }
         if self.options.centre:
             summary["centred_direction_norms"] = {str(k): v for k, v in sorted(plan.centred_norms.items())}
+
+        def report() -> dict:  # read once, after finish: the gate check's after-edit figures join it then
+            check = plan.gate_check
+            return summary if check is None else {**summary, "gate_check": check.to_json()}
+
         return Edit(
-            edit, touched=list(plan.rows), summary=summary, arguments={"probe": str(Path(self.options.probe).resolve())}
+            edit, touched=list(plan.rows), summary=report, arguments={"probe": str(Path(self.options.probe).resolve())}
         )
 
     def finish(self, edit: Edit) -> None:
@@ -344,7 +349,6 @@ class PreparedEdit(Prepared):
 
             self.ctx.progress("gate check after the edit")
             self.ctx.timed("gate_check", after)
-        edit.summary["gate_check"] = check.to_json()
 
 
 class ProbeEdit(Method):
