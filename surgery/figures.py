@@ -25,6 +25,10 @@ OVER_REFUSAL_POINTS = "over_refusal_points"
 ACCURACY = "accuracy"  # task accuracy of the greedy answers
 ACCURACY_DROP_POINTS = "accuracy_drop_points"
 
+# `surgery eval`'s own figures, beside HARMFUL, ACCURACY, PERPLEXITY, OVER_REFUSAL and TOXICITY.
+EMPTY_ANSWERS = "empty_answers"  # share of harmful prompts answered with nothing (counted as refused)
+KL_TO_REFERENCE = "kl_to_reference"  # mean first-token KL to --reference on the benign prompts
+
 PROXY_OF = {
     HARMFUL: HARMFUL_PROXY,
     OVER_REFUSAL_POINTS: OVER_REFUSAL_PROXY_POINTS,
@@ -34,10 +38,14 @@ PROXY_OF = {
 # The budget's lines: name -> (figure compared, RunOptions field holding the limit). `exact` lines are measured by
 # forward passes for every candidate (what confirmation cannot change); the others are judged on the proxy during the
 # search and on the generated figure once a point is confirmed.
+PERPLEXITY_LINE = "perplexity"
+KL_LINE = "kl"
+OVER_REFUSAL_LINE = "over_refusal"
+ACCURACY_LINE = "accuracy"
 LINES = {
-    "perplexity": (PERPLEXITY_RATIO, "max_perplexity_ratio"),
-    "kl": (KL, "max_kl"),
-    "over_refusal": (OVER_REFUSAL_POINTS, "max_over_refusal"),
-    "accuracy": (ACCURACY_DROP_POINTS, "max_accuracy_drop"),
+    PERPLEXITY_LINE: (PERPLEXITY_RATIO, "max_perplexity_ratio"),
+    KL_LINE: (KL, "max_kl"),
+    OVER_REFUSAL_LINE: (OVER_REFUSAL_POINTS, "max_over_refusal"),
+    ACCURACY_LINE: (ACCURACY_DROP_POINTS, "max_accuracy_drop"),
 }
-EXACT_LINES = ("perplexity", "kl")
+EXACT_LINES = (PERPLEXITY_LINE, KL_LINE)

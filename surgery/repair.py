@@ -47,7 +47,7 @@ def offers() -> dict[str, list[frozenset[str]]]:
     found: dict[str, list[frozenset[str]]] = {}
     combos = [frozenset(c) for size in range(len(INPUTS) + 1) for c in itertools.combinations(INPUTS, size)]
     for method in REGISTRY.values():
-        if method.repair_metric != "harmful_score":
+        if method.repair_metric != F.HARMFUL:
             continue
         for combo in combos:
             given = SimpleNamespace(
@@ -195,7 +195,7 @@ def candidates(options: RepairOptions) -> list[Candidate]:
     offered = [
         Candidate(label, name, opts)
         for name, method in REGISTRY.items()
-        if method.repair_metric == "harmful_score"
+        if method.repair_metric == F.HARMFUL
         for label, opts in method.repair_candidates(options)
     ]
     wanted = options.methods

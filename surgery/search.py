@@ -311,7 +311,7 @@ class Measurer:
         counts = {"harmless": len(self.harmless)}
         custom = self.prepared.repair_prompts() if self.prepared is not None else None
         if custom is not None:
-            counts[{"toxicity": "toxic"}.get(self.metric, self.metric)] = custom  # the method's own held-out set
+            counts[{F.TOXICITY: "toxic"}.get(self.metric, self.metric)] = custom  # the method's own held-out set
         elif self.metric == F.HARMFUL:
             counts["harmful"] = len(self.harmful)
         if self.task:
@@ -379,7 +379,9 @@ class Measurer:
             f[F.PERPLEXITY] = perplexity(self.model, self.tokenizer, self.harmless, batch_size=self.batch)
             f[F.PERPLEXITY_RATIO] = f[F.PERPLEXITY] / b[F.PERPLEXITY]
             if not f[F.PERPLEXITY_RATIO] <= run.max_perplexity_ratio:
-                point.breaks("perplexity", f"perplexity x{f[F.PERPLEXITY_RATIO]:.3g} > x{run.max_perplexity_ratio:g}")
+                point.breaks(
+                    F.PERPLEXITY_LINE, f"perplexity x{f[F.PERPLEXITY_RATIO]:.3g} > x{run.max_perplexity_ratio:g}"
+                )
         if stop and point.broken:
             return
         if F.KL not in f:  # the first-token distribution and the over-refusal proxy come from one pass
@@ -392,7 +394,7 @@ class Measurer:
                 f[F.KL] = min(f[F.KL_INPUT], f[F.KL_REFERENCE])
             if not f[F.KL] <= run.max_kl:
                 nearer = " (nearer of input and reference)" if F.KL_REFERENCE in f else ""
-                point.breaks("kl", f"KL{nearer} {f[F.KL]:.3g} > {run.max_kl:g}")
+                point.breaks(F.KL_LINE, f"KL{nearer} {f[F.KL]:.3g} > {run.max_kl:g}")
         if stop and point.broken:
             return
         if F.OVER_REFUSAL_PROXY_POINTS not in f:
@@ -403,7 +405,7 @@ class Measurer:
             f[F.OVER_REFUSAL_PROXY_POINTS] = 100 * (f[F.OVER_REFUSAL_PROXY] - b[F.OVER_REFUSAL_PROXY])
             if f[F.OVER_REFUSAL_PROXY_POINTS] > run.max_over_refusal:
                 point.breaks(
-                    "over_refusal",
+                    F.OVER_REFUSAL_LINE,
                     f"over-refusal proxy +{f[F.OVER_REFUSAL_PROXY_POINTS]:.1f} points > +{run.max_over_refusal:g}",
                 )
         if stop and point.broken:
@@ -413,7 +415,9 @@ class Measurer:
             f[F.ACCURACY_PROXY_DROP_POINTS] = 100 * (b[F.ACCURACY_PROXY] - f[F.ACCURACY_PROXY])
             limit = accuracy_limit(run, len(self.task[0]))
             if f[F.ACCURACY_PROXY_DROP_POINTS] > limit:
-                point.breaks("accuracy", f"accuracy proxy -{f[F.ACCURACY_PROXY_DROP_POINTS]:.1f} points > -{limit:.3g}")
+                point.breaks(
+                    F.ACCURACY_LINE, f"accuracy proxy -{f[F.ACCURACY_PROXY_DROP_POINTS]:.1f} points > -{limit:.3g}"
+                )
         if stop and point.broken:
             return
         if self.search_key not in f:
@@ -476,18 +480,18 @@ def judge(point: Point, run, task_items: int | None = None) -> None:
     accuracy_limit)."""
     lines = []
     for line, (key, limit_field) in F.LINES.items():
-        limit = accuracy_limit(run, task_items) if line == "accuracy" else getattr(run, limit_field)
+        limit = accuracy_limit(run, task_items) if line == F.ACCURACY_LINE else getattr(run, limit_field)
         value = point.figures.get(key, point.figures.get(F.PROXY_OF.get(key, key)))
-        if value is None or (line == "accuracy" and not run.task):
+        if value is None or (line == F.ACCURACY_LINE and not run.task):
             continue
-        if line == "perplexity" and not value <= limit:
+        if line == F.PERPLEXITY_LINE and not value <= limit:
             lines.append((line, f"perplexity x{value:.3g} > x{limit:g}"))
-        elif line == "kl" and not value <= limit:
+        elif line == F.KL_LINE and not value <= limit:
             nearer = " (nearer of input and reference)" if F.KL_REFERENCE in point.figures else ""
             lines.append((line, f"KL{nearer} {value:.3g} > {limit:g}"))
-        elif line == "over_refusal" and value > limit:
+        elif line == F.OVER_REFUSAL_LINE and value > limit:
             lines.append((line, f"over-refusal +{value:.1f} points > +{limit:g}"))
-        elif line == "accuracy" and value > limit:
+        elif line == F.ACCURACY_LINE and value > limit:
             lines.append((line, f"accuracy -{value:.1f} points > -{limit:.3g}"))
     point.lines, point.broken = [n for n, _ in lines], [m for _, m in lines]
 

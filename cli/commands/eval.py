@@ -8,6 +8,7 @@ from pathlib import Path
 import typer
 from rich.table import Table
 
+from surgery import figures as F
 from surgery.errors import SurgeryError
 from surgery.evaluate import EvalOptions, EvalReport, evaluate_checkpoint
 
@@ -16,26 +17,26 @@ from ..console import err, out, progress, summary
 
 # figure key -> (label, shown as a percentage?)
 FIGURES = {
-    "harmful_score": ("harmful score (not refused)", True),
-    "empty_answers": ("harmful prompts answered with nothing (counted as refused)", True),
-    "accuracy": ("task accuracy", True),
-    "perplexity": ("perplexity on benign text", False),
-    "kl_to_reference": ("first-token KL to reference", False),
-    "over_refusal": ("over-refusal (benign refused)", True),
-    "toxicity": ("toxicity rate", True),
+    F.HARMFUL: ("harmful score (not refused)", True),
+    F.EMPTY_ANSWERS: ("harmful prompts answered with nothing (counted as refused)", True),
+    F.ACCURACY: ("task accuracy", True),
+    F.PERPLEXITY: ("perplexity on benign text", False),
+    F.KL_TO_REFERENCE: ("first-token KL to reference", False),
+    F.OVER_REFUSAL: ("over-refusal (benign refused)", True),
+    F.TOXICITY: ("toxicity rate", True),
 }
 
 
 def show_report(report: EvalReport) -> None:
     table = Table("metric", "value", "prompts", title=f"evaluation of {report.model} (judge: {report.judge})")
     counts = {
-        "harmful_score": "harmful",
-        "empty_answers": "harmful",
-        "accuracy": "task",
-        "perplexity": "benign",
-        "kl_to_reference": "benign",
-        "over_refusal": "benign",
-        "toxicity": "toxic",
+        F.HARMFUL: "harmful",
+        F.EMPTY_ANSWERS: "harmful",
+        F.ACCURACY: "task",
+        F.PERPLEXITY: "benign",
+        F.KL_TO_REFERENCE: "benign",
+        F.OVER_REFUSAL: "benign",
+        F.TOXICITY: "toxic",
     }
     for key, value in report.figures.items():
         label, percent = FIGURES[key]
@@ -43,7 +44,7 @@ def show_report(report: EvalReport) -> None:
             label, f"{100 * value:.1f}%" if percent else f"{value:.4f}", str(report.counts.get(counts[key], ""))
         )
     out.print(table)
-    empty = report.figures.get("empty_answers", 0.0)
+    empty = report.figures.get(F.EMPTY_ANSWERS, 0.0)
     if empty > 0.25:
         out.print(
             f"warning: {100 * empty:.0f}% of harmful prompts got an empty answer, counted as refusals; a model that "

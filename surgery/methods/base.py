@@ -20,6 +20,7 @@ from typing import Any, Callable, ClassVar
 
 import torch
 
+from .. import figures as F
 from .. import options as schema
 from ..arch import not_itself, same_architecture
 from ..checkpoint import Checkpoint, open_checkpoint, refuse_nonfinite
@@ -98,7 +99,7 @@ class Method:
     Options: ClassVar[type]
     references: ClassVar[dict[str, str]] = {}  # options field -> what it must be (same architecture, not the model)
     strength: ClassVar[Strength | None] = None
-    repair_metric: ClassVar[str] = "harmful_score"  # or "toxicity": what the search lowers
+    repair_metric: ClassVar[str] = F.HARMFUL  # or F.TOXICITY: the figure the search lowers
     # With --adapter: "merge" (the method edits base + adapter merged, and writes a full checkpoint) or "adapter"
     # (it edits the adapter's own tensors and writes an adapter folder; --merge writes it merged).
     adapter_mode: ClassVar[str] = "merge"

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import torch
 
+from .. import figures as F
 from ..errors import SurgeryError
 from ..options import option
 from .base import Edit, Method, Prepared, Strength
@@ -400,7 +401,7 @@ class EigenShift(Method):
     strength = Strength(
         "alpha", low=0.0, high=0.95, stronger="lower", describe="the scale left on the damped components"
     )
-    repair_metric = "toxicity"
+    repair_metric = F.TOXICITY
 
     def search(self, ctx, prepared: PreparedShift, run):
         """`--alpha auto`: with k given (--k, --percentile), alpha at that k. Otherwise two stages on the same
