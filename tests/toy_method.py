@@ -38,7 +38,7 @@ class Scale(Method):
     manifest_id = "toy-scale"
     summary = "Toy: scale every residual-stream writer by (1 - factor)."
     Options = ScaleOptions
-    strength = Strength("factor", low=0.0, high=0.5, describe="share of each writer's output removed")
+    strength = Strength("factor", low=0.0, high=0.5)
     printer = None  # no cli/commands/scale.py: the command prints only the check line
 
     def prepare(self, ctx, options: ScaleOptions) -> PreparedScale:

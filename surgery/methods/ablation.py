@@ -454,9 +454,7 @@ class DirectionAblation(Method):
     paper = "Arditi et al. 2024, Refusal in language models is mediated by a single direction"
     Options = AblateOptions
     references = {"direction_from": "a checkpoint of the same architecture to read the direction off"}
-    strength = Strength(
-        "scale", low=0.05, high=4.0, log=True, describe="how much of the direction is removed (added with --reverse)"
-    )
+    strength = Strength("scale", low=0.05, high=4.0, log=True)
 
     def validate(self, options: AblateOptions) -> None:
         options.validate()

@@ -363,7 +363,7 @@ class Antidote(Method):
     paper = "Huang et al. 2024, Antidote, arXiv 2408.09600"
     Options = PruneOptions
     references = {"reference": "the checkpoint before the harmful fine-tuning"}
-    strength = Strength("ratio", low=1e-3, high=0.5, log=True, describe="share of each row selected")
+    strength = Strength("ratio", low=1e-3, high=0.5, log=True)
     adapter_mode = "adapter"  # the paper prunes the fine-tuning LoRA matrices, never the base
 
     def repair_candidates(self, given):

@@ -39,7 +39,6 @@ class Strength:
     log: bool = False  # search on a log scale (ratios spanning decades)
     stronger: str = "higher"  # "lower": a smaller value is the stronger repair (EigenShift's alpha)
     integer: bool = False  # candidates are whole numbers (SafeLoRA's count of projected layers)
-    describe: str = ""  # what a larger value does, for --help and the docs
 
 
 @dataclass

@@ -389,7 +389,7 @@ class ComponentsAt(Prepared):
         return self.prepared.repair_prompts()
 
 
-COMPONENTS = Strength("k", low=1, high=1, log=True, integer=True, describe="components removed (alpha 0)")
+COMPONENTS = Strength("k", low=1, high=1, log=True, integer=True)
 
 
 class EigenShift(Method):
@@ -398,9 +398,7 @@ class EigenShift(Method):
     summary = "EigenShift: SVD the output head and damp the components toxic generations load on."
     paper = "EigenShift (Redefining Experts), arXiv 2509.16660"
     Options = EigenShiftOptions
-    strength = Strength(
-        "alpha", low=0.0, high=0.95, stronger="lower", describe="the scale left on the damped components"
-    )
+    strength = Strength("alpha", low=0.0, high=0.95, stronger="lower")
     repair_metric = F.TOXICITY
 
     def search(self, ctx, prepared: PreparedShift, run):

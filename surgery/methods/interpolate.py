@@ -112,7 +112,7 @@ class Interpolate(Method):
     Options = InterpolateOptions
     references = REFERENCE
     # 0 is no repair (the fine-tune), so it is not searched; 1 is the reference itself.
-    strength = Strength("alpha", low=0.05, high=1.0, describe="share of the fine-tune delta taken back")
+    strength = Strength("alpha", low=0.05, high=1.0)
 
     def repair_candidates(self, given):
         """With `surgery repair --reference ALIGNED`: the baseline every delta method must beat."""

@@ -357,7 +357,7 @@ class ProbeEdit(Method):
     summary = "Model Surgery: move the gate rows most opposed to a probe's undesired direction along it."
     paper = "Wang et al. 2024, Model Surgery, arXiv 2407.08770"
     Options = EditOptions
-    strength = Strength("alpha", low=0.05, high=2.0, log=True, describe="how far each selected row moves along w")
+    strength = Strength("alpha", low=0.05, high=2.0, log=True)
 
     def repair_candidates(self, given):
         if given.probe is None:

@@ -155,7 +155,7 @@ class Resta(Method):
     references = PAIR
     # Log scale: a useful beta spans decades (a weak un-alignment vector wants > 1, a full base-to-instruct vector often
     # much less than the paper's 1, whose perplexity cost can exceed the budget). 0 is no repair, so it is not searched.
-    strength = Strength("beta", low=0.05, high=2.0, log=True, describe="multiple of the safety vector added")
+    strength = Strength("beta", low=0.05, high=2.0, log=True)
 
     def repair_candidates(self, given):
         """With `surgery repair --reference ALIGNED --unaligned BASE`: this method joins the candidates."""

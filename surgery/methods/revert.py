@@ -194,9 +194,7 @@ class SignConflictRevert(Method):
     Options = RevertOptions
     references = PAIR
     # Log scale from 1% of each tensor's conflicts to all of them: the high-score end carries most of the effect.
-    strength = Strength(
-        "fraction", low=0.01, high=1.0, log=True, describe="share of each tensor's conflicting entries reverted"
-    )
+    strength = Strength("fraction", low=0.01, high=1.0, log=True)
 
     def repair_candidates(self, given):
         """With `surgery repair --reference ALIGNED --unaligned BASE`: this method joins the candidates."""

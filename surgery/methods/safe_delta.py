@@ -377,14 +377,7 @@ class SafeDelta(Method):
     references = REFERENCE
     # A larger budget keeps more of the fine-tune (a weaker repair); on a log scale, as the useful s spans decades
     # with the size of the delta. 0 (the aligned model) is not searched.
-    strength = Strength(
-        "budget",
-        low=0.001,
-        high=100.0,
-        log=True,
-        stronger="lower",
-        describe="safety budget: the larger, the more of the fine-tune delta is kept",
-    )
+    strength = Strength("budget", low=0.001, high=100.0, log=True, stronger="lower")
 
     def repair_candidates(self, given):
         """With `surgery repair --reference ALIGNED`."""

@@ -129,7 +129,7 @@ class SafeLora(Method):
     paper = "Hsu et al. 2024, Safe LoRA, arXiv 2405.16833"
     Options = SafeLoraOptions
     references = PAIR
-    strength = Strength("layers", low=1, high=10, integer=True, describe="LoRA targets projected")
+    strength = Strength("layers", low=1, high=10, integer=True)
     adapter_mode = "adapter"
     may_be_the_model = frozenset({"aligned"})  # the adapter is usually trained on the aligned model: MODEL = --aligned
 
