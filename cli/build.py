@@ -13,7 +13,7 @@ import typer
 
 from surgery.errors import SurgeryError
 from surgery.methods import Method, RunOptions, run_repair
-from surgery.options import field_types, schema
+from surgery.options import field_types, option_fields
 
 from .console import err, out, progress, summary
 
@@ -34,7 +34,7 @@ def parameters(cls) -> list[inspect.Parameter]:
     """One keyword parameter per schema field of `cls`, its default a typer.Option carrying flag and help."""
     hints = field_types(cls)
     params = []
-    for f in schema(cls):
+    for f in option_fields(cls):
         meta = f.metadata
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
         if meta.get("strength") and default is not None:
@@ -60,7 +60,7 @@ def parameters(cls) -> list[inspect.Parameter]:
 def build_options(cls, values: dict[str, Any]):
     """An options object from the command's keyword values (glob lists split on commas)."""
     kwargs = {}
-    for f in schema(cls):
+    for f in option_fields(cls):
         if f.name not in values:  # a field the command does not offer keeps its default
             continue
         value = values.pop(f.name)
@@ -89,7 +89,7 @@ def positional(name: str, help: str, annotation=Path) -> inspect.Parameter:
     )
 
 
-def repair_command(method: Method, show: Callable, show_plan: Callable | None = None) -> Callable:
+def method_command(method: Method, show: Callable, show_plan: Callable | None = None) -> Callable:
     """The `surgery METHOD` command: MODEL, -o OUTPUT, the method's options, then the shared RunOptions."""
     output = inspect.Parameter(
         "output",

@@ -8,11 +8,11 @@ import sys
 from surgery.methods import REGISTRY
 
 from .app import app
-from .build import repair_command
+from .build import method_command
 from .commands.eval import eval_command
 from .commands.import_gguf import import_gguf_command
 from .commands.probe_train import probe_train_command
-from .commands.repair import repair_command as repair_all_command
+from .commands.repair import repair_command
 from .errors import exit_code
 
 
@@ -28,12 +28,12 @@ def printers(method) -> tuple:
 def register_command(target, method) -> None:
     """Give a registered method its command on `target`, generated from its options schema, printed by its printer."""
     show, plan = printers(method)
-    target.command(method.name, help=method.summary)(repair_command(method, show, plan))
+    target.command(method.name, help=method.summary)(method_command(method, show, plan))
 
 
 for _method in REGISTRY.values():
     register_command(app, _method)
-app.command("repair")(repair_all_command)
+app.command("repair")(repair_command)
 app.command("probe-train")(probe_train_command)
 app.command("eval")(eval_command)
 app.command("import-gguf")(import_gguf_command)

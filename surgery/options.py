@@ -74,7 +74,7 @@ def flag_of(f: dataclasses.Field) -> str:
     return spelled.split("/")[0] if spelled else "--" + f.name.replace("_", "-")
 
 
-def schema(cls) -> list[dataclasses.Field]:
+def option_fields(cls) -> list[dataclasses.Field]:
     """The fields of an options class that carry a command-line description, in declaration order."""
     return [f for f in dataclasses.fields(cls) if "help" in f.metadata]
 
@@ -102,7 +102,7 @@ def parse_strength(f: dataclasses.Field, value: Any) -> float | str | None:
 
 def validate_fields(options) -> None:
     """Every rule the schema declares, checked before any model is loaded (first failure raised)."""
-    for f in schema(type(options)):
+    for f in option_fields(type(options)):
         value = getattr(options, f.name)
         if value is None:
             continue

@@ -12,7 +12,7 @@ from cli.commands.eval import eval_command
 from cli.commands.probe_train import probe_train_command
 from surgery.evaluate import EvalOptions
 from surgery.methods import REGISTRY, RunOptions
-from surgery.options import schema
+from surgery.options import option_fields
 from surgery.probes.probe_train import ProbeOptions
 
 
@@ -43,7 +43,7 @@ def test_generated_commands_carry_each_schema_field_once(name):
     method = REGISTRY[name]
     names = [p.name for p in parameters(method.Options)] + [p.name for p in parameters(RunOptions)]
     assert len(names) == len(set(names)), "an option is declared by both the method and the shared run options"
-    assert names == [f.name for f in schema(method.Options)] + [f.name for f in schema(RunOptions)]
+    assert names == [f.name for f in option_fields(method.Options)] + [f.name for f in option_fields(RunOptions)]
     for p in parameters(method.Options):
-        field = next(f for f in schema(method.Options) if f.name == p.name)
+        field = next(f for f in option_fields(method.Options) if f.name == p.name)
         assert p.default.help == field.metadata["help"]

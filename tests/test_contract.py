@@ -18,11 +18,11 @@ import pytest
 import torch
 
 from cli.app import app
-from cli.build import repair_command
+from cli.build import method_command
 from cli.main import register_command
 from surgery.checkpoint import MANIFEST_NAME, PICKLE_SUFFIXES, open_checkpoint
 from surgery.methods import REGISTRY, RunOptions, register
-from surgery.options import flag_of, schema
+from surgery.options import flag_of, option_fields
 from surgery.testing.tiny import save_tiny_checkpoint
 
 from .conftest import cli, folder_hashes
@@ -239,7 +239,7 @@ def weight_files(folder: Path) -> list[Path]:
 def given(method, args: list[str]) -> tuple[dict, dict]:
     """What the command line set: (method option -> text, RunOptions option -> text); switches as True/False."""
     found: tuple[dict, dict] = ({}, {})
-    for fields, into in ((schema(method.Options), found[0]), (schema(RunOptions), found[1])):
+    for fields, into in ((option_fields(method.Options), found[0]), (option_fields(RunOptions), found[1])):
         for f in fields:
             spelled = (f.metadata["flag"] or flag_of(f)).split("/")
             for i, arg in enumerate(args):
@@ -265,8 +265,8 @@ def assert_manifest(method, model: Path, out: Path, args: list[str]) -> dict:
     manifest = json.loads((out / MANIFEST_NAME).read_text())
     assert manifest["method"] == method.manifest_id
     arguments = manifest["arguments"]
-    assert not [f.name for f in schema(method.Options) if f.name not in arguments], arguments
-    assert not [f.name for f in schema(RunOptions) if f.name not in arguments["run"]], arguments["run"]
+    assert not [f.name for f in option_fields(method.Options) if f.name not in arguments], arguments
+    assert not [f.name for f in option_fields(RunOptions) if f.name not in arguments["run"]], arguments["run"]
     options, run = given(method, args)
     for recorded, values in ((arguments, options), (arguments["run"], run)):
         for name, text in values.items():
@@ -340,7 +340,7 @@ def test_existing_output_is_refused_before_any_model_is_loaded(method, tmp_path,
 INSIDE = [
     (name, flag)
     for name, m in CONTRACT.items()
-    for flag in ["MODEL", *(flag_of(f) for f in schema(m.Options) if f.metadata["folder"])]
+    for flag in ["MODEL", *(flag_of(f) for f in option_fields(m.Options) if f.metadata["folder"])]
 ]
 
 
@@ -413,7 +413,7 @@ def violations(f) -> list[str]:
 BAD = [
     (name, flag_of(f), value)
     for name, m in CONTRACT.items()
-    for f in [*schema(m.Options), *schema(RunOptions)]
+    for f in [*option_fields(m.Options), *option_fields(RunOptions)]
     for value in violations(f)
 ]
 BAD += [
@@ -440,7 +440,7 @@ def test_toy_command_comes_from_its_schema():
     from typer.testing import CliRunner
 
     fresh = typer.Typer()
-    fresh.command(TOY.name)(repair_command(TOY, lambda result, options: None))
+    fresh.command(TOY.name)(method_command(TOY, lambda result, options: None))
     result = CliRunner().invoke(fresh, ["--help"], env={"COLUMNS": "200"})
     assert result.exit_code == 0, result.output
     for text in ("--factor", "W <- (1 - FACTOR) W", "0.1", "--allow-pickle", "--max-perplexity-ratio", "--dry-run"):

@@ -382,7 +382,7 @@ def input_paths(options) -> list[Path]:
     """Every file and folder the options name (references, probes, data): the output may overlap none of them."""
     return [
         Path(getattr(options, f.name))
-        for f in schema.schema(type(options))
+        for f in schema.option_fields(type(options))
         if (f.metadata.get("file") or f.metadata.get("folder")) and getattr(options, f.name)
     ]
 
