@@ -144,17 +144,20 @@ def refusal_judge(spec: str = "keywords") -> RefusalJudge:
     """`keywords`, or `classifier:PATH[@LABEL]`."""
     if spec == "keywords":
         return KeywordJudge()
-    if spec.startswith("classifier:"):
-        path, _, label = spec[len("classifier:") :].partition("@")
-        return ClassifierJudge(path, label or None)
-    raise SurgeryError(f"unknown judge '{spec}': use keywords or classifier:PATH[@LABEL]")
+    return classifier_judge(spec, "judge", "keywords")
 
 
 def toxicity_judge(spec: str = "profanity") -> ToxicityJudge:
     """`profanity` (alt-profanity-check), or `classifier:PATH[@LABEL]`."""
     if spec == "profanity":
         return ProfanityJudge()
-    if spec.startswith("classifier:"):
-        path, _, label = spec[len("classifier:") :].partition("@")
-        return ClassifierJudge(path, label or None)
-    raise SurgeryError(f"unknown toxicity judge '{spec}': use profanity or classifier:PATH[@LABEL]")
+    return classifier_judge(spec, "toxicity judge", "profanity")
+
+
+def classifier_judge(spec: str, kind: str, builtin: str) -> ClassifierJudge:
+    """`classifier:PATH[@LABEL]` (LABEL: the class meaning harmful or toxic); any other spec is refused, naming the
+    `kind` of judge and its `builtin` alternative."""
+    if not spec.startswith("classifier:"):
+        raise SurgeryError(f"unknown {kind} '{spec}': use {builtin} or classifier:PATH[@LABEL]")
+    path, _, label = spec.removeprefix("classifier:").partition("@")
+    return ClassifierJudge(path, label or None)
