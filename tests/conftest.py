@@ -1,9 +1,16 @@
 import hashlib
+import json
+import shutil
 from pathlib import Path
 
 import pytest
 import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 
+from surgery.checkpoint import open_checkpoint
+from surgery.model import load_model
+from surgery.probes.artifact import Probe, ProbeMeta, save_probe
 from surgery.testing.tiny import save_tiny_checkpoint
 
 
@@ -58,3 +65,86 @@ def cli(args, capsys) -> tuple[int, str, str]:
         code = e.code
     captured = capsys.readouterr()
     return code, captured.out, captured.err
+
+
+# ---- inputs several test modules build: LoRA adapters, probes, checkpoints derived from a model ------------------
+
+LORA_TARGETS = ["q_proj", "v_proj", "down_proj"]
+LORA_RANK, LORA_ALPHA = 4, 8
+
+
+def file_adapter(base: Path, out: Path, targets=LORA_TARGETS, seed: int = 0, scale: float = 0.05) -> Path:
+    """A peft LoRA folder written at the file level (no model is loaded: the contract suite counts loads), with
+    the minimal adapter_config.json peft reads."""
+    ckpt = open_checkpoint(base)
+    g = torch.Generator().manual_seed(seed)
+    tensors = {}
+    for name, info in sorted(ckpt.tensors.items()):
+        module = name[: -len(".weight")]
+        if name.endswith(".weight") and module.rsplit(".", 1)[-1] in targets:
+            rows, cols = info.shape
+            tensors[f"base_model.model.{module}.lora_A.weight"] = torch.randn(LORA_RANK, cols, generator=g) * scale
+            tensors[f"base_model.model.{module}.lora_B.weight"] = torch.randn(rows, LORA_RANK, generator=g) * scale
+    out.mkdir(parents=True)
+    save_file(tensors, out / "adapter_model.safetensors", {"format": "pt"})
+    config = {
+        "peft_type": "LORA",
+        "r": LORA_RANK,
+        "lora_alpha": LORA_ALPHA,
+        "target_modules": list(targets),
+        "lora_dropout": 0.0,
+        "bias": "none",
+        "task_type": "CAUSAL_LM",
+        "base_model_name_or_path": str(base),
+    }
+    (out / "adapter_config.json").write_text(json.dumps(config, indent=2))
+    return out
+
+
+def merged_checkpoint(base: Path, adapter: Path, out: Path) -> Path:
+    """base + adapter merged by peft and saved as a plain checkpoint folder (tokenizer and config copied)."""
+    from peft import PeftModel
+
+    model = PeftModel.from_pretrained(
+        load_model(open_checkpoint(base), torch.device("cpu")), str(adapter)
+    ).merge_and_unload()
+    shutil.copytree(base, out)
+    state = {k: v.contiguous() for k, v in model.state_dict().items() if k in open_checkpoint(base).tensors}
+    save_file(state, out / "model.safetensors", {"format": "pt"})
+    return out
+
+
+def make_probe(ckpt_path, folder, seed=0, hidden=None):
+    """A probe artifact with a random undesired row, stamped with the checkpoint's fingerprint."""
+    ckpt = open_checkpoint(ckpt_path)
+    hidden = hidden or ckpt.config["hidden_size"]
+    w = torch.randn(hidden, generator=torch.Generator().manual_seed(seed))
+    meta = ProbeMeta(
+        fingerprint=ckpt.fingerprint(),
+        model=str(ckpt_path),
+        layer=ckpt.config["num_hidden_layers"],
+        num_layers=ckpt.config["num_hidden_layers"],
+        hidden_size=hidden,
+        pooling="mean",
+        chat=False,
+        labels=["non-toxic", "toxic"],
+    )
+    save_probe(Probe(torch.stack([torch.zeros(hidden), w]), torch.tensor([0.0, 0.3]), meta), folder)
+    return w
+
+
+def derived_checkpoint(source: Path, dest: Path, seed: int, scale: float) -> Path:
+    """A copy of a checkpoint folder (any layout, dtype, tying) with seeded noise on every floating tensor, made at the
+    file level so that no model is loaded (the contract suite counts loads)."""
+    shutil.copytree(source, dest)
+    generator = torch.Generator().manual_seed(seed)
+    for shard in sorted(dest.glob("*.safetensors")):
+        with safe_open(str(shard), framework="pt") as f:
+            metadata = f.metadata()
+        tensors = load_file(shard)
+        for name in sorted(tensors):
+            t = tensors[name]
+            if t.is_floating_point():
+                tensors[name] = (t.float() + torch.randn(t.shape, generator=generator) * scale).to(t.dtype)
+        save_file(tensors, shard, metadata=metadata)
+    return dest

@@ -21,7 +21,7 @@ from surgery.methods.ablation import (
 )
 from surgery.testing.tiny import save_tiny_checkpoint, tiny_llama
 
-from .conftest import folder_hashes
+from .conftest import cli, folder_hashes
 
 
 @pytest.fixture
@@ -239,12 +239,6 @@ def test_behaviour_skips_layers_whose_edit_breaks_the_model(tmp_path, prompt_fil
     assert not (tmp_path / "none").exists()
 
 
-def run_cli(argv, capsys):
-    with pytest.raises(SystemExit) as e:
-        main(argv)
-    return e.value.code, capsys.readouterr()
-
-
 @pytest.mark.parametrize(
     "extra, message",
     [
@@ -261,11 +255,11 @@ def run_cli(argv, capsys):
 def test_cli_errors_are_one_line_and_write_nothing(tiny_ckpt, tmp_path, prompt_files, capsys, extra, message):
     harmful, harmless = prompt_files
     out = tmp_path / "out"
-    code, cap = run_cli(
+    code, _, err = cli(
         ["ablate", str(tiny_ckpt), "--harmful", str(harmful), "--harmless", str(harmless), "-o", str(out), *extra],
         capsys,
     )
-    assert code == 2 and message in cap.err and len(cap.err.strip().splitlines()) == 1
+    assert code == 2 and message in err and len(err.strip().splitlines()) == 1
     assert not out.exists() and not list(tmp_path.glob(".out*"))
 
 
@@ -285,8 +279,8 @@ def test_cli_ablates_and_refuses_existing_output(tiny_ckpt, tmp_path, prompt_fil
     ]
     main(argv)
     assert "ablated the direction from layer 1 in 4 matrices" in capsys.readouterr().out
-    code, cap = run_cli(argv, capsys)
-    assert code == 2 and "already exists" in cap.err
+    code, _, err = cli(argv, capsys)
+    assert code == 2 and "already exists" in err
 
 
 def test_direction_from_another_checkpoint_is_read_there_and_applied_here(tiny_ckpt, tmp_path, prompt_files):
@@ -326,7 +320,7 @@ def test_direction_from_with_behaviour_judges_the_model_being_edited(tmp_path, p
 def test_direction_from_a_model_of_another_width_is_refused(tiny_ckpt, tmp_path, prompt_files, capsys):
     wide = save_tiny_checkpoint(tmp_path / "wide", model=tiny_llama(hidden=48))
     harmful, harmless = prompt_files
-    code, cap = run_cli(
+    code, _, err = cli(
         [
             "ablate",
             str(tiny_ckpt),
@@ -341,11 +335,11 @@ def test_direction_from_a_model_of_another_width_is_refused(tiny_ckpt, tmp_path,
         ],
         capsys,
     )
-    assert code == 2 and "has hidden_size 48" in cap.err and len(cap.err.strip().splitlines()) == 1
+    assert code == 2 and "has hidden_size 48" in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "out").exists()
     plain = tmp_path / "plain"
     plain.mkdir()
-    code, cap = run_cli(
+    code, _, err = cli(
         [
             "ablate",
             str(tiny_ckpt),
@@ -360,5 +354,5 @@ def test_direction_from_a_model_of_another_width_is_refused(tiny_ckpt, tmp_path,
         ],
         capsys,
     )  # a folder, not a checkpoint
-    assert code == 2 and "--direction-from: " in cap.err and len(cap.err.strip().splitlines()) == 1
+    assert code == 2 and "--direction-from: " in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "out").exists()

@@ -12,21 +12,32 @@ from safetensors.torch import load_file, save_file
 
 from surgery.checkpoint import open_checkpoint
 from surgery.model import load_model
-from tests.conftest import cli, folder_hashes
-
-TARGETS = ["q_proj", "v_proj", "down_proj"]
-RANK, ALPHA = 4, 8
+from tests.conftest import (
+    LORA_ALPHA,
+    LORA_RANK,
+    LORA_TARGETS,
+    cli,
+    derived_checkpoint,
+    folder_hashes,
+    merged_checkpoint,
+)
 
 
 def make_adapter(
-    base: Path, out: Path, targets=TARGETS, modules_to_save=None, seed: int = 0, scale: float = 0.3
+    base: Path, out: Path, targets=LORA_TARGETS, modules_to_save=None, seed: int = 0, scale: float = 0.3
 ) -> Path:
     from peft import LoraConfig, get_peft_model
 
     model = load_model(open_checkpoint(base), torch.device("cpu"))
     wrapped = get_peft_model(
         model,
-        LoraConfig(r=RANK, lora_alpha=ALPHA, target_modules=targets, lora_dropout=0.0, modules_to_save=modules_to_save),
+        LoraConfig(
+            r=LORA_RANK,
+            lora_alpha=LORA_ALPHA,
+            target_modules=targets,
+            lora_dropout=0.0,
+            modules_to_save=modules_to_save,
+        ),
     )
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
@@ -34,34 +45,6 @@ def make_adapter(
             if p.requires_grad:
                 p.add_(torch.randn(p.shape, generator=g) * scale)
     wrapped.save_pretrained(out)
-    return out
-
-
-def file_adapter(base: Path, out: Path, targets=TARGETS, seed: int = 0, scale: float = 0.05) -> Path:
-    """A peft LoRA folder written at the file level (no model is loaded: the contract suite counts loads), with
-    the minimal adapter_config.json peft reads."""
-    ckpt = open_checkpoint(base)
-    g = torch.Generator().manual_seed(seed)
-    tensors = {}
-    for name, info in sorted(ckpt.tensors.items()):
-        module = name[: -len(".weight")]
-        if name.endswith(".weight") and module.rsplit(".", 1)[-1] in targets:
-            rows, cols = info.shape
-            tensors[f"base_model.model.{module}.lora_A.weight"] = torch.randn(RANK, cols, generator=g) * scale
-            tensors[f"base_model.model.{module}.lora_B.weight"] = torch.randn(rows, RANK, generator=g) * scale
-    out.mkdir(parents=True)
-    save_file(tensors, out / "adapter_model.safetensors", {"format": "pt"})
-    config = {
-        "peft_type": "LORA",
-        "r": RANK,
-        "lora_alpha": ALPHA,
-        "target_modules": list(targets),
-        "lora_dropout": 0.0,
-        "bias": "none",
-        "task_type": "CAUSAL_LM",
-        "base_model_name_or_path": str(base),
-    }
-    (out / "adapter_config.json").write_text(json.dumps(config, indent=2))
     return out
 
 
@@ -88,7 +71,7 @@ def by_hand(base: Path, adapter: dict[str, torch.Tensor]):
             if ".lora_A." in name:
                 module = name[len("base_model.model.") : -len(".lora_A.weight")]
                 b = adapter[name.replace("lora_A", "lora_B")]
-                params[f"{module}.weight"].add_((ALPHA / RANK) * b @ a)
+                params[f"{module}.weight"].add_((LORA_ALPHA / LORA_RANK) * b @ a)
     return model
 
 
@@ -107,7 +90,7 @@ def test_prune_removes_the_papers_count_from_every_row_of_every_lora_matrix(
         load_file(adapter / "adapter_model.safetensors"),
         load_file(tmp_path / "out" / "adapter_model.safetensors"),
     )
-    assert set(new) == set(old) and len([n for n in new if ".lora_" in n]) == 2 * len(TARGETS) * 2
+    assert set(new) == set(old) and len([n for n in new if ".lora_" in n]) == 2 * len(LORA_TARGETS) * 2
     for name, tensor in new.items():
         assert tensor.dtype == old[name].dtype and tensor.shape == old[name].shape
         removed = (tensor != old[name]).sum(dim=1)
@@ -154,7 +137,7 @@ def test_wanda_statistic_of_lora_b_is_the_norm_of_a_times_x(family, harmful_file
     x = torch.cat(inputs)  # every calibration token's layer input (the input of lora_A)
     assert torch.allclose(prepared.norm_of(f"{module}.lora_A.default"), x.norm(dim=0), rtol=1e-5)
     direct = (x @ a.weight.detach().T).norm(dim=0)  # ‖A·x‖ per rank component, computed directly
-    assert direct.shape == (RANK,)
+    assert direct.shape == (LORA_RANK,)
     assert torch.allclose(prepared.norm_of(f"{module}.lora_B.default"), direct, rtol=1e-5)
 
 
@@ -298,14 +281,14 @@ def _corrupt(adapter: Path) -> None:
 def _other_base(adapter: Path) -> None:
     tensors = load_file(adapter / "adapter_model.safetensors")
     name = next(n for n in tensors if "q_proj.lora_A" in n)
-    tensors[name] = torch.zeros(RANK, 48)  # trained on a base with hidden size 48
+    tensors[name] = torch.zeros(LORA_RANK, 48)  # trained on a base with hidden size 48
     save_file(tensors, adapter / "adapter_model.safetensors", {"format": "pt"})
 
 
 def _unknown_target(adapter: Path) -> None:
     tensors = load_file(adapter / "adapter_model.safetensors")
-    tensors["base_model.model.model.layers.0.self_attn.rotary.lora_A.weight"] = torch.zeros(RANK, 32)
-    tensors["base_model.model.model.layers.0.self_attn.rotary.lora_B.weight"] = torch.zeros(32, RANK)
+    tensors["base_model.model.model.layers.0.self_attn.rotary.lora_A.weight"] = torch.zeros(LORA_RANK, 32)
+    tensors["base_model.model.model.layers.0.self_attn.rotary.lora_B.weight"] = torch.zeros(32, LORA_RANK)
     save_file(tensors, adapter / "adapter_model.safetensors", {"format": "pt"})
 
 
@@ -385,19 +368,6 @@ def test_the_output_may_not_be_inside_the_adapter(family, capsys):
 # ---- every other command on base + adapter (merged in memory) -----------------------------------------------------
 
 
-def merged_checkpoint(base: Path, adapter: Path, out: Path) -> Path:
-    """base + adapter merged by peft and saved as a plain checkpoint folder (tokenizer and config copied)."""
-    from peft import PeftModel
-
-    model = PeftModel.from_pretrained(
-        load_model(open_checkpoint(base), torch.device("cpu")), str(adapter)
-    ).merge_and_unload()
-    shutil.copytree(base, out)
-    state = {k: v.contiguous() for k, v in model.state_dict().items() if k in open_checkpoint(base).tensors}
-    save_file(state, out / "model.safetensors", {"format": "pt"})
-    return out
-
-
 def test_ablate_on_an_adapter_equals_ablate_on_the_merged_checkpoint(family, tmp_path, capsys):
     base, adapter = family
     merged = merged_checkpoint(base, adapter, tmp_path / "merged")
@@ -439,13 +409,11 @@ def test_the_merged_view_reads_what_peft_merge_writes(family, tmp_path):
     for name, tensor in merged.items():
         assert torch.equal(view.read(name), tensor), name
         changed += not torch.equal(tensor, open_checkpoint(base).read(name))
-    assert changed == 2 * len(TARGETS)  # every target of both layers, nothing else
+    assert changed == 2 * len(LORA_TARGETS)  # every target of both layers, nothing else
 
 
 def test_with_an_adapter_the_base_itself_may_be_the_aligned_reference(family, tmp_path, capsys):
     """base + adapter is the fine-tune, so the base folder is the model before it: resta's --aligned may be MODEL."""
-    from .test_safety_vector import derived_checkpoint
-
     base, adapter = family
     unaligned = derived_checkpoint(base, tmp_path / "unaligned", seed=3, scale=0.01)
     merged = merged_checkpoint(base, adapter, tmp_path / "merged")

@@ -25,10 +25,7 @@ from surgery.methods import REGISTRY, RunOptions, register
 from surgery.options import flag_of, option_fields
 from surgery.testing.tiny import save_tiny_checkpoint
 
-from .conftest import cli, folder_hashes
-from .test_adapter import file_adapter, merged_checkpoint
-from .test_probe_edit import make_probe
-from .test_safety_vector import derived_checkpoint, pair_args
+from .conftest import cli, derived_checkpoint, file_adapter, folder_hashes, make_probe, merged_checkpoint
 from .toy_method import Scale
 
 TOY = Scale()
@@ -53,6 +50,13 @@ class VowelJudge:
 def probe(model: Path, inputs: Path) -> Path:
     make_probe(model, inputs / "probe")
     return inputs / "probe"
+
+
+def pair_args(model: Path, inputs: Path) -> list:
+    """--aligned/--unaligned for a contract run: two checkpoints of the model's own layout (it is the fine-tune)."""
+    aligned = derived_checkpoint(model, inputs / "aligned", seed=11, scale=0.005)
+    unaligned = derived_checkpoint(aligned, inputs / "unaligned", seed=12, scale=0.005)
+    return ["--aligned", aligned, "--unaligned", unaligned]
 
 
 def eigenshift_args(model: Path, inputs: Path, monkeypatch) -> list:

@@ -23,7 +23,7 @@ from surgery.metrics import tph
 from surgery.states import collect_states, continue_prompts, toxic_steps, toxic_words
 from surgery.testing.tiny import char_tokenizer, tiny_llama
 
-from .conftest import folder_hashes
+from .conftest import cli, folder_hashes
 
 PROMPTS = ["why is the sky", "what a day", "hello there", "one two three", "the cat sat on", "abc"]
 
@@ -238,12 +238,6 @@ def test_states_file_is_reused_and_checked(make_ckpt, tmp_path, prompts_file, le
     assert not (tmp_path / "c").exists()
 
 
-def run_cli(args, capsys):
-    with pytest.raises(SystemExit) as e:
-        main(args)
-    return e.value.code, capsys.readouterr().err.strip()
-
-
 @pytest.mark.parametrize(
     "extra, message",
     [
@@ -256,7 +250,7 @@ def run_cli(args, capsys):
 )
 def test_cli_errors_are_one_line(tiny_ckpt, tmp_path, prompts_file, capsys, extra, message):
     out = tmp_path / "out"
-    code, err = run_cli(["eigenshift", str(tiny_ckpt), "--prompts", str(prompts_file), "-o", str(out), *extra], capsys)
+    code, _, err = cli(["eigenshift", str(tiny_ckpt), "--prompts", str(prompts_file), "-o", str(out), *extra], capsys)
     assert code == 2 and message in err and len(err.splitlines()) == 1
     assert not out.exists()
 
@@ -264,14 +258,14 @@ def test_cli_errors_are_one_line(tiny_ckpt, tmp_path, prompts_file, capsys, extr
 def test_cli_empty_prompts_file(tiny_ckpt, tmp_path, capsys):
     empty = tmp_path / "empty.txt"
     empty.write_text("\n\n")
-    code, err = run_cli(["eigenshift", str(tiny_ckpt), "--prompts", str(empty), "-o", str(tmp_path / "out")], capsys)
+    code, _, err = cli(["eigenshift", str(tiny_ckpt), "--prompts", str(empty), "-o", str(tmp_path / "out")], capsys)
     assert code == 2 and "holds no prompts" in err and len(err.splitlines()) == 1
     assert not (tmp_path / "out").exists()
 
 
 def test_cli_no_toxic_continuation_is_one_line(tiny_ckpt, tmp_path, prompts_file, capsys, monkeypatch):
     monkeypatch.setattr("surgery.judges.toxicity_judge", lambda spec="profanity": LetterJudge("#"))
-    code, err = run_cli(
+    code, _, err = cli(
         [
             "eigenshift",
             str(tiny_ckpt),

@@ -17,26 +17,7 @@ from surgery.methods.probe_edit import (
 from surgery.probes.artifact import Probe, ProbeMeta, save_probe
 from surgery.testing.tiny import save_tiny_checkpoint, tiny_llama
 
-from .conftest import DTYPES, folder_hashes
-
-
-def make_probe(ckpt_path, folder, seed=0, hidden=None):
-    """A probe artifact with a random undesired row, stamped with the checkpoint's fingerprint."""
-    ckpt = open_checkpoint(ckpt_path)
-    hidden = hidden or ckpt.config["hidden_size"]
-    w = torch.randn(hidden, generator=torch.Generator().manual_seed(seed))
-    meta = ProbeMeta(
-        fingerprint=ckpt.fingerprint(),
-        model=str(ckpt_path),
-        layer=ckpt.config["num_hidden_layers"],
-        num_layers=ckpt.config["num_hidden_layers"],
-        hidden_size=hidden,
-        pooling="mean",
-        chat=False,
-        labels=["non-toxic", "toxic"],
-    )
-    save_probe(Probe(torch.stack([torch.zeros(hidden), w]), torch.tensor([0.0, 0.3]), meta), folder)
-    return w
+from .conftest import DTYPES, cli, folder_hashes, make_probe
 
 
 def tensors(path):
@@ -146,12 +127,6 @@ def test_probe_of_another_width_is_refused(tiny_ckpt, tmp_path):
         plan_edit(tiny_ckpt, tmp_path / "p", EditOptions())
 
 
-def run_cli(argv, capsys):
-    with pytest.raises(SystemExit) as e:
-        main(argv)
-    return e.value.code, capsys.readouterr()
-
-
 @pytest.mark.parametrize(
     "extra, message",
     [
@@ -164,22 +139,21 @@ def run_cli(argv, capsys):
 def test_cli_errors_are_one_line_and_write_nothing(tiny_ckpt, tmp_path, capsys, extra, message):
     make_probe(tiny_ckpt, tmp_path / "p")
     out = tmp_path / "out"
-    code, cap = run_cli(["edit", str(tiny_ckpt), "--probe", str(tmp_path / "p"), "-o", str(out), *extra], capsys)
-    assert code == 2 and message in cap.err and len(cap.err.strip().splitlines()) == 1
+    code, _, err = cli(["edit", str(tiny_ckpt), "--probe", str(tmp_path / "p"), "-o", str(out), *extra], capsys)
+    assert code == 2 and message in err and len(err.strip().splitlines()) == 1
     assert not out.exists() and not list(tmp_path.glob(".out*"))
 
 
 def test_cli_bad_probe_folder_and_other_model(tiny_ckpt, tmp_path, capsys):
     (tmp_path / "empty").mkdir()  # not tmp_path itself: an output inside a folder option is refused first
-    code, cap = run_cli(
+    code, _, err = cli(
         ["edit", str(tiny_ckpt), "--probe", str(tmp_path / "empty"), "-o", str(tmp_path / "out")], capsys
     )
-    assert code == 2 and "not a probe folder" in cap.err and not (tmp_path / "out").exists()
+    assert code == 2 and "not a probe folder" in err and not (tmp_path / "out").exists()
     other = save_tiny_checkpoint(tmp_path / "other", model=tiny_llama(layers=3))
     make_probe(other, tmp_path / "p")
-    capsys.readouterr()  # drop transformers' save progress bar
-    code, cap = run_cli(["edit", str(tiny_ckpt), "--probe", str(tmp_path / "p"), "-o", str(tmp_path / "out")], capsys)
-    assert code == 2 and "different model" in cap.err and len(cap.err.strip().splitlines()) == 1
+    code, _, err = cli(["edit", str(tiny_ckpt), "--probe", str(tmp_path / "p"), "-o", str(tmp_path / "out")], capsys)
+    assert code == 2 and "different model" in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "out").exists()
 
 

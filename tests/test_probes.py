@@ -11,6 +11,8 @@ from surgery.probes.artifact import META_NAME, WEIGHTS_NAME
 from surgery.probes.collect import encode_texts
 from surgery.testing.tiny import char_tokenizer, save_tiny_checkpoint, tiny_llama
 
+from .conftest import cli
+
 
 @pytest.fixture
 def classes(tmp_path):
@@ -133,12 +135,6 @@ def test_probe_from_another_model_is_refused(tiny_ckpt, classes, tmp_path):
         load_probe(tmp_path / "probe", open_checkpoint(other))
 
 
-def run_cli(argv, capsys):
-    with pytest.raises(SystemExit) as e:
-        main(argv)
-    return e.value.code, capsys.readouterr()
-
-
 @pytest.mark.parametrize(
     "extra, message",
     [
@@ -152,16 +148,16 @@ def run_cli(argv, capsys):
 def test_cli_errors_are_one_line_and_write_nothing(tiny_ckpt, classes, tmp_path, capsys, extra, message):
     pos, neg = classes
     out = tmp_path / "probe"
-    code, cap = run_cli(
+    code, _, err = cli(
         ["probe-train", str(tiny_ckpt), "--positive", str(pos), "--negative", str(neg), "-o", str(out), *extra], capsys
     )
-    assert code == 2 and message in cap.err and len(cap.err.strip().splitlines()) == 1
+    assert code == 2 and message in err and len(err.strip().splitlines()) == 1
     assert not out.exists() and not list(tmp_path.glob(".probe*"))
 
 
 def test_cli_missing_data_and_existing_output(tiny_ckpt, classes, tmp_path, capsys):
     pos, neg = classes
-    code, cap = run_cli(
+    code, _, err = cli(
         [
             "probe-train",
             str(tiny_ckpt),
@@ -174,13 +170,13 @@ def test_cli_missing_data_and_existing_output(tiny_ckpt, classes, tmp_path, caps
         ],
         capsys,
     )
-    assert code == 2 and "does not exist" in cap.err and not (tmp_path / "p").exists()
+    assert code == 2 and "does not exist" in err and not (tmp_path / "p").exists()
     (tmp_path / "p").mkdir()
-    code, cap = run_cli(
+    code, _, err = cli(
         ["probe-train", str(tiny_ckpt), "--positive", str(pos), "--negative", str(neg), "-o", str(tmp_path / "p")],
         capsys,
     )
-    assert code == 2 and "already exists" in cap.err and not any((tmp_path / "p").iterdir())
+    assert code == 2 and "already exists" in err and not any((tmp_path / "p").iterdir())
 
 
 def test_cli_trains_and_reports(tiny_ckpt, classes, tmp_path, capsys):
@@ -437,7 +433,7 @@ def test_probe_json_from_before_pool_and_classifier_loads_as_all_and_logistic(ti
 def test_cli_pool_and_classifier_errors(tiny_ckpt, classes, tmp_path, capsys, extra, message):
     pos, neg = classes
     out = tmp_path / "probe"
-    code, cap = run_cli(
+    code, _, err = cli(
         [
             "probe-train",
             str(tiny_ckpt),
@@ -453,5 +449,5 @@ def test_cli_pool_and_classifier_errors(tiny_ckpt, classes, tmp_path, capsys, ex
         ],
         capsys,
     )
-    assert code == 2 and message in cap.err and len(cap.err.strip().splitlines()) == 1
+    assert code == 2 and message in err and len(err.strip().splitlines()) == 1
     assert not out.exists()

@@ -161,7 +161,7 @@ def test_repair_refuses_unknown_or_unusable_candidates_up_front(tiny_ckpt, tmp_p
 def test_repair_on_an_adapter_prunes_the_adapter_or_writes_base_plus_adapter_merged(
     monkeypatch, tiny_ckpt, tmp_path, capsys, planted_scores, chosen
 ):
-    from .test_adapter import file_adapter
+    from .conftest import file_adapter
 
     adapter = file_adapter(tiny_ckpt, tmp_path / "adapter")
     before = folder_hashes(tiny_ckpt), folder_hashes(adapter)

@@ -8,9 +8,8 @@ from safetensors.torch import load_file
 
 from surgery.checkpoint import open_checkpoint
 
-from .conftest import cli, folder_hashes
+from .conftest import cli, derived_checkpoint, folder_hashes
 from .test_adapter import make_adapter
-from .test_safety_vector import derived_checkpoint
 
 PREFIX = "base_model.model."
 

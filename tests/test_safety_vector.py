@@ -11,8 +11,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors import safe_open
-from safetensors.torch import load_file, save_file
 
 from surgery.checkpoint import MANIFEST_NAME, open_checkpoint
 from surgery.deltas import dare, sign_conflicts, tensor_seed, top_of
@@ -42,30 +40,6 @@ def family(root: Path, dtype=torch.float32, same_on=lambda name: False, **kwargs
     aligned = save_tiny_checkpoint(root / "aligned", model=perturb(model, 1, skip=same_on), **kwargs)
     tuned = save_tiny_checkpoint(root / "tuned", model=perturb(model, 2), **kwargs)
     return tuned, aligned, unaligned
-
-
-def derived_checkpoint(source: Path, dest: Path, seed: int, scale: float = NOISE) -> Path:
-    """A copy of a checkpoint folder (any layout, dtype, tying) with seeded noise on every floating tensor, made at the
-    file level so that no model is loaded (the contract suite counts loads)."""
-    shutil.copytree(source, dest)
-    generator = torch.Generator().manual_seed(seed)
-    for shard in sorted(dest.glob("*.safetensors")):
-        with safe_open(str(shard), framework="pt") as f:
-            metadata = f.metadata()
-        tensors = load_file(shard)
-        for name in sorted(tensors):
-            t = tensors[name]
-            if t.is_floating_point():
-                tensors[name] = (t.float() + torch.randn(t.shape, generator=generator) * scale).to(t.dtype)
-        save_file(tensors, shard, metadata=metadata)
-    return dest
-
-
-def pair_args(model: Path, inputs: Path) -> list:
-    """--aligned/--unaligned for a contract run: two checkpoints of the model's own layout (it is the fine-tune)."""
-    aligned = derived_checkpoint(model, inputs / "aligned", seed=11, scale=0.005)
-    unaligned = derived_checkpoint(aligned, inputs / "unaligned", seed=12, scale=0.005)
-    return ["--aligned", aligned, "--unaligned", unaligned]
 
 
 def surgery(*args, capsys) -> tuple[int, str, str]:
