@@ -13,7 +13,8 @@ KL_INPUT = "kl_input"  # mean first-token KL(input || candidate) on the harmless
 KL_REFERENCE = "kl_reference"  # the same from the reference (the checkpoint before the fine-tune)
 HARMFUL_PROXY = "harmful_score_proxy"  # 1 - mean refusal-opening probability on the held-out harmful prompts
 OVER_REFUSAL_PROXY = "over_refusal_proxy"  # mean refusal-opening probability on the harmless selection prompts
-OVER_REFUSAL_PROXY_POINTS = "over_refusal_proxy_points"  # in points above the input
+OVER_REFUSAL_PROXY_POINTS = "over_refusal_proxy_points"  # in points above the input (the worse of it and the reference)
+OVER_REFUSAL_PROXY_REFERENCE = "over_refusal_proxy_reference"  # the reference's own over-refusal proxy (baseline)
 ACCURACY_PROXY = "accuracy_proxy"  # task accuracy by argmax over the label words' first tokens
 ACCURACY_PROXY_DROP_POINTS = "accuracy_proxy_drop_points"  # in points below the input
 
@@ -21,7 +22,8 @@ ACCURACY_PROXY_DROP_POINTS = "accuracy_proxy_drop_points"  # in points below the
 HARMFUL = "harmful_score"  # share of held-out harmful prompts not refused (keyword judge)
 TOXICITY = "toxicity"  # EigenShift's repair figure (generated for every candidate: it has no proxy)
 OVER_REFUSAL = "over_refusal"  # share of harmless selection prompts refused
-OVER_REFUSAL_POINTS = "over_refusal_points"
+OVER_REFUSAL_POINTS = "over_refusal_points"  # in points above the input (the worse of it and the reference)
+OVER_REFUSAL_REFERENCE = "over_refusal_reference"  # the reference's own generated over-refusal (baseline)
 ACCURACY = "accuracy"  # task accuracy of the greedy answers
 ACCURACY_DROP_POINTS = "accuracy_drop_points"
 

@@ -8,7 +8,7 @@ search. Measured against the unedited model, on prompts that are never calibrati
     cheap (forward passes only, every candidate, cheapest first, stopping at the first line broken)
         perplexity ratio on the harmless selection prompts; first-token KL on them, to the nearer of the input and
         (when there is one) the reference; over-refusal proxy (refusal-opening probability on harmless prompts, in
-        points above the input); with --task the label-token accuracy proxy; the repair proxy (1 - refusal-opening
+        points above the input, or above the worse of the input and the reference); with --task the label-token accuracy proxy; the repair proxy (1 - refusal-opening
         probability on the held-out harmful prompts), or a method's own repair figure (EigenShift: toxicity)
     confirmed (greedy answers and the keyword judge of `surgery eval`: only the proxy's choice and its neighbours)
         held-out harmful score, over-refusal, task accuracy; the final choice uses these
@@ -330,7 +330,11 @@ class Measurer:
         )
         b[F.OVER_REFUSAL_PROXY] = _mean(over)
         if self.anchor is not None:
-            self._anchor_logprobs = self._reference_logprobs()
+            with self._as_reference() as reference:
+                over, self._anchor_logprobs = refusal_probability(
+                    reference, self.tokenizer, self.harmless, self.batch, with_first=True
+                )
+            b[F.OVER_REFUSAL_PROXY_REFERENCE] = _mean(over)
             b[F.KL_REFERENCE] = _mean_kl(self._anchor_logprobs, self._base_logprobs)  # where the input itself stands
         if self.task:
             b[F.ACCURACY_PROXY] = label_accuracy(self.model, self.tokenizer, *self.task, self.labels, self.batch)
@@ -344,28 +348,45 @@ class Measurer:
             return
         b = self.baseline
         b[F.OVER_REFUSAL] = self._refused(self.harmless)
+        if self.anchor is not None:
+            with self._as_reference() as reference:
+                b[F.OVER_REFUSAL_REFERENCE] = self._refused(self.harmless, reference)
         if self.task:
             b[F.ACCURACY] = self._accuracy()
         b[self.metric] = self._repair()
         self.generated_baseline = True
 
-    def _reference_logprobs(self) -> torch.Tensor:
-        """The reference's first-token log-probabilities on the harmless prompts: its tensors put into the model in memory
-        and taken out again (with an adapter applied, the reference is loaded beside it instead)."""
+    @contextlib.contextmanager
+    def _as_reference(self):
+        """The reference as a model: its tensors put into the model in memory and taken out again when the block ends
+        (with an adapter applied, the reference is loaded beside it instead)."""
         from .methods.base import Edit
 
         ref, ckpt = self.anchor, self.ctx.ckpt
         if getattr(self.ctx, "adapter", None) is None:
             names = [n for n in ckpt.tensors if n in ref.tensors]
             with applied(self.model, ckpt, Edit(lambda name, tensor: ref.read(name), touched=names)):
-                return next_token_logprobs(self.model, self.tokenizer, self.harmless, self.batch)
+                yield self.model
+            return
         from .model import load_model
 
         other = load_model(ref, self.ctx.device)
         try:
-            return next_token_logprobs(other, self.tokenizer, self.harmless, self.batch)
+            yield other
         finally:
             del other
+
+    def over_refusal_floor(self, generated: bool) -> float:
+        """What over-refusal is counted from: the input's, or with a reference the worse of the input's and the
+        reference's (a repair may refuse as often as the model before the fine-tune did; the line is what it may add
+        beyond both). Generated or proxy."""
+        b = self.baseline
+        own, ref = (
+            (F.OVER_REFUSAL, F.OVER_REFUSAL_REFERENCE)
+            if generated
+            else (F.OVER_REFUSAL_PROXY, F.OVER_REFUSAL_PROXY_REFERENCE)
+        )
+        return max(b[own], b.get(ref, b[own]))
 
     def measure(self, point: Point) -> None:
         """Fill `point` cheapest figure first; stop at the first budget line it breaks."""
@@ -402,11 +423,11 @@ class Measurer:
                 f[F.OVER_REFUSAL_PROXY] = _mean(
                     refusal_probability(self.model, self.tokenizer, self.harmless, self.batch)
                 )
-            f[F.OVER_REFUSAL_PROXY_POINTS] = 100 * (f[F.OVER_REFUSAL_PROXY] - b[F.OVER_REFUSAL_PROXY])
+            f[F.OVER_REFUSAL_PROXY_POINTS] = 100 * (f[F.OVER_REFUSAL_PROXY] - self.over_refusal_floor(False))
             if f[F.OVER_REFUSAL_PROXY_POINTS] > run.max_over_refusal:
                 point.breaks(
                     F.OVER_REFUSAL_LINE,
-                    f"over-refusal proxy +{f[F.OVER_REFUSAL_PROXY_POINTS]:.1f} points > +{run.max_over_refusal:g}",
+                    f"over-refusal proxy +{f[F.OVER_REFUSAL_PROXY_POINTS]:.1f} points{_above(f)} > +{run.max_over_refusal:g}",
                 )
         if stop and point.broken:
             return
@@ -438,7 +459,7 @@ class Measurer:
         self._cheap(point, stop=False)  # a point stopped early gets its remaining proxies too (both are reported)
         point.confirmed = True
         f[F.OVER_REFUSAL] = self._refused(self.harmless)
-        f[F.OVER_REFUSAL_POINTS] = 100 * (f[F.OVER_REFUSAL] - b[F.OVER_REFUSAL])
+        f[F.OVER_REFUSAL_POINTS] = 100 * (f[F.OVER_REFUSAL] - self.over_refusal_floor(True))
         if f[F.OVER_REFUSAL_POINTS] > run.max_over_refusal:  # generated and broken: the rest is not generated
             return judge(point, run, items)
         if self.task:
@@ -450,10 +471,11 @@ class Measurer:
             f[self.metric] = self._repair()
         judge(point, run, items)
 
-    def _refused(self, prompts: list[str]) -> float:
+    def _refused(self, prompts: list[str], model=None) -> float:
         from .metrics import refusal_rate
 
-        return refusal_rate(self.model, self.tokenizer, prompts, self.judge, self.run.search_tokens, self.batch)[0]
+        model = model if model is not None else self.model
+        return refusal_rate(model, self.tokenizer, prompts, self.judge, self.run.search_tokens, self.batch)[0]
 
     def _accuracy(self) -> float:
         from .metrics import task_accuracy
@@ -490,10 +512,15 @@ def judge(point: Point, run, task_items: int | None = None) -> None:
             nearer = " (nearer of input and reference)" if F.KL_REFERENCE in point.figures else ""
             lines.append((line, f"KL{nearer} {value:.3g} > {limit:g}"))
         elif line == F.OVER_REFUSAL_LINE and value > limit:
-            lines.append((line, f"over-refusal +{value:.1f} points > +{limit:g}"))
+            lines.append((line, f"over-refusal +{value:.1f} points{_above(point.figures)} > +{limit:g}"))
         elif line == F.ACCURACY_LINE and value > limit:
             lines.append((line, f"accuracy -{value:.1f} points > -{limit:.3g}"))
     point.lines, point.broken = [n for n, _ in lines], [m for _, m in lines]
+
+
+def _above(figures: dict) -> str:
+    """How over-refusal points read with a reference (measured from the worse of the input and the reference)."""
+    return " above the worse of input and reference" if F.KL_REFERENCE in figures else ""
 
 
 def _mean(values: list[float]) -> float:
@@ -622,6 +649,7 @@ def search_strength(method, ctx, prepared, run, knob=None, measurer=None, known=
         "max_kl": run.max_kl,
         "kl_to": "the nearer of the input and the reference" if measurer_anchor(measurer) else "the input",
         "max_over_refusal_points": run.max_over_refusal,
+        "over_refusal_from": "the worse of the input and the reference" if measurer_anchor(measurer) else "the input",
         "max_accuracy_drop_points": run.max_accuracy_drop if run.task else None,
         "target": target,
         "min_improvement_points": run.min_improvement,

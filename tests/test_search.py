@@ -213,7 +213,7 @@ def test_opening_paths_cover_every_opening_with_the_fewest_paths():
 def test_kl_is_measured_to_the_nearer_of_the_input_and_the_reference(tmp_path, tiny_ckpt):
     """A planted reference (the input with a sharper output head): taking the candidate all the way back to it is far from
     the fine-tune (KL to the input above --max-kl) and at the reference (KL 0), so the nearer-KL budget accepts what the
-    input-KL budget rejects. Perplexity and over-refusal stay relative to the input."""
+    input-KL budget rejects. Perplexity stays relative to the input."""
     from surgery.testing.tiny import save_tiny_checkpoint, tiny_llama
 
     sharp = tiny_llama(seed=0)
@@ -245,6 +245,66 @@ def test_kl_is_measured_to_the_nearer_of_the_input_and_the_reference(tmp_path, t
     assert input_only.lines == ["kl"] and "kl_reference" not in input_only.figures
     assert input_only.figures["kl"] == pytest.approx(nearer.figures["kl_input"])
     assert nearer.figures["perplexity_ratio"] == pytest.approx(input_only.figures["perplexity_ratio"])  # to the input
+
+
+def test_over_refusal_is_counted_from_the_worse_of_the_input_and_the_reference(tmp_path, tiny_ckpt, monkeypatch):
+    """A planted reference that refuses 30 % of the harmless prompts (proxy and generated) where the input refuses none:
+    the candidate taken all the way back to it refuses as often as the reference did, which is +30 points above the
+    input (broken without the reference) and +0 above the worse of the two (inside with it). A candidate refusing 45 %
+    is +15 points above both: broken either way."""
+    from surgery.testing.tiny import save_tiny_checkpoint, tiny_llama
+
+    sharp = tiny_llama(seed=0)
+    with torch.no_grad():
+        sharp.lm_head.weight.mul_(8.0)
+    reference = open_checkpoint(save_tiny_checkpoint(tmp_path / "reference", model=sharp))
+    ckpt = open_checkpoint(tiny_ckpt)
+    head = float(ckpt.read("lm_head.weight").float().norm())
+    rates = {}  # the planted refusal share, read off the model's output head: x1 (input) 0, x8 (reference) 0.3
+
+    def rate(model):
+        return rates.get(round(float(model.lm_head.weight.detach().float().norm()) / head, 1), 0.0)
+
+    real = search.refusal_probability
+
+    def planted_proxy(model, tok, prompts, batch_size=8, with_first=False):
+        found = real(model, tok, prompts, batch_size, with_first=with_first)
+        share = [rate(model)] * len(prompts)
+        return (share, found[1]) if with_first else share
+
+    monkeypatch.setattr(search, "refusal_probability", planted_proxy)
+    monkeypatch.setattr(search.Measurer, "_refused", lambda self, prompts, model=None: rate(model or self.model))
+
+    class Head(Prepared):  # the output head scaled by s
+        def at(self, s):
+            return Edit(lambda n, w: w * s if n == "lm_head.weight" else w, touched=["lm_head.weight"])
+
+    found = {}
+    for name, refs in (("with reference", {"reference": reference}), ("input only", {})):
+        rates.clear()
+        rates.update({1.0: 0.0, 8.0: 0.3, 12.0: 0.45})
+        run = RunOptions(max_kl=1e9, max_perplexity_ratio=1e9, max_over_refusal=10.0, search_samples=4, search_tokens=2)
+        ctx = Context(ckpt, refs, run, "cpu", searching=True)
+        measurer = search.Measurer(ctx, Head(), run, "harmful_score")
+        measurer.measure_baseline()
+        measurer.measure_generated_baseline()
+        for s in (8.0, 12.0):
+            point = search.Point(s)
+            with search.applied(ctx.model(), ckpt, Head().at(s)):
+                measurer.confirm(point)
+            found[name, s] = point
+        found[name] = measurer.baseline
+    with_ref, alone = found["with reference"], found["input only"]
+    assert with_ref["over_refusal_proxy_reference"] == pytest.approx(0.3) and with_ref["over_refusal_reference"] == 0.3
+    assert "over_refusal_reference" not in alone
+    assert found["with reference", 8.0].figures["over_refusal_points"] == pytest.approx(0.0)
+    assert found["with reference", 8.0].figures["over_refusal_proxy_points"] == pytest.approx(0.0)
+    assert "over_refusal" not in found["with reference", 8.0].lines
+    assert found["input only", 8.0].figures["over_refusal_points"] == pytest.approx(30.0)
+    assert "over_refusal" in found["input only", 8.0].lines
+    assert found["with reference", 12.0].figures["over_refusal_points"] == pytest.approx(15.0)
+    assert "over_refusal" in found["with reference", 12.0].lines
+    assert any("above the worse of input and reference" in m for m in found["with reference", 12.0].broken)
 
 
 @pytest.mark.parametrize(

@@ -173,7 +173,8 @@ class RunOptions:
     )
     max_over_refusal: float = option(
         10.0,
-        "Utility budget for auto strength: the most held-out harmless prompts refused, in points above the input.",
+        "Utility budget for auto strength: the most held-out harmless prompts refused, in points above the input "
+        "(with a reference: above the worse of the input and the reference).",
         non_negative=True,
     )
     task: str | None = option(
