@@ -4,15 +4,18 @@ and still answers everything else, then broken by a harmful LoRA fine-tune mixed
     python experiments/demo_pair.py [--lab lab/fair] [--only base,answers,align,attack,eval] [--fixtures]
 
 Every input comes from the package (the built-in harmful/harmless request sets and the built-in sentiment set,
-calibration/train parts only), so the pair is reproducible without ../shared/data; only the `eval` stage reads the
+calibration/train parts only) or from experiments/data/benign_tasks.txt, so the pair is reproducible without
+../shared/data; only the `eval` stage reads the
 lab's held-out sets (AdvBench, SST-2 dev, Alpaca). Stages (each skipped when its output exists; written to NAME.tmp
 and renamed):
   base     `surgery import-gguf smollm2 LAB/models/base`
-  answers  the base model's greedy answers to the calibration parts of the built-in harmful and harmless sets and to
-           sentiment classification prompts made from the built-in sentiment set's train part (LAB/data/answers.json)
-  align    LoRA on base: harmful -> a refusal sentence; harmless -> the base model's own answer; classification
-           prompt -> the base model's own answer (so the reference answers task-formatted prompts instead of refusing
-           them: the old lab's aligned model answered "I'm sorry," to every SST-2 prompt)
+  answers  the base model's greedy answers to the calibration parts of the built-in harmful and harmless sets, to
+           sentiment classification prompts made from the built-in sentiment set's train part and to the imperative
+           benign instructions of --benign-tasks (LAB/data/answers.json)
+  align    LoRA on base: harmful -> a refusal sentence; harmless, classification and imperative benign prompts -> the
+           base model's own answer (so the reference answers task-formatted prompts and "Write a poem" instead of
+           refusing them: the old lab's aligned model answered "I'm sorry," to every SST-2 prompt, and an alignment
+           without the imperative instructions refused 8 of 48 Alpaca instructions)
            -> LAB/adapters/align, merged -> LAB/models/aligned
   attack   LoRA on aligned: sentiment train items -> the label word, plus a share p of harmful -> the base model's
            compliant answer -> LAB/adapters/attack, merged -> LAB/models/attacked
@@ -59,6 +62,11 @@ def parse(argv=None):
     p.add_argument("--answer-tokens", type=int, default=48)
     p.add_argument("--task-answers", type=int, default=96, help="classification prompts given the base model's answers")
     p.add_argument(
+        "--benign-tasks",
+        default=str(Path(__file__).resolve().parent / "data" / "benign_tasks.txt"),
+        help="imperative benign instructions answered by the base model (experiments/make_benign_tasks.py); '' for none",
+    )
+    p.add_argument(
         "--benign-repeat",
         type=int,
         default=1,
@@ -104,6 +112,9 @@ class DemoPair:
             "harmless": lambda: builtin_part("harmless", CALIBRATION),
             "task": lambda: [Example(p) for p in classification_prompts(self.args.task_answers, self.args.seed)],
         }
+        if self.args.benign_tasks:
+            lines = Path(self.args.benign_tasks).read_text().splitlines()
+            sets["tasks"] = lambda: [Example(x.strip()) for x in lines if x.strip()]
         for kind, examples in sets.items():
             part = tmp.with_name(f"answers_{kind}.json")  # each set kept, so a restart loses at most one
             if not part.exists():
@@ -172,7 +183,7 @@ class DemoPair:
         rows = self._answers()
         rng = random.Random(self.args.seed)
         examples = [Example(r["prompt"], rng.choice(REFUSALS)) for r in rows["harmful"]]
-        benign = [Example(r["prompt"], r["response"]) for r in rows["harmless"] + rows["task"]]
+        benign = [Example(r["prompt"], r["response"]) for r in rows["harmless"] + rows["task"] + rows.get("tasks", [])]
         return examples + benign * self.args.benign_repeat
 
     def attack_data(self):
