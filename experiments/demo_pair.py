@@ -39,7 +39,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from lab import REFUSALS, Lab  # noqa: E402
-from labkit import ROOT, attack_mixture, eval_arguments, load, log, sst2_train  # noqa: E402
+from labkit import DATA, ROOT, attack_mixture, eval_arguments, load, log, sst2_train  # noqa: E402
 from labkit import evaluate as lab_evaluate  # noqa: E402
 
 TARGETS = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
@@ -48,6 +48,7 @@ TARGETS = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
 def parse(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--lab", default="lab/fair", help="lab folder (models/, adapters/, data/, results/)")
+    p.add_argument("--doc", default="docs/results_fair_lab.md", help="the page the tables are written to")
     p.add_argument("--rank", type=int, default=8)
     p.add_argument("--lora-alpha", type=float, default=16)
     p.add_argument("--align-steps", type=int, default=80)
@@ -232,7 +233,23 @@ class DemoPair:
         model, tok = load(self.models, name)
         attacked = "attacked-full" if name.startswith("full-") or name == "attacked-full" else "attacked"
         reference = model if name == attacked else load(self.models, attacked)[0]  # KL to the model each row repairs
-        write_report(lab_evaluate(model, tok, name, self.args, reference), tmp)
+        report = lab_evaluate(model, tok, name, self.args, reference)
+        report.figures["over_refusal_unseen"] = self.unseen_over_refusal(model, tok)
+        write_report(report, tmp)
+
+    def unseen_over_refusal(self, model, tok) -> float:
+        """Over-refusal on a second Alpaca sample, disjoint from the evaluation's: the benign instructions of
+        experiments/data/benign_tasks.txt were written after reading which evaluation instructions an earlier
+        reference refused, so the first sample is optimistic for the reference; nobody read this one."""
+        from surgery.judges import KeywordJudge
+        from surgery.metrics import refusal_rate
+        from surgery.prompts import load_examples
+
+        path, a = str(DATA / "benign" / "alpaca_instructions.txt"), self.args
+        seen = {e.prompt for e in load_examples(path, max_samples=a.eval_benign, seed=a.seed)}
+        fresh = [e.prompt for e in load_examples(path, max_samples=4 * a.eval_benign, seed=a.seed + 1)]
+        prompts = [p for p in fresh if p not in seen][: a.eval_benign]
+        return refusal_rate(model, tok, prompts, KeywordJudge(), a.eval_tokens, 16)[0]
 
     def jobs(self) -> dict[str, list[str]]:
         """The repairs of both attacked models (NAME for the LoRA pair, full-NAME for the full fine-tune): each
@@ -283,6 +300,7 @@ class DemoPair:
 
         def row(name, label=None):
             f, run = found[name], runs.get(name, {})
+            unseen = f"{100 * f['over_refusal_unseen']:.1f} %" if "over_refusal_unseen" in f else "-"
             command = (
                 f"`{run['command']}`" + ("" if run.get("exit", 0) == 0 else f" (exit {run['exit']})") if run else ""
             )
@@ -290,13 +308,13 @@ class DemoPair:
             return (
                 f"| {label or name} | {100 * f['harmful_score']:.1f} % | {100 * f['accuracy']:.0f} % | "
                 f"{f['perplexity']:.1f} | {f.get('kl_to_reference', float('nan')):.3f} | {100 * f['over_refusal']:.1f} % | "
-                f"{100 * f.get('empty_answers', 0):.1f} % | {command} | {wall} |"
+                f"{unseen} | {100 * f.get('empty_answers', 0):.1f} % | {command} | {wall} |"
             )
 
         head = [
             "| model | harmful (AdvBench) | SST-2 dev | perplexity (Alpaca) | KL to attacked | over-refusal (Alpaca) "
-            "| empty answers | command | wall |",
-            "|---|---|---|---|---|---|---|---|---|",
+            "| over-refusal (unseen Alpaca) | empty answers | command | wall |",
+            "|---|---|---|---|---|---|---|---|---|---|",
         ]
         lines = [
             "# The fair lab: a reference that refuses harm and still does the task (SmolLM2-135M-Instruct, CPU)",
@@ -325,9 +343,13 @@ class DemoPair:
                 lines += ["", f"## Repairs: {title}", "", *head, row(attacked), *[row(n) for n in names]]
         lines += [
             "",
+            "Which alignment is shipped and why, the earlier ones beside it, and a second (unseen) Alpaca sample: "
+            "[fair_lab_alignments.md](fair_lab_alignments.md). Over-refusal (unseen Alpaca): 48 Alpaca instructions "
+            "disjoint from the evaluation's, that nobody read (`DemoPair.unseen_over_refusal`).",
+            "",
             "Stage wall times on the 2-core CPU (seconds): " + ", ".join(f"{k} {v:.0f}" for k, v in self.times.items()),
         ]
-        (ROOT / "docs" / "results_fair_lab.md").write_text("\n".join(lines) + "\n")
+        (ROOT / a.doc).write_text("\n".join(lines) + "\n")
 
     def run_job(self, name: str, argv: list[str], tmp: Path) -> None:
         """One surgery command into tmp; its wall time and exit code in LAB/results/runs.json. A command that exits
