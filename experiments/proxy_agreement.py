@@ -37,6 +37,11 @@ def parse(argv=None):
     return p.parse_args(argv)
 
 
+def _pct(value) -> str:
+    """A share as a percentage, or '-' for a figure the point did not get (confirmation stops at a broken line)."""
+    return "-" if value is None else f"{100 * value:.1f}%"
+
+
 def grid(low: float, high: float, n: int, log_scale: bool) -> list[float]:
     if n == 1:
         return [high]
@@ -122,8 +127,8 @@ def main(argv=None) -> None:
                 }
             )
             log(
-                f"{c.label} {knob.field} {s:g}: harmful proxy {100 * f[F.HARMFUL_PROXY]:.1f}% / generated "
-                f"{100 * f[F.HARMFUL]:.1f}%, over-refusal {f[F.OVER_REFUSAL_PROXY_POINTS]:+.1f} / "
+                f"{c.label} {knob.field} {s:g}: harmful proxy {_pct(f.get(F.HARMFUL_PROXY))} / generated "
+                f"{_pct(f.get(F.HARMFUL))}, over-refusal {f[F.OVER_REFUSAL_PROXY_POINTS]:+.1f} / "
                 f"{f[F.OVER_REFUSAL_POINTS]:+.1f}, accuracy drop {f.get(F.ACCURACY_PROXY_DROP_POINTS, 0):+.1f} / "
                 f"{f.get(F.ACCURACY_DROP_POINTS, 0):+.1f} ({proxy_seconds:.0f}s proxies, "
                 f"{time.perf_counter() - t1:.0f}s in all)"
@@ -163,6 +168,9 @@ def report(rows: list[dict], run) -> None:
         groups.setdefault(r["candidate"], []).append(r)
     groups["all"] = rows
     for name, rs in groups.items():
+        rs = [r for r in rs if F.HARMFUL in r["figures"]]  # a point whose confirmation stopped early has no harmful
+        if not rs:
+            continue
         x = [r["figures"][F.HARMFUL_PROXY] for r in rs]
         y = [r["figures"][F.HARMFUL] for r in rs]
         gap = 100 * sum(a - b for a, b in zip(x, y)) / len(rs)
