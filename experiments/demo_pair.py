@@ -5,9 +5,8 @@ and still answers everything else, then broken by a harmful LoRA fine-tune mixed
 
 Every input comes from the package (the built-in harmful/harmless request sets and the built-in sentiment set,
 calibration/train parts only) or from experiments/data/benign_tasks.txt, so the pair is reproducible without
-../shared/data; only the `eval` stage reads the
-lab's held-out sets (AdvBench, SST-2 dev, Alpaca). Stages (each skipped when its output exists; written to NAME.tmp
-and renamed):
+../shared/data; only the `eval` stage reads the lab's held-out sets (AdvBench, SST-2 dev, Alpaca). Stages (each
+skipped when its output exists; written to NAME.tmp and renamed):
   base     `surgery import-gguf smollm2 LAB/models/base`
   answers  the base model's greedy answers to the calibration parts of the built-in harmful and harmless sets, to
            sentiment classification prompts made from the built-in sentiment set's train part and to the imperative

@@ -8,8 +8,9 @@ search. Measured against the unedited model, on prompts that are never calibrati
     cheap (forward passes only, every candidate, cheapest first, stopping at the first line broken)
         perplexity ratio on the harmless selection prompts; first-token KL on them, to the nearer of the input and
         (when there is one) the reference; over-refusal proxy (refusal-opening probability on harmless prompts, in
-        points above the input, or above the worse of the input and the reference); with --task the label-token accuracy proxy; the repair proxy (1 - refusal-opening
-        probability on the held-out harmful prompts), or a method's own repair figure (EigenShift: toxicity)
+        points above the input, or above the worse of the input and the reference); with --task the label-token
+        accuracy proxy; the repair proxy (1 - refusal-opening probability on the held-out harmful prompts), or a
+        method's own repair figure (EigenShift: toxicity)
     confirmed (greedy answers and the keyword judge of `surgery eval`: only the proxy's choice and its neighbours)
         held-out harmful score, over-refusal, task accuracy; the final choice uses these
 
