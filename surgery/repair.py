@@ -2,11 +2,16 @@
 budget, and write the one with the lowest held-out harmful score.
 
 What applies depends on what the user gives (each method's `repair_candidates`): with a reference (the
-checkpoint before the harmful fine-tune) Antidote restores the fine-tune delta and the refusal direction
-can be read off the reference; without one, Antidote zeroes and the direction is the model's own; with
-the reference and the model it was aligned from (`--unaligned`), RESTA and the sign-conflict revert
-join; with a probe, the probe edit joins; with an adapter, Antidote prunes the adapter's LoRA matrices (the
-paper) and every other candidate works on base + adapter merged. EigenShift lowers toxicity, not the harmful score, so it is not compared here.
+checkpoint before the harmful fine-tune) interpolation and Safe Delta; with the reference and the model it was
+aligned from (`--unaligned`), the sign-conflict revert joins; without a reference, Antidote zeroes and the refusal
+direction is the model's own; with a probe, the probe edit joins; with an adapter, Antidote prunes the adapter's
+LoRA matrices (the paper) and every other candidate works on base + adapter merged. EigenShift lowers toxicity, not
+the harmful score, so it is not compared here.
+
+With a reference, four candidates are tried only when `--methods` names them: prune-restore, resta, ablate and
+ablate-from-reference. On the demonstration pair (docs/performance.md) every one of them was dominated by Safe Delta
+at a fraction of its cost in the default run (prune-restore: harmful proxy 75.2 % after a 220 s calibration; resta:
+86.7 % at perplexity x1.46; Safe Delta 26.6 %), and the ablations' layer scans generate for every layer.
 
 All candidates are measured on the same selection prompts (the built-in sets' selection part) against
 the same unedited model, which is loaded once and shared: each candidate's search leaves it bit-identical. One
@@ -215,14 +220,26 @@ def candidates(options: RepairOptions) -> list[Candidate]:
 # searched on with the full --search-steps (the screened points reused) and their proxy choice confirmed by generation.
 SCREEN_STEPS = 2
 FINALISTS = 2
+# A runner-up is confirmed only when its harmful proxy is within RUNNER_UP_MARGIN points of the best one's: on the
+# demonstration pair the proxy read 4-15 points above the generated figure (docs/strength.md), so a wider gap did not
+# close by generation there.
+RUNNER_UP_MARGIN = 15.0
+
+
+def proxy_harmful(c: "Candidate") -> float:
+    f = c.search.chosen_point().figures
+    return f.get(F.HARMFUL_PROXY, f.get(F.HARMFUL, 1.0))  # a method's own figure where it has no proxy
+
+
+def close(runner_up: "Candidate", best: "Candidate") -> bool:
+    return 100 * (proxy_harmful(runner_up) - proxy_harmful(best)) <= RUNNER_UP_MARGIN
 
 
 def rank_key(c: Candidate):
     """Screening order: inside the budget on the proxies first, then the lowest harmful proxy, then the lower
     perplexity ratio."""
     f = c.search.chosen_point().figures
-    harmful = f.get(F.HARMFUL_PROXY, f.get(F.HARMFUL, 1.0))  # a method's own figure where it has no proxy
-    return (c.search.failed is not None, round(harmful, 6), f.get(F.PERPLEXITY_RATIO, 1.0))
+    return (c.search.failed is not None, round(proxy_harmful(c), 6), f.get(F.PERPLEXITY_RATIO, 1.0))
 
 
 def finish(todo: list[Candidate], run, say) -> None:
@@ -232,7 +249,8 @@ def finish(todo: list[Candidate], run, say) -> None:
 
     screened = sorted((c for c in todo if c.search is not None), key=rank_key)
     passed = [c for c in screened if c.search.failed is None]
-    finalists = passed[:FINALISTS] or screened[:1]  # nothing passed: the best is confirmed to say why it fails
+    finalists = passed[:1] + [c for c in passed[1:FINALISTS] if close(c, passed[0])]
+    finalists = finalists or screened[:1]  # nothing passed: the best is confirmed to say why it fails
     for j, c in enumerate(finalists):
         method = REGISTRY[c.method]
         c.ctx.progress = lambda m, c=c, j=j: say(f"[finalist {j + 1}/{len(finalists)} {c.label}] {m}")

@@ -160,6 +160,12 @@ def applied(model, ckpt, edit):
                 setattr(model.get_submodule(module_name), attr, old)
 
 
+# Prompts answered at once when a point is confirmed by generation: 48 (a whole default set) in one batch took 10.0 s
+# where batches of 8 took 18.0 s (48 harmful prompts, 24 tokens, SmolLM2-135M, 2-core CPU), and gave the same 96
+# greedy answers (48 harmful, 48 harmless) as batches of 8 there.
+GENERATE_BATCH = 48
+
+
 def refusal_openings(tokenizer) -> list[list[int]]:
     """The token ids of each refusal opening (REFUSAL_OPENINGS as the tokenizer spells them at the start of an answer,
     and EOS alone: the empty answer). An opening whose ids extend another's is dropped (its answers are counted by the
@@ -290,7 +296,8 @@ class Measurer:
         self.harmless = [e.prompt for e in builtin_part("harmless", SELECTION)][:n]
         self.task = sst2_items(run.task.partition(":")[2], n, 0, part="selection") if run.task else None
         self.labels = label_tokens(self.tokenizer, SST2_LABELS) if self.task else None
-        self.batch = 8
+        self.batch = 8  # prompts per forward pass (proxies: the batch's common prefix is run once)
+        self.generate_batch = GENERATE_BATCH
         self.baseline: dict[str, float] = {}
         self.generated_baseline = False
         self.baseline_passes = 0  # forward passes the cheap baseline took
@@ -476,12 +483,12 @@ class Measurer:
         from .metrics import refusal_rate
 
         model = model if model is not None else self.model
-        return refusal_rate(model, self.tokenizer, prompts, self.judge, self.run.search_tokens, self.batch)[0]
+        return refusal_rate(model, self.tokenizer, prompts, self.judge, self.run.search_tokens, self.generate_batch)[0]
 
     def _accuracy(self) -> float:
         from .metrics import task_accuracy
 
-        return task_accuracy(self.model, self.tokenizer, *self.task, batch_size=self.batch)[0]
+        return task_accuracy(self.model, self.tokenizer, *self.task, batch_size=self.generate_batch)[0]
 
     def _repair(self) -> float:
         custom = self.prepared.repair_figure(self.model, self.tokenizer) if self.prepared is not None else None

@@ -73,14 +73,15 @@ def test_repair_writes_the_method_with_the_lowest_held_out_harmful_score(monkeyp
         monkeypatch.setattr(module, "load_model", lambda *a, **k: loads.append(a[0].path.name) or real(*a, **k))
     made = planted(monkeypatch, {"prune": 0.2, "ablate": 0.5})
     code, cap = run(
-        ["repair", model, "-o", tmp_path / "out", "--reference", ref, "--device", "cpu", "--search-steps", "1"], capsys
+        ["repair", model, "-o", tmp_path / "out", "--reference", ref, "--device", "cpu", "--search-steps", "1"]
+        + ["--methods", "prune-restore,interpolate,safe-delta"],
+        capsys,
     )
     assert len(made) == 1 and made[0].anchor is not None  # one measurer (one baseline) for all, KL to the reference too
     manifest = json.loads((tmp_path / "out" / "surgery.json").read_text())
     assert code == 0, cap.err
     assert manifest["method"] == "antidote-prune" and manifest["arguments"]["reference"] == str(ref)
     tried = {c["candidate"]: c for c in manifest["report"]["repair"]["candidates"]}
-    # with a reference, the reference-based repairs (the ablations' layer scans only when --methods names them)
     assert set(tried) == {"prune-restore", "interpolate", "safe-delta"}
     assert manifest["report"]["repair"]["chosen"] == "prune-restore"
     assert (tmp_path / "out" / "repair.png").is_file()
@@ -90,13 +91,33 @@ def test_repair_writes_the_method_with_the_lowest_held_out_harmful_score(monkeyp
     assert sorted("out" if n.startswith(".out.") else n for n in loads) == sorted(["model", "model", "out"])
 
 
-def test_repair_screens_every_candidate_and_confirms_only_the_finalists(monkeypatch, make_ckpt, tmp_path, capsys):
+def test_with_a_reference_the_default_candidates_are_interpolation_safe_delta_and_with_unaligned_revert(make_ckpt):
+    """The candidates dominated on the demonstration pair (prune-restore, resta) and the ablations' layer scans are
+    tried only when --methods names them."""
+    from surgery.repair import RepairOptions, candidates
+
+    model, ref, base = make_ckpt("model"), make_ckpt("ref"), make_ckpt("base")
+    labels = lambda **kw: [c.label for c in candidates(RepairOptions(**kw))]  # noqa: E731
+    assert labels(reference=ref) == ["interpolate", "safe-delta"]
+    assert sorted(labels(reference=ref, unaligned=base)) == ["interpolate", "revert", "safe-delta"]
+    named = ["prune-restore", "resta", "ablate", "revert"]
+    assert sorted(labels(reference=ref, unaligned=base, methods=named)) == sorted(named)
+    assert labels() == ["prune", "ablate"]  # no reference: the model's own repairs
+
+
+@pytest.mark.parametrize(
+    "runner_up, finalists", [(0.3, ["ablate", "prune-restore"]), (0.5, ["prune-restore"])], ids=["close", "far behind"]
+)
+def test_repair_screens_every_candidate_and_confirms_only_the_finalists(
+    monkeypatch, make_ckpt, tmp_path, capsys, runner_up, finalists
+):
     """Five candidates, the ablations named by --methods: each is screened on its cheap figures without generation; the
-    two best (prune-restore 0.2, then the ablations' 0.5) are the finalists, whose choices alone are confirmed."""
+    best (prune-restore 0.2) is a finalist, and the runner-up (an ablation) too when it is within RUNNER_UP_MARGIN
+    (15 points) of it; the finalists' choices alone are confirmed."""
     from surgery import repair
 
     model, ref = make_ckpt("model"), make_ckpt("ref")
-    planted(monkeypatch, {"prune": 0.2, "ablate": 0.5})
+    planted(monkeypatch, {"prune": 0.2, "ablate": runner_up})
     confirmed = []
     real_finish = repair.finish
 
@@ -112,8 +133,8 @@ def test_repair_screens_every_candidate_and_confirms_only_the_finalists(monkeypa
     found = json.loads((tmp_path / "out" / "surgery.json").read_text())["report"]["repair"]
     tried = {c["candidate"]: c for c in found["candidates"]}
     assert set(tried) == set(methods.split(","))
-    assert sorted(confirmed) == ["ablate", "prune-restore"] and found["chosen"] == "prune-restore"
-    assert {k for k, c in tried.items() if c["confirmed"]} == {"ablate", "prune-restore"}
+    assert sorted(confirmed) == finalists and found["chosen"] == "prune-restore"
+    assert {k for k, c in tried.items() if c["confirmed"]} == set(finalists)
     # a screened candidate has no generated point; a finalist has exactly its chosen point confirmed
     points = found["points"]
     assert not any(p["confirmed"] for p in points if p["candidate"] not in confirmed)

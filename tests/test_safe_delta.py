@@ -11,7 +11,7 @@ import torch
 
 from surgery.checkpoint import MANIFEST_NAME
 from surgery.methods import safe_delta
-from surgery.methods.safe_delta import InputHessians, inverse_factor, safe_delta_tensor
+from surgery.methods.safe_delta import InputHessians, admitted_entries, inverse_factor, safe_delta_tensor
 
 from .conftest import cli, folder_hashes
 from .test_safety_vector import bits, family, no_model, tensors  # noqa: F401 - fixture
@@ -73,6 +73,25 @@ def test_compensation_equals_an_independent_obs_computation(block, protect):
     assert torch.allclose(got, expected, rtol=1e-10, atol=1e-10)
     assert torch.equal(got[admitted], tuned[admitted])  # admitted entries are the fine-tune's exactly
     assert not torch.allclose(got[~admitted], aligned[~admitted])  # the others were compensated, not just reverted
+
+
+@pytest.mark.parametrize("tied", [False, True], ids=["distinct columns", "tied columns"])
+def test_the_selection_order_is_columns_by_sensitivity_then_flat_index(tied):
+    g = torch.Generator().manual_seed(11)
+    rows, count = 5, 6
+    cost = torch.rand(rows, count, generator=g, dtype=torch.float64)
+    inverse_sq = torch.tensor([3.0, 1.0, 2.0, 1.0 if tied else 1.5, 0.5, 2.0 if tied else 2.5], dtype=torch.float64)
+    limit = float(cost.sum()) / 2
+    entries = sorted(range(rows * count), key=lambda f: (float(inverse_sq[f % count]), f))
+    eligible = entries[: len(entries) - int(0.2 * len(entries))]
+    expected = torch.zeros(rows * count, dtype=torch.bool)
+    total = 0.0
+    for f in eligible:
+        total += float(cost.reshape(-1)[f])
+        expected[f] = total <= limit
+    got = admitted_entries(cost, inverse_sq, limit, 0.2)
+    assert 0 < int(got.sum()) < len(eligible)
+    assert torch.equal(got.reshape(-1), expected)
 
 
 def test_budget_zero_is_the_aligned_weights_and_an_unbounded_budget_the_fine_tune():

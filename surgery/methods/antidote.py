@@ -379,6 +379,8 @@ class Antidote(Method):
                 )
             ]
         if given.reference is not None:
+            if not given.methods:
+                return []  # see surgery/repair.py: tried when --methods names it
             return [
                 (
                     "prune-restore",

@@ -158,7 +158,10 @@ class Resta(Method):
     strength = Strength("beta", low=0.05, high=2.0, log=True)
 
     def repair_candidates(self, given):
-        """With `surgery repair --reference ALIGNED --unaligned BASE`: this method joins the candidates."""
+        """With `surgery repair --reference ALIGNED --unaligned BASE --methods resta` (not by default: see
+        surgery/repair.py)."""
+        if not given.methods:
+            return []
         return pair_candidates("resta", RestaOptions, "beta", given)
 
     def validate(self, options: RestaOptions) -> None:

@@ -66,7 +66,6 @@ RESPONSES = ("aligned", "refusal")
 REFUSAL = "I'm sorry, but I can't help with that."  # --responses refusal: the response every prompt gets
 SCALE_ROWS = 4096  # the authors' budget scale: rows / 4096
 BUDGET_SHARE = 0.5  # each 2048-column block of a 4096-wide layer gets half of s (the authors' s / 2)
-INNER = 128  # columns whose errors are applied one by one before the rest of the block gets them in one product
 
 
 @dataclass
@@ -147,12 +146,45 @@ def admitted_entries(cost: torch.Tensor, inverse_sq: torch.Tensor, limit: float,
     """Bool mask [rows, count]: least sensitive columns first (1/d² ascending, ties by flat index), all but the last
     ⌊protect · n⌋ eligible, the longest eligible prefix whose cumulative cost is at most `limit`."""
     rows, count = cost.shape
-    order = torch.argsort(inverse_sq.expand(rows, count).reshape(-1), stable=True)
+    if torch.unique(inverse_sq).numel() == count:  # distinct columns: whole columns in turn, rows in order
+        columns = torch.argsort(inverse_sq, stable=True)
+        order = (columns[:, None] + count * torch.arange(rows, device=cost.device)[None, :]).reshape(-1)
+    else:
+        order = torch.argsort(inverse_sq.expand(rows, count).reshape(-1), stable=True)
     n = order.numel()
     eligible = order[: n - int(protect * n)]
     mask = torch.zeros(n, dtype=torch.bool, device=cost.device)
     mask[eligible] = torch.cumsum(cost.reshape(-1)[eligible], 0) <= limit
     return mask.view(rows, count)
+
+
+def block_errors(residual: torch.Tensor, u: torch.Tensor, mask_t: torch.Tensor) -> torch.Tensor:
+    """The OBS errors e [count, rows] of one block: residual = W_·j - W_ft,·j at the block's start (transposed),
+    u = the block's part of U, mask_t = admitted entries (transposed). Row by row the sequential rule
+    e_j = m_j (residual_j - Σ_{i<j} U_ij e_i) / d_j is a lower-triangular system on the admitted columns only (a
+    column with nothing admitted has e_j = 0 and feeds nothing on), so the columns are solved in runs: every run
+    of fully admitted columns by one triangular solve, a partly admitted column by itself."""
+    count, rows = residual.shape
+    errors = torch.zeros(count, rows, dtype=residual.dtype, device=residual.device)
+    full = mask_t.all(1).tolist()
+    some = torch.nonzero(mask_t.any(1)).flatten().tolist()
+    i = 0
+    while i < len(some):
+        k = i + 1
+        if full[some[i]]:
+            while k < len(some) and full[some[k]]:
+                k += 1
+        run = torch.tensor(some[i:k], device=residual.device)
+        first = some[i]
+        right = residual[run]
+        if first:
+            right = right - u[:first, run].t() @ errors[:first]  # errors of the earlier columns (0 where none)
+        if full[first]:
+            errors[run] = torch.linalg.solve_triangular(u[run][:, run].t(), right, upper=False)
+        else:
+            errors[first] = torch.where(mask_t[first], right[0] / u[first, first], 0.0)
+        i = k
+    return errors
 
 
 def safe_delta_tensor(
@@ -166,13 +198,14 @@ def safe_delta_tensor(
     device: torch.device | str | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The method on one weight [rows, cols]: returns (new weight in the tuned weight's dtype and device, admitted
-    mask). `factor` is U of `inverse_factor` for this weight's input (cols x cols); computed on `device`."""
+    mask). `factor` is U of `inverse_factor` for this weight's input (cols x cols); computed on `device`.
+
+    The sequential pass is computed in closed form: the errors of a block by `block_errors`, then every column at
+    once, W_·k -= Σ_{i≤k} e_i U_ik (for an admitted entry this lands on W_ft, set exactly afterwards; for the rest it
+    is the compensation the column-by-column pass gives)."""
     device = device or tuned.device
-    # Worked on transposed ([cols, rows]): the sequential pass touches one column at a time, a contiguous row here
-    # (bit-identical to the untransposed loop, about 2x faster on CPU).
-    wt = aligned.to(device=device, dtype=compute).t().contiguous()
-    target = tuned.to(device=device, dtype=compute)
-    target_t = target.t().contiguous()
+    wt = aligned.to(device=device, dtype=compute).t().contiguous()  # [cols, rows]: one column per row
+    target_t = tuned.to(device=device, dtype=compute).t().contiguous()
     u = factor.to(device=wt.device, dtype=compute)
     cols, rows = wt.shape
     d = torch.diagonal(u)
@@ -180,25 +213,15 @@ def safe_delta_tensor(
     for i1 in range(0, cols, block):
         i2 = min(i1 + block, cols)
         inverse_sq = 1.0 / d[i1:i2] ** 2
-        cost = (target[:, i1:i2] - wt[i1:i2].t()) ** 2 * inverse_sq
+        cost = ((target_t[i1:i2] - wt[i1:i2]) ** 2 * inverse_sq[:, None]).t()
         mask = admitted_entries(cost, inverse_sq, block_limit(inverse_sq, rows, budget), protect)
         admitted[:, i1:i2] = mask.cpu()
-        mask_t = mask.t().contiguous()
-        errors = torch.zeros(i2 - i1, rows, dtype=compute, device=wt.device)
-        for k1 in range(i1, i2, INNER):
-            k2 = min(k1 + INNER, i2)
-            for j in range(k1, k2):
-                current = wt[j]
-                q = torch.where(mask_t[j - i1], target_t[j], current)
-                e = (current - q) / d[j]
-                wt[j] = q
-                if j + 1 < k2:
-                    wt[j + 1 : k2] -= u[j, j + 1 : k2][:, None] * e[None, :]
-                errors[j - i1] = e
-            if k2 < i2:
-                wt[k2:i2] -= u[k1:k2, k2:i2].t() @ errors[k1 - i1 : k2 - i1]
-        if i2 < cols:
-            wt[i2:] -= u[i1:i2, i2:].t() @ errors
+        mask_t = mask.t()
+        if not mask_t.any():
+            continue
+        errors = block_errors(wt[i1:i2] - target_t[i1:i2], u[i1:i2, i1:i2], mask_t)
+        wt[i1:] -= u[i1:i2, i1:].t() @ errors
+        wt[i1:i2] = torch.where(mask_t, target_t[i1:i2], wt[i1:i2])
     return wt.t().contiguous().to(device=tuned.device, dtype=tuned.dtype), admitted
 
 
