@@ -96,7 +96,7 @@ def test_with_a_reference_the_default_candidates_are_interpolation_safe_delta_an
     tried only when --methods names them."""
     from surgery.repair import RepairOptions, candidates
 
-    model, ref, base = make_ckpt("model"), make_ckpt("ref"), make_ckpt("base")
+    ref, base = make_ckpt("ref"), make_ckpt("base")
     labels = lambda **kw: [c.label for c in candidates(RepairOptions(**kw))]  # noqa: E731
     assert labels(reference=ref) == ["interpolate", "safe-delta"]
     assert sorted(labels(reference=ref, unaligned=base)) == ["interpolate", "revert", "safe-delta"]
