@@ -21,8 +21,8 @@ compensated by the earlier blocks):
              ε = (BUDGET / 2) · (rows / 4096) · mean_j(1/d_j²)      (the authors' scale: a 4096-wide Llama-2 layer in
                                                                      two 2048-column blocks, each given half of s)
 
-then, column by column in order (the OBS/SparseGPT error feedback, exact: each column's error reaches every later
-column, lazily batched):
+then the OBS/SparseGPT error feedback, column by column in order (exact: each column's error reaches every later
+column):
 
     q_j      = W_ft,·j on the admitted entries, W_·j elsewhere (the entries not admitted keep their aligned value
                plus the compensation they have received)
@@ -31,7 +31,15 @@ column, lazily batched):
 So BUDGET 0 writes W_aligned exactly (nothing admitted, nothing to compensate) and an unbounded BUDGET with
 PROTECT 0 writes W_ft exactly; a larger budget keeps more of the delta (a weaker repair). The authors' code processes
 the columns four at a time, the error of a column reaching only the later groups; this implementation passes every
-column's error on (the exact OBS update), so it equals the column-by-column computation.
+column's error on (the exact OBS update).
+
+Computed in closed form rather than column by column: e_j is zero where nothing is admitted, so with R = W - W_ft at
+the block's start, row by row Σ_{i≤j} U_ij e_i = R_j on the admitted entries, a lower-triangular system in the
+admitted columns only (one triangular solve per run of fully admitted columns, a partly admitted column alone; the
+selection admits whole columns in order, so there is at most one partial column unless columns tie). Then
+W_·k -= Σ_{i≤k} e_i U_ik for every column at once, and the admitted entries are set to W_ft exactly. Tested against
+a column-by-column computation from explicit inverses (tests/test_safe_delta.py); on SmolLM2-135M's shapes it is
+2-3x faster than the column loop it replaced (0.05-0.08 s per matrix on the 2-core CPU), with the same masks.
 
 The safe responses: the paper uses the aligned model's own answers to the harmful prompts; that is the default here
 (`--responses aligned`: generated once, greedily, `--max-new-tokens` long, for prompts without a response);
