@@ -349,7 +349,7 @@ def repair_checkpoint(
             c.ctx.measurer = measurers[kind]
             shared[kind] = (c.ctx.model(), c.ctx.tokenizer())
             c.ctx.confirm = "none" if several else "neighbours"  # several: screened on the proxies, finalists below
-            c.ctx.progress("preparing: the method's statistics from its calibration data")  # before a silent wait
+            c.ctx.progress("preparing")  # before a method's silent calibration, if it has one
             c.prepared, c.search = prepare_and_search(method, c.ctx, c.options, screen)
             resolved = getattr(c.prepared, "resolved", None)
             c.resolved = resolved() if resolved else {}

@@ -1,6 +1,7 @@
 import hashlib
 import json
 import shutil
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -11,7 +12,7 @@ from safetensors.torch import load_file, save_file
 from surgery.checkpoint import open_checkpoint
 from surgery.model import load_model
 from surgery.probes.artifact import Probe, ProbeMeta, save_probe
-from surgery.testing.tiny import save_tiny_checkpoint
+from surgery.testing.tiny import save_tiny_checkpoint, tiny_llama
 
 
 def folder_hashes(path: Path) -> dict[str, str]:
@@ -148,3 +149,91 @@ def derived_checkpoint(source: Path, dest: Path, seed: int, scale: float) -> Pat
                 tensors[name] = (t.float() + torch.randn(t.shape, generator=generator) * scale).to(t.dtype)
         save_file(tensors, shard, metadata=metadata)
     return dest
+
+
+# ---- shared by several test modules (each imports the helpers from here; the fixtures are found by pytest) ----
+
+
+NOISE = 0.01  # the weights are ~N(0, 0.02): each step of the family moves them by half their scale
+
+
+def perturb(model, seed: int, scale: float = NOISE, skip=lambda name: False):
+    """Add seeded N(0, scale) noise to every parameter `skip` does not name, in fp32, cast to the stored dtype."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            noise = torch.randn(p.shape, generator=generator) * scale
+            if not skip(name):
+                p.copy_((p.float() + noise).to(p.dtype))
+    return model
+
+
+def checkpoint_family(root: Path, dtype=torch.float32, same_on=lambda name: False, **kwargs) -> tuple[Path, Path, Path]:
+    """(fine-tuned, aligned, unaligned) checkpoint folders; the aligned model equals the unaligned one on the
+    parameters `same_on` names (V = 0 there)."""
+    model = tiny_llama(dtype=dtype, seed=0)
+    unaligned = save_tiny_checkpoint(root / "unaligned", model=model, **kwargs)
+    aligned = save_tiny_checkpoint(root / "aligned", model=perturb(model, 1, skip=same_on), **kwargs)
+    tuned = save_tiny_checkpoint(root / "tuned", model=perturb(model, 2), **kwargs)
+    return tuned, aligned, unaligned
+
+
+def tensors(folder: Path) -> dict[str, torch.Tensor]:
+    ckpt = open_checkpoint(folder)
+    return {name: ckpt.read(name) for name in ckpt.tensors}
+
+
+def bits(t: torch.Tensor) -> torch.Tensor:
+    return t.contiguous().view(torch.uint8)
+
+
+@pytest.fixture
+def no_model(monkeypatch):
+    """Any model load or forward pass fails the test (a streamed run holds no model)."""
+    from transformers import PreTrainedModel
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a model was loaded")
+
+    monkeypatch.setattr(PreTrainedModel, "from_pretrained", classmethod(refuse))
+    monkeypatch.setattr("surgery.methods.base.load_model", refuse)
+
+
+@pytest.fixture
+def model_loads(monkeypatch):
+    from transformers import PreTrainedModel
+
+    counts = Counter()
+    load = PreTrainedModel.__dict__["from_pretrained"].__func__
+
+    def counted(cls, *args, **kwargs):
+        counts["loads"] += 1
+        return load(cls, *args, **kwargs)
+
+    monkeypatch.setattr(PreTrainedModel, "from_pretrained", classmethod(counted))
+    return counts
+
+
+def make_adapter(
+    base: Path, out: Path, targets=LORA_TARGETS, modules_to_save=None, seed: int = 0, scale: float = 0.3
+) -> Path:
+    from peft import LoraConfig, get_peft_model
+
+    model = load_model(open_checkpoint(base), torch.device("cpu"))
+    wrapped = get_peft_model(
+        model,
+        LoraConfig(
+            r=LORA_RANK,
+            lora_alpha=LORA_ALPHA,
+            target_modules=targets,
+            lora_dropout=0.0,
+            modules_to_save=modules_to_save,
+        ),
+    )
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for _name, p in wrapped.named_parameters():
+            if p.requires_grad:
+                p.add_(torch.randn(p.shape, generator=g) * scale)
+    wrapped.save_pretrained(out)
+    return out

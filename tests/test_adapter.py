@@ -19,33 +19,9 @@ from tests.conftest import (
     cli,
     derived_checkpoint,
     folder_hashes,
+    make_adapter,
     merged_checkpoint,
 )
-
-
-def make_adapter(
-    base: Path, out: Path, targets=LORA_TARGETS, modules_to_save=None, seed: int = 0, scale: float = 0.3
-) -> Path:
-    from peft import LoraConfig, get_peft_model
-
-    model = load_model(open_checkpoint(base), torch.device("cpu"))
-    wrapped = get_peft_model(
-        model,
-        LoraConfig(
-            r=LORA_RANK,
-            lora_alpha=LORA_ALPHA,
-            target_modules=targets,
-            lora_dropout=0.0,
-            modules_to_save=modules_to_save,
-        ),
-    )
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for _name, p in wrapped.named_parameters():
-            if p.requires_grad:
-                p.add_(torch.randn(p.shape, generator=g) * scale)
-    wrapped.save_pretrained(out)
-    return out
 
 
 @pytest.fixture

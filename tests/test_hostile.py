@@ -309,11 +309,11 @@ def import_gguf(w: World, source=None, out=None, *extra) -> list:
 
 
 def contract_writer(name: str) -> Callable:
-    """A registered method without a hand-made line above: its contract-suite arguments (tests/test_contract.py ARGS),
+    """A registered method without a hand-made line above: its contract-suite arguments (tests/method_args.py ARGS),
     made from the pristine model (the world's model may be spoiled or pickled by then)."""
 
     def build(w: World, model=None, out=None, *extra) -> list:
-        from .test_contract import ARGS
+        from .method_args import ARGS
 
         return [
             name,
@@ -1131,7 +1131,7 @@ class _NoPatch:
 
 def registered(w: World, name: str, model=None, *extra) -> list:
     """The command line of a registered method on the world's model: the contract suite's arguments for it."""
-    from .test_contract import ARGS
+    from .method_args import ARGS
 
     return [
         name,

@@ -10,10 +10,7 @@ import torch
 
 from surgery.checkpoint import MANIFEST_NAME
 
-from .conftest import cli, folder_hashes
-from .test_safety_vector import bits, family, model_loads, no_model, tensors  # noqa: F401 - fixtures
-
-__all__ = ["model_loads", "no_model"]
+from .conftest import bits, checkpoint_family, cli, folder_hashes, tensors
 
 
 def run(model, reference, out, *more, capsys) -> dict:
@@ -27,7 +24,7 @@ def run(model, reference, out, *more, capsys) -> dict:
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("alpha", [0.3, 0.5, 0.85])
 def test_written_tensors_are_the_formula(dtype, alpha, tmp_path, capsys, no_model):
-    tuned, aligned, _ = family(tmp_path, dtype)
+    tuned, aligned, _ = checkpoint_family(tmp_path, dtype)
     before = folder_hashes(tuned), folder_hashes(aligned)
     manifest = run(tuned, aligned, tmp_path / "out", "--alpha", str(alpha), capsys=capsys)
     ft, ref, out = tensors(tuned), tensors(aligned), tensors(tmp_path / "out")
@@ -45,7 +42,7 @@ def test_written_tensors_are_the_formula(dtype, alpha, tmp_path, capsys, no_mode
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 def test_alpha_zero_is_the_fine_tune_and_one_the_reference_bit_for_bit(dtype, tmp_path, capsys, no_model):
-    tuned, aligned, _ = family(tmp_path, dtype)
+    tuned, aligned, _ = checkpoint_family(tmp_path, dtype)
     zero = run(tuned, aligned, tmp_path / "zero", "--alpha", "0", capsys=capsys)
     run(tuned, aligned, tmp_path / "one", "--alpha", "1", capsys=capsys)
     ft, ref = tensors(tuned), tensors(aligned)
@@ -57,7 +54,9 @@ def test_alpha_zero_is_the_fine_tune_and_one_the_reference_bit_for_bit(dtype, tm
 
 def test_tensors_equal_to_the_reference_and_outside_the_targets_are_untouched(tmp_path, capsys):
     same = lambda name: name.startswith("model.layers.1.") or name.endswith("norm.weight")  # noqa: E731
-    _, aligned, unaligned = family(tmp_path, same_on=same)  # aligned == unaligned on `same`: the "fine-tune" is aligned
+    _, aligned, unaligned = checkpoint_family(
+        tmp_path, same_on=same
+    )  # aligned == unaligned on `same`: the "fine-tune" is aligned
     manifest = run(aligned, unaligned, tmp_path / "out", "--alpha", "0.5", capsys=capsys)
     model, ref, out = tensors(aligned), tensors(unaligned), tensors(tmp_path / "out")
     unchanged = sorted(n for n in model if same(n))
@@ -76,7 +75,7 @@ def test_tensors_equal_to_the_reference_and_outside_the_targets_are_untouched(tm
 
 
 def test_auto_alpha_is_searched_and_written_exactly(tmp_path, capsys, model_loads):
-    tuned, aligned, _ = family(tmp_path)
+    tuned, aligned, _ = checkpoint_family(tmp_path)
     manifest = run(
         tuned,
         aligned,
@@ -103,7 +102,7 @@ def test_auto_alpha_is_searched_and_written_exactly(tmp_path, capsys, model_load
 
 
 def test_missing_reference_is_one_error_line(tmp_path, capsys, no_model):
-    tuned, _, _ = family(tmp_path)
+    tuned, _, _ = checkpoint_family(tmp_path)
     listing = sorted(tmp_path.rglob("*"))
     code, _, err = cli(["interpolate", tuned, "-o", tmp_path / "out"], capsys)
     lines = [line for line in err.splitlines() if line.strip()]

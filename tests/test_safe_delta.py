@@ -13,10 +13,7 @@ from surgery.checkpoint import MANIFEST_NAME
 from surgery.methods import safe_delta
 from surgery.methods.safe_delta import InputHessians, admitted_entries, inverse_factor, safe_delta_tensor
 
-from .conftest import cli, folder_hashes
-from .test_safety_vector import bits, family, no_model, tensors  # noqa: F401 - fixture
-
-__all__ = ["no_model"]
+from .conftest import bits, checkpoint_family, cli, folder_hashes, tensors
 
 
 def random_hessian(cols: int, seed: int, tokens: int = 40) -> torch.Tensor:
@@ -147,7 +144,7 @@ def run(tuned, aligned, out, *more, capsys) -> dict:
 def test_a_planted_hessian_selects_the_planted_entries(tmp_path, capsys, monkeypatch, no_model):
     calls = []
     plant(monkeypatch, calls)
-    tuned, aligned, _ = family(tmp_path)
+    tuned, aligned, _ = checkpoint_family(tmp_path)
     before = folder_hashes(tuned), folder_hashes(aligned)
     # A budget that cannot hold every planted entry: the admitted ones are planted ones only (some in every weight).
     manifest = run(tuned, aligned, tmp_path / "some", "--budget", "0.05", "--protect", "0", capsys=capsys)
@@ -171,7 +168,7 @@ def test_a_planted_hessian_selects_the_planted_entries(tmp_path, capsys, monkeyp
 
 def test_budget_zero_writes_the_aligned_linear_weights(tmp_path, capsys, monkeypatch, no_model):
     plant(monkeypatch, [])
-    tuned, aligned, _ = family(tmp_path, torch.bfloat16)
+    tuned, aligned, _ = checkpoint_family(tmp_path, torch.bfloat16)
     manifest = run(tuned, aligned, tmp_path / "out", "--budget", "0", capsys=capsys)
     ft, a, out = tensors(tuned), tensors(aligned), tensors(tmp_path / "out")
     weights = manifest["report"]["safe_delta"]["per_tensor"]
@@ -219,7 +216,7 @@ def test_the_aligned_models_hessians_are_2xxt_shared_by_modules_reading_one_inpu
 
 
 def test_missing_reference_is_one_error_line(tmp_path, capsys, no_model):
-    tuned, _, _ = family(tmp_path)
+    tuned, _, _ = checkpoint_family(tmp_path)
     listing = sorted(tmp_path.rglob("*"))
     code, _, err = cli(["safe-delta", tuned, "-o", tmp_path / "out"], capsys)
     lines = [line for line in err.splitlines() if line.strip()]
@@ -229,7 +226,7 @@ def test_missing_reference_is_one_error_line(tmp_path, capsys, no_model):
 
 def test_auto_budget_searches_from_the_smallest_budget_and_writes_the_chosen_one_exactly(tmp_path, capsys, monkeypatch):
     plant(monkeypatch, [])
-    tuned, aligned, _ = family(tmp_path)
+    tuned, aligned, _ = checkpoint_family(tmp_path)
     manifest = run(
         tuned,
         aligned,

@@ -8,8 +8,7 @@ from safetensors.torch import load_file
 
 from surgery.checkpoint import open_checkpoint
 
-from .conftest import cli, derived_checkpoint, folder_hashes
-from .test_adapter import make_adapter
+from .conftest import cli, derived_checkpoint, folder_hashes, make_adapter
 
 PREFIX = "base_model.model."
 

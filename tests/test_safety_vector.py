@@ -16,30 +16,7 @@ from surgery.checkpoint import MANIFEST_NAME, open_checkpoint
 from surgery.deltas import dare, sign_conflicts, tensor_seed, top_of
 from surgery.testing.tiny import save_tiny_checkpoint, tiny_llama
 
-from .conftest import cli, folder_hashes
-
-NOISE = 0.01  # the weights are ~N(0, 0.02): each step of the family moves them by half their scale
-
-
-def perturb(model, seed: int, scale: float = NOISE, skip=lambda name: False):
-    """Add seeded N(0, scale) noise to every parameter `skip` does not name, in fp32, cast to the stored dtype."""
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            noise = torch.randn(p.shape, generator=generator) * scale
-            if not skip(name):
-                p.copy_((p.float() + noise).to(p.dtype))
-    return model
-
-
-def family(root: Path, dtype=torch.float32, same_on=lambda name: False, **kwargs) -> tuple[Path, Path, Path]:
-    """(fine-tuned, aligned, unaligned) checkpoint folders; the aligned model equals the unaligned one on the
-    parameters `same_on` names (V = 0 there)."""
-    model = tiny_llama(dtype=dtype, seed=0)
-    unaligned = save_tiny_checkpoint(root / "unaligned", model=model, **kwargs)
-    aligned = save_tiny_checkpoint(root / "aligned", model=perturb(model, 1, skip=same_on), **kwargs)
-    tuned = save_tiny_checkpoint(root / "tuned", model=perturb(model, 2), **kwargs)
-    return tuned, aligned, unaligned
+from .conftest import bits, checkpoint_family, cli, folder_hashes, perturb, tensors
 
 
 def surgery(*args, capsys) -> tuple[int, str, str]:
@@ -66,47 +43,11 @@ def run(method: str, tuned: Path, aligned: Path, unaligned: Path, out: Path, *mo
     return json.loads((out / MANIFEST_NAME).read_text())
 
 
-def tensors(folder: Path) -> dict[str, torch.Tensor]:
-    ckpt = open_checkpoint(folder)
-    return {name: ckpt.read(name) for name in ckpt.tensors}
-
-
-def bits(t: torch.Tensor) -> torch.Tensor:
-    return t.contiguous().view(torch.uint8)
-
-
-@pytest.fixture
-def no_model(monkeypatch):
-    """Any model load or forward pass fails the test (a streamed run holds no model)."""
-    from transformers import PreTrainedModel
-
-    def refuse(*args, **kwargs):
-        raise AssertionError("a model was loaded")
-
-    monkeypatch.setattr(PreTrainedModel, "from_pretrained", classmethod(refuse))
-    monkeypatch.setattr("surgery.methods.base.load_model", refuse)
-
-
-@pytest.fixture
-def model_loads(monkeypatch):
-    from transformers import PreTrainedModel
-
-    counts = Counter()
-    load = PreTrainedModel.__dict__["from_pretrained"].__func__
-
-    def counted(cls, *args, **kwargs):
-        counts["loads"] += 1
-        return load(cls, *args, **kwargs)
-
-    monkeypatch.setattr(PreTrainedModel, "from_pretrained", classmethod(counted))
-    return counts
-
-
 # ---- RESTA ---------------------------------------------------------------------------------------------------------
 
 
 def test_resta_beta_zero_is_bit_identical(tmp_path, capsys, no_model):
-    tuned, aligned, unaligned = family(tmp_path)
+    tuned, aligned, unaligned = checkpoint_family(tmp_path)
     manifest = run("resta", tuned, aligned, unaligned, tmp_path / "out", "--beta", "0", capsys=capsys)
     before, after = tensors(tuned), tensors(tmp_path / "out")
     assert before.keys() == after.keys()
@@ -116,7 +57,7 @@ def test_resta_beta_zero_is_bit_identical(tmp_path, capsys, no_model):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 def test_resta_beta_one_is_w_ft_plus_v_in_fp32(dtype, tmp_path, capsys, no_model):
-    tuned, aligned, unaligned = family(tmp_path, dtype)
+    tuned, aligned, unaligned = checkpoint_family(tmp_path, dtype)
     run("resta", tuned, aligned, unaligned, tmp_path / "out", "--beta", "1", capsys=capsys)
     ft, a, u, out = tensors(tuned), tensors(aligned), tensors(unaligned), tensors(tmp_path / "out")
     for name in ft:
@@ -126,7 +67,7 @@ def test_resta_beta_one_is_w_ft_plus_v_in_fp32(dtype, tmp_path, capsys, no_model
 
 
 def test_resta_beta_scales_the_vector(tmp_path, capsys):
-    tuned, aligned, unaligned = family(tmp_path)
+    tuned, aligned, unaligned = checkpoint_family(tmp_path)
     run("resta", tuned, aligned, unaligned, tmp_path / "out", "--beta", "0.3", capsys=capsys)
     ft, a, u, out = tensors(tuned), tensors(aligned), tensors(unaligned), tensors(tmp_path / "out")
     for name in ft:
@@ -135,7 +76,7 @@ def test_resta_beta_scales_the_vector(tmp_path, capsys):
 
 def test_resta_changes_only_tensors_where_v_is_not_zero(tmp_path, capsys):
     same = lambda name: name.startswith("model.layers.1.") or name.endswith("norm.weight")  # noqa: E731
-    tuned, aligned, unaligned = family(tmp_path, same_on=same)
+    tuned, aligned, unaligned = checkpoint_family(tmp_path, same_on=same)
     manifest = run("resta", tuned, aligned, unaligned, tmp_path / "out", capsys=capsys)
     ft, out = tensors(tuned), tensors(tmp_path / "out")
     unchanged = sorted(n for n in ft if same(n))
@@ -147,7 +88,7 @@ def test_resta_changes_only_tensors_where_v_is_not_zero(tmp_path, capsys):
 
 
 def test_resta_targets_limit_the_tensors(tmp_path, capsys):
-    tuned, aligned, unaligned = family(tmp_path)
+    tuned, aligned, unaligned = checkpoint_family(tmp_path)
     run(
         "resta",
         tuned,
@@ -168,7 +109,7 @@ def test_resta_targets_limit_the_tensors(tmp_path, capsys):
 def test_dare_with_p_zero_is_no_dare(tmp_path, capsys):
     delta = torch.randn(50, 40)
     assert dare(delta, 0.0, seed=3) is delta
-    tuned, aligned, unaligned = family(tmp_path)
+    tuned, aligned, unaligned = checkpoint_family(tmp_path)
     run("resta", tuned, aligned, unaligned, tmp_path / "plain", "--beta", "0.5", capsys=capsys)
     run(
         "resta",
@@ -201,7 +142,7 @@ def test_dare_keeps_the_expected_delta():
 
 
 def test_resta_dare_is_reproducible_and_drops_the_fine_tune_delta(tmp_path, capsys):
-    tuned, aligned, unaligned = family(tmp_path)
+    tuned, aligned, unaligned = checkpoint_family(tmp_path)
     p = 0.4
     for folder, seed in (("one", 5), ("again", 5), ("other", 6)):
         run(
@@ -236,7 +177,7 @@ def test_resta_dare_is_reproducible_and_drops_the_fine_tune_delta(tmp_path, caps
 
 
 def test_resta_fixed_beta_streams_without_a_model(tmp_path, capsys, no_model, monkeypatch):
-    tuned, aligned, unaligned = family(tmp_path, shard_bytes=20_000)
+    tuned, aligned, unaligned = checkpoint_family(tmp_path, shard_bytes=20_000)
     reads = Counter()
     from surgery.checkpoint import Checkpoint
 
@@ -254,7 +195,7 @@ def test_resta_fixed_beta_streams_without_a_model(tmp_path, capsys, no_model, mo
 
 
 def test_resta_auto_beta_is_searched_and_written_exactly(tmp_path, capsys, model_loads):
-    tuned, aligned, unaligned = family(tmp_path)
+    tuned, aligned, unaligned = checkpoint_family(tmp_path)
     manifest = run(
         "resta",
         tuned,
@@ -308,7 +249,7 @@ def linear_weights(ckpt: dict) -> dict:
 
 @pytest.mark.parametrize("fraction", [0.3, 0.75])
 def test_revert_reverts_the_top_conflicting_entries_exactly(fraction, tmp_path, capsys, no_model):
-    tuned, aligned, unaligned = family(tmp_path)
+    tuned, aligned, unaligned = checkpoint_family(tmp_path)
     manifest = run(
         "revert",
         tuned,
@@ -340,7 +281,7 @@ def test_revert_reverts_the_top_conflicting_entries_exactly(fraction, tmp_path, 
 
 
 def test_revert_fraction_one_reverts_every_conflict_without_data(tmp_path, capsys, no_model):
-    tuned, aligned, unaligned = family(tmp_path, torch.bfloat16)
+    tuned, aligned, unaligned = checkpoint_family(tmp_path, torch.bfloat16)
     manifest = run("revert", tuned, aligned, unaligned, tmp_path / "out", "--fraction", "1", capsys=capsys)
     ft, a, u, out = tensors(tuned), tensors(aligned), tensors(unaligned), tensors(tmp_path / "out")
     total = 0
@@ -354,7 +295,7 @@ def test_revert_fraction_one_reverts_every_conflict_without_data(tmp_path, capsy
 
 
 def test_revert_targets_limit_the_weights(tmp_path, capsys):
-    tuned, aligned, unaligned = family(tmp_path)
+    tuned, aligned, unaligned = checkpoint_family(tmp_path)
     run(
         "revert",
         tuned,
@@ -457,14 +398,14 @@ def assert_refused(method, tuned, aligned, unaligned, tmp_path, capsys, needle, 
 
 @pytest.mark.parametrize("method", ["resta", "revert"])
 def test_other_shapes_are_refused(method, tmp_path, capsys, no_model):
-    tuned, aligned, unaligned = family(tmp_path)
+    tuned, aligned, unaligned = checkpoint_family(tmp_path)
     wider = save_tiny_checkpoint(tmp_path / "wider", model=tiny_llama(intermediate=96))
     assert_refused(method, tuned, aligned, wider, tmp_path, capsys, "--unaligned")
     assert_refused(method, tuned, wider, unaligned, tmp_path, capsys, "--aligned")
 
 
 def test_aligned_and_unaligned_are_checked_against_each_other(tmp_path, capsys, no_model):
-    tuned, aligned, unaligned = family(tmp_path)
+    tuned, aligned, unaligned = checkpoint_family(tmp_path)
     # The model's config does not state vocab_size, so each of the pair passes against it; they disagree with each other.
     for folder, vocab in ((tuned, None), (aligned, 128), (unaligned, 256)):
         config = json.loads((folder / "config.json").read_text())
@@ -475,7 +416,7 @@ def test_aligned_and_unaligned_are_checked_against_each_other(tmp_path, capsys, 
 
 @pytest.mark.parametrize("method", ["resta", "revert"])
 def test_a_zero_safety_vector_is_refused(method, tmp_path, capsys, no_model):
-    tuned, aligned, _ = family(tmp_path)
+    tuned, aligned, _ = checkpoint_family(tmp_path)
     copy = shutil.copytree(aligned, tmp_path / "copy")
     assert_refused(method, tuned, aligned, copy, tmp_path, capsys, "V = W_aligned - W_unaligned is zero")
     assert_refused(method, tuned, aligned, aligned, tmp_path, capsys, "same folder")
@@ -483,7 +424,7 @@ def test_a_zero_safety_vector_is_refused(method, tmp_path, capsys, no_model):
 
 
 def test_a_safety_vector_zero_on_every_target_is_refused(tmp_path, capsys, no_model):
-    tuned, aligned, unaligned = family(tmp_path, same_on=lambda name: "o_proj" in name)
+    tuned, aligned, unaligned = checkpoint_family(tmp_path, same_on=lambda name: "o_proj" in name)
     assert_refused(
         "resta",
         tuned,
@@ -499,13 +440,13 @@ def test_a_safety_vector_zero_on_every_target_is_refused(tmp_path, capsys, no_mo
 
 
 def test_dare_of_one_is_refused(tmp_path, capsys, no_model):
-    tuned, aligned, unaligned = family(tmp_path)
+    tuned, aligned, unaligned = checkpoint_family(tmp_path)
     assert_refused("resta", tuned, aligned, unaligned, tmp_path, capsys, "--dare", "--dare", "1")
 
 
 @pytest.mark.parametrize("method", ["resta", "revert"])
 def test_a_missing_pair_option_is_one_error_line(method, tmp_path, capsys, no_model):
-    tuned, aligned, unaligned = family(tmp_path)
+    tuned, aligned, unaligned = checkpoint_family(tmp_path)
     listing = sorted(tmp_path.rglob("*"))
     for given, missing in ((["--aligned", aligned], "--unaligned"), (["--unaligned", unaligned], "--aligned")):
         code, _, err = surgery(method, tuned, *given, "-o", tmp_path / "out", capsys=capsys)
