@@ -55,6 +55,11 @@ def eigenshift_args(model: Path, inputs: Path, monkeypatch) -> list:
     ]
 
 
+def calibration_args(inputs: Path) -> list:
+    """A tiny harmful calibration set: four prompts, four generated tokens each."""
+    return ["--data", text_file(inputs, "harmful.txt", HARMFUL), "--max-samples", "4", "--max-new-tokens", "4"]
+
+
 def reference_args(model: Path, inputs: Path) -> list:
     """--reference for a contract run: a checkpoint of the model's own layout (the model is its fine-tune)."""
     return ["--reference", derived_checkpoint(model, inputs / "reference", seed=11, scale=0.005)]
@@ -64,12 +69,7 @@ def reference_args(model: Path, inputs: Path) -> list:
 # inputs, monkeypatch). Arguments are chosen so the output stays sound (the after-write check gates at x2).
 ARGS = {
     "prune": lambda model, inputs, mp: [
-        "--data",
-        text_file(inputs, "harmful.txt", HARMFUL),
-        "--max-samples",
-        "4",
-        "--max-new-tokens",
-        "4",
+        *calibration_args(inputs),
         "--ratio",
         "0.05",
     ],
@@ -88,12 +88,7 @@ ARGS = {
     "resta": lambda model, inputs, mp: [*pair_args(model, inputs), "--beta", "1"],
     "revert": lambda model, inputs, mp: [
         *pair_args(model, inputs),
-        "--data",
-        text_file(inputs, "harmful.txt", HARMFUL),
-        "--max-samples",
-        "4",
-        "--max-new-tokens",
-        "4",
+        *calibration_args(inputs),
         "--fraction",
         "0.5",
     ],
@@ -108,12 +103,7 @@ ARGS = {
     "interpolate": lambda model, inputs, mp: [*reference_args(model, inputs), "--alpha", "0.5"],
     "safe-delta": lambda model, inputs, mp: [
         *reference_args(model, inputs),
-        "--data",
-        text_file(inputs, "harmful.txt", HARMFUL),
-        "--max-samples",
-        "4",
-        "--max-new-tokens",
-        "4",
+        *calibration_args(inputs),
         "--budget",
         "0.1",
     ],
