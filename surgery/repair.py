@@ -8,8 +8,8 @@ direction is the model's own; with a probe, the probe edit joins; with an adapte
 LoRA matrices (the paper) and every other candidate works on base + adapter merged. EigenShift lowers toxicity, not
 the harmful score, so it is not compared here.
 
-With a reference, four candidates are tried only when `--methods` names them: prune-restore, resta, ablate and
-ablate-from-reference. On the demonstration pair (docs/performance.md) every one of them was dominated by Safe Delta
+With a reference, four candidates are tried only when `--methods` names them (each method's
+`on_request_with_reference`): prune-restore, resta, ablate and ablate-from-reference. On the demonstration pair (docs/performance.md) every one of them was dominated by Safe Delta
 at a fraction of its cost in the default run (prune-restore: harmful proxy 75.2 % after a 220 s calibration; resta:
 86.7 % at perplexity x1.46; Safe Delta 26.6 %), and the ablations' layer scans generate for every layer.
 
@@ -57,7 +57,6 @@ def offers() -> dict[str, list[frozenset[str]]]:
         for combo in combos:
             given = SimpleNamespace(
                 **{k: (f"<{k}>" if k in combo else None) for k in INPUTS},
-                methods=["<every>"],  # every candidate a method offers when asked by name (ablation's)
                 max_harmful_score=None,
                 device="auto",
                 allow_pickle=False,
@@ -196,7 +195,8 @@ def measured_points(todo: list[Candidate]) -> list[dict]:
 
 def candidates(options: RepairOptions) -> list[Candidate]:
     """What every registered method offers for what the user gave (`Method.repair_candidates`), strength on auto;
-    methods whose repair figure is not the harmful score (EigenShift: toxicity) are not compared here."""
+    methods whose repair figure is not the harmful score (EigenShift: toxicity) are not compared here. With a
+    reference and no --methods, the labels a method lists in `on_request_with_reference` are left out."""
     offered = [
         Candidate(label, name, opts)
         for name, method in REGISTRY.items()
@@ -205,7 +205,9 @@ def candidates(options: RepairOptions) -> list[Candidate]:
     ]
     wanted = options.methods
     if not wanted:
-        return offered
+        if options.reference is None:
+            return offered
+        return [c for c in offered if c.label not in REGISTRY[c.method].on_request_with_reference]
     known = {c.label for c in offered}
     for w in wanted:
         if w not in known:

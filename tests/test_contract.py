@@ -413,7 +413,6 @@ def offered_labels(method) -> set[str]:
                 **{k: (f"<{k}>" if k in combo else None) for k in INPUTS},
                 device="cpu",
                 allow_pickle=False,
-                methods=["<every>"],  # asked by name: a candidate offered only when --methods names it counts too
                 max_harmful_score=None,
             )
             labels |= {label for label, _ in method.repair_candidates(given)}

@@ -455,6 +455,7 @@ class DirectionAblation(Method):
     Options = AblateOptions
     references = {"direction_from": "a checkpoint of the same architecture to read the direction off"}
     strength = Strength("scale", low=0.05, high=4.0, log=True)
+    on_request_with_reference = frozenset({"ablate", "ablate-from-reference"})
 
     def validate(self, options: AblateOptions) -> None:
         options.validate()
@@ -464,8 +465,6 @@ class DirectionAblation(Method):
         are tried by default and these two only when `--methods` names them (`ablate`, `ablate-from-reference`): their
         layer scan generates for every candidate layer (about 6 min each on SmolLM2-135M on the 2-core CPU, more than
         the whole search of every reference-based method together)."""
-        if given.reference is not None and not given.methods:
-            return []
         common = {
             "scale": "auto",
             "reverse": True,

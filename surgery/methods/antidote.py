@@ -365,6 +365,7 @@ class Antidote(Method):
     references = {"reference": "the checkpoint before the harmful fine-tuning"}
     strength = Strength("ratio", low=1e-3, high=0.5, log=True)
     adapter_mode = "adapter"  # the paper prunes the fine-tuning LoRA matrices, never the base
+    on_request_with_reference = frozenset({"prune-restore"})
 
     def repair_candidates(self, given):
         """With an adapter: prune its LoRA matrices (the paper); with a reference: restore the fine-tune delta; with
@@ -379,8 +380,6 @@ class Antidote(Method):
                 )
             ]
         if given.reference is not None:
-            if not given.methods:
-                return []  # see surgery/repair.py: tried when --methods names it
             return [
                 (
                     "prune-restore",

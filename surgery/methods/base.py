@@ -103,6 +103,9 @@ class Method:
     # (it edits the adapter's own tensors and writes an adapter folder; --merge writes it merged).
     adapter_mode: ClassVar[str] = "merge"
     may_be_the_model: ClassVar[frozenset] = frozenset()  # references that may be MODEL itself (SafeLoRA's --aligned)
+    # `surgery repair` labels of this method's candidates tried, when a reference is given, only if --methods names them
+    # (the ones dominated on the lab, or too slow to try by default: surgery/repair.py).
+    on_request_with_reference: ClassVar[frozenset] = frozenset()
     # What the command prints: a module (dotted path) with show(result, options) and optionally show_plan(plan, options).
     # "": cli/commands/<name>.py (dashes as underscores); None: only the check line (the toy of tests/toy_method.py).
     printer: ClassVar[str | None] = ""

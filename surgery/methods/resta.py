@@ -153,6 +153,7 @@ class Resta(Method):
     paper = "Bhardwaj, Anh, Poria 2024, RESTA, arXiv 2402.11746"
     Options = RestaOptions
     references = PAIR
+    on_request_with_reference = frozenset({"resta"})
     # Log scale: a useful beta spans decades (a weak un-alignment vector wants > 1, a full base-to-instruct vector often
     # much less than the paper's 1, whose perplexity cost can exceed the budget). 0 is no repair, so it is not searched.
     strength = Strength("beta", low=0.05, high=2.0, log=True)
@@ -160,8 +161,6 @@ class Resta(Method):
     def repair_candidates(self, given):
         """With `surgery repair --reference ALIGNED --unaligned BASE --methods resta` (not by default: see
         surgery/repair.py)."""
-        if not given.methods:
-            return []
         return pair_candidates("resta", RestaOptions, "beta", given)
 
     def validate(self, options: RestaOptions) -> None:
