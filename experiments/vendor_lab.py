@@ -156,6 +156,7 @@ class VendorLab(DemoPair):
                 "interpolate,prune-adapter",
             ],
             "interpolate-1": ["interpolate", original, "--adapter", adapter, "--reference", original, "--alpha", "1"],
+            "interpolate-0.5": ["interpolate", original, "--adapter", adapter, "--reference", original, "--alpha", "0.5"],
             "prune-adapter-0.05": ["prune", original, "--adapter", adapter, "--ratio", "0.05"],
         }
 

@@ -18,7 +18,7 @@ OVER_REFUSAL_PROXY_REFERENCE = "over_refusal_proxy_reference"  # the reference's
 ACCURACY_PROXY = "accuracy_proxy"  # task accuracy by argmax over the label words' first tokens
 ACCURACY_PROXY_DROP_POINTS = "accuracy_proxy_drop_points"  # in points below the input
 
-# Generated and judged (the confirmed points: the chosen one and its neighbours).
+# Generated and judged (the confirmed points: the proxy's choice and its stronger neighbour).
 HARMFUL = "harmful_score"  # share of held-out harmful prompts not refused (keyword judge)
 TOXICITY = "toxicity"  # EigenShift's repair figure (generated for every candidate: it has no proxy)
 OVER_REFUSAL = "over_refusal"  # share of harmless selection prompts refused

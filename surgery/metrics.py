@@ -94,15 +94,15 @@ def prompt_pass(model, seqs: list[list[int]], pad: int, paths: list[list[int]] |
         mask[i, shared : shared + len(x)] = 1
     positions = (shared + torch.arange(longest)).expand(b, longest)
     kwargs = {keyword: cache} if cache is not None else {}
-    out = model(
-        input_ids=ids.to(device),
-        attention_mask=mask.to(device),
-        position_ids=positions.to(device),
-        use_cache=k > 0,
-        **kwargs,
-    )
-    last = (lengths - 1).to(device)
-    first = out.logits[torch.arange(b, device=device), last].float().log_softmax(-1).cpu()
+    # Only each prompt's last position needs logits (the vocabulary projection is a fifth of SmolLM2's compute).
+    keep, row = torch.unique(lengths - 1, return_inverse=True)
+    inputs = dict(input_ids=ids.to(device), attention_mask=mask.to(device), position_ids=positions.to(device))
+    try:
+        out = model(**inputs, use_cache=k > 0, logits_to_keep=keep.to(device), **kwargs)
+    except TypeError:  # a model class without logits_to_keep
+        out = model(**inputs, use_cache=k > 0, **kwargs)
+        row = lengths - 1
+    first = out.logits[torch.arange(b, device=device), row.to(device)].float().log_softmax(-1).cpu()
     if not k:
         return first, None
     cache = _cache_of(out)

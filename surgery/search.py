@@ -11,7 +11,8 @@ search. Measured against the unedited model, on prompts that are never calibrati
         points above the input, or above the worse of the input and the reference); with --task the label-token
         accuracy proxy; the repair proxy (1 - refusal-opening probability on the held-out harmful prompts), or a
         method's own repair figure (EigenShift: toxicity)
-    confirmed (greedy answers and the keyword judge of `surgery eval`: only the proxy's choice and its neighbours)
+    confirmed (greedy answers and the keyword judge of `surgery eval`: only the proxy's choice and its stronger
+        neighbour, with a target its weaker one too; weaker points only when none of those passes)
         held-out harmful score, over-refusal, task accuracy; the final choice uses these
 
 The knob is assumed monotone (stronger repairs, higher cost): the weakest end is measured first (if it already breaks
@@ -47,7 +48,7 @@ class Point:
         default_factory=list
     )  # budget lines this candidate breaks (generated figures once confirmed)
     lines: list[str] = field(default_factory=list)  # their names (figures.LINES), in the same order
-    confirmed: bool = False  # generated and judged (the chosen point and its neighbours)
+    confirmed: bool = False  # generated and judged (the proxy's choice and its stronger neighbour, see below)
     proxy_broken: list[str] = field(default_factory=list)  # what the cheap figures said, kept after confirmation
     seconds: float = 0.0
 
@@ -628,11 +629,13 @@ def search_strength(method, ctx, prepared, run, knob=None, measurer=None, known=
             return min((p for p in pool if reaches(p, figure)), key=weakness, default=None)
         return min(pool, key=lambda p: (round(p.figures[figure], 6), weakness(p)), default=None)
 
-    # Confirmation (`ctx.confirm`): "neighbours" (a method's own search) the proxy's choice and its measured neighbours;
-    # "chosen" (`surgery repair`'s finalists) the proxy's choice alone; "none" (`surgery repair`'s screening) nothing,
-    # the proxy's choice is returned as chosen. When nothing passed the proxies, the weakest point is confirmed unless
-    # an exact line rejects it; when no confirmed point passes on the generated figures, weaker points in turn until
-    # one does.
+    # Confirmation (`ctx.confirm`): "neighbours" (a method's own search) the proxy's choice and its stronger neighbour
+    # (the proxy may reject a point that generation accepts); with a target also the weaker one (it may reach the
+    # target by generation). A weaker point is otherwise only worth generating when nothing stronger passes: the
+    # knob is monotone, so it repairs less. "chosen" (`surgery repair`'s finalists) the proxy's choice alone; "none"
+    # (`surgery repair`'s screening) nothing, the proxy's choice is returned as chosen. When nothing passed the
+    # proxies, the weakest point is confirmed unless an exact line rejects it; when no confirmed point passes on the
+    # generated figures, weaker points in turn until one does.
     mode = getattr(ctx, "confirm", "neighbours")
     proxy_choice = best(ordered, key)
     if proxy_choice is None and target is not None:
@@ -641,12 +644,13 @@ def search_strength(method, ctx, prepared, run, knob=None, measurer=None, known=
         now = measurer.passes() if hasattr(measurer, "passes") else ctx.forward_passes
         return screened(measurer, knob, ordered, proxy_choice, now - start, t_start)
     centre = ordered.index(proxy_choice) if proxy_choice is not None else 0
-    span = 1 if mode == "neighbours" else 0
-    for p in ordered[max(centre - span, 0) : centre + span + 1]:
+    stronger = 1 if mode == "neighbours" else 0
+    first = max(centre - 1, 0) if stronger and target is not None else centre
+    for p in ordered[first : centre + stronger + 1]:
         confirm(p)
     confirmed = [p for p in ordered if p.confirmed]
     if not any(p.within for p in confirmed):
-        for p in reversed(ordered[: max(centre - span, 0)]):
+        for p in reversed(ordered[:first]):
             confirm(p)
             if p.within:
                 break

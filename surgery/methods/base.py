@@ -211,7 +211,7 @@ class RunOptions:
     search_tokens: int = option(
         24,
         "Auto strength: tokens of each held-out answer generated and judged to confirm the "
-        "chosen point and its neighbours.",
+        "chosen point and its stronger neighbour.",
         positive=True,
     )
     search_steps: int = option(
