@@ -300,14 +300,15 @@ class DemoPair:
         def row(name, label=None):
             f, run = found[name], runs.get(name, {})
             unseen = f"{100 * f['over_refusal_unseen']:.1f} %" if "over_refusal_unseen" in f else "-"
+            kl = f"{f['kl_to_reference']:.3f}" if "kl_to_reference" in f else "-"  # the base was measured without one
             command = (
                 f"`{run['command']}`" + ("" if run.get("exit", 0) == 0 else f" (exit {run['exit']})") if run else ""
             )
             wall = f"{run['seconds'] / 60:.1f} min" if run else ""
             return (
                 f"| {label or name} | {100 * f['harmful_score']:.1f} % | {100 * f['accuracy']:.0f} % | "
-                f"{f['perplexity']:.1f} | {f.get('kl_to_reference', float('nan')):.3f} | {100 * f['over_refusal']:.1f} % | "
-                f"{unseen} | {100 * f.get('empty_answers', 0):.1f} % | {command} | {wall} |"
+                f"{f['perplexity']:.1f} | {kl} | {100 * f['over_refusal']:.1f} % | {unseen} | "
+                f"{100 * f.get('empty_answers', 0):.1f} % | {command} | {wall} |"
             )
 
         head = [

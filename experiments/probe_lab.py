@@ -50,6 +50,9 @@ def parse(argv=None):
     eval_arguments(p, harmful=100, task=200, benign=100, tokens=48)
     p.add_argument("--alphas", default="1.0")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--tag", default="", help="prefix of the figures copied into docs/ (another model's lab beside this one)"
+    )
     return p.parse_args(argv)
 
 
@@ -116,7 +119,7 @@ class ProbeLab:
                 "--output",
                 str(out),
             )
-            shutil.copy2(out / "layers.png", ROOT / "docs" / f"probe_layers_toxigen_{name}.png")
+            shutil.copy2(out / "layers.png", ROOT / "docs" / f"probe_layers_toxigen_{self.args.tag}{name}.png")
 
     # --- detoxification edit on base --------------------------------------------------------------
     def rtp_prompts(self) -> list[str]:
