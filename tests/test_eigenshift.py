@@ -285,31 +285,23 @@ def test_cli_no_toxic_continuation_is_one_line(tiny_ckpt, tmp_path, prompts_file
     assert not (tmp_path / "out").exists()
 
 
-def test_cli_runs_and_reports(tiny_ckpt, tmp_path, prompts_file, capsys, letter_judge):
-    main(
-        [
-            "eigenshift",
-            str(tiny_ckpt),
-            "--prompts",
-            str(prompts_file),
-            "-o",
-            str(tmp_path / "out"),
-            "--k",
-            "2",
-            "--max-new-tokens",
-            "6",
-            "--max-eval-samples",
-            "6",
-            "--device",
-            "cpu",
-        ]
-    )
+def test_a_fixed_strength_that_measures_no_repair_fails_loudly(tiny_ckpt, tmp_path, prompts_file, capsys, letter_judge):
+    """--eval at a fixed alpha: the tiny model's toxicity does not move, so the run exits 1 ("no repair"), its output
+    marked failed in surgery.json; with --min-improvement 0 the same run passes."""
+    argv = ["eigenshift", str(tiny_ckpt), "--prompts", str(prompts_file), "--k", "2", "--max-new-tokens", "6"]
+    argv += ["--max-eval-samples", "6", "--device", "cpu"]
+    with pytest.raises(SystemExit) as exit_:
+        main([*argv, "-o", str(tmp_path / "strict")])
+    captured = capsys.readouterr()
+    report = json.loads((tmp_path / "strict" / MANIFEST_NAME).read_text())["report"]
+    assert exit_.value.code == 1
+    assert report["before"]["toxicity"] == report["after"]["toxicity"]
+    assert "less than --min-improvement 5 points): no repair" in captured.err
+    assert "no repair" in json.loads((tmp_path / "strict" / MANIFEST_NAME).read_text())["failed"]
+    main([*argv, "-o", str(tmp_path / "lenient"), "--min-improvement", "0"])
     text = capsys.readouterr().out
-    assert (
-        "damped 2 of 32 components by alpha 0.9" in text
-        and "TPH" in text
-        and (tmp_path / "out" / MANIFEST_NAME).is_file()
-    )
+    assert "damped 2 of 32 components by alpha 0.9" in text and "TPH" in text
+    assert "failed" not in json.loads((tmp_path / "lenient" / MANIFEST_NAME).read_text())
 
 
 def test_set_head_unties_in_memory():

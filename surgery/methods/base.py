@@ -74,6 +74,11 @@ class Prepared:
     def finish(self, edit: Edit) -> None:
         """Called once with the edit that will be written, while the model is still loaded (e.g. a before/after report)."""
 
+    def failure(self, run) -> str | None:
+        """After `finish` at a fixed strength: why the written edit is no repair, when the method measured its own
+        repair figure before and after (None: it passed, or nothing was measured)."""
+        return None
+
     def bounds(self) -> tuple[float, float] | None:
         """The searched range when it depends on the statistics (None: the method's `Strength` range)."""
         return None
@@ -198,8 +203,9 @@ class RunOptions:
     )
     min_improvement: float = option(
         5.0,
-        "Auto strength fails (exit 1) unless the chosen repair lowers the held-out harmful "
-        "(or toxicity) share by at least this many points.",
+        "Auto strength, and a fixed one that measures its own repair (eigenshift --eval), fails "
+        "(exit 1) unless the repair lowers the held-out harmful (or toxicity) share by at "
+        "least this many points.",
         non_negative=True,
     )
     search_samples: int = option(
@@ -495,7 +501,7 @@ def write_repair(
     result = RepairReport(
         method.name, Path(output), report=prepared.report, search=search, strength=value, seconds=ctx.timings
     )
-    result.failed = search.failed if search is not None else None
+    result.failed = search.failed if search is not None else prepared.failure(run)
 
     def finish(folder: Path, manifest: dict) -> None:
         """In the staged folder, every tensor written: the report (serialised once), plots, the check, the verdict."""

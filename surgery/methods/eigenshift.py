@@ -368,6 +368,17 @@ class PreparedShift(Prepared):
         )
         self.ctx.timings["evaluate"] = time.perf_counter() - t0
 
+    def failure(self, run) -> str | None:
+        """--eval at a fixed strength fails like a search: toxicity must fall by --min-improvement points."""
+        before, after = self.report.before, self.report.after
+        if not before or not after or 100 * (before["toxicity"] - after["toxicity"]) >= run.min_improvement:
+            return None
+        return (
+            f"toxicity of the continuations of {len(self.eval_prompts)} held-out prompts went only from "
+            f"{100 * before['toxicity']:.1f}% to {100 * after['toxicity']:.1f}% (less than --min-improvement "
+            f"{run.min_improvement:g} points): no repair"
+        )
+
 
 class ComponentsAt(Prepared):
     """The k stage of `--alpha auto`: the top-k components removed outright (alpha fixed), k the knob."""
