@@ -156,7 +156,27 @@ class VendorLab(DemoPair):
                 "interpolate,prune-adapter",
             ],
             "interpolate-1": ["interpolate", original, "--adapter", adapter, "--reference", original, "--alpha", "1"],
-            "interpolate-0.5": ["interpolate", original, "--adapter", adapter, "--reference", original, "--alpha", "0.5"],
+            "interpolate-0.5": [
+                "interpolate",
+                original,
+                "--adapter",
+                adapter,
+                "--reference",
+                original,
+                "--alpha",
+                "0.5",
+            ],
+            # the budget `surgery repair` chose on the SmolLM2 demonstration pair, not searched here
+            "safe-delta-1.333": [
+                "safe-delta",
+                original,
+                "--adapter",
+                adapter,
+                "--reference",
+                original,
+                "--budget",
+                "1.333",
+            ],
             "prune-adapter-0.05": ["prune", original, "--adapter", adapter, "--ratio", "0.05"],
         }
 

@@ -1,25 +1,68 @@
-"""Everything the toolkit knows about architectures: which tensors are decoder Linears, residual writers,
-gates, embeddings and heads, and when two checkpoints are the same architecture.
+"""Everything the toolkit knows about architectures: one description per family of which tensors are the decoder
+blocks, residual writers, gates and embedding, and when two checkpoints are the same architecture.
 
-Names follow the Hugging Face llama family (llama, mistral, qwen2, SmolLM2, ...): decoder blocks are a
-numbered list (`model.layers.N.`); other families that number their blocks `h.N.`, `blocks.N.` or
-`block.N.` are recognised for the generic rules (decoder Linears), not for the llama-specific ones.
+A family is data (`Family`), chosen by the checkpoint's config `model_type`. A model type that no family lists gets
+one inferred from its tensor names: its decoder blocks are the numbered list most tensors sit in (`h` for
+`transformer.h.N.`), and inside them the llama family's module names, the ones most Hugging Face decoders use.
 """
 
 from __future__ import annotations
 
 import fnmatch
 import re
+from collections import Counter
+from collections.abc import Iterable
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from .errors import SurgeryError
 
-# A decoder block's modules carry a numeric index after the block list's name ("model.layers.3.mlp").
-BLOCK = re.compile(r"(^|\.)(layers|h|blocks|block)\.(\d+)\.")
-# The matrices that write into the residual stream: attention output and MLP output.
-RESIDUAL_WRITER = re.compile(r"(^|\.)(layers|h|blocks|block)\.\d+\.(self_attn\.o_proj|mlp\.down_proj)\.weight$")
-TOKEN_EMBEDDING = re.compile(r"(^|\.)embed_tokens\.weight$")
-GATE_PROJECTION = re.compile(r"(^|\.)(layers|h|blocks|block)\.(\d+)\.mlp\.gate_proj\.weight$")
+
+@dataclass(frozen=True)
+class Rows:
+    """A role's rows of a block module's weight: block `index` of `of` equal row blocks, for a module that fuses
+    several projections (phi3's mlp.gate_up_proj holds the gate rows, then the up rows)."""
+
+    module: str
+    index: int = 0
+    of: int = 1
+
+    def span(self, rows: int) -> range:
+        """Which of the tensor's `rows` rows are this role's."""
+        size = rows // self.of
+        return range(self.index * size, (self.index + 1) * size)
+
+
+@dataclass(frozen=True)
+class Family:
+    """One architecture family as tensor-name tails, matched after any prefix (a base model or a peft adapter adds
+    or drops leading parts). Block modules are named inside `{block_list}.N.`."""
+
+    name: str
+    model_types: tuple[str, ...]
+    block_list: str = "layers"
+    # Block modules whose output is added to the residual stream: attention output and MLP output.
+    residual_writers: tuple[str, ...] = ("self_attn.o_proj", "mlp.down_proj")
+    # (writer, norm): a norm the writer's output passes before that addition, which scales coordinate i by
+    # norm_offset + weight_i. Gemma2 and gemma3 normalise both outputs so, and their norms compute 1 + weight.
+    post_norms: tuple[tuple[str, str], ...] = ()
+    norm_offset: float = 0.0
+    gate: Rows | None = Rows("mlp.gate_proj")  # the gated MLP: act(gate x) * (up x); None without one
+    up: Rows | None = Rows("mlp.up_proj")
+    embedding: str = "embed_tokens"
+
+
+LLAMA = Family("llama", ("llama", "mistral", "qwen2"))  # SmolLM2 is llama
+GEMMA2 = Family(
+    "gemma2",
+    ("gemma2", "gemma3_text"),
+    post_norms=(("self_attn.o_proj", "post_attention_layernorm"), ("mlp.down_proj", "post_feedforward_layernorm")),
+    norm_offset=1.0,
+)
+PHI3 = Family("phi3", ("phi3",), gate=Rows("mlp.gate_up_proj", 0, 2), up=Rows("mlp.gate_up_proj", 1, 2))
+FAMILIES = (LLAMA, GEMMA2, PHI3)
+
+NUMBERED = re.compile(r"(?:^|\.)([A-Za-z_]\w*)\.\d+\.")  # the first numbered list in a name: "layers" in layers.3.
 LAYER_INDEX = re.compile(r"\.(\d+)\.")
 
 # Config keys that must agree for two checkpoints to be the same architecture (the model before a
@@ -36,23 +79,74 @@ SHAPE_KEYS = (
 )
 
 
+def family_of(model_type: str | None, names: Iterable[str] = ()) -> Family:
+    """The family that lists `model_type`, or one inferred from the tensor `names` (the module docstring)."""
+    for family in FAMILIES:
+        if model_type in family.model_types:
+            return family
+    lists = Counter(m.group(1) for name in names if (m := NUMBERED.search(name)))
+    block_list = lists.most_common(1)[0][0] if lists else LLAMA.block_list
+    return replace(LLAMA, name=model_type or "unknown", model_types=(), block_list=block_list)
+
+
+def model_family(model) -> Family:
+    """The family of a loaded (or meta-device) transformers model."""
+    return family_of(getattr(model.config, "model_type", None), (n for n, _ in model.named_parameters()))
+
+
+def describe(family: Family) -> str:
+    """The family as an error message names it."""
+    if family.model_types:
+        return f"the {family.name} family"
+    return f"model type '{family.name}' (no family in surgery/arch.py lists it: llama names assumed)"
+
+
+def _in_block(family: Family, inner: str) -> str:
+    return rf"(?:^|\.){re.escape(family.block_list)}\.(\d+)\.{inner}"
+
+
+def _role(tensor: str, family: Family, module: str) -> re.Match | None:
+    return re.search(_in_block(family, rf"{re.escape(module)}\.weight$"), tensor)
+
+
+def in_block(name: str, family: Family = LLAMA) -> bool:
+    """Whether a tensor or module name lies inside a decoder block."""
+    return re.search(_in_block(family, ""), name) is not None
+
+
+def is_block_list(module: str, family: Family = LLAMA) -> bool:
+    """Whether a module name is the family's list of decoder blocks."""
+    return module == family.block_list or module.endswith("." + family.block_list)
+
+
+def is_residual_writer(tensor: str, family: Family = LLAMA) -> bool:
+    return any(_role(tensor, family, m) for m in family.residual_writers)
+
+
+def is_token_embedding(tensor: str, family: Family = LLAMA) -> bool:
+    return re.search(rf"(?:^|\.){re.escape(family.embedding)}\.weight$", tensor) is not None
+
+
+def gate_projections(tensors: Iterable[str], family: Family = LLAMA) -> dict[str, int]:
+    """Every decoder block's gate tensor and its layer index, in layer order (none without a gated MLP). A fused
+    tensor's gate rows are `family.gate.span(rows)`."""
+    if family.gate is None:
+        return {}
+    found = {name: int(m.group(1)) for name in tensors if (m := _role(name, family, family.gate.module))}
+    return dict(sorted(found.items(), key=lambda kv: kv[1]))
+
+
+def post_norm(writer: str, family: Family = LLAMA) -> str | None:
+    """The norm tensor a residual writer's output passes before it joins the residual stream; None: it joins as is."""
+    for module, norm in family.post_norms:
+        if m := _role(writer, family, module):
+            return f"{writer[: m.end(1)]}.{norm}.weight"
+    return None
+
+
 def matches(name: str, patterns: list[str]) -> bool:
     """The `--targets` rule: a shell glob matches the whole name or its tail after a dot (`q_proj` is `*.q_proj`)."""
     return any(fnmatch.fnmatchcase(name, p) or fnmatch.fnmatchcase(name, f"*.{p}") for p in patterns)
-
-
-def is_residual_writer(tensor: str) -> bool:
-    return RESIDUAL_WRITER.search(tensor) is not None
-
-
-def is_token_embedding(tensor: str) -> bool:
-    return TOKEN_EMBEDDING.search(tensor) is not None
-
-
-def gate_projections(tensors) -> dict[str, int]:
-    """Every decoder layer's mlp.gate_proj weight tensor and its layer index, in layer order."""
-    found = {name: int(m.group(3)) for name in tensors if (m := GATE_PROJECTION.search(name))}
-    return dict(sorted(found.items(), key=lambda kv: kv[1]))
 
 
 def layer_of(name: str, prefix: str) -> int:

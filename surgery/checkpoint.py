@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
+from .arch import Family, family_of
 from .errors import SurgeryError
 
 INDEX_NAME = "model.safetensors.index.json"
@@ -265,6 +266,11 @@ class Checkpoint:
     @property
     def model_type(self) -> str:
         return self.config.get("model_type", "")
+
+    @property
+    def family(self) -> Family:
+        """Which tensors are the decoder blocks, residual writers, gates and embedding (surgery/arch.py)."""
+        return family_of(self.model_type, self.tensors)
 
     @property
     def tied_embeddings(self) -> bool:

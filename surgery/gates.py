@@ -62,7 +62,8 @@ def gate_activity(
 ) -> GateStats:
     """Active (token, row) pairs of the selected gate rows and mean w_l·h per layer, over `masks`' tokens and all tokens.
 
-    rows: gate_proj tensor -> selected rows; directions: tensor -> the vector the edit adds to them (w or w_l).
+    rows: gate tensor -> selected rows (its output features); directions: tensor -> the vector the edit adds to them
+    (w or w_l).
     """
     stats = GateStats(projection={layer_of[t]: [0.0, 0, 0.0, 0] for t in rows})
     current: dict[str, torch.Tensor] = {}
@@ -106,7 +107,7 @@ def gate_activity(
 def mean_gate_inputs(
     model, sequences: list[list[int]], tensors: list[str], batch_size: int = 8, pad_id: int = 0
 ) -> dict[str, torch.Tensor]:
-    """tensor -> the mean input of that gate_proj (the post-attention-norm residual) over every real token, fp32."""
+    """tensor -> the mean input of that gate (the MLP's normalised residual input) over every real token, fp32."""
     sums: dict[str, torch.Tensor] = {}
     counts = {"tokens": 0}
     current: dict[str, torch.Tensor] = {}

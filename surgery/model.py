@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .arch import BLOCK, matches
+from .arch import in_block, matches, model_family
 from .checkpoint import Checkpoint, first_line
 from .errors import SurgeryError
 
@@ -281,7 +281,8 @@ def linear_targets(model: nn.Module, patterns: list[str] | None = None) -> list[
     """
     names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
     if not patterns:
-        return [n for n in names if BLOCK.search(n)]
+        family = model_family(model)
+        return [n for n in names if in_block(n, family)]
     chosen = [n for n in names if matches(n, patterns)]
     if not chosen:
         raise SurgeryError(

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .arch import layer_of
+from .arch import is_block_list, layer_of, model_family
 from .calibrate import InputNorms
 from .checkpoint import Checkpoint
 from .errors import SurgeryError
@@ -64,12 +64,15 @@ def skeleton(ckpt: Checkpoint) -> nn.Module:
 
 
 def decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
-    """The ModuleList holding the decoder blocks (the one as long as num_hidden_layers)."""
-    depth = getattr(model.config, "num_hidden_layers", None)
+    """The ModuleList holding the decoder blocks, the one the model's family names (surgery/arch.py)."""
+    family = model_family(model)
     for name, module in model.named_modules():
-        if isinstance(module, nn.ModuleList) and len(module) == depth:
+        if isinstance(module, nn.ModuleList) and is_block_list(name, family):
             return name, module
-    raise SurgeryError(f"cannot find the decoder blocks of architecture '{model.config.model_type}' for streaming")
+    raise SurgeryError(
+        f"cannot find the decoder blocks ({family.block_list}.N) of architecture '{model.config.model_type}' "
+        "for streaming"
+    )
 
 
 def _materialise(model: nn.Module, ckpt: Checkpoint, prefix: str, device, dtype) -> None:

@@ -165,7 +165,7 @@ def test_cli_dry_run_lists_rows_per_layer_and_writes_nothing(tiny_ckpt, tmp_path
     plan, _ = plan_edit(tiny_ckpt, tmp_path / "p", EditOptions(count=12))
     for layer, n in plan.per_layer().items():
         assert f"| {layer} |" in cap and f"{n}" in cap  # a Markdown table: output captured, not a terminal
-    assert sum(plan.per_layer().values()) == 12 and "12 of 128 gate_proj rows" in cap
+    assert sum(plan.per_layer().values()) == 12 and "12 of 128 gate rows" in cap
     assert set(tmp_path.iterdir()) == before
 
 

@@ -42,4 +42,4 @@ class Scale(Method):
     printer = None  # no cli/commands/scale.py: the command prints only the check line
 
     def prepare(self, ctx, options: ScaleOptions) -> PreparedScale:
-        return PreparedScale([n for n in ctx.ckpt.tensors if is_residual_writer(n)])
+        return PreparedScale([n for n in ctx.ckpt.tensors if is_residual_writer(n, ctx.ckpt.family)])

@@ -10,7 +10,7 @@ from ..console import err, out
 
 
 def show_plan(plan: EditPlan, options=None) -> None:
-    title = "gate_proj rows selected (most negative cosine with the probe)"
+    title = "gate rows selected (most negative cosine with the probe)"
     table = Table(
         "layer", "rows selected", title=title + ("; dry run: nothing is written" if options is not None else "")
     )
@@ -19,7 +19,7 @@ def show_plan(plan: EditPlan, options=None) -> None:
     out.print(table)
     note = "" if plan.selected == plan.requested else f" (only {plan.selected:,} rows have negative cosine)"
     out.print(
-        f"{plan.selected:,} of {plan.total_rows:,} gate_proj rows ({100 * plan.selected / max(plan.total_rows, 1):.2f}%){note}"
+        f"{plan.selected:,} of {plan.total_rows:,} gate rows ({100 * plan.selected / max(plan.total_rows, 1):.2f}%){note}"
     )
     if options is not None and isinstance(options.alpha, float):
         show_step(plan, options.alpha)

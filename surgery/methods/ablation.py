@@ -4,7 +4,9 @@ r = mean(h_harmful) - mean(h_harmless) at the last prompt token (chat template +
 one layer's residual stream, normalised. Every matrix that writes to the residual stream is then
 orthogonalised against r: W <- W - scale * r (r^T W) for o_proj and down_proj ([hidden, in]); with
 --include-embeddings also the token embedding ([vocab, hidden]): E <- E - scale * (E r) r^T.
-After the edit (scale 1) no block can write along r, so the model cannot represent "refuse".
+After the edit (scale 1) no block can write along r, so the model cannot represent "refuse". Where a family
+normalises a writer's output before adding it (gemma2/3's post-norms, surgery/arch.py), the writer is
+orthogonalised against the direction that norm's weights turn into r (`writer_directions`).
 
 --reverse scales the component along r instead: W <- W + scale * r (r^T W), i.e. whatever the blocks
 write along r is multiplied by (1 + scale). This strengthens a refusal direction that is still written
@@ -45,7 +47,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..arch import is_residual_writer, is_token_embedding
+from ..arch import describe, is_residual_writer, is_token_embedding, model_family, post_norm
 from ..checkpoint import open_checkpoint
 from ..errors import SurgeryError
 from ..model import load_model, load_tokenizer, resolve_device
@@ -205,31 +207,53 @@ def behaviour_key(score: dict[str, float], reverse: bool) -> tuple:
     return (round(objective, 6), *separation_key(score))
 
 
+def writer_directions(r: torch.Tensor, writers, family, read) -> dict[str, torch.Tensor]:
+    """Writer tensor -> the unit direction u projected off its output: r, or where a norm of weight g scales the
+    output by (offset + g) before it is added to the residual stream, u = (offset + g) * r normalised. Then
+    r . ((offset + g) * y) = |(offset + g) * r| (u . y), so removing u removes r from what the block adds (the
+    norm's division by the RMS is a scalar). `read(name)` gives a tensor of the model."""
+    found = {}
+    for name in writers:
+        norm = post_norm(name, family)
+        if norm is None:
+            found[name] = r
+        else:
+            u = (family.norm_offset + read(norm).float().to(r.device)) * r
+            found[name] = u / u.norm().clamp_min(1e-12)
+    return found
+
+
 @contextmanager
 def intervened(model, r: torch.Tensor, scale: float, include_embeddings: bool = False):
     """Run `model` as the edited checkpoint would run, without writing a weight (forward hooks).
 
-    A writer's output y = W x + b becomes y - scale * r (r^T (y - b)) = (W - scale r r^T W) x + b, the
-    output of `orthogonalise(W, r, scale)`; with include_embeddings the token embedding's rows
-    e -> e - scale (e . r) r likewise, and a tied output head sees its input projected the same way.
+    A writer's output y = W x + b becomes y - scale * u (u^T (y - b)) = (W - scale u u^T W) x + b, the
+    output of `orthogonalise(W, u, scale)` with u its `writer_directions` entry; with include_embeddings the
+    token embedding's rows e -> e - scale (e . r) r likewise, and a tied output head sees its input projected
+    the same way.
     """
     handles = []
-    d = r.float().to(next(model.parameters()).device)
+    family, params = model_family(model), dict(model.named_parameters())
+    r = r.float().to(next(model.parameters()).device)
+    writers = [n + ".weight" for n, _ in model.named_modules() if is_residual_writer(n + ".weight", family)]
+    directions = writer_directions(r, writers, family, lambda name: params[name].detach())
 
-    def project(x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    def project(x: torch.Tensor, d: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         v = x.float() - (bias.float() if bias is not None else 0.0)
         return (x.float() - scale * (v @ d)[..., None] * d).to(x.dtype)
 
-    def writer_hook(module, args, output):
-        return project(output, getattr(module, "bias", None))
+    def along(d: torch.Tensor):
+        return lambda module, args, output: project(output, d, getattr(module, "bias", None))
 
     try:
         for name, module in model.named_modules():
-            if is_residual_writer(name + ".weight") or (include_embeddings and is_token_embedding(name + ".weight")):
-                handles.append(module.register_forward_hook(writer_hook))
+            if name + ".weight" in directions:
+                handles.append(module.register_forward_hook(along(directions[name + ".weight"])))
+            elif include_embeddings and is_token_embedding(name + ".weight", family):
+                handles.append(module.register_forward_hook(along(r)))
         head, embed = model.get_output_embeddings(), model.get_input_embeddings()
         if include_embeddings and head is not None and embed is not None and head.weight is embed.weight:
-            handles.append(head.register_forward_pre_hook(lambda m, args: (project(args[0]), *args[1:])))
+            handles.append(head.register_forward_pre_hook(lambda m, args: (project(args[0], r), *args[1:])))
         yield model
     finally:
         for h in handles:
@@ -400,20 +424,13 @@ def find_direction(
     return AblateReport(None, layer, r, scores, baseline=baseline)
 
 
-def ablation_edit(
-    name: str, weight: torch.Tensor, r: torch.Tensor, scale: float, include_embeddings: bool
-) -> torch.Tensor:
-    """The method on one tensor: residual writers W - scale r (r^T W), the embedding (opt-in) E - scale (E r) r^T."""
-    if is_residual_writer(name):
-        return orthogonalise(weight, r, scale)
-    if include_embeddings and is_token_embedding(name):
-        return orthogonalise(weight, r, scale, embedding=True)
-    return weight
-
-
 class PreparedAblation(Prepared):
     def __init__(self, ckpt, report: AblateReport, options: AblateOptions, source: Path):
         self.ckpt, self.report, self.options, self.source = ckpt, report, options, source
+        family = ckpt.family
+        writers = [n for n in ckpt.tensors if is_residual_writer(n, family)]
+        self.writers = writer_directions(report.direction, writers, family, ckpt.read)
+        self.embeddings = [n for n in ckpt.tensors if options.include_embeddings and is_token_embedding(n, family)]
 
     def resolved(self) -> dict:
         """Options this preparation resolved (`surgery repair --pick`: a fixed-strength run given them prepares the same
@@ -423,11 +440,8 @@ class PreparedAblation(Prepared):
     def at(self, scale: float) -> Edit:
         options, r = self.options, self.report.direction
         signed = -scale if options.reverse else scale
-        touched = [
-            n
-            for n in self.ckpt.tensors
-            if is_residual_writer(n) or (options.include_embeddings and is_token_embedding(n))
-        ]
+        writers, embeddings = self.writers, self.embeddings
+        touched = [n for n in self.ckpt.tensors if n in writers or n in embeddings]
         self.report.edited = list(touched)
         summary = {
             "layer": self.report.layer,
@@ -440,11 +454,16 @@ class PreparedAblation(Prepared):
             if self.ckpt.tied_embeddings
             else "",
         }
-        return Edit(
-            lambda name, weight: ablation_edit(name, weight, r, signed, options.include_embeddings),
-            touched=touched,
-            summary=summary,
-        )
+
+        def edit(name: str, weight: torch.Tensor) -> torch.Tensor:
+            """Residual writers W - scale u (u^T W), the embedding (opt-in) E - scale (E r) r^T."""
+            if name in writers:
+                return orthogonalise(weight, writers[name], signed)
+            if name in embeddings:
+                return orthogonalise(weight, r, signed, embedding=True)
+            return weight
+
+        return Edit(edit, touched=touched, summary=summary)
 
 
 class DirectionAblation(Method):
@@ -478,10 +497,11 @@ class DirectionAblation(Method):
         return found
 
     def prepare(self, ctx, options: AblateOptions) -> PreparedAblation:
-        ckpt = ctx.ckpt
-        if not any(is_residual_writer(n) for n in ckpt.tensors):
+        ckpt, family = ctx.ckpt, ctx.ckpt.family
+        if not any(is_residual_writer(n, family) for n in ckpt.tensors):
             raise SurgeryError(
-                f"{ckpt.path} has no o_proj/down_proj weights: direction ablation needs a llama-family model"
+                f"{ckpt.path} has no residual writers ({' and '.join(family.residual_writers)} in each "
+                f"{family.block_list}.N block, as {describe(family)} names them): direction ablation edits them"
             )
         source = ctx.references.get("direction_from", ckpt)
         scale = options.scale if isinstance(options.scale, float) else AUTO_LAYER_SCALE

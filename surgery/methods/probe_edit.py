@@ -1,7 +1,8 @@
 """Probe-direction editing (Wang et al. 2024, "Model Surgery", arXiv 2407.08770), no gradient training.
 
-Selection (§3.2): cosine between the undesired-class probe row w and every row of every layer's
-mlp.gate_proj; the K rows with the most negative cosine, ranked globally over all layers.
+Selection (§3.2): cosine between the undesired-class probe row w and every row of every layer's MLP gate
+(mlp.gate_proj; the gate half of a fused mlp.gate_up_proj, surgery/arch.py); the K rows with the most negative
+cosine, ranked globally over all layers.
 Edit (§3.3): gate_proj[i] += alpha * w for the selected rows, in fp32, cast back to the stored dtype.
 Rows that point away from the undesired direction are those whose gate closes on it; pushing them
 towards w (alpha > 0) opens them on exactly those inputs, changing what the MLP writes there.
@@ -19,7 +20,7 @@ from typing import Any
 
 import torch
 
-from ..arch import gate_projections
+from ..arch import describe, gate_projections
 from ..checkpoint import Checkpoint, open_checkpoint
 from ..errors import SurgeryError
 from ..options import option
@@ -43,7 +44,7 @@ class EditOptions(MethodOptions):
     )
     count: int | None = option(None, "Rows to edit (K), ranked globally.", non_negative=True)
     fraction: float | None = option(
-        None, "Share of all gate_proj rows to edit (default: the paper's 4.65%).", low=0.0, high=1.0
+        None, "Share of all gate rows to edit (default: the paper's 4.65%).", low=0.0, high=1.0
     )
     gate_check: bool = option(
         True,
@@ -82,7 +83,7 @@ class EditOptions(MethodOptions):
 
 @dataclass
 class EditPlan:
-    rows: dict[str, list[int]]  # gate_proj tensor -> selected row indices (ascending)
+    rows: dict[str, list[int]]  # gate tensor -> selected row indices of that tensor (ascending)
     cosines: dict[str, list[float]]  # the same rows' cosines with w
     total_rows: int
     requested: int
@@ -119,11 +120,15 @@ class EditReport:
 
 
 def gate_tensors(ckpt: Checkpoint) -> dict[str, int]:
-    """Every decoder layer's mlp.gate_proj weight tensor and its layer index, found by name."""
-    found = gate_projections(ckpt.tensors)
+    """Every decoder layer's gate weight tensor and its layer index, named as the model's family names it."""
+    family = ckpt.family
+    if family.gate is None:
+        raise SurgeryError(f"{ckpt.path}: probe editing edits an MLP gate, and {describe(family)} has no gated MLP")
+    found = gate_projections(ckpt.tensors, family)
     if not found:
         raise SurgeryError(
-            f"{ckpt.path} has no mlp.gate_proj weights: probe editing needs a gated-MLP model (llama, qwen, mistral)"
+            f"{ckpt.path} has no MLP gate weights ({family.gate.module} in each {family.block_list}.N block, as "
+            f"{describe(family)} names them): probe editing edits their rows"
         )
     return found
 
@@ -157,37 +162,38 @@ def load_checked_probe(ckpt: Checkpoint, probe_dir: str | Path, gates: dict[str,
     width = ckpt.tensors[next(iter(gates))].shape[1]
     if probe.meta.hidden_size != width:
         raise SurgeryError(
-            f"probe {probe_dir} reads {probe.meta.hidden_size}-wide hidden states, but gate_proj reads the "
+            f"probe {probe_dir} reads {probe.meta.hidden_size}-wide hidden states, but the MLP gate reads the "
             f"{width}-wide residual stream: train the probe on the final layer of this model"
         )
     return probe
 
 
 def plan_edit(model_dir: str | Path, probe_dir: str | Path, options: EditOptions) -> tuple[EditPlan, torch.Tensor]:
-    """Which gate rows the edit touches (reads only the gate_proj tensors); also returns w in fp32."""
+    """Which gate rows the edit touches (reads only the gate tensors); also returns w in fp32."""
     options.validate()
     return plan_rows(open_checkpoint(model_dir, options.allow_pickle), probe_dir, options)
 
 
 def plan_rows(ckpt: Checkpoint, probe_dir: str | Path, options: EditOptions) -> tuple[EditPlan, torch.Tensor]:
     gates = gate_tensors(ckpt)
+    spans = {t: ckpt.family.gate.span(ckpt.tensors[t].shape[0]) for t in gates}  # a fused tensor's gate rows
     probe = load_checked_probe(ckpt, probe_dir, gates)
     w = probe.direction.float()
     if not torch.isfinite(w).all() or w.norm() == 0:
         raise SurgeryError(f"probe {probe_dir} has a zero or non-finite undesired-class row")
-    total = sum(ckpt.tensors[t].shape[0] for t in gates)
+    total = sum(len(span) for span in spans.values())
     k = options.rows(total)
     if k > total:
-        raise SurgeryError(f"--count {k} is more than the model's {total:,} gate_proj rows")
+        raise SurgeryError(f"--count {k} is more than the model's {total:,} gate rows")
     cosines, norms = {}, []
     if k:
-        for t in gates:
-            weight = ckpt.read(t)
-            cosines[t] = row_cosines(weight, w)
-    rows = select_rows(cosines, k) if k else {}
+        for t, span in spans.items():
+            cosines[t] = row_cosines(ckpt.read(t)[span.start : span.stop], w)
+    local = select_rows(cosines, k) if k else {}  # indices into each tensor's gate rows
+    rows = {t: [spans[t].start + i for i in r] for t, r in local.items()}
     for t, r in rows.items():
         norms.append(ckpt.read(t)[torch.tensor(r)].float().norm(dim=1))
-    picked = {t: cosines[t][r].tolist() for t, r in rows.items()}
+    picked = {t: cosines[t][r].tolist() for t, r in local.items()}
     mean_norm = float(torch.cat(norms).mean()) if norms else 0.0
     return EditPlan(
         rows,

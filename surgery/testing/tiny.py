@@ -14,6 +14,27 @@ CHAT_TEMPLATE = (
 SPECIALS = ["<pad>", "<eos>", "<|user|>", "<|assistant|>", "<|system|>", "<|end|>"]
 
 
+def _gemma(layers: int) -> dict:
+    """Local and global attention alternating, as gemma2 does by default (gemma3 has 5 local layers per global)."""
+    return {
+        "head_dim": 8,
+        "sliding_window": 4,
+        "layer_types": [("sliding_attention", "full_attention")[i % 2] for i in range(layers)],
+    }
+
+
+# Config beyond the shared sizes, from the number of layers, per model type of the tiny models (one or more per
+# family of surgery/arch.py).
+FAMILY_CONFIGS = {
+    "llama": lambda layers: {},
+    "mistral": lambda layers: {},
+    "qwen2": lambda layers: {},
+    "gemma2": _gemma,
+    "gemma3_text": _gemma,
+    "phi3": lambda layers: {},
+}
+
+
 def char_tokenizer():
     """A character-level fast tokenizer with a chat template (about 100 symbols)."""
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
@@ -35,7 +56,8 @@ def char_tokenizer():
     return tok
 
 
-def tiny_llama(
+def tiny_model(
+    model_type: str = "llama",
     vocab_size: int = 128,
     hidden: int = 32,
     layers: int = 2,
@@ -45,11 +67,12 @@ def tiny_llama(
     seed: int = 0,
     dtype: torch.dtype = torch.float32,
 ):
-    """A randomly initialised Llama small enough to train and edit in a test."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+    """A randomly initialised causal LM of `model_type` (one of FAMILY_CONFIGS) small enough to train and edit."""
+    from transformers import AutoConfig, AutoModelForCausalLM
 
     torch.manual_seed(seed)
-    config = LlamaConfig(
+    config = AutoConfig.for_model(
+        model_type,
         vocab_size=vocab_size,
         hidden_size=hidden,
         intermediate_size=intermediate,
@@ -61,11 +84,17 @@ def tiny_llama(
         pad_token_id=0,
         eos_token_id=1,
         bos_token_id=None,
+        **FAMILY_CONFIGS[model_type](layers),
     )
-    model = LlamaForCausalLM(config)
+    model = AutoModelForCausalLM.from_config(config)
     if tied:
         model.tie_weights()
     return model.to(dtype).eval()
+
+
+def tiny_llama(**kwargs):
+    """A randomly initialised Llama small enough to train and edit in a test."""
+    return tiny_model("llama", **kwargs)
 
 
 def save_tiny_checkpoint(
@@ -76,10 +105,12 @@ def save_tiny_checkpoint(
     shard_bytes: int | None = None,
     seed: int = 0,
     model=None,
+    model_type: str = "llama",
 ) -> Path:
-    """Save a tiny Llama + char tokenizer as a Hugging Face folder (sharded when shard_bytes is given)."""
+    """Save a tiny model (default: a Llama) + char tokenizer as a Hugging Face folder (sharded when shard_bytes is
+    given)."""
     path = Path(path)
-    model = model if model is not None else tiny_llama(tied=tied, seed=seed, dtype=dtype)
+    model = model if model is not None else tiny_model(model_type, tied=tied, seed=seed, dtype=dtype)
     kwargs = {"max_shard_size": shard_bytes} if shard_bytes else {}
     model.save_pretrained(path, **kwargs)
     char_tokenizer().save_pretrained(path)
