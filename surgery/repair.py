@@ -348,6 +348,8 @@ def repair_checkpoint(
             c.ctx.cache = caches.setdefault(kind, {})
             if kind not in measurers:
                 measurers[kind] = search.Measurer(c.ctx, None, run, F.HARMFUL, anchor=anchor)
+                for other in (m for k, m in measurers.items() if k != kind):
+                    measurers[kind].adopt(other)  # the same unedited model: one baseline for both kinds
             c.ctx.measurer = measurers[kind]
             shared[kind] = (c.ctx.model(), c.ctx.tokenizer())
             c.ctx.confirm = "none" if several else "neighbours"  # several: screened on the proxies, finalists below

@@ -27,9 +27,14 @@ def planted(monkeypatch, harmful_after: dict):
     made = []
 
     class Fake:
+        baselines = 0  # how many times the unedited model was measured, over every Fake made
+
         def __init__(self, ctx, prepared, run, metric, **kw):
             self.baseline, self.prepared, self.anchor = {}, prepared, kw.get("anchor")
             made.append(self)
+
+        def adopt(self, other):
+            self.baseline = dict(other.baseline)
 
         @property
         def after(self):
@@ -46,6 +51,7 @@ def planted(monkeypatch, harmful_after: dict):
             return {"harmful": 4, "harmless": 4}
 
         def measure_baseline(self):
+            Fake.baselines += 1
             self.baseline.update(perplexity=10.0, over_refusal=0.0, harmful_score=0.9)
             return self.baseline
 
@@ -186,7 +192,7 @@ def test_repair_on_an_adapter_prunes_the_adapter_or_writes_base_plus_adapter_mer
 
     adapter = file_adapter(tiny_ckpt, tmp_path / "adapter")
     before = folder_hashes(tiny_ckpt), folder_hashes(adapter)
-    planted(monkeypatch, planted_scores)
+    made = planted(monkeypatch, planted_scores)
     code, cap = run(
         [
             "repair",
@@ -207,6 +213,8 @@ def test_repair_on_an_adapter_prunes_the_adapter_or_writes_base_plus_adapter_mer
     manifest = json.loads((tmp_path / "out" / "surgery.json").read_text())
     tried = {c["candidate"] for c in manifest["report"]["repair"]["candidates"]}
     assert tried == {"prune-adapter", "ablate"} and manifest["report"]["repair"]["chosen"] == chosen
+    # two measurers (the adapter's LoRA matrices, base + adapter merged) of one unedited model: one baseline
+    assert len(made) == 2 and type(made[0]).baselines == 1
     written = {p.name for p in (tmp_path / "out").iterdir()}
     if chosen == "prune-adapter":  # the adapter's LoRA matrices pruned: an adapter folder, the same config
         assert "adapter_model.safetensors" in written and "model.safetensors" not in written
