@@ -58,6 +58,15 @@ def _cache_of(out):
 
 
 @torch.no_grad()
+def _logits_kept(model, keep, **inputs):
+    """`model(**inputs)` with logits only at `keep` (an int: the last positions; a tensor: those positions), and
+    whether they were kept: a model class without `logits_to_keep` computes every position's."""
+    try:
+        return model(**inputs, logits_to_keep=keep), True
+    except TypeError:
+        return model(**inputs), False
+
+
 def prompt_pass(model, seqs: list[list[int]], pad: int, paths: list[list[int]] | None = None):
     """One batch of chat prompts (token ids): the first answer token's log-probabilities [b, vocab], and with `paths`
     (token paths teacher-forced after every prompt) their log-probabilities [b * len(paths), width, vocab] (row
@@ -77,10 +86,7 @@ def prompt_pass(model, seqs: list[list[int]], pad: int, paths: list[list[int]] |
     cache = None
     if shared:
         prefix = torch.tensor([seqs[0][:shared]], device=device)
-        try:  # the prefix's logits are not needed
-            out = model(input_ids=prefix, use_cache=True, logits_to_keep=1)
-        except TypeError:  # a model class without logits_to_keep
-            out = model(input_ids=prefix, use_cache=True)
+        out, _ = _logits_kept(model, 1, input_ids=prefix, use_cache=True)  # the prefix's logits are not needed
         cache = _cache_of(out)
         cache.batch_repeat_interleave(b)
     rest = [x[shared:] for x in seqs]
@@ -97,10 +103,8 @@ def prompt_pass(model, seqs: list[list[int]], pad: int, paths: list[list[int]] |
     # Only each prompt's last position needs logits (the vocabulary projection is a fifth of SmolLM2's compute).
     keep, row = torch.unique(lengths - 1, return_inverse=True)
     inputs = dict(input_ids=ids.to(device), attention_mask=mask.to(device), position_ids=positions.to(device))
-    try:
-        out = model(**inputs, use_cache=k > 0, logits_to_keep=keep.to(device), **kwargs)
-    except TypeError:  # a model class without logits_to_keep
-        out = model(**inputs, use_cache=k > 0, **kwargs)
+    out, kept = _logits_kept(model, keep.to(device), **inputs, use_cache=k > 0, **kwargs)
+    if not kept:  # every position has logits
         row = lengths - 1
     first = out.logits[torch.arange(b, device=device), row.to(device)].float().log_softmax(-1).cpu()
     if not k:

@@ -318,7 +318,7 @@ class Measurer:
         if not other.baseline:
             return
         self.baseline = dict(other.baseline)
-        self.generated_baseline, self.baseline_passes = other.generated_baseline, other.baseline_passes
+        self.generated_baseline = other.generated_baseline
         self._base_logprobs, self._anchor_logprobs = other._base_logprobs, other._anchor_logprobs
 
     @property

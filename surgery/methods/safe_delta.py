@@ -171,9 +171,8 @@ def admitted_entries(cost: torch.Tensor, inverse_sq: torch.Tensor, limit: float,
     whole = eligible // rows  # columns wholly eligible (the next one has eligible % rows rows)
     ends = torch.cumsum(cost.sum(0, dtype=torch.float64)[columns[:whole]], 0)
     full = int(torch.searchsorted(ends, torch.tensor([limit], dtype=torch.float64), right=True))
-    rank = torch.empty(count, dtype=torch.long, device=cost.device)
-    rank[columns] = torch.arange(count, device=cost.device)
-    mask = (rank < full).expand(rows, count).clone()
+    mask = torch.zeros(rows, count, dtype=torch.bool, device=cost.device)
+    mask[:, columns[:full]] = True
     if full < count:
         column, allowed = int(columns[full]), rows if full < whole else eligible % rows
         before = float(ends[full - 1]) if full else 0.0
@@ -407,7 +406,7 @@ class PreparedSafeDelta(Prepared):
             )
             report.entries[name] = weight.numel()
             if name not in self.changed:  # the same at every budget
-                self.changed[name] = int(torch.count_nonzero(weight != aligned.to(weight.dtype)))
+                self.changed[name] = int(torch.count_nonzero(weight.float() != aligned.float()))
             report.changed[name] = self.changed[name]
             report.admitted[name] = int(admitted.sum())
             return new
