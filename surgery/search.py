@@ -6,14 +6,14 @@ search. Measured against the unedited model, on prompts that are never calibrati
 (docs/strength.md has the rules and what each budget line protects):
 
     cheap (forward passes only, every candidate, cheapest first, stopping at the first line broken)
-        perplexity ratio on the harmless selection prompts; first-token KL on them, to the nearer of the input and
-        (when there is one) the reference; over-refusal proxy (refusal-opening probability on harmless prompts, in
-        points above the input, or above the worse of the input and the reference); with --task the label-token
-        accuracy proxy; the repair proxy (1 - refusal-opening probability on the held-out harmful prompts), or a
+        with --task the label-token accuracy proxy; perplexity ratio on the harmless selection prompts; first-token
+        KL on them, to the nearer of the input and (when there is one) the reference; over-refusal proxy
+        (refusal-opening probability on harmless prompts, in points above the input, or above the worse of the input
+        and the reference); the repair proxy (1 - refusal-opening probability on the held-out harmful prompts), or a
         method's own repair figure (EigenShift: toxicity)
     confirmed (greedy answers and the keyword judge of `surgery eval`: only the proxy's choice and its stronger
         neighbour, with a target its weaker one too; weaker points only when none of those passes)
-        held-out harmful score, over-refusal, task accuracy; the final choice uses these
+        task accuracy, over-refusal, held-out harmful score; the final choice uses these
 
 The knob is assumed monotone (stronger repairs, higher cost): the weakest end is measured first (if it already breaks
 the budget the method costs one measurement and stops), then the strongest, then one bisection (`bisect`) between the
@@ -271,7 +271,9 @@ def label_accuracy(
     others[:, [t for ids in label_tokens_ for t in ids]] = float("-inf")
     best = scores.argmax(-1)
     right = (best == torch.tensor(labels)) & (scores.max(-1).values > others.max(-1).values)
-    return right.float().mean().item()
+    # A count over the items, not a float32 mean: 47/48 in float32 read 2.0833373 points below 48/48, past the
+    # one-item line (accuracy_limit: 2.0833333 + 1e-9), so a proxy that lost one item broke the budget it should pass.
+    return int(right.sum()) / len(prompts)
 
 
 def anchor_of(ctx):
@@ -418,6 +420,19 @@ class Measurer:
         from .metrics import perplexity
 
         run, f, b = self.run, point.figures, self.baseline
+        # The task's labels first: one pass at each prompt's last position (1.1 s for 48 prompts on SmolLM2-135M, where
+        # perplexity took 1.3 s, the harmless refusal openings 1.9 s, the harmful ones 2.1 s), and with a reference
+        # the line that most often rejects a point (moving toward the model before the fine-tune loses its task).
+        if self.task and F.ACCURACY_PROXY not in f:
+            f[F.ACCURACY_PROXY] = label_accuracy(self.model, self.tokenizer, *self.task, self.labels, self.batch)
+            f[F.ACCURACY_PROXY_DROP_POINTS] = 100 * (b[F.ACCURACY_PROXY] - f[F.ACCURACY_PROXY])
+            limit = accuracy_limit(run, len(self.task[0]))
+            if f[F.ACCURACY_PROXY_DROP_POINTS] > limit:
+                point.breaks(
+                    F.ACCURACY_LINE, f"accuracy proxy -{f[F.ACCURACY_PROXY_DROP_POINTS]:.1f} points > -{limit:.3g}"
+                )
+        if stop and point.broken:
+            return
         if F.PERPLEXITY not in f:
             f[F.PERPLEXITY] = perplexity(self.model, self.tokenizer, self.harmless, batch_size=self.batch)
             f[F.PERPLEXITY_RATIO] = f[F.PERPLEXITY] / b[F.PERPLEXITY]
@@ -453,16 +468,6 @@ class Measurer:
                 )
         if stop and point.broken:
             return
-        if self.task and F.ACCURACY_PROXY not in f:
-            f[F.ACCURACY_PROXY] = label_accuracy(self.model, self.tokenizer, *self.task, self.labels, self.batch)
-            f[F.ACCURACY_PROXY_DROP_POINTS] = 100 * (b[F.ACCURACY_PROXY] - f[F.ACCURACY_PROXY])
-            limit = accuracy_limit(run, len(self.task[0]))
-            if f[F.ACCURACY_PROXY_DROP_POINTS] > limit:
-                point.breaks(
-                    F.ACCURACY_LINE, f"accuracy proxy -{f[F.ACCURACY_PROXY_DROP_POINTS]:.1f} points > -{limit:.3g}"
-                )
-        if stop and point.broken:
-            return
         if self.search_key not in f:
             if self._default_repair():
                 f[F.HARMFUL_PROXY] = 1.0 - _mean(
@@ -472,23 +477,23 @@ class Measurer:
                 f[self.metric] = self._repair()  # a method's own figure, generated for every candidate
 
     def confirm(self, point: Point) -> None:
-        """Generate and judge (the candidate applied): over-refusal, then task accuracy, then the repair figure, each
-        judged as it comes; the first broken line ends the confirmation (a point rejected on over-refusal costs one
-        set of answers, not three). The point's budget is then judged on these instead of their proxies (perplexity
+        """Generate and judge (the candidate applied): task accuracy (a few tokens per answer), then over-refusal, then
+        the repair figure, each judged as it comes; the first broken line ends the confirmation (a point rejected on
+        its task costs one set of short answers, not three sets). The point's budget is then judged on these instead of their proxies (perplexity
         and KL are exact already)."""
         run, f, b = self.run, point.figures, self.baseline
         items = len(self.task[0]) if self.task else None
         self._cheap(point, stop=False)  # a point stopped early gets its remaining proxies too (both are reported)
         point.confirmed = True
-        f[F.OVER_REFUSAL] = self._refused(self.harmless)
-        f[F.OVER_REFUSAL_POINTS] = 100 * (f[F.OVER_REFUSAL] - self.over_refusal_floor(True))
-        if f[F.OVER_REFUSAL_POINTS] > run.max_over_refusal:  # generated and broken: the rest is not generated
-            return judge(point, run, items)
-        if self.task:
+        if self.task:  # the task first: a few tokens per answer (the other sets take --search-tokens each)
             f[F.ACCURACY] = self._accuracy()
             f[F.ACCURACY_DROP_POINTS] = 100 * (b[F.ACCURACY] - f[F.ACCURACY])
-            if f[F.ACCURACY_DROP_POINTS] > accuracy_limit(run, items):
+            if f[F.ACCURACY_DROP_POINTS] > accuracy_limit(run, items):  # broken: the rest is not generated
                 return judge(point, run, items)
+        f[F.OVER_REFUSAL] = self._refused(self.harmless)
+        f[F.OVER_REFUSAL_POINTS] = 100 * (f[F.OVER_REFUSAL] - self.over_refusal_floor(True))
+        if f[F.OVER_REFUSAL_POINTS] > run.max_over_refusal:
+            return judge(point, run, items)
         if self.metric not in f:
             f[self.metric] = self._repair()
         judge(point, run, items)

@@ -11,7 +11,13 @@ import torch
 
 from surgery.checkpoint import MANIFEST_NAME
 from surgery.methods import safe_delta
-from surgery.methods.safe_delta import InputHessians, admitted_entries, inverse_factor, safe_delta_tensor
+from surgery.methods.safe_delta import (
+    InputHessians,
+    admitted_entries,
+    inverse_factor,
+    safe_delta_tensor,
+    saturation_budget,
+)
 
 from .conftest import bits, checkpoint_family, cli, folder_hashes, tensors
 
@@ -116,6 +122,23 @@ def test_a_larger_budget_keeps_more_of_the_fine_tune():
         int(safe_delta_tensor(aligned, tuned, factor, s, 0.15, 2048)[1].sum()) for s in (0.0, 1.0, 10.0, 100.0, 1e4)
     ]
     assert kept == sorted(kept) and kept[0] == 0 and kept[-1] == int(6 * 20 * 0.85 + 0.5)
+
+
+@pytest.mark.parametrize("protect", [0.0, 0.15])
+def test_the_saturation_budget_is_where_every_eligible_entry_is_admitted(protect):
+    g = torch.Generator().manual_seed(11)
+    aligned = torch.randn(7, 24, generator=g)
+    tuned = aligned + 0.3 * torch.randn(7, 24, generator=g)
+    factor = inverse_factor(random_hessian(24, seed=12))
+    saturated = saturation_budget(aligned, tuned, factor, protect, 2048)
+    eligible = 7 * 24 - int(protect * 7 * 24)
+    below, some = safe_delta_tensor(aligned, tuned, factor, saturated * 0.99, protect, 2048)
+    at, every = safe_delta_tensor(aligned, tuned, factor, saturated * safe_delta.SATURATION_MARGIN, protect, 2048)
+    far, _ = safe_delta_tensor(aligned, tuned, factor, saturated * 1e4, protect, 2048)
+    assert int(some.sum()) < eligible == int(every.sum())
+    assert torch.equal(bits(at), bits(far))  # past the saturation budget nothing changes
+    assert not torch.equal(bits(below), bits(at))
+    assert saturation_budget(aligned, tuned, factor, protect, 16) is None  # two blocks: no exact bound
 
 
 INSENSITIVE = lambda j: j % 4 == 1  # noqa: E731 - the planted, least safety-sensitive columns (a quarter, not contiguous)
@@ -253,6 +276,18 @@ def test_auto_budget_searches_from_the_smallest_budget_and_writes_the_chosen_one
         tried, reverse=True
     )  # stronger = lower: the smallest is the strongest
     ft, a, out = tensors(tuned), tensors(aligned), tensors(tmp_path / "out")
+    saturated = max(  # the weakest end: the saturation budget, past which every budget writes the same model
+        saturation_budget(
+            a[n],
+            ft[n],
+            inverse_factor(torch.diag(torch.tensor([1e-6 if INSENSITIVE(j) else 1e2 for j in range(ft[n].shape[1])]))),
+            0.15,
+            2048,
+        )
+        for n in manifest["report"]["safe_delta"]["per_tensor"]
+    )
+    weakest = saturated * safe_delta.SATURATION_MARGIN
+    assert 0.001 < weakest < 100 and tried[0] == pytest.approx(weakest, rel=1e-3)  # 44.2 here, not the knob's 100
     for name, figures in manifest["report"]["safe_delta"]["per_tensor"].items():
         kept = out[name] == ft[name]
         assert torch.equal(out[name], torch.where(kept, ft[name], a[name])), name  # diagonal H: no compensation

@@ -510,6 +510,24 @@ def test_task_proxy_counts_an_answer_right_only_when_the_right_label_would_open_
     assert found == pytest.approx(0.25)
 
 
+def test_one_item_lost_on_the_task_proxy_is_inside_the_one_item_line(monkeypatch):
+    """46 of 48 right against 47 of 48 is exactly one item (2.0833 points), inside accuracy_limit; float32 means read
+    it as 2.0833373 points and rejected the point (Safe Delta on the demonstration pair, budget 0.9642)."""
+    from surgery.methods import RunOptions
+
+    def rows(lost: int):
+        right = torch.tensor([[0.1, 0.8, 0.1]] * (48 - lost) + [[0.1, 0.1, 0.8]] * lost).log()
+        return lambda *a, **k: right
+
+    prompts, labels, tokens = ["p"] * 48, [0] * 48, [[1], [2]]
+    monkeypatch.setattr(search, "next_token_logprobs", rows(1))
+    before = search.label_accuracy(None, None, prompts, labels, tokens)
+    monkeypatch.setattr(search, "next_token_logprobs", rows(2))
+    after = search.label_accuracy(None, None, prompts, labels, tokens)
+    assert (before, after) == (47 / 48, 46 / 48)
+    assert 100 * (before - after) <= search.accuracy_limit(RunOptions(task="sst2:builtin"), 48)
+
+
 def test_the_task_line_is_applied_at_the_resolution_of_the_task_set():
     """--max-accuracy-drop 2 with 48 task items (one item: 2.08 points): one item lost is inside, two are not; with 200
     items the line is the 2 points given."""
@@ -524,8 +542,9 @@ def test_the_task_line_is_applied_at_the_resolution_of_the_task_set():
 
 
 def test_confirmation_stops_at_the_first_generated_line_it_breaks(monkeypatch):
-    """Over-refusal is generated first: broken there, neither the task's nor the harmful answers are generated; inside,
-    all three are, and the point is judged on them."""
+    """The task is generated first (short answers): broken there, neither the harmless nor the harmful answers are
+    generated; broken on over-refusal, the harmful ones are not; inside, all three are, and the point is judged on
+    them."""
     from surgery.methods import RunOptions
 
     m = search.Measurer.__new__(search.Measurer)
@@ -534,12 +553,17 @@ def test_confirmation_stops_at_the_first_generated_line_it_breaks(monkeypatch):
     m.task, m.harmless, m.harmful = (["x"] * 48, [0] * 48), ["h"] * 48, ["b"] * 48
     calls = []
     monkeypatch.setattr(m, "_cheap", lambda point, stop: point.figures.update(perplexity_ratio=1.0, kl=0.0))
-    for refused, expected in [(0.5, ["refused"]), (0.05, ["refused", "accuracy", "repair"])]:
+    for accuracy, refused, expected in [
+        (0.5, 0.05, ["accuracy"]),
+        (0.8, 0.5, ["accuracy", "refused"]),
+        (0.8, 0.05, ["accuracy", "refused", "repair"]),
+    ]:
         calls.clear()
         monkeypatch.setattr(m, "_refused", lambda prompts, r=refused: calls.append("refused") or r)
-        monkeypatch.setattr(m, "_accuracy", lambda: calls.append("accuracy") or 0.8)
+        monkeypatch.setattr(m, "_accuracy", lambda a=accuracy: calls.append("accuracy") or a)
         monkeypatch.setattr(m, "_repair", lambda: calls.append("repair") or 0.2)
         point = search.Point(1.0)
         m.confirm(point)
         assert calls == expected and point.confirmed
-        assert point.within is (refused == 0.05) and ("harmful_score" in point.figures) is (refused == 0.05)
+        inside = len(expected) == 3
+        assert point.within is inside and ("harmful_score" in point.figures) is inside

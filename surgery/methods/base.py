@@ -221,7 +221,7 @@ class RunOptions:
         positive=True,
     )
     search_steps: int = option(
-        6, "Auto strength: candidates tried by bisection after the two ends (forward passes only).", positive=True
+        5, "Auto strength: candidates tried by bisection after the two ends (forward passes only).", positive=True
     )
 
     def validate(self) -> None:

@@ -74,6 +74,9 @@ from .pair import REFERENCE, ReferenceOptions, pair_edit, require_reference
 RESPONSES = ("aligned", "refusal")
 REFUSAL = "I'm sorry, but I can't help with that."  # --responses refusal: the response every prompt gets
 SCALE_ROWS = 4096  # the authors' budget scale: rows / 4096
+SATURATION_MARGIN = (
+    1.001  # the saturation budget is summed in fp64, the selection's costs in fp32: a margin for rounding
+)
 BUDGET_SHARE = 0.5  # each 2048-column block of a 4096-wide layer gets half of s (the authors' s / 2)
 
 
@@ -179,6 +182,22 @@ def admitted_entries(cost: torch.Tensor, inverse_sq: torch.Tensor, limit: float,
         inside = before + torch.cumsum(cost[:allowed, column].double(), 0) <= limit
         mask[: int(torch.count_nonzero(inside)), column] = True
     return mask
+
+
+def saturation_budget(
+    aligned: torch.Tensor, tuned: torch.Tensor, factor: torch.Tensor, protect: float = 0.15, block: int = 2048
+) -> float | None:
+    """The smallest budget at which `admitted_entries` admits every eligible entry of this weight: every larger budget
+    writes the same weight. Exact for a weight of one block (cols <= block); None for more blocks (a later block's
+    costs depend on the compensation the earlier blocks received, so on the budget)."""
+    rows, cols = tuned.shape
+    if cols > block:
+        return None
+    inverse_sq = 1.0 / torch.diagonal(factor).float() ** 2
+    cost = (aligned.float() - tuned.float()).square_().mul_(inverse_sq)  # as safe_delta_tensor computes it
+    eligible = admitted_entries(cost, inverse_sq, math.inf, protect)
+    unit = block_limit(inverse_sq, rows, 1.0)  # ε per unit of budget
+    return float(cost[eligible].sum(dtype=torch.float64)) / unit if unit > 0 else None
 
 
 def block_errors(residual: torch.Tensor, u: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -392,6 +411,32 @@ class PreparedSafeDelta(Prepared):
         self.calibration, self.distinct = calibration, distinct
         self.changed: dict[str, int] = {}  # tensor -> non-zero entries of Δ
         self.report = None
+        self._ctx = ctx
+        self._bounds: tuple[float, float] | None | bool = False  # not computed yet
+
+    def bounds(self) -> tuple[float, float] | None:
+        """The budget range searched: from the knob's low end to the saturation budget (`saturation_budget`, the
+        largest over the target weights, plus 0.1 % for rounding), past which every budget writes the same model.
+        On SmolLM2's demonstration pair that is about 5.6 where the knob's range ends at 100: the bisection's points
+        all fall where the budget still changes the output. None (the knob's range) when a weight spans several
+        blocks, where no budget is known to saturate."""
+        if self._bounds is not False:
+            return self._bounds
+        low, high = SafeDelta.strength.low, SafeDelta.strength.high
+        found: tuple[float, float] | None = None
+        target, options, widest = self._ctx.target, self.options, 0.0
+        for name, module in self.module_of.items():
+            saturated = saturation_budget(
+                self.reference.read(name), target.read(name), self.factors[module], options.protect, options.block
+            )
+            if saturated is None:
+                widest = math.inf
+                break
+            widest = max(widest, saturated)
+        if math.isfinite(widest) and low < widest * SATURATION_MARGIN < high:
+            found = (low, widest * SATURATION_MARGIN)
+        self._bounds = found
+        return found
 
     def at(self, budget: float) -> Edit:
         options = self.options
