@@ -3,7 +3,7 @@ most 3x), and `surgery repair`'s wall time. Prints a Markdown table. Not a test:
 
     python bench/bench_search.py                                   # the tiny in-process model (seconds; checks it runs)
     python bench/bench_search.py --model lab/models/attacked --reference lab/models/aligned --task sst2:SELECT.tsv
-    python bench/bench_search.py --model M --reference R --method revert --knob fraction --fixed 1 --extra "--unaligned B"
+    python bench/bench_search.py --model M --reference R --method revert --fixed 1 --extra "--unaligned B"
 
 Each command runs in this process through the CLI (`cli.main.main`), one after the other; exit 1 (a search that finds
 no repair inside the budget, as on the random tiny model) is a result, not a failure. The search's own figures
