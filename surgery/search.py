@@ -95,10 +95,9 @@ class SearchResult:
         ):
             limit = self.budget.get(key)
             if limit is not None and sizes.get(kind) and limit < 100 / sizes[kind]:
-                effect = "applied as one item (accuracy_limit)" if kind == "task" else f"one {what} breaks it"
                 found.append(
                     f"{flag} {limit:g} is finer than one of the {sizes[kind]} {kind} items "
-                    f"({100 / sizes[kind]:.1f} points): {effect}"
+                    f"({100 / sizes[kind]:.1f} points): one {what} breaks it"
                 )
         return found
 
@@ -271,8 +270,8 @@ def label_accuracy(
     others[:, [t for ids in label_tokens_ for t in ids]] = float("-inf")
     best = scores.argmax(-1)
     right = (best == torch.tensor(labels)) & (scores.max(-1).values > others.max(-1).values)
-    # A count over the items, not a float32 mean: 47/48 in float32 read 2.0833373 points below 48/48, past the
-    # one-item line (accuracy_limit: 2.0833333 + 1e-9), so a proxy that lost one item broke the budget it should pass.
+    # A count over the items, not a float32 mean: 46/48 in float32 read 2.0833373 points below 47/48, so one item lost
+    # was more than one item, and a line drawn at one item (--max-accuracy-drop 2.0833334) rejected it.
     return int(right.sum()) / len(prompts)
 
 
@@ -426,7 +425,7 @@ class Measurer:
         if self.task and F.ACCURACY_PROXY not in f:
             f[F.ACCURACY_PROXY] = label_accuracy(self.model, self.tokenizer, *self.task, self.labels, self.batch)
             f[F.ACCURACY_PROXY_DROP_POINTS] = 100 * (b[F.ACCURACY_PROXY] - f[F.ACCURACY_PROXY])
-            limit = accuracy_limit(run, len(self.task[0]))
+            limit = run.max_accuracy_drop
             if f[F.ACCURACY_PROXY_DROP_POINTS] > limit:
                 point.breaks(
                     F.ACCURACY_LINE, f"accuracy proxy -{f[F.ACCURACY_PROXY_DROP_POINTS]:.1f} points > -{limit:.3g}"
@@ -482,21 +481,20 @@ class Measurer:
         its task costs one set of short answers, not three sets). The point's budget is then judged on these instead of their proxies (perplexity
         and KL are exact already)."""
         run, f, b = self.run, point.figures, self.baseline
-        items = len(self.task[0]) if self.task else None
         self._cheap(point, stop=False)  # a point stopped early gets its remaining proxies too (both are reported)
         point.confirmed = True
         if self.task:  # the task first: a few tokens per answer (the other sets take --search-tokens each)
             f[F.ACCURACY] = self._accuracy()
             f[F.ACCURACY_DROP_POINTS] = 100 * (b[F.ACCURACY] - f[F.ACCURACY])
-            if f[F.ACCURACY_DROP_POINTS] > accuracy_limit(run, items):  # broken: the rest is not generated
-                return judge(point, run, items)
+            if f[F.ACCURACY_DROP_POINTS] > run.max_accuracy_drop:  # broken: the rest is not generated
+                return judge(point, run)
         f[F.OVER_REFUSAL] = self._refused(self.harmless)
         f[F.OVER_REFUSAL_POINTS] = 100 * (f[F.OVER_REFUSAL] - self.over_refusal_floor(True))
         if f[F.OVER_REFUSAL_POINTS] > run.max_over_refusal:
-            return judge(point, run, items)
+            return judge(point, run)
         if self.metric not in f:
             f[self.metric] = self._repair()
-        judge(point, run, items)
+        judge(point, run)
 
     def _refused(self, prompts: list[str], model=None) -> float:
         from .metrics import refusal_rate
@@ -516,20 +514,16 @@ class Measurer:
         return 1.0 - self._refused(self.harmful)
 
 
-def accuracy_limit(run, items: int | None) -> float:
-    """The task line as the search applies it: --max-accuracy-drop, or one item of the task's selection set when that
-    is coarser (48 items: 2.08 points against the default 2). A line finer than one item would read a single item,
-    the noise of the set, as a broken budget and stop every method at the first item it flips."""
-    return max(run.max_accuracy_drop, 100 / items + 1e-9) if items else run.max_accuracy_drop
-
-
-def judge(point: Point, run, task_items: int | None = None) -> None:
+def judge(point: Point, run) -> None:
     """The point's budget lines from its figures as they stand: perplexity and KL, then over-refusal and task accuracy
-    from the generated figures (a confirmed point) or their proxies (`task_items`: the task set's size, see
-    accuracy_limit)."""
+    from the generated figures (a confirmed point) or their proxies. The task line is --max-accuracy-drop as given:
+    on a task set too small to resolve it (48 items: one is 2.08 points against the default 2) any item lost breaks
+    it, and the report says so (SearchResult.resolution). From 2026-12-02 to 2026-12-05 it was widened to one item;
+    with the proxy counting items exactly, the search then sat on that edge, and the demonstration pair's repair lost 2
+    of the 48 held-out items of the fine-tune's task where the strict line lost none (docs/strength.md)."""
     lines = []
     for line, (key, limit_field) in F.LINES.items():
-        limit = accuracy_limit(run, task_items) if line == F.ACCURACY_LINE else getattr(run, limit_field)
+        limit = getattr(run, limit_field)
         value = point.figures.get(key, point.figures.get(F.PROXY_OF.get(key, key)))
         if value is None or (line == F.ACCURACY_LINE and not run.task):
             continue

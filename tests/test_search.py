@@ -510,9 +510,9 @@ def test_task_proxy_counts_an_answer_right_only_when_the_right_label_would_open_
     assert found == pytest.approx(0.25)
 
 
-def test_one_item_lost_on_the_task_proxy_is_inside_the_one_item_line(monkeypatch):
-    """46 of 48 right against 47 of 48 is exactly one item (2.0833 points), inside accuracy_limit; float32 means read
-    it as 2.0833373 points and rejected the point (Safe Delta on the demonstration pair, budget 0.9642)."""
+def test_the_task_proxy_counts_one_lost_item_as_exactly_one_item(monkeypatch):
+    """46 of 48 right against 47 of 48 is one item, 100/48 points: inside a line drawn at one item. float32 means read
+    it as 2.0833373 points and broke that line."""
     from surgery.methods import RunOptions
 
     def rows(lost: int):
@@ -525,20 +525,27 @@ def test_one_item_lost_on_the_task_proxy_is_inside_the_one_item_line(monkeypatch
     monkeypatch.setattr(search, "next_token_logprobs", rows(2))
     after = search.label_accuracy(None, None, prompts, labels, tokens)
     assert (before, after) == (47 / 48, 46 / 48)
-    assert 100 * (before - after) <= search.accuracy_limit(RunOptions(task="sst2:builtin"), 48)
+    run = RunOptions(task="sst2:builtin", max_accuracy_drop=100 / 48)
+    point = search.Point(1.0, {"perplexity_ratio": 1.0, "kl": 0.0, "accuracy_drop_points": 100 * (before - after)})
+    search.judge(point, run)
+    assert point.within, point.broken
 
 
-def test_the_task_line_is_applied_at_the_resolution_of_the_task_set():
-    """--max-accuracy-drop 2 with 48 task items (one item: 2.08 points): one item lost is inside, two are not; with 200
-    items the line is the 2 points given."""
+def test_the_task_line_is_the_drop_given_even_where_the_set_cannot_resolve_it():
+    """--max-accuracy-drop 2 with 48 task items (one item: 2.08 points): one item lost breaks it, and the report says
+    the line is finer than one item; with 200 items 1.5 points are inside and 2.5 are not."""
     from surgery.methods import RunOptions
 
     run = RunOptions(task="sst2:builtin", max_accuracy_drop=2.0)
-    assert search.accuracy_limit(run, 48) == pytest.approx(100 / 48) and search.accuracy_limit(run, 200) == 2.0
-    for drop, items, inside in [(100 / 48, 48, True), (200 / 48, 48, False), (2.5, 200, False), (1.5, 200, True)]:
+    for drop, inside in [(0.0, True), (100 / 48, False), (2.5, False), (1.5, True)]:
         point = search.Point(1.0, {"perplexity_ratio": 1.0, "kl": 0.0, "accuracy_drop_points": drop})
-        search.judge(point, run, items)
-        assert point.within is inside, (drop, items, point.broken)
+        search.judge(point, run)
+        assert point.within is inside, (drop, point.broken)
+    result = search.SearchResult(
+        "alpha", "harmful_score", {}, [], 1.0, "", {"max_accuracy_drop_points": 2.0}, prompts={"task": 48}
+    )
+    lines = result.resolution()
+    assert any("finer than one of the 48 task items" in x and "one task item lost breaks it" in x for x in lines)
 
 
 def test_confirmation_stops_at_the_first_generated_line_it_breaks(monkeypatch):
