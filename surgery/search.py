@@ -478,8 +478,8 @@ class Measurer:
     def confirm(self, point: Point) -> None:
         """Generate and judge (the candidate applied): task accuracy (a few tokens per answer), then over-refusal, then
         the repair figure, each judged as it comes; the first broken line ends the confirmation (a point rejected on
-        its task costs one set of short answers, not three sets). The point's budget is then judged on these instead of their proxies (perplexity
-        and KL are exact already)."""
+        its task costs one set of short answers, not three sets). The point's budget is then judged on these instead
+        of their proxies (perplexity and KL are exact already)."""
         run, f, b = self.run, point.figures, self.baseline
         self._cheap(point, stop=False)  # a point stopped early gets its remaining proxies too (both are reported)
         point.confirmed = True
@@ -518,9 +518,7 @@ def judge(point: Point, run) -> None:
     """The point's budget lines from its figures as they stand: perplexity and KL, then over-refusal and task accuracy
     from the generated figures (a confirmed point) or their proxies. The task line is --max-accuracy-drop as given:
     on a task set too small to resolve it (48 items: one is 2.08 points against the default 2) any item lost breaks
-    it, and the report says so (SearchResult.resolution). From 2026-12-02 to 2026-12-05 it was widened to one item;
-    with the proxy counting items exactly, the search then sat on that edge, and the demonstration pair's repair lost 2
-    of the 48 held-out items of the fine-tune's task where the strict line lost none (docs/strength.md)."""
+    it, and the report says so (SearchResult.resolution; docs/strength.md says why it is not widened to one item)."""
     lines = []
     for line, (key, limit_field) in F.LINES.items():
         limit = getattr(run, limit_field)

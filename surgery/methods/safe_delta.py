@@ -74,9 +74,9 @@ from .pair import REFERENCE, ReferenceOptions, pair_edit, require_reference
 RESPONSES = ("aligned", "refusal")
 REFUSAL = "I'm sorry, but I can't help with that."  # --responses refusal: the response every prompt gets
 SCALE_ROWS = 4096  # the authors' budget scale: rows / 4096
-SATURATION_MARGIN = (
-    1.001  # the saturation budget is summed in fp64, the selection's costs in fp32: a margin for rounding
-)
+# The saturation budget is summed in fp64 from fp32 costs, as the selection sums them, but in another order: a margin
+# for rounding, so the searched range's weak end admits every eligible entry.
+SATURATION_MARGIN = 1.001
 BUDGET_SHARE = 0.5  # each 2048-column block of a 4096-wide layer gets half of s (the authors' s / 2)
 
 
@@ -417,9 +417,9 @@ class PreparedSafeDelta(Prepared):
     def bounds(self) -> tuple[float, float] | None:
         """The budget range searched: from the knob's low end to the saturation budget (`saturation_budget`, the
         largest over the target weights, plus 0.1 % for rounding), past which every budget writes the same model.
-        On SmolLM2's demonstration pair that is about 5.6 where the knob's range ends at 100: the bisection's points
-        all fall where the budget still changes the output. None (the knob's range) when a weight spans several
-        blocks, where no budget is known to saturate."""
+        On SmolLM2's demonstration pair that is 1.963 where the knob's range ends at 100: the bisection's points all
+        fall where the budget still changes the output. None (the knob's range) when a weight spans several blocks,
+        where no budget is known to saturate, or when the saturation budget lies outside the knob's range."""
         if self._bounds is not False:
             return self._bounds
         low, high = SafeDelta.strength.low, SafeDelta.strength.high
