@@ -244,6 +244,19 @@ def rank_key(c: Candidate):
     return (c.search.failed is not None, round(proxy_harmful(c), 6), f.get(F.PERPLEXITY_RATIO, 1.0))
 
 
+def screening_line(c: Candidate, several: bool) -> str:
+    """The line a log gets when a candidate's screening (or, alone, its search) ends: its seconds, its choice on the
+    proxies and whether that is inside the budget."""
+    if c.error is not None or c.search is None:
+        return f"failed after {c.seconds:.0f}s: {c.error}"
+    s = c.search
+    where = "inside the budget" if c.inside else "nothing inside the budget"
+    return (
+        f"{'screened' if several else 'searched'} in {c.seconds:.0f}s: {s.knob} {s.chosen:g}, harmful proxy "
+        f"{100 * proxy_harmful(c):.1f}%, {len(s.points)} points measured, {where}"
+    )
+
+
 def finish(todo: list[Candidate], run, say) -> None:
     """The finalists' searches completed and confirmed by generation (see SCREEN_STEPS); the others keep their
     screening (proxy) figures and are marked so in the report."""
@@ -360,6 +373,7 @@ def repair_checkpoint(
         except SurgeryError as e:
             c.error = str(e)
         c.seconds = time.perf_counter() - t0
+        say(f"[{i + 1}/{len(todo)} {c.label}] {screening_line(c, several)}")
     if several:
         finish(todo, run, say)
     else:

@@ -141,6 +141,11 @@ def test_repair_screens_every_candidate_and_confirms_only_the_finalists(
     assert set(tried) == set(methods.split(","))
     assert sorted(confirmed) == finalists and found["chosen"] == "prune-restore"
     assert {k for k, c in tried.items() if c["confirmed"]} == set(finalists)
+    for label in tried:  # a log gets one line when each candidate's screening ends, with its proxy choice
+        ends = [line for line in cap.err.splitlines() if f" {label}] screened in " in line]
+        assert len(ends) == 1 and "harmful proxy" in ends[0], (label, ends)
+        if label not in confirmed:  # not refined since: the report's choice is the screening's
+            assert f"{tried[label]['knob']} {tried[label]['chosen']:g}," in ends[0], ends[0]
     # a screened candidate has no generated point; a finalist has exactly its chosen point confirmed
     points = found["points"]
     assert not any(p["confirmed"] for p in points if p["candidate"] not in confirmed)
