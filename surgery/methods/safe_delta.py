@@ -417,9 +417,9 @@ class PreparedSafeDelta(Prepared):
     def bounds(self) -> tuple[float, float] | None:
         """The budget range searched: from the knob's low end to the saturation budget (`saturation_budget`, the
         largest over the target weights, plus 0.1 % for rounding), past which every budget writes the same model.
-        On SmolLM2's demonstration pair that is 1.963 where the knob's range ends at 100: the bisection's points all
-        fall where the budget still changes the output. None (the knob's range) when a weight spans several blocks,
-        where no budget is known to saturate, or when the saturation budget lies outside the knob's range."""
+        On SmolLM2's demonstration pairs it is 1.963 and 2.198 where the knob's range ends at 100: the bisection's
+        points all fall where the budget still changes the output. None (the knob's range) when a weight spans several
+        blocks, where no budget is known to saturate, or when the saturation budget lies outside the knob's range."""
         if self._bounds is not False:
             return self._bounds
         low, high = SafeDelta.strength.low, SafeDelta.strength.high
