@@ -406,12 +406,11 @@ class PreparedSafeDelta(Prepared):
         distinct: int,
     ):
         self.options, self.modules, self.factors = options, modules, factors
-        self.reference, self.device = ctx.references["reference"], ctx.device
+        self.reference, self.target, self.device = ctx.references["reference"], ctx.target, ctx.device
         self.module_of = {tensor: module for module, tensor in modules.items()}
         self.calibration, self.distinct = calibration, distinct
         self.changed: dict[str, int] = {}  # tensor -> non-zero entries of Δ
         self.report = None
-        self._ctx = ctx
         self._bounds: tuple[float, float] | None | bool = False  # not computed yet
 
     def bounds(self) -> tuple[float, float] | None:
@@ -420,23 +419,22 @@ class PreparedSafeDelta(Prepared):
         On SmolLM2's demonstration pairs it is 1.963 and 2.198 where the knob's range ends at 100: the bisection's
         points all fall where the budget still changes the output. None (the knob's range) when a weight spans several
         blocks, where no budget is known to saturate, or when the saturation budget lies outside the knob's range."""
-        if self._bounds is not False:
-            return self._bounds
+        if self._bounds is False:
+            self._bounds = self._saturation_range()
+        return self._bounds
+
+    def _saturation_range(self) -> tuple[float, float] | None:
         low, high = SafeDelta.strength.low, SafeDelta.strength.high
-        found: tuple[float, float] | None = None
-        target, options, widest = self._ctx.target, self.options, 0.0
+        options, widest = self.options, 0.0
         for name, module in self.module_of.items():
             saturated = saturation_budget(
-                self.reference.read(name), target.read(name), self.factors[module], options.protect, options.block
+                self.reference.read(name), self.target.read(name), self.factors[module], options.protect, options.block
             )
             if saturated is None:
-                widest = math.inf
-                break
+                return None
             widest = max(widest, saturated)
-        if math.isfinite(widest) and low < widest * SATURATION_MARGIN < high:
-            found = (low, widest * SATURATION_MARGIN)
-        self._bounds = found
-        return found
+        top = widest * SATURATION_MARGIN
+        return (low, top) if low < top < high else None
 
     def at(self, budget: float) -> Edit:
         options = self.options
