@@ -77,7 +77,7 @@ def _plain_print(console: Console, objects, kwargs) -> tuple:
 
 class Progress:
     """What a long command is doing: a spinner on a terminal; in a log, one line per stage with the seconds since the
-    start and, when the message counts (`3/8`, `3 of 8`), an estimate of the time left from the average so far."""
+    start and, when the message counts (`3/8`, `3 of 8`), an estimate of the time the count has left (`estimate`)."""
 
     def __init__(self, title: str):
         import time
@@ -86,7 +86,7 @@ class Progress:
         self.start = self._clock()
         self._status = None
         self._untitled = False
-        self._counted: tuple[str, int, float] | None = None
+        self._counted: tuple[str, int, float, int, float] | None = None
 
     def __enter__(self) -> "Progress":
         if plain():
@@ -107,20 +107,29 @@ class Progress:
         return self._clock() - self.start
 
     def estimate(self, message: str) -> str:
-        """' (about N s left)' when the message says item i of n and items before it were timed."""
+        """' (about N s left for items i-n)' when the message says item i of n and earlier items of the same count were
+        timed to their end. The average of the finished items, times the items from i on, less the time item i has
+        already run (never less than the later items' share: an item that runs long does not make the rest free).
+        It covers the count only: what a command does after its last item (writing, checking) is not in it."""
         m = _COUNT.search(message)
         if m is None:
             return ""
         i, n = int(m["i"]), int(m["n"])
         key = f"{message[: m.start()]}#/{n}"
         now = self._clock()
-        if self._counted is None or self._counted[0] != key or i < self._counted[1]:
-            self._counted = (key, i, now)  # (what is counted, its first item seen, when that item began)
-        if i == self._counted[1]:
+        c = self._counted
+        if c is None or c[0] != key or i < c[3]:
+            c = (key, i, now, i, now)  # (what is counted, its first item seen, when it began, current item, its start)
+        elif i > c[3]:
+            c = (key, c[1], c[2], i, now)
+        self._counted = c
+        _, first, began, _, current_began = c
+        if i == first:
             return ""
-        _, first, began = self._counted
-        left = (now - began) / (i - first) * (n - i + 1)
-        return f" (about {left:.0f}s left)"
+        average = (current_began - began) / (i - first)
+        left = max(average * (n - i + 1) - (now - current_began), average * (n - i))
+        items = f"item {n}" if i == n else f"items {i}-{n}"
+        return f" (about {left:.0f}s left for {items})"
 
     def update(self, message: str) -> None:
         if self._status is not None:

@@ -97,7 +97,7 @@ def test_markdown_table_keeps_every_cell_whole(capsys):
     assert table_rows(text) == [["candidate", "strength"], ["---", "---"], [long.strip(), "0.5 *"], ["b\\|c", "1"]]
 
 
-def test_progress_estimates_time_left_from_the_average(monkeypatch, capsys):
+def test_progress_estimates_time_left_from_the_finished_items(monkeypatch, capsys):
     from cli import console
 
     now = [0.0]
@@ -105,18 +105,27 @@ def test_progress_estimates_time_left_from_the_average(monkeypatch, capsys):
         p._clock, p.start = (lambda: now[0]), 0.0
         for t, message in (
             (0, "[1/4 prune] start"),
-            (10, "[2/4 prune] start"),
+            (10, "[2/4 prune] start"),  # 10 s an item: items 2-4 take 30 s
             (20, "[3/4 revert] start"),
-            (21, "saving"),
+            (25, "[3/4 revert] measured"),  # 5 s into item 3: 20 - 5
+            (40, "[3/4 revert] measured again"),  # item 3 overran: at least item 4's share
+            (45, "[4/4 revert] start"),  # items 1-3 took 45 s: 15 s an item
+            (50, "saving"),
         ):
-            now[0] = t  # 10 s an item: 3 left at item 2, 2 at item 3
+            now[0] = t
             p.update(message)
     lines = capsys.readouterr().err.splitlines()
-    assert lines[0].endswith("] work") and len(lines) == 5
+    assert lines[0].endswith("] work") and len(lines) == 8
     assert lines[1].endswith("[1/4 prune] start")
-    assert (
-        lines[2].endswith("(about 30s left)") and lines[3].endswith("(about 20s left)") and lines[4].endswith("saving")
-    )
+    tails = [line.rpartition("(")[2] for line in lines[2:7]]
+    assert tails == [
+        "about 30s left for items 2-4)",
+        "about 20s left for items 3-4)",
+        "about 15s left for items 3-4)",
+        "about 10s left for items 3-4)",
+        "about 15s left for item 4)",
+    ]
+    assert lines[7].endswith("saving")
 
 
 def test_ci_variable_makes_output_plain(monkeypatch):
