@@ -108,9 +108,10 @@ class Progress:
 
     def estimate(self, message: str) -> str:
         """' (about N s left for items i-n)' when the message says item i of n and earlier items of the same count were
-        timed to their end. The average of the finished items, times the items from i on, less the time item i has
-        already run (never less than the later items' share: an item that runs long does not make the rest free).
-        It covers the count only: what a command does after its last item (writing, checking) is not in it."""
+        timed to their end: the average of the finished items, times the items from i on, less the time item i has
+        already run. Once item i has run longer than the average, what it has left is not known: the estimate says so
+        and gives the later items' share. It covers the count only: what a command does after its last item (writing,
+        checking) is not in it."""
         m = _COUNT.search(message)
         if m is None:
             return ""
@@ -127,9 +128,11 @@ class Progress:
         if i == first:
             return ""
         average = (current_began - began) / (i - first)
-        left = max(average * (n - i + 1) - (now - current_began), average * (n - i))
-        items = f"item {n}" if i == n else f"items {i}-{n}"
-        return f" (about {left:.0f}s left for {items})"
+        running = now - current_began
+        if running < average:
+            return f" (about {average * (n - i + 1) - running:.0f}s left for {_items(i, n)})"
+        later = f"; about {average * (n - i):.0f}s for {_items(i + 1, n)}" if i < n else ""
+        return f" (item {i} is past the {average:.0f}s average{later})"
 
     def update(self, message: str) -> None:
         if self._status is not None:
@@ -139,6 +142,10 @@ class Progress:
             self._untitled = False
             self.line(self.title)
         self.line(message + self.estimate(message))
+
+
+def _items(i: int, n: int) -> str:
+    return f"item {n}" if i == n else f"items {i}-{n}"
 
 
 def progress(title: str) -> Progress:

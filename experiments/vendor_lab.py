@@ -183,7 +183,8 @@ class VendorLab(DemoPair):
                 "--alpha",
                 "0.5",
             ],
-            # the budget `surgery repair` chose on the SmolLM2 demonstration pair, not searched here
+            "safe-delta": ["safe-delta", original, "--adapter", adapter, "--reference", original],  # budget 0.1
+            # the budget `surgery repair` chose on an earlier SmolLM2 demonstration pair, not searched here
             "safe-delta-1.333": [
                 "safe-delta",
                 original,

@@ -108,24 +108,28 @@ def test_progress_estimates_time_left_from_the_finished_items(monkeypatch, capsy
             (10, "[2/4 prune] start"),  # 10 s an item: items 2-4 take 30 s
             (20, "[3/4 revert] start"),
             (25, "[3/4 revert] measured"),  # 5 s into item 3: 20 - 5
-            (40, "[3/4 revert] measured again"),  # item 3 overran: at least item 4's share
+            (40, "[3/4 revert] measured again"),  # item 3 overran: what it has left is unknown
             (45, "[4/4 revert] start"),  # items 1-3 took 45 s: 15 s an item
-            (50, "saving"),
+            (50, "[4/4 revert] measured"),
+            (70, "[4/4 revert] measured again"),  # the last item overran: nothing later to estimate
+            (71, "saving"),
         ):
             now[0] = t
             p.update(message)
     lines = capsys.readouterr().err.splitlines()
-    assert lines[0].endswith("] work") and len(lines) == 8
+    assert lines[0].endswith("] work") and len(lines) == 10
     assert lines[1].endswith("[1/4 prune] start")
-    tails = [line.rpartition("(")[2] for line in lines[2:7]]
+    tails = [line.partition(" (")[2] for line in lines[2:9]]
     assert tails == [
         "about 30s left for items 2-4)",
         "about 20s left for items 3-4)",
         "about 15s left for items 3-4)",
-        "about 10s left for items 3-4)",
+        "item 3 is past the 10s average; about 10s for item 4)",
         "about 15s left for item 4)",
+        "about 10s left for item 4)",
+        "item 4 is past the 15s average)",
     ]
-    assert lines[7].endswith("saving")
+    assert lines[9].endswith("saving")
 
 
 def test_ci_variable_makes_output_plain(monkeypatch):
