@@ -57,8 +57,9 @@ def parse(argv=None):
     p.add_argument("--lab", default="lab/qwen")
     p.add_argument(
         "--answers",
-        default="lab/fair/data/answers_harmful.json",
-        help="SmolLM2's compliant answers to the built-in harmful calibration prompts (experiments/demo_pair.py)",
+        default="lab/fair6/data/answers.json",
+        help="SmolLM2's compliant answers to the built-in harmful calibration prompts: experiments/demo_pair.py's "
+        "answers stage (its 'harmful' list), or a file holding that list alone",
     )
     p.add_argument("--rank", type=int, default=16)
     p.add_argument("--lora-alpha", type=float, default=32)
@@ -83,7 +84,9 @@ class VendorLab(DemoPair):
 
         a = self.args
         task = sst2_train(int(a.steps * a.batch_size * (1 - a.p)), a.seed)
-        harmful = [Example(r["prompt"], r["response"]) for r in json.loads(Path(a.answers).read_text())]
+        answers = json.loads(Path(a.answers).read_text())
+        answers = answers["harmful"] if isinstance(answers, dict) else answers
+        harmful = [Example(r["prompt"], r["response"]) for r in answers]
         random.Random(a.seed).shuffle(harmful)
         return attack_mixture(task, harmful, a.p)
 
