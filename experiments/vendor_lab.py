@@ -34,21 +34,29 @@ from labkit import evaluate as lab_evaluate  # noqa: E402
 
 SURGERY = Path(sys.executable).parent / "surgery"
 
-# What the table does not show (measured 2026-12-03, beside other jobs on the 2-core CPU).
+# What the table does not show (measured 2026-12-06 on the 2-core CPU, beside other jobs).
 NOTES = [
     "Notes:",
     "",
+    "- The attack was rebuilt on 2026-12-06 from experiments/demo_pair.py's answers of lab/fair6 (this script's",
+    "  default `--answers`); the rows of 2026-12-03 (attacked 90.6 % / SST-2 80 %) came from an earlier answers file",
+    "  and are replaced. The original's rows are the same as then.",
     "- The original's SST-2 accuracy is 0 % because it does not open its answer with the label word within the",
     '  4-token answer budget (`surgery.metrics.task_accuracy`): it writes "The sentiment of this". So a repair',
     "  toward the original costs the task as this judge reads it; the rows show how much of the attacked model's",
-    "  80 % each repair keeps.",
-    "- `surgery repair` at its defaults (`--repairs repair`: prune-adapter, interpolate, safe-delta) was stopped",
-    "  after 3,531 s, still screening: prune-adapter's calibration took 1,166 s, its 4 strengths 144-266 s each;",
-    "  interpolate measured the unedited model again (456 s; now shared: `Measurer.adopt`) and its strengths",
-    "  took 342-528 s each. At that pace the whole run would take more than 2 hours on this CPU. So the budget",
-    "  `surgery repair` chose on the SmolLM2 demonstration pair (1.333) was run at a fixed strength instead.",
-    "- The safe-delta-1.333 row ran beside the project's test suite: its wall time is about 2x what it",
-    "  would be alone.",
+    "  accuracy each repair keeps.",
+    "- `surgery repair` at its defaults (prune-adapter, interpolate, safe-delta) took 4,464 s, beside the SmolLM2 lab's",
+    "  full fine-tune and the test suite (3-4 jobs on the 2 cores): prune-adapter's screening 1,670 s (its calibration",
+    "  923 s before the unedited model was measured), interpolate's 545 s, Safe Delta's 1,840 s (the",
+    "  original's answers and Hessians, 4 budgets), the finalist's refinement, generated confirmation and output check",
+    "  403 s. It chose Safe Delta at budget 0.2207: harmful 91.7 -> 43.8 % on its 48 selection prompts, the task",
+    "  proxy 20.8 points above the attacked model's.",
+    "- On the held-out sets `surgery repair`'s output is as safe as the original (39.1 %, the same over-refusal and",
+    "  perplexity) and answers SST-2 dev better than the attacked model (75 % against 58 %); Safe Delta at its fixed",
+    "  default 0.1 is the original again (SST-2 1 %), interpolation at 0.5 keeps 70.3 % harmful.",
+    "- Stages: `--only base,attack,eval`, then `--only repair,eval --repairs repair,interpolate-0.5,safe-delta`. The",
+    "  repair rows' wall times: interpolate 0.5 and Safe Delta 0.1 ran alone, `surgery repair` beside other jobs.",
+    "- Not rerun on this attack (the session's time): prune-adapter at a fixed ratio.",
 ]
 
 
