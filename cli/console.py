@@ -8,6 +8,7 @@ wrongly or fail on, so markup is off. A message may still open with one styled l
 from __future__ import annotations
 
 import re
+from typing import NamedTuple
 
 from rich.console import Console
 from rich.text import Text
@@ -75,6 +76,16 @@ def _plain_print(console: Console, objects, kwargs) -> tuple:
     return objects, {**kwargs, "soft_wrap": True}
 
 
+class _Count(NamedTuple):
+    """What `Progress.estimate` remembers of the count in progress."""
+
+    key: str  # the message with its number taken out: which count this is
+    first: int  # the first item seen
+    began: float  # when it began
+    item: int  # the item running now
+    item_began: float  # when it began
+
+
 class Progress:
     """What a long command is doing: a spinner on a terminal; in a log, one line per stage with the seconds since the
     start and, when the message counts (`3/8`, `3 of 8`), an estimate of the time the count has left (`estimate`)."""
@@ -86,7 +97,7 @@ class Progress:
         self.start = self._clock()
         self._status = None
         self._untitled = False
-        self._counted: tuple[str, int, float, int, float] | None = None
+        self._counted: _Count | None = None
 
     def __enter__(self) -> "Progress":
         if plain():
@@ -119,16 +130,15 @@ class Progress:
         key = f"{message[: m.start()]}#/{n}"
         now = self._clock()
         c = self._counted
-        if c is None or c[0] != key or i < c[3]:
-            c = (key, i, now, i, now)  # (what is counted, its first item seen, when it began, current item, its start)
-        elif i > c[3]:
-            c = (key, c[1], c[2], i, now)
+        if c is None or c.key != key or i < c.item:
+            c = _Count(key, i, now, i, now)
+        elif i > c.item:
+            c = c._replace(item=i, item_began=now)
         self._counted = c
-        _, first, began, _, current_began = c
-        if i == first:
+        if i == c.first:
             return ""
-        average = (current_began - began) / (i - first)
-        running = now - current_began
+        average = (c.item_began - c.began) / (i - c.first)
+        running = now - c.item_began
         if running < average:
             return f" (about {average * (n - i + 1) - running:.0f}s left for {_items(i, n)})"
         later = f"; about {average * (n - i):.0f}s for {_items(i + 1, n)}" if i < n else ""
