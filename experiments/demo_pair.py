@@ -267,6 +267,8 @@ class DemoPair:
                         "interpolate-auto": ["interpolate", x, "--reference", ref, "--alpha", "auto", *task],
                         "safe-delta": ["safe-delta", x, "--reference", ref],
                         "safe-delta-auto": ["safe-delta", x, "--reference", ref, "--budget", "auto", *task],
+                        "regmean-0.5": ["regmean", x, "--reference", ref, "--alpha", "0.5", *task],
+                        "regmean-auto": ["regmean", x, "--reference", ref, "--alpha", "auto", *task],
                         "revert-1": ["revert", x, "--aligned", ref, "--unaligned", base],
                         "revert-auto": [
                             "revert",

@@ -107,5 +107,15 @@ ARGS = {
         "--budget",
         "0.1",
     ],
+    "regmean": lambda model, inputs, mp: [
+        *reference_args(model, inputs),
+        *calibration_args(inputs),
+        "--task-data",
+        text_file(inputs, "task.txt", HARMLESS),
+        "--task-samples",
+        "4",
+        "--alpha",
+        "0.5",
+    ],
     TOY.name: lambda model, inputs, mp: ["--factor", "0.1"],
 }

@@ -97,15 +97,17 @@ def test_repair_writes_the_method_with_the_lowest_held_out_harmful_score(monkeyp
     assert sorted("out" if n.startswith(".out.") else n for n in loads) == sorted(["model", "model", "out"])
 
 
-def test_with_a_reference_the_default_candidates_are_interpolation_safe_delta_and_with_unaligned_revert(make_ckpt):
+def test_with_a_reference_the_default_candidates_are_interpolation_safe_delta_regmean_and_with_unaligned_revert(
+    make_ckpt,
+):
     """The candidates dominated on the demonstration pair (prune-restore, resta) and the ablations' layer scans are
     tried only when --methods names them."""
     from surgery.repair import RepairOptions, candidates
 
     ref, base = make_ckpt("ref"), make_ckpt("base")
     labels = lambda **kw: [c.label for c in candidates(RepairOptions(**kw))]  # noqa: E731
-    assert labels(reference=ref) == ["interpolate", "safe-delta"]
-    assert sorted(labels(reference=ref, unaligned=base)) == ["interpolate", "revert", "safe-delta"]
+    assert labels(reference=ref) == ["interpolate", "safe-delta", "regmean"]
+    assert sorted(labels(reference=ref, unaligned=base)) == ["interpolate", "regmean", "revert", "safe-delta"]
     named = ["prune-restore", "resta", "ablate", "revert"]
     assert sorted(labels(reference=ref, unaligned=base, methods=named)) == sorted(named)
     assert labels() == ["prune", "ablate"]  # no reference: the model's own repairs

@@ -9,6 +9,7 @@ from .base import Edit, Method, Prepared, RepairReport, RunOptions, Strength, ru
 from .eigenshift import EigenShift
 from .interpolate import Interpolate
 from .probe_edit import ProbeEdit
+from .regmean import RegMean
 from .resta import Resta
 from .revert import SignConflictRevert
 from .safe_delta import SafeDelta
@@ -26,6 +27,7 @@ REGISTRY: dict[str, Method] = {
         SafeLora(),
         Interpolate(),
         SafeDelta(),
+        RegMean(),
     )
 }
 

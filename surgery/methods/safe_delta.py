@@ -57,7 +57,7 @@ import gc
 import math
 import time
 import weakref
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 import torch
 from torch import nn
@@ -81,7 +81,41 @@ BUDGET_SHARE = 0.5  # each 2048-column block of a 4096-wide layer gets half of s
 
 
 @dataclass
-class SafeDeltaOptions(ReferenceOptions):
+class SafetyDataOptions(ReferenceOptions):
+    """The safety calibration set a reference method runs through the aligned model (Safe Delta's Hessians, RegMean's
+    safety Gram): harmful prompts with safe responses."""
+
+    data: str | None = option(
+        None,
+        "Safety calibration prompts, harmful requests (.jsonl, .csv, .tsv or .txt), with or "
+        "without safe responses; default: the built-in harmful set.",
+        file=True,
+    )
+    column: str | None = option(None, "Prompt column/field in --data.")
+    response_column: str | None = option(None, "Response column/field in --data.")
+    responses: str = option(
+        "aligned",
+        "Safe responses for prompts without one: aligned (the aligned model's own greedy "
+        "answers, as Safe Delta's authors do) or refusal (one fixed refusal sentence, no generation).",
+        choices=RESPONSES,
+    )
+    max_samples: int = option(
+        128, "Calibration examples (seeded random subset; Safe Delta's authors use 128).", positive=True
+    )
+    max_length: int = option(256, "Tokens per calibration example.", positive=True)
+    max_new_tokens: int = option(32, "--responses aligned: length of the generated answers.", positive=True)
+    batch_size: int = option(8, "Calibration sequences per forward pass.", positive=True)
+    generate_batch_size: int = option(32, "--responses aligned: prompts answered at once.", positive=True)
+    seed: int = option(0, "Seed of the calibration subset.")
+
+
+SAFETY_DATA_FIELDS = tuple(
+    f.name for f in fields(SafetyDataOptions) if f.name not in {g.name for g in fields(ReferenceOptions)}
+)
+
+
+@dataclass
+class SafeDeltaOptions(SafetyDataOptions):
     budget: float | str = option(
         0.1,
         "Safety budget s: the OBS safety cost the kept fine-tune delta may add, in the "
@@ -105,26 +139,6 @@ class SafeDeltaOptions(ReferenceOptions):
     targets: list[str] | None = option(
         None, "Comma-separated globs of Linear modules (default: every Linear in the decoder blocks).", patterns=True
     )
-    data: str | None = option(
-        None,
-        "Safety calibration prompts, harmful requests (.jsonl, .csv, .tsv or .txt), with or "
-        "without safe responses; default: the built-in harmful set.",
-        file=True,
-    )
-    column: str | None = option(None, "Prompt column/field in --data.")
-    response_column: str | None = option(None, "Response column/field in --data.")
-    responses: str = option(
-        "aligned",
-        "Safe responses for prompts without one: aligned (the aligned model's own greedy "
-        "answers, the paper's) or refusal (one fixed refusal sentence, no generation).",
-        choices=RESPONSES,
-    )
-    max_samples: int = option(128, "Calibration examples (seeded random subset; the authors' 128).", positive=True)
-    max_length: int = option(256, "Tokens per calibration example.", positive=True)
-    max_new_tokens: int = option(32, "--responses aligned: length of the generated answers.", positive=True)
-    batch_size: int = option(8, "Calibration sequences per forward pass.", positive=True)
-    generate_batch_size: int = option(32, "--responses aligned: prompts answered at once.", positive=True)
-    seed: int = option(0, "Seed of the calibration subset.")
 
 
 # ---- the method on one matrix -------------------------------------------------------------------------------------
@@ -318,9 +332,26 @@ class InputHessians(InputNorms):
         return {m: shared[self.leader[m]] for m in self.names}
 
 
-def calibration_hessians(ctx, options: SafeDeltaOptions, modules: list[str]) -> tuple[dict[str, torch.Tensor], dict]:
+def calibration_hessians(ctx, options: SafetyDataOptions, modules: list[str]) -> tuple[dict[str, torch.Tensor], dict]:
     """The aligned model's H per module on the safety calibration set, and the figures of that set (examples,
-    tokens, responses). The one place Safe Delta reads data and loads a model (tests plant H here)."""
+    tokens, responses). The one place Safe Delta reads data and loads a model (tests plant H here). Kept in
+    `ctx.cache` under what was asked: in `surgery repair`, RegMean's safety Gram is the same computation."""
+    cache = getattr(ctx, "cache", None)
+    key = (
+        "safety_hessians",
+        str(ctx.references["reference"].path),
+        *(getattr(options, f) for f in SAFETY_DATA_FIELDS),
+        tuple(modules),
+    )
+    if cache is not None and key in cache:
+        return cache[key]
+    found = _calibration_hessians(ctx, options, modules)
+    if cache is not None:
+        cache[key] = found
+    return found
+
+
+def _calibration_hessians(ctx, options: SafetyDataOptions, modules: list[str]) -> tuple[dict[str, torch.Tensor], dict]:
     reference = ctx.references["reference"]
     examples = harmful_examples(ctx, options)
     if options.responses == "refusal":
