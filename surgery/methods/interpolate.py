@@ -23,7 +23,7 @@ from ..deltas import floating, matching_tensors, same_values
 from ..options import option
 from ..stream import return_freed_memory
 from .base import Edit, Method, Prepared, Strength
-from .pair import REFERENCE, ReferenceOptions, pair_edit, require_reference
+from .pair import REFERENCE, ReferenceOptions, pair_edit, reference_candidates, require_reference
 
 
 @dataclass
@@ -116,20 +116,7 @@ class Interpolate(Method):
 
     def repair_candidates(self, given):
         """With `surgery repair --reference ALIGNED`: the baseline every delta method must beat."""
-        if given.reference is None:
-            return []
-        return [
-            (
-                "interpolate",
-                InterpolateOptions(
-                    alpha="auto",
-                    reference=given.reference,
-                    device=given.device,
-                    allow_pickle=given.allow_pickle,
-                    adapter=given.adapter,
-                ),
-            )
-        ]
+        return reference_candidates("interpolate", InterpolateOptions, "alpha", given)
 
     def validate(self, options: InterpolateOptions) -> None:
         require_reference(options)

@@ -86,3 +86,30 @@ def pair_edit(
         return change(name, weight, *(ref.read(name) for ref in references))
 
     return edit, report
+
+
+def reference_candidates(label: str, options_cls, knob: str, given) -> list[tuple[str, object]]:
+    """`surgery repair`'s candidate for a method that needs only --reference (interpolate, safe-delta, regmean): the
+    strength `knob` on auto; nothing without a reference."""
+    if given.reference is None:
+        return []
+    options = options_cls(
+        **{knob: "auto"},
+        reference=given.reference,
+        device=given.device,
+        allow_pickle=given.allow_pickle,
+        adapter=given.adapter,
+    )
+    return [(label, options)]
+
+
+def linear_weights(ctx, targets: list[str] | None, method: str) -> dict[str, str]:
+    """Module -> weight tensor of the Linear modules `targets` names (default: every Linear of the decoder blocks),
+    each a 2-D floating weight, or one error line naming `method`."""
+    from ..model import linear_targets, meta_model, weight_name
+
+    found = {m: weight_name(ctx.ckpt, m) for m in linear_targets(meta_model(ctx.ckpt), targets)}
+    for module, tensor in found.items():
+        if len(ctx.ckpt.tensors[tensor].shape) != 2 or not ctx.ckpt.tensors[tensor].dtype.is_floating_point:
+            raise SurgeryError(f"{module}: {method} edits 2-D floating Linear weights, {tensor} is not one")
+    return found

@@ -43,7 +43,6 @@ import torch
 from ..deltas import floating, same_values
 from ..errors import SurgeryError
 from ..metrics import SST2_LABELS, SST2_TEMPLATE
-from ..model import linear_targets, meta_model, weight_name
 from ..options import option
 from ..prompts import Example, encode_pairs, fill_responses, pad_batches
 from ..splits import examples_for, sample
@@ -52,7 +51,7 @@ from ..tasks import TRAIN, sentiment_part
 from . import safe_delta
 from .base import Edit, Method, Prepared, Strength
 from .interpolate import interpolated
-from .pair import REFERENCE, pair_edit, require_reference
+from .pair import REFERENCE, linear_weights, pair_edit, reference_candidates, require_reference
 
 TASK_SOURCES = ("file", "sst2:builtin train part", "harmless instructions")
 
@@ -260,30 +259,13 @@ class RegMean(Method):
     def repair_candidates(self, given):
         """With `surgery repair --reference ALIGNED` (the task data from --task sst2:builtin, or the harmless
         instructions)."""
-        if given.reference is None:
-            return []
-        return [
-            (
-                "regmean",
-                RegMeanOptions(
-                    alpha="auto",
-                    reference=given.reference,
-                    device=given.device,
-                    allow_pickle=given.allow_pickle,
-                    adapter=given.adapter,
-                ),
-            )
-        ]
+        return reference_candidates("regmean", RegMeanOptions, "alpha", given)
 
     def validate(self, options: RegMeanOptions) -> None:
         require_reference(options)
 
     def modules(self, ctx, options: RegMeanOptions) -> dict[str, str]:
-        found = {m: weight_name(ctx.ckpt, m) for m in linear_targets(meta_model(ctx.ckpt), options.targets)}
-        for module, tensor in found.items():
-            if len(ctx.ckpt.tensors[tensor].shape) != 2 or not ctx.ckpt.tensors[tensor].dtype.is_floating_point:
-                raise SurgeryError(f"{module}: RegMean merges 2-D floating Linear weights, {tensor} is not one")
-        return found
+        return linear_weights(ctx, options.targets, "RegMean")
 
     def others(self, ctx, modules: dict[str, str]) -> list[str]:
         merged = set(modules.values())

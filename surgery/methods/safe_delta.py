@@ -64,12 +64,12 @@ from torch import nn
 
 from ..calibrate import InputNorms
 from ..errors import SurgeryError
-from ..model import linear_targets, load_model, load_tokenizer, meta_model, weight_name
+from ..model import load_model, load_tokenizer
 from ..options import option
 from ..prompts import Example, encode_pairs, fill_responses, pad_batches
 from .antidote import harmful_examples
 from .base import Edit, Method, Prepared, Strength
-from .pair import REFERENCE, ReferenceOptions, pair_edit, require_reference
+from .pair import REFERENCE, ReferenceOptions, linear_weights, pair_edit, reference_candidates, require_reference
 
 RESPONSES = ("aligned", "refusal")
 REFUSAL = "I'm sorry, but I can't help with that."  # --responses refusal: the response every prompt gets
@@ -505,30 +505,13 @@ class SafeDelta(Method):
 
     def repair_candidates(self, given):
         """With `surgery repair --reference ALIGNED`."""
-        if given.reference is None:
-            return []
-        return [
-            (
-                "safe-delta",
-                SafeDeltaOptions(
-                    budget="auto",
-                    reference=given.reference,
-                    device=given.device,
-                    allow_pickle=given.allow_pickle,
-                    adapter=given.adapter,
-                ),
-            )
-        ]
+        return reference_candidates("safe-delta", SafeDeltaOptions, "budget", given)
 
     def validate(self, options: SafeDeltaOptions) -> None:
         require_reference(options)
 
     def modules(self, ctx, options: SafeDeltaOptions) -> dict[str, str]:
-        found = {m: weight_name(ctx.ckpt, m) for m in linear_targets(meta_model(ctx.ckpt), options.targets)}
-        for module, tensor in found.items():
-            if len(ctx.ckpt.tensors[tensor].shape) != 2 or not ctx.ckpt.tensors[tensor].dtype.is_floating_point:
-                raise SurgeryError(f"{module}: Safe Delta edits 2-D floating Linear weights, {tensor} is not one")
-        return found
+        return linear_weights(ctx, options.targets, "Safe Delta")
 
     def plan(self, ctx, options: SafeDeltaOptions) -> SafeDeltaPlan:
         modules = self.modules(ctx, options)
