@@ -207,6 +207,19 @@ class VendorLab(DemoPair):
                 "1.333",
             ],
             "prune-adapter-0.05": ["prune", original, "--adapter", adapter, "--ratio", "0.05"],
+            # RegMean at its default weight, the task Gram from the built-in sentiment set's train part
+            "regmean-0.5": [
+                "regmean",
+                original,
+                "--adapter",
+                adapter,
+                "--reference",
+                original,
+                "--alpha",
+                "0.5",
+                "--task",
+                "sst2:builtin",
+            ],
         }
 
     def run_job(self, name: str, argv: list[str], tmp: Path) -> None:
