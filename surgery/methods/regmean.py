@@ -44,7 +44,7 @@ from ..deltas import floating, same_values
 from ..errors import SurgeryError
 from ..metrics import SST2_LABELS, SST2_TEMPLATE
 from ..options import option
-from ..prompts import Example, encode_pairs, fill_responses, pad_batches
+from ..prompts import Example, fill_responses
 from ..splits import examples_for, sample
 from ..stream import return_freed_memory
 from ..tasks import TRAIN, sentiment_part
@@ -161,16 +161,10 @@ def task_grams(ctx, options: RegMeanOptions, modules: list[str]) -> tuple[dict[s
             lambda: fill_responses(model, tokenizer, examples, options.max_new_tokens, options.generate_batch_size),
         )
     t0 = time.perf_counter()
-    context = getattr(model.config, "max_position_embeddings", None)
-    sequences = encode_pairs(tokenizer, examples, options.max_length, context)
-    stats = safe_delta.InputHessians(model, modules)
-    stats.run(pad_batches(sequences, options.batch_size, tokenizer.pad_token_id))
-    grams = stats.hessians()
+    grams, tokens = safe_delta.input_hessians(model, tokenizer, examples, options, modules)
     ctx.timings["calibrate_task"] = time.perf_counter() - t0
-    figures = {"task_source": source, "task_examples": len(examples), "task_tokens": stats.tokens}
-    del stats
     gc.collect()
-    return grams, figures
+    return grams, {"task_source": source, "task_examples": len(examples), "task_tokens": tokens}
 
 
 # ---- the method -----------------------------------------------------------------------------------------------------

@@ -332,6 +332,17 @@ class InputHessians(InputNorms):
         return {m: shared[self.leader[m]] for m in self.names}
 
 
+def input_hessians(model, tokenizer, examples: list[Example], options, modules: list[str]):
+    """(module -> 2 X Xᵀ / N of its input over `examples`' real tokens, N): the examples encoded as prompt + response
+    (`options.max_length`, `options.batch_size`), run once through `model` (Safe Delta's aligned model, RegMean's
+    fine-tuned one)."""
+    context = getattr(model.config, "max_position_embeddings", None)
+    sequences = encode_pairs(tokenizer, examples, options.max_length, context)
+    stats = InputHessians(model, modules)
+    stats.run(pad_batches(sequences, options.batch_size, tokenizer.pad_token_id))
+    return stats.hessians(), stats.tokens
+
+
 def calibration_hessians(ctx, options: SafetyDataOptions, modules: list[str]) -> tuple[dict[str, torch.Tensor], dict]:
     """The aligned model's H per module on the safety calibration set, and the figures of that set (examples,
     tokens, responses). The one place Safe Delta reads data and loads a model (tests plant H here). Kept in
@@ -365,18 +376,10 @@ def _calibration_hessians(ctx, options: SafetyDataOptions, modules: list[str]) -
             lambda: fill_responses(model, tokenizer, examples, options.max_new_tokens, options.generate_batch_size),
         )
     t0 = time.perf_counter()
-    context = getattr(model.config, "max_position_embeddings", None)
-    sequences = encode_pairs(tokenizer, examples, options.max_length, context)
-    stats = InputHessians(model, modules)
-    stats.run(pad_batches(sequences, options.batch_size, tokenizer.pad_token_id))
-    hessians = stats.hessians()
+    hessians, tokens = input_hessians(model, tokenizer, examples, options, modules)
     ctx.timings["calibrate"] = time.perf_counter() - t0
-    figures = {
-        "calibration_examples": len(examples),
-        "calibration_tokens": stats.tokens,
-        "responses": options.responses,
-    }
-    model = stats = None  # the aligned model is needed for prepare only
+    figures = {"calibration_examples": len(examples), "calibration_tokens": tokens, "responses": options.responses}
+    model = None  # the aligned model is needed for prepare only
     gc.collect()
     return hessians, figures
 
