@@ -57,6 +57,10 @@ NOTES = [
     "- Stages: `--only base,attack,eval`, then `--only repair,eval --repairs repair,interpolate-0.5,safe-delta`. The",
     "  repair rows' wall times: interpolate 0.5 and Safe Delta 0.1 ran alone, `surgery repair` beside other jobs.",
     "- Not rerun on this attack (the session's time): prune-adapter at a fixed ratio.",
+    "- `surgery regmean` at its default alpha 0.5 (added later on 2026-12-06; `--repairs regmean-0.5`, the task Gram",
+    "  from the built-in sentiment set's train part): 68.8 % harmful, SST-2 dev 57 % (the attacked model's 58 %),",
+    "  perplexity 31.3; no safer than interpolation at the same alpha here. Its 1,222 s ran beside the test suite and",
+    "  two SmolLM2 jobs. Its `auto` row and `surgery repair` with regmean among the candidates were not run on this lab.",
 ]
 
 
