@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import gc
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 
 import torch
@@ -216,6 +217,9 @@ class PreparedRegMean(Prepared):
             alpha, calibration=self.calibration, groups=len({id(g) for g in self.grams.values()})
         )
         shares: dict[int, torch.Tensor] = {}  # id of a Gram pair -> K at this alpha (one per input group)
+        # modules of each group still to be written: a group's K is dropped after its last one (recomputed, the same,
+        # should a tensor come through again)
+        left = Counter(id(self.grams[m]) for m in self.module_of.values())
 
         def change(name: str, weight: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
             if same_values(weight, reference):
@@ -230,7 +234,11 @@ class PreparedRegMean(Prepared):
             pair = self.grams[module]
             if 0 < alpha < 1 and id(pair) not in shares:
                 shares[id(pair)] = reference_share(*pair, alpha)
-            return regmean_tensor(weight, reference, shares.get(id(pair)), alpha)
+            merged = regmean_tensor(weight, reference, shares.get(id(pair)), alpha)
+            left[id(pair)] -= 1
+            if left[id(pair)] <= 0:
+                shares.pop(id(pair), None)
+            return merged
 
         edit, recorded = pair_edit([*self.module_of, *self.others], change, report, (self.reference,))
         return Edit(edit, touched=[*self.module_of, *self.others], summary={"regmean": recorded})
