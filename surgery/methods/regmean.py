@@ -48,7 +48,7 @@ from ..options import option
 from ..prompts import Example, fill_responses
 from ..splits import examples_for, sample
 from ..stream import return_freed_memory
-from ..tasks import TRAIN, sentiment_part
+from ..tasks import TRAIN, is_builtin, sentiment_part
 from . import safe_delta
 from .base import Edit, Method, Prepared, Strength
 from .interpolate import interpolated
@@ -94,11 +94,9 @@ class RegMeanOptions(safe_delta.SafetyDataOptions):
 
 def normalised(gram: torch.Tensor, damp: float) -> torch.Tensor:
     """G scaled to a mean diagonal of 1, plus damp · I, in fp64 (a column never seen gets G_jj = 1 first)."""
-    g = gram.to(torch.float64).clone()
-    if not torch.isfinite(g).all():
-        raise SurgeryError("a calibration set gave a non-finite Gram matrix: the model's activations overflow")
-    dead = torch.diagonal(g) == 0
-    g[dead, dead] = 1.0
+    g = safe_delta.seen_columns(
+        gram, "a calibration set gave a non-finite Gram matrix: the model's activations overflow"
+    )
     g /= float(torch.diagonal(g).mean())
     g.diagonal().add_(damp)
     return g
@@ -118,12 +116,8 @@ def reference_share(task: torch.Tensor, safety: torch.Tensor, alpha: float) -> t
 
 def regmean_tensor(tuned: torch.Tensor, reference: torch.Tensor, share: torch.Tensor | None, alpha: float):
     """The merged weight in the tuned weight's dtype: W_ft + (W_ref - W_ft) K, or interpolation at α where there is
-    no Gram (share None); the ends exactly."""
-    if alpha == 0:
-        return tuned
-    if alpha == 1:
-        return reference.to(tuned.dtype)
-    if share is None:
+    no Gram (share None); the ends exactly (interpolation's)."""
+    if share is None or alpha in (0, 1):
         return interpolated(tuned, reference, alpha)
     ft = tuned.float()
     return torch.addmm(ft, reference.float() - ft, share).to(tuned.dtype)
@@ -132,23 +126,25 @@ def regmean_tensor(tuned: torch.Tensor, reference: torch.Tensor, share: torch.Te
 # ---- calibration: the fine-tuned model on the task ------------------------------------------------------------------
 
 
+def sentiment_examples(part: str = TRAIN) -> list[Example]:
+    """A part of the built-in sentiment set as classification prompts answered by their label word."""
+    return [Example(SST2_TEMPLATE.format(s), SST2_LABELS[y]) for s, y in sentiment_part(part)]
+
+
 def task_examples(ctx, options: RegMeanOptions) -> tuple[list[Example], str]:
     """The task data (see the module docstring) and which source it came from."""
-    if options.task_data is not None:
-        found = examples_for(
-            options.task_data,
-            builtin="harmless",
-            column=options.task_column,
-            response_column=options.task_response_column,
-            max_samples=options.task_samples,
-            seed=options.seed,
-        )
-        return found, TASK_SOURCES[0]
-    if (ctx.run.task or "") == "sst2:builtin":
-        rows = [Example(SST2_TEMPLATE.format(s), SST2_LABELS[y]) for s, y in sentiment_part(TRAIN)]
-        return sample(rows, options.task_samples, options.seed), TASK_SOURCES[1]
-    found = examples_for(None, builtin="harmless", max_samples=options.task_samples, seed=options.seed)
-    return found, TASK_SOURCES[2]
+    name, _, path = (ctx.run.task or "").partition(":")
+    if options.task_data is None and name == "sst2" and is_builtin(path):
+        return sample(sentiment_examples(), options.task_samples, options.seed), TASK_SOURCES[1]
+    found = examples_for(
+        options.task_data,
+        builtin="harmless",
+        column=options.task_column,
+        response_column=options.task_response_column,
+        max_samples=options.task_samples,
+        seed=options.seed,
+    )
+    return found, TASK_SOURCES[0] if options.task_data is not None else TASK_SOURCES[2]
 
 
 def task_grams(ctx, options: RegMeanOptions, modules: list[str]) -> tuple[dict[str, torch.Tensor], dict]:
@@ -210,12 +206,11 @@ class PreparedRegMean(Prepared):
         self.reference = ctx.references["reference"]
         self.module_of = {tensor: module for module, tensor in modules.items()}
         self.grams = grams  # module -> (G_t, G_s), normalised and damped, one pair object per input group
+        self.groups = len({id(g) for g in grams.values()})
         self.report = None
 
     def at(self, alpha: float) -> Edit:
-        report = self.report = RegMeanReport(
-            alpha, calibration=self.calibration, groups=len({id(g) for g in self.grams.values()})
-        )
+        report = self.report = RegMeanReport(alpha, calibration=self.calibration, groups=self.groups)
         shares: dict[int, torch.Tensor] = {}  # id of a Gram pair -> K at this alpha (one per input group)
         # modules of each group still to be written: a group's K is dropped after its last one (recomputed, the same,
         # should a tensor come through again)

@@ -144,14 +144,23 @@ class SafeDeltaOptions(SafetyDataOptions):
 # ---- the method on one matrix -------------------------------------------------------------------------------------
 
 
+def seen_columns(gram: torch.Tensor, overflow: str) -> torch.Tensor:
+    """An input Gram as a new fp64 tensor whose columns never seen (G_jj = 0) have G_jj = 1, so that damping makes it
+    positive definite; one error line (`overflow`) when it holds a non-finite value."""
+    g = gram.to(torch.float64).clone()
+    if not torch.isfinite(g).all():
+        raise SurgeryError(overflow)
+    dead = torch.diagonal(g) == 0
+    g[dead, dead] = 1.0
+    return g
+
+
 def inverse_factor(hessian: torch.Tensor, damp: float = 0.01, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """U, the upper Cholesky factor of (H + λI)⁻¹ (λ = damp · mean(diag H)), in `dtype`; columns never seen
     (H_jj = 0) get H_jj = 1 first. Factorised in fp64."""
-    h = hessian.to(torch.float64).clone()
-    if not torch.isfinite(h).all():
-        raise SurgeryError("the safety calibration gave a non-finite Hessian: the aligned model's activations overflow")
-    dead = torch.diagonal(h) == 0
-    h[dead, dead] = 1.0
+    h = seen_columns(
+        hessian, "the safety calibration gave a non-finite Hessian: the aligned model's activations overflow"
+    )
     h.diagonal().add_(damp * float(torch.diagonal(h).mean()))
     try:
         lower = torch.linalg.cholesky(h)
