@@ -25,10 +25,8 @@ import torch
 
 import surgery.methods.safe_delta as sd
 from surgery.checkpoint import open_checkpoint
-from surgery.metrics import SST2_LABELS, SST2_TEMPLATE
+from surgery.methods.regmean import sentiment_examples
 from surgery.model import load_model, load_tokenizer
-from surgery.prompts import Example, encode_pairs, pad_batches
-from surgery.tasks import TRAIN, sentiment_part
 
 TUNED, POWER = sys.argv[1], float(sys.argv[2])
 _calibration, _factor, _admitted, _tensor = (
@@ -45,10 +43,7 @@ CURRENT: list = [None]
 def calibration_hessians(ctx, options, modules):
     hessians, figures = _calibration(ctx, options, modules)
     model, tok = load_model(open_checkpoint(TUNED), torch.device("cpu")), load_tokenizer(TUNED)
-    examples = [Example(SST2_TEMPLATE.format(s), SST2_LABELS[y]) for s, y in sentiment_part(TRAIN)]
-    stats = sd.InputHessians(model, modules)
-    stats.run(pad_batches(encode_pairs(tok, examples, options.max_length), options.batch_size, tok.pad_token_id))
-    task = stats.hessians()
+    task, _ = sd.input_hessians(model, tok, sentiment_examples(), options, modules)
     for m in modules:
         TASK_H[id(hessians[m])] = task[m]
     return hessians, figures
