@@ -281,11 +281,19 @@ class DemoPair:
                             "auto",
                             *task,
                         ],
+                        "restore": ["prune", x, "--reference", ref],
                         "restore-auto": ["prune", x, "--reference", ref, "--ratio", "auto", *task],
+                        "resta": ["resta", x, "--aligned", ref, "--unaligned", base],
+                        "resta-auto": ["resta", x, "--aligned", ref, "--unaligned", base, "--beta", "auto", *task],
                         "repair": ["repair", x, "--reference", ref, "--unaligned", base, *task],
                     }.items()
                 }
             )
+        # SafeLoRA projects the attack's own LoRA matrices (the LoRA attack only): its output is an adapter on the
+        # aligned model, evaluated merged onto it.
+        lora = [str(m / "aligned"), "--adapter", str(self.adapters / "attack")]
+        found["safelora"] = ["safelora", *lora, "--aligned", str(m / "aligned"), "--unaligned", str(m / "base")]
+        found["safelora-auto"] = [*found["safelora"], "--layers", "auto", "--task", "sst2:builtin"]
         return found
 
     def write_doc(self) -> None:
@@ -397,7 +405,7 @@ class DemoPair:
         jobs = self.jobs()
         for name in (x for x in self.args.repairs.split(",") if x):
             self.stage(f"repair:{name}", m / name, lambda tmp, n=name: self.run_job(n, jobs[n], tmp))
-            if (m / name / "config.json").exists():
+            if (m / name / "config.json").exists() or (m / name / "adapter_config.json").exists():
                 self.stage(f"eval:{name}", self.results / f"{name}.json", lambda tmp, n=name: self.evaluate(n, tmp))
             self.write_doc()
         if self.args.fixtures:

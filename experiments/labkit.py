@@ -15,12 +15,17 @@ def log(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
-def load(models: Path, name: str):
-    """A lab model (LAB/models/NAME, or a path) and its tokenizer, on CPU."""
+def load(models: Path, name: str, base: str = "aligned"):
+    """A lab model (LAB/models/NAME, or a path) and its tokenizer, on CPU. An adapter folder (a repair that writes
+    LoRA matrices, SafeLoRA) is merged onto LAB/models/BASE, the model it was trained on."""
+    from surgery.adapter import CONFIG_NAME, MergedCheckpoint, open_adapter
     from surgery.checkpoint import open_checkpoint
     from surgery.model import load_model, load_tokenizer
 
     path = models / name if (models / name).exists() else Path(name)
+    if (path / CONFIG_NAME).exists():
+        ckpt = MergedCheckpoint(open_adapter(path, open_checkpoint(models / base)))
+        return load_model(ckpt, torch.device("cpu")), load_tokenizer(models / base)
     return load_model(open_checkpoint(path), torch.device("cpu")), load_tokenizer(path)
 
 

@@ -146,7 +146,7 @@ def context(task=None):
     return SimpleNamespace(run=SimpleNamespace(task=task))
 
 
-def test_the_task_data_comes_from_the_file_then_the_builtin_train_part_then_the_harmless_set(tmp_path):
+def test_the_task_data_comes_from_the_file_then_the_sentiment_train_part_then_the_harmless_set(tmp_path):
     from surgery.methods.regmean import RegMeanOptions, task_examples
     from surgery.metrics import SST2_TEMPLATE
     from surgery.tasks import SELECTION, sentiment_part
@@ -157,10 +157,13 @@ def test_the_task_data_comes_from_the_file_then_the_builtin_train_part_then_the_
     assert source == "file" and sorted(e.prompt for e in found) == [f"q{i}" for i in range(5)]
     found, source = task_examples(context("sst2:builtin"), RegMeanOptions(task_samples=40))
     selection = {SST2_TEMPLATE.format(s) for s, _ in sentiment_part(SELECTION)}
-    assert source == "sst2:builtin train part" and len(found) == 40
+    assert source == "built-in sentiment train part" and len(found) == 40
     assert all(e.response in ("negative", "positive") for e in found) and not selection & {e.prompt for e in found}
     assert {e.response for e in found} == {"negative", "positive"}  # a seeded sample, both labels
-    found, source = task_examples(context("sst2:other.tsv"), RegMeanOptions(task_samples=6))
+    # A sentiment task measured on the user's own file is still calibrated on sentiment data (not on that file).
+    other, source = task_examples(context("sst2:other.tsv"), RegMeanOptions(task_samples=40))
+    assert source == "built-in sentiment train part" and other == found
+    found, source = task_examples(context(None), RegMeanOptions(task_samples=6))
     assert source == "harmless instructions" and len(found) == 6 and all(e.response is None for e in found)
 
 

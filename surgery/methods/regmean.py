@@ -23,9 +23,9 @@ Every other floating tensor where the fine-tune differs from the reference (embe
 no input Gram) is interpolated at the same α, RegMean's rule for them.
 
 The task data, in this order: `--task-data FILE` (prompts with or without responses: what the fine-tune learned,
-responses missing are the fine-tuned model's own greedy answers); with `--task sst2:builtin`, the built-in sentiment
-set's train part (prompt -> label word; its selection part is what the search measures, so the two are disjoint);
-otherwise the built-in harmless instructions' calibration part answered by the fine-tuned model (its general use).
+responses missing are the fine-tuned model's own greedy answers); with any `--task sst2:...`, the built-in sentiment
+set's train part (prompt -> label word; the search measures the built-in set's selection part or the user's file,
+disjoint from it either way); otherwise the built-in harmless instructions' calibration part answered by the fine-tuned model (its general use).
 
 Cost: forward passes of the fine-tuned model over the task data and of the aligned model over the safety data (shared
 with Safe Delta in `surgery repair`), then per strength one Cholesky factorisation per input width group and one
@@ -48,13 +48,13 @@ from ..options import option
 from ..prompts import Example, fill_responses
 from ..splits import examples_for, sample
 from ..stream import return_freed_memory
-from ..tasks import TRAIN, is_builtin, sentiment_part
+from ..tasks import TRAIN, sentiment_part
 from . import safe_delta
 from .base import Edit, Method, Prepared, Strength
 from .interpolate import interpolated
 from .pair import REFERENCE, linear_weights, pair_edit, reference_candidates, require_reference
 
-TASK_SOURCES = ("file", "sst2:builtin train part", "harmless instructions")
+TASK_SOURCES = ("file", "built-in sentiment train part", "harmless instructions")
 
 
 @dataclass
@@ -134,7 +134,9 @@ def sentiment_examples(part: str = TRAIN) -> list[Example]:
 def task_examples(ctx, options: RegMeanOptions) -> tuple[list[Example], str]:
     """The task data (see the module docstring) and which source it came from."""
     name, _, path = (ctx.run.task or "").partition(":")
-    if options.task_data is None and name == "sst2" and is_builtin(path):
+    if options.task_data is None and name == "sst2":
+        # Sentiment data for a sentiment task, whichever set the search measures: the built-in set's selection part,
+        # or the user's own held-out file (disjoint from this train part either way).
         return sample(sentiment_examples(), options.task_samples, options.seed), TASK_SOURCES[1]
     found = examples_for(
         options.task_data,
