@@ -96,11 +96,11 @@ class SafetyDataOptions(ReferenceOptions):
     responses: str = option(
         "aligned",
         "Safe responses for prompts without one: aligned (the aligned model's own greedy "
-        "answers, as Safe Delta's authors do) or refusal (one fixed refusal sentence, no generation).",
+        "answers; Safe Delta's setting) or refusal (one fixed refusal sentence, no generation).",
         choices=RESPONSES,
     )
     max_samples: int = option(
-        128, "Calibration examples (seeded random subset; Safe Delta's authors use 128).", positive=True
+        128, "Safety calibration examples (seeded random subset; 128 as in Safe Delta).", positive=True
     )
     max_length: int = option(256, "Tokens per calibration example.", positive=True)
     max_new_tokens: int = option(32, "--responses aligned: length of the generated answers.", positive=True)
