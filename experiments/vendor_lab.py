@@ -152,16 +152,10 @@ class VendorLab(DemoPair):
         )
 
     def model_of(self, name: str):
-        from peft import PeftModel
-
+        """A row's model: the attack adapter or a repair's adapter merged onto the original, or a full checkpoint."""
         if name == "attacked":
-            base, tok = load(self.models, "original")
-            return PeftModel.from_pretrained(base, str(self.adapters / "attack")).merge_and_unload().eval(), tok
-        folder = self.models / name
-        if (folder / "adapter_config.json").exists():
-            base, tok = load(self.models, "original")
-            return PeftModel.from_pretrained(base, str(folder)).merge_and_unload().eval(), tok
-        return load(self.models, name)
+            return load(self.adapters, "attack", base="../models/original")
+        return load(self.models, name, base="original")
 
     def evaluate(self, name: str, tmp: Path) -> None:
         from surgery.evaluate import write_report
@@ -172,58 +166,21 @@ class VendorLab(DemoPair):
 
     def jobs(self) -> dict[str, list[str]]:
         m, ad = self.models, self.adapters
-        original, adapter = str(m / "original"), str(ad / "attack")
+        original = str(m / "original")
+        pair = [original, "--adapter", str(ad / "attack"), "--reference", original]  # the attack on its original
+        task = ["--task", "sst2:builtin"]
         return {
-            "repair": ["repair", original, "--adapter", adapter, "--reference", original, "--task", "sst2:builtin"],
-            "repair-fast": [
-                "repair",
-                original,
-                "--adapter",
-                adapter,
-                "--reference",
-                original,
-                "--task",
-                "sst2:builtin",
-                "--methods",
-                "interpolate,prune-adapter",
-            ],
-            "interpolate-1": ["interpolate", original, "--adapter", adapter, "--reference", original, "--alpha", "1"],
-            "interpolate-0.5": [
-                "interpolate",
-                original,
-                "--adapter",
-                adapter,
-                "--reference",
-                original,
-                "--alpha",
-                "0.5",
-            ],
-            "safe-delta": ["safe-delta", original, "--adapter", adapter, "--reference", original],  # budget 0.1
+            "repair": ["repair", *pair, *task],
+            "repair-fast": ["repair", *pair, *task, "--methods", "interpolate,prune-adapter"],
+            "interpolate-1": ["interpolate", *pair, "--alpha", "1"],
+            "interpolate-0.5": ["interpolate", *pair, "--alpha", "0.5"],
+            "safe-delta": ["safe-delta", *pair],  # budget 0.1
             # the budget `surgery repair` chose on an earlier SmolLM2 demonstration pair, not searched here
-            "safe-delta-1.333": [
-                "safe-delta",
-                original,
-                "--adapter",
-                adapter,
-                "--reference",
-                original,
-                "--budget",
-                "1.333",
-            ],
-            "prune-adapter-0.05": ["prune", original, "--adapter", adapter, "--ratio", "0.05"],
-            # RegMean at its default weight, the task Gram from the built-in sentiment set's train part
-            "regmean-0.5": [
-                "regmean",
-                original,
-                "--adapter",
-                adapter,
-                "--reference",
-                original,
-                "--alpha",
-                "0.5",
-                "--task",
-                "sst2:builtin",
-            ],
+            "safe-delta-1.333": ["safe-delta", *pair, "--budget", "1.333"],
+            "prune-adapter-0.05": ["prune", original, "--adapter", str(ad / "attack"), "--ratio", "0.05"],
+            # RegMean, the task Gram from the built-in sentiment set's train part
+            "regmean-0.5": ["regmean", *pair, "--alpha", "0.5", *task],
+            "regmean-auto": ["regmean", *pair, "--alpha", "auto", *task],
         }
 
     def run_job(self, name: str, argv: list[str], tmp: Path) -> None:
