@@ -60,7 +60,15 @@ NOTES = [
     "- `surgery regmean` at its default alpha 0.5 (added later on 2026-12-06; `--repairs regmean-0.5`, the task Gram",
     "  from the built-in sentiment set's train part): 68.8 % harmful, SST-2 dev 57 % (the attacked model's 58 %),",
     "  perplexity 31.3; no safer than interpolation at the same alpha here. Its 1,222 s ran beside the test suite and",
-    "  two SmolLM2 jobs. Its `auto` row and `surgery repair` with regmean among the candidates were not run on this lab.",
+    "  two SmolLM2 jobs.",
+    "- `regmean --alpha auto` (2026-12-06, third session; `--repairs regmean-auto`): chose alpha 0.9703, the strongest",
+    "  inside the budget (alpha 1, the original, loses the task): 91.7 -> 54.2 % on its 48 selection prompts; held out",
+    "  48.4 % harmful, SST-2 dev 56 %, perplexity 30.4, over-refusal 6.2 %. 1,420 s (preparation 577 s: the task",
+    "  Grams 151 s, the original's answers 219 s and Hessians 174 s; 7 points at 85-90 s each; the first 9 minutes",
+    "  beside the test suite). Behind `surgery repair`'s Safe Delta choice on both figures (39.1 %, SST-2 75 %): on",
+    "  this model RegMean keeps the fine-tune's answers on its inputs and the original's refusals only where the",
+    "  safety data's inputs lie. `surgery repair` with regmean among its candidates was not rerun here (4,468 s",
+    "  before). On the selection prompts its Safe Delta choice reached 43.8 %, regmean's 54.2 %.",
 ]
 
 
