@@ -281,6 +281,10 @@ class DemoPair:
                             "auto",
                             *task,
                         ],
+                        "prune": ["prune", x],  # Antidote's zeroing at its 5 %, no reference
+                        "prune-auto": ["prune", x, "--ratio", "auto", *task],
+                        "ablate-reverse": ["ablate", x, "--reverse"],  # the refusal direction amplified, scale 1
+                        "ablate-reverse-auto": ["ablate", x, "--reverse", "--scale", "auto", *task],
                         "restore": ["prune", x, "--reference", ref],
                         "restore-auto": ["prune", x, "--reference", ref, "--ratio", "auto", *task],
                         "resta": ["resta", x, "--aligned", ref, "--unaligned", base],
