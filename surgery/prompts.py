@@ -166,6 +166,15 @@ def pad_batches(sequences: list[list[int]], batch_size: int, pad_id: int, left: 
         yield ids, mask
 
 
+def calibration_batches(
+    tokenizer, examples: list[Example], max_length: int, batch_size: int, context_length: int | None = None
+):
+    """The (input_ids, attention_mask) batches a calibration pass runs: each example as prompt + response + EOS
+    (`encode_pairs`, cut to max_length), padded per batch (`pad_batches`)."""
+    sequences = encode_pairs(tokenizer, examples, max_length, context_length)
+    return pad_batches(sequences, batch_size, tokenizer.pad_token_id)
+
+
 @torch.no_grad()
 def generate(model, tokenizer, prompts: list[str], max_new_tokens: int = 64, batch_size: int = 8) -> list[str]:
     """Greedy, bounded continuations of chat prompts (the model's own answers)."""

@@ -28,7 +28,7 @@ from ..calibrate import InputNorms
 from ..errors import SurgeryError
 from ..model import linear_targets, meta_model, weight_name
 from ..options import option
-from ..prompts import encode_pairs, fill_responses, pad_batches
+from ..prompts import calibration_batches, fill_responses
 from ..select import prune_matrix, prune_rows, rows_to_remove
 from ..splits import examples_for, hold_out
 from .base import Edit, Method, Prepared, Strength
@@ -210,9 +210,8 @@ def plan_prune(model_dir: str | Path, options: PruneOptions) -> PrunePlan:
 def collect_norms(model, tokenizer, examples, options: PruneOptions, module_names: list[str]) -> InputNorms:
     """Wanda's ||X_j||_2 for every target, over prompt + response tokens of `examples`."""
     context = getattr(model.config, "max_position_embeddings", None)
-    sequences = encode_pairs(tokenizer, examples, options.max_length, context)
-    stats = InputNorms(model, module_names)
-    return stats.run(pad_batches(sequences, options.batch_size, tokenizer.pad_token_id))
+    batches = calibration_batches(tokenizer, examples, options.max_length, options.batch_size, context)
+    return InputNorms(model, module_names).run(batches)
 
 
 def harmful_examples(ctx, options) -> list:
@@ -486,7 +485,5 @@ def _layerwise(ctx, tokenizer, examples, options: PruneOptions, modules):
             "(prompts alone would need the whole model in memory to generate answers), or use --no-stream"
         )
     context = ctx.ckpt.config.get("max_position_embeddings")
-    sequences = encode_pairs(tokenizer, examples, options.max_length, context)
-    return LayerwiseNorms(
-        ctx.ckpt, pad_batches(sequences, options.batch_size, tokenizer.pad_token_id), modules, ctx.device
-    )
+    batches = calibration_batches(tokenizer, examples, options.max_length, options.batch_size, context)
+    return LayerwiseNorms(ctx.ckpt, batches, modules, ctx.device)

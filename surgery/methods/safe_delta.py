@@ -66,7 +66,7 @@ from ..calibrate import InputNorms
 from ..errors import SurgeryError
 from ..model import load_model, load_tokenizer
 from ..options import option
-from ..prompts import Example, encode_pairs, fill_responses, pad_batches
+from ..prompts import Example, calibration_batches, fill_responses
 from .antidote import harmful_examples
 from .base import Edit, Method, Prepared, Strength
 from .pair import REFERENCE, ReferenceOptions, linear_weights, pair_edit, reference_candidates, require_reference
@@ -346,9 +346,8 @@ def input_hessians(model, tokenizer, examples: list[Example], options, modules: 
     (`options.max_length`, `options.batch_size`), run once through `model` (Safe Delta's aligned model, RegMean's
     fine-tuned one)."""
     context = getattr(model.config, "max_position_embeddings", None)
-    sequences = encode_pairs(tokenizer, examples, options.max_length, context)
     stats = InputHessians(model, modules)
-    stats.run(pad_batches(sequences, options.batch_size, tokenizer.pad_token_id))
+    stats.run(calibration_batches(tokenizer, examples, options.max_length, options.batch_size, context))
     return stats.hessians(), stats.tokens
 
 
