@@ -42,14 +42,14 @@ def parse(argv=None):
 
 def signals(model, tokenizer, prompts, labels, label_ids, base=None) -> tuple[dict, torch.Tensor]:
     from surgery.metrics import mean_kl, next_token_logprobs
-    from surgery.search import label_accuracy
+    from surgery.search import label_accuracy_of
 
     logp = next_token_logprobs(model, tokenizer, prompts, 8)
     scores = torch.stack([logp[:, ids].logsumexp(-1) for ids in label_ids], -1)
     y = torch.tensor(labels)
     rows = torch.arange(len(labels))
     found = {
-        "hard": label_accuracy(model, tokenizer, prompts, labels, label_ids),
+        "hard": label_accuracy_of(logp, labels, label_ids),
         "expected": torch.softmax(scores, -1)[rows, y].mean().item(),
         "margin": (scores[rows, y] - scores[rows, 1 - y]).mean().item(),
         "kl": mean_kl(base, logp) if base is not None else 0.0,

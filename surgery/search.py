@@ -262,9 +262,13 @@ def label_accuracy(
     than any token that opens no label. Without the second condition a model that answers the prompt with something
     else (a refusal, a restated question) still counted as right whenever the right label led the others, so a repair
     that moved the answers away from the label words passed the proxy at no accuracy loss."""
-    logp = next_token_logprobs(model, tokenizer, prompts, batch_size)
     if not prompts:
         return 0.0
+    return label_accuracy_of(next_token_logprobs(model, tokenizer, prompts, batch_size), labels, label_tokens_)
+
+
+def label_accuracy_of(logp: torch.Tensor, labels: list[int], label_tokens_: list[list[int]]) -> float:
+    """`label_accuracy` from the first answer token's log-probabilities [n, vocab] already computed."""
     scores = torch.stack([logp[:, ids].logsumexp(-1) for ids in label_tokens_], -1)
     others = logp.clone()
     others[:, [t for ids in label_tokens_ for t in ids]] = float("-inf")
@@ -272,7 +276,7 @@ def label_accuracy(
     right = (best == torch.tensor(labels)) & (scores.max(-1).values > others.max(-1).values)
     # A count over the items, not a float32 mean: 46/48 in float32 read 2.0833373 points below 47/48, so one item lost
     # was more than one item, and a line drawn at one item (--max-accuracy-drop 2.0833334) rejected it.
-    return int(right.sum()) / len(prompts)
+    return int(right.sum()) / len(labels)
 
 
 def anchor_of(ctx):
