@@ -162,7 +162,7 @@ class VendorLab(DemoPair):
     def model_of(self, name: str):
         """A row's model: the attack adapter or a repair's adapter merged onto the original, or a full checkpoint."""
         if name == "attacked":
-            return load(self.adapters, "attack", base="../models/original")
+            return load(self.models, str(self.adapters / "attack"), base="original")
         return load(self.models, name, base="original")
 
     def evaluate(self, name: str, tmp: Path) -> None:

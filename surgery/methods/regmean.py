@@ -25,7 +25,8 @@ no input Gram) is interpolated at the same α, RegMean's rule for them.
 The task data, in this order: `--task-data FILE` (prompts with or without responses: what the fine-tune learned,
 responses missing are the fine-tuned model's own greedy answers); with any `--task sst2:...`, the built-in sentiment
 set's train part (prompt -> label word; the search measures the built-in set's selection part or the user's file,
-disjoint from it either way); otherwise the built-in harmless instructions' calibration part answered by the fine-tuned model (its general use).
+disjoint from it either way); otherwise the built-in harmless instructions' calibration part answered by the
+fine-tuned model (its general use).
 
 Cost: forward passes of the fine-tuned model over the task data and of the aligned model over the safety data (shared
 with Safe Delta in `surgery repair`), then per strength one Cholesky factorisation per input width group and one
@@ -133,8 +134,7 @@ def sentiment_examples(part: str = TRAIN) -> list[Example]:
 
 def task_examples(ctx, options: RegMeanOptions) -> tuple[list[Example], str]:
     """The task data (see the module docstring) and which source it came from."""
-    name, _, path = (ctx.run.task or "").partition(":")
-    if options.task_data is None and name == "sst2":
+    if options.task_data is None and (ctx.run.task or "").partition(":")[0] == "sst2":
         # Sentiment data for a sentiment task, whichever set the search measures: the built-in set's selection part,
         # or the user's own held-out file (disjoint from this train part either way).
         return sample(sentiment_examples(), options.task_samples, options.seed), TASK_SOURCES[1]
