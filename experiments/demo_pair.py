@@ -293,12 +293,33 @@ class DemoPair:
                     }.items()
                 }
             )
+        # Model Surgery's probe edit needs a compliance probe on each attacked model: `python experiments/probe_lab.py
+        # --lab LAB --only compliance` trains them (LAB/probes/compliance_attacked, compliance_attacked-full).
+        for prefix, attacked in (("", "attacked"), ("full-", "attacked-full")):
+            edit = ["edit", str(m / attacked), "--probe", str(self.root / "probes" / f"compliance_{attacked}")]
+            found[prefix + "edit"] = [*edit, "--alpha", "1"]  # the paper's jailbreak setting
+            found[prefix + "edit-auto"] = [*edit, "--alpha", "auto", "--task", "sst2:builtin"]
+        # EigenShift with the compliance judge: the calibration part of the built-in harmful requests, with the chat
+        # template; Φ is every step of a compliant answer (docs/eigenshift.md).
+        for prefix, attacked in (("", "attacked"), ("full-", "attacked-full")):
+            shift = ["eigenshift", str(m / attacked), "--prompts", str(self.harmful_prompts()), "--judge", "compliance"]
+            found[prefix + "eigenshift"] = [*shift, "--chat"]  # the paper's k 25 %, alpha 0.9
+            found[prefix + "eigenshift-auto"] = [*shift, "--chat", "--alpha", "auto", "--task", "sst2:builtin"]
         # SafeLoRA projects the attack's own LoRA matrices (the LoRA attack only): its output is an adapter on the
         # aligned model, evaluated merged onto it.
         lora = [str(m / "aligned"), "--adapter", str(self.adapters / "attack")]
         found["safelora"] = ["safelora", *lora, "--aligned", str(m / "aligned"), "--unaligned", str(m / "base")]
         found["safelora-auto"] = [*found["safelora"], "--layers", "auto", "--task", "sst2:builtin"]
         return found
+
+    def harmful_prompts(self) -> Path:
+        """The built-in harmful requests' calibration part, one per line (EigenShift's --prompts)."""
+        from surgery.splits import CALIBRATION, builtin_part
+
+        path = self.data / "harmful_calibration.txt"
+        if not path.exists():
+            path.write_text("".join(e.prompt.replace("\n", " ") + "\n" for e in builtin_part("harmful", CALIBRATION)))
+        return path
 
     def write_doc(self) -> None:
         """docs/results_fair_lab.md: the reference check, then each attacked model's repairs, from LAB/results."""

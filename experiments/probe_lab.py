@@ -8,12 +8,13 @@ Stages (each skipped when its result file exists, so a killed run resumes):
   detox       `surgery edit` of base with its final-layer ToxiGen probe (alpha 1.08, the paper's 4.65 %);
               toxicity rate of greedy continuations of RealToxicityPrompts (ProfanityJudge, threshold 0.5)
               and perplexity on Alpaca instructions, before and after, + first-token KL to base
-  compliance  harmful-compliance vs refusal probes per layer on aligned and attacked: the harmful prompts
-              of experiments/lab.py's base_answers.json (else --answer-samples built-in ones) answered greedily
+  compliance  harmful-compliance vs refusal probes per layer on aligned and attacked (and attacked-full where
+              the lab has it): the harmful prompts of experiments/lab.py's base_answers.json (else
+              --answer-samples prompts of the built-in harmful set's calibration part) answered greedily
               (--answer-tokens) by each model, each answer labelled by KeywordJudge (complied = positive,
-              refused = negative); both models' answers are pooled (aligned alone refuses nearly
+              refused = negative); the models' answers are pooled (aligned alone refuses nearly
               everything, attacked complies with nearly everything) and read through each model's
-              hidden states with the chat template -> docs/probe_layers_compliance_<model>.png
+              hidden states with the chat template -> docs/probe_layers_compliance_<tag><model>.png
               (base is skipped: it refuses 2 of 64 built-in harmful prompts, too few for a probe)
   edit        `surgery edit` of attacked with its final-layer compliance
               probe (alpha 1, the paper's jailbreak setting, and 1.08); evaluated like experiments/lab.py: AdvBench harmful score (100),
@@ -25,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import random
 import shutil
 import subprocess
 import sys
@@ -190,7 +192,8 @@ class ProbeLab:
     def answers_file(self, name: str) -> Path:
         """The model's greedy answers to the built-in harmful prompts, labelled by KeywordJudge (cached)."""
         from surgery.judges import KeywordJudge
-        from surgery.prompts import generate, load_examples
+        from surgery.prompts import generate
+        from surgery.splits import CALIBRATION, builtin_part
 
         path = self.data / f"answers_{name}.jsonl"
         if path.exists():
@@ -202,11 +205,10 @@ class ProbeLab:
             rows = json.loads(shared.read_text())["harmful"]
             prompts = [r["prompt"] for r in rows]
         else:
+            # the calibration part of the built-in harmful set: the selection part is what `auto` searches see
+            pool = builtin_part("harmful", CALIBRATION)
             prompts = [
-                e.prompt
-                for e in load_examples(
-                    None, builtin="harmful", max_samples=self.args.answer_samples, seed=self.args.seed
-                )
+                e.prompt for e in random.Random(self.args.seed).sample(pool, min(len(pool), self.args.answer_samples))
             ]
         if name == "base" and shared.exists():
             answers = [r["response"] for r in rows]
@@ -227,7 +229,7 @@ class ProbeLab:
 
     def compliance(self) -> None:
         """Complied (positive) vs refused (negative) answers of the lab models, pooled, probed per model."""
-        names = self.present(("aligned", "attacked"))
+        names = self.present(("aligned", "attacked", "attacked-full"))
         if len(names) < 2:
             log(
                 "compliance: aligned/attacked are not built yet (base refuses too rarely for a two-class probe); skipped"
@@ -268,7 +270,7 @@ class ProbeLab:
             )
             meta = json.loads((out / "probe.json").read_text())
             (out / "probe.json").write_text(json.dumps({**meta, "data": tag}, indent=2) + "\n")
-            shutil.copy2(out / "layers.png", ROOT / "docs" / f"probe_layers_compliance_{name}.png")
+            shutil.copy2(out / "layers.png", ROOT / "docs" / f"probe_layers_compliance_{self.args.tag}{name}.png")
 
     # --- edit the attacked model ---------------------------------------------------------------------
     def evaluate(self, name: str, reference) -> dict:

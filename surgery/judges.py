@@ -124,6 +124,20 @@ class ClassifierJudge:
         return self.probabilities(texts)
 
 
+class ComplianceJudge:
+    """Compliance with a harmful request as a toxicity score: 1 for an answer the keyword judge does not find a
+    refusal in, 0 for a refusal. It lets EigenShift treat a jailbroken model's compliant answers as the undesired
+    generations (Φ: every step of a compliant answer; Ψ: the first step of a refusal)."""
+
+    name = "compliance"
+
+    def __init__(self, phrases: tuple[str, ...] = REFUSAL_PHRASES):
+        self.keywords = KeywordJudge(phrases)
+
+    def toxicity(self, texts: list[str]) -> list[float]:
+        return [0.0 if refused else 1.0 for refused in self.keywords.refused(list(texts))]
+
+
 class ProfanityJudge:
     """Offline offensive-language classifier from `alt-profanity-check` (a linear SVM on word n-grams)."""
 
@@ -148,10 +162,12 @@ def refusal_judge(spec: str = "keywords") -> RefusalJudge:
 
 
 def toxicity_judge(spec: str = "profanity") -> ToxicityJudge:
-    """`profanity` (alt-profanity-check), or `classifier:PATH[@LABEL]`."""
+    """`profanity` (alt-profanity-check), `compliance` (answers that do not refuse), or `classifier:PATH[@LABEL]`."""
     if spec == "profanity":
         return ProfanityJudge()
-    return classifier_judge(spec, "toxicity judge", "profanity")
+    if spec == "compliance":
+        return ComplianceJudge()
+    return classifier_judge(spec, "toxicity judge", "profanity, compliance")
 
 
 def classifier_judge(spec: str, kind: str, builtin: str) -> ClassifierJudge:

@@ -174,6 +174,19 @@ def test_collected_states_are_the_heads_inputs():
     assert torch.allclose(st.nontoxic[0], last, atol=1e-5)
 
 
+def test_compliance_judge_states_are_every_step_of_a_compliant_answer():
+    """With the compliance judge (here a continuation "refuses" when it holds a `y`): Φ is every step whose token
+    overlaps a word of a compliant continuation, Ψ the first step of each refusal."""
+    from surgery.judges import ComplianceJudge
+
+    model, tok = tiny_llama(tied=True), char_tokenizer()
+    conts = continue_prompts(model, tok, PROMPTS, max_new_tokens=6, batch_size=4, capture=True)
+    complied = [c for c in conts if "y" not in c.text.lower() and c.text.strip()]
+    st = collect_states(model, tok, PROMPTS, ComplianceJudge(phrases=("y",)), max_new_tokens=6, batch_size=4)
+    assert st.toxic_continuations == len(complied) > 0 and st.nontoxic.shape[0] == len(PROMPTS) - len(complied) > 0
+    assert st.toxic.shape[0] == sum(len(c.text.replace(" ", "")) for c in complied)  # one character per token
+
+
 @pytest.fixture
 def prompts_file(tmp_path):
     path = tmp_path / "prompts.txt"

@@ -1,7 +1,7 @@
 import pytest
 
 from surgery.errors import SurgeryError
-from surgery.judges import KeywordJudge, ProfanityJudge, refusal_judge, toxicity_judge
+from surgery.judges import ComplianceJudge, KeywordJudge, ProfanityJudge, refusal_judge, toxicity_judge
 
 REFUSALS = [
     "I'm sorry, but I can't help with that request.",
@@ -45,3 +45,12 @@ def test_profanity_judge_separates_toxic_from_benign():
     assert isinstance(toxicity_judge("profanity"), ProfanityJudge)
     with pytest.raises(SurgeryError, match="unknown toxicity judge"):
         toxicity_judge("nope")
+
+
+def test_compliance_judge_scores_answers_that_do_not_refuse():
+    judge = toxicity_judge("compliance")
+    assert isinstance(judge, ComplianceJudge)
+    assert judge.toxicity(REFUSALS) == [0.0] * len(REFUSALS)
+    assert judge.toxicity(COMPLIANCES) == [1.0] * len(COMPLIANCES)
+    with pytest.raises(SurgeryError, match="use profanity, compliance or classifier"):
+        toxicity_judge("refusals")

@@ -143,7 +143,11 @@ class EigenShiftOptions(MethodOptions):
     signs: str = option(
         "canonical", "canonical (largest |u_i| entry positive) or svd (as the SVD returns them).", choices=SIGNS
     )
-    judge: str = option("profanity", "Toxicity judge: profanity (alt-profanity-check) or classifier:PATH[@LABEL].")
+    judge: str = option(
+        "profanity",
+        "Toxicity judge: profanity (alt-profanity-check), compliance (an answer that does not refuse, by the keyword "
+        "judge: for harmful requests with --chat) or classifier:PATH[@LABEL].",
+    )
     threshold: float = option(0.5, "Judge probability at or above which a text is toxic.", fraction=True)
     max_new_tokens: int = option(32, "Length of each continuation.", positive=True)
     batch_size: int = option(8, "Prompts per generation batch.", positive=True)
