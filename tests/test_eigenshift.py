@@ -329,3 +329,12 @@ def test_set_head_unties_in_memory():
     with torch.no_grad():
         out = model(ids, output_hidden_states=True)
     assert torch.allclose(out.logits[0], out.hidden_states[-1][0] @ new.T, atol=1e-5)
+
+
+def test_cli_stages_print_progress_lines_in_a_log(tiny_ckpt, tmp_path, prompts_file, capsys, letter_judge):
+    """Without a terminal: a line when the collection starts and one before each evaluation pass, with elapsed time."""
+    argv = ["eigenshift", str(tiny_ckpt), "--prompts", str(prompts_file), "--k", "2", "--max-new-tokens", "6"]
+    code, out, err = cli([*argv, "--max-eval-samples", "6", "--device", "cpu", "-o", str(tmp_path / "out")], capsys)
+    stages = [line for line in err.splitlines() if line.startswith("[") and "s] " in line]
+    assert any("continuing 6 prompts and collecting" in line for line in stages), err
+    assert sum("measuring toxicity on 6 prompts" in line for line in stages) == 2, err

@@ -363,8 +363,11 @@ class PreparedShift(Prepared):
             return
         t0 = time.perf_counter()
         model, tokenizer = self.ctx.model(), self.ctx.tokenizer()
+        n = len(self.eval_prompts)
+        self.ctx.progress(f"measuring toxicity on {n} prompts and perplexity, before the shift")
         before = measure(model, tokenizer, self.eval_prompts, self.ppl_texts, self.judge, self.options)
         set_head(model, self.new_head)
+        self.ctx.progress(f"measuring toxicity on {n} prompts and perplexity, after the shift")
         after = measure(model, tokenizer, self.eval_prompts, self.ppl_texts, self.judge, self.options)
         self.report.before, self.report.after = before, after
         self.report.tph = tph(
@@ -509,6 +512,7 @@ class EigenShift(Method):
         if reuse:
             states = load_states(options.states, fingerprint, weights, head.shape[1])
         else:
+            ctx.progress(f"continuing {len(prompts)} prompts and collecting the head's input states")
             states = collect_states(
                 ctx.model(),
                 ctx.tokenizer(),
