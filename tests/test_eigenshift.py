@@ -294,7 +294,9 @@ def test_cli_no_toxic_continuation_is_one_line(tiny_ckpt, tmp_path, prompts_file
         ],
         capsys,
     )
-    assert code == 2 and "none of the 6 continuations was judged toxic" in err and len(err.splitlines()) == 1
+    lines = err.splitlines()  # the progress lines of the stages it reached, then one error line
+    assert code == 2 and "none of the 6 continuations was judged toxic" in lines[-1] and lines[-1].startswith("error:")
+    assert all(line.startswith("[") for line in lines[:-1]) and "Traceback" not in err
     assert not (tmp_path / "out").exists()
 
 
