@@ -304,7 +304,10 @@ class DemoPair:
         for prefix, attacked in (("", "attacked"), ("full-", "attacked-full")):
             shift = ["eigenshift", str(m / attacked), "--prompts", str(self.harmful_prompts()), "--judge", "compliance"]
             found[prefix + "eigenshift"] = [*shift, "--chat"]  # the paper's k 25 %, alpha 0.9
-            found[prefix + "eigenshift-auto"] = [*shift, "--chat", "--alpha", "auto", "--task", "sst2:builtin"]
+            # the search on 120 of the prompts (a quarter held out for its figure), its own before/after on 48, batches
+            # of 16: at the defaults (240 prompts, 200 evaluated, batches of 8) the fixed run took 35 min on this CPU
+            fewer = ["--max-samples", "120", "--max-eval-samples", "48", "--batch-size", "16"]
+            found[prefix + "eigenshift-auto"] = [*shift, "--chat", *fewer, "--alpha", "auto", "--task", "sst2:builtin"]
         # SafeLoRA projects the attack's own LoRA matrices (the LoRA attack only): its output is an adapter on the
         # aligned model, evaluated merged onto it.
         lora = [str(m / "aligned"), "--adapter", str(self.adapters / "attack")]
@@ -329,7 +332,7 @@ class DemoPair:
         found = {
             p.stem: json.loads(p.read_text())["figures"]
             for p in self.results.glob("*.json")
-            if p.stem not in ("runs", "demo_times", "times") and not p.stem.endswith(".run")
+            if p.stem not in ("runs", "demo_times", "times", "probe_times") and not p.stem.endswith(".run")
         }
 
         def row(name, label=None):

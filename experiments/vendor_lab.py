@@ -67,8 +67,15 @@ NOTES = [
     "  Grams 151 s, the original's answers 219 s and Hessians 174 s; 7 points at 85-90 s each; the first 9 minutes",
     "  beside the test suite). Behind `surgery repair`'s Safe Delta choice on both figures (39.1 %, SST-2 75 %): on",
     "  this model RegMean keeps the fine-tune's answers on its inputs and the original's refusals only where the",
-    "  safety data's inputs lie. `surgery repair` with regmean among its candidates was not rerun here (4,468 s",
-    "  before). On the selection prompts its Safe Delta choice reached 43.8 %, regmean's 54.2 %.",
+    "  safety data's inputs lie.",
+    "- `surgery repair` rerun with regmean among its candidates (2026-12-06, fourth session; the same command, with",
+    "  the earlier output kept aside): 6,317 s, beside one or two SmolLM2 lab jobs all the way. Screening:",
+    "  prune-adapter 1,822 s, interpolate 455 s, Safe Delta 1,048 s, regmean 973 s (7 of 22 points rejected on the",
+    "  task proxy alone). The finalists Safe Delta and regmean were refined and confirmed by generation: Safe Delta",
+    "  budget 0.2207 at 43.8 % on the 48 selection prompts, regmean alpha 0.9703 at 54.2 %. It chose Safe Delta",
+    "  0.2207 again, and wrote the same weights bit for bit (291 tensors equal), so the held-out row is unchanged.",
+    "  Against the 4,464 s before, regmean's screening and its refinement and confirmation (973 + 771 s) make most of",
+    "  the difference.",
 ]
 
 
