@@ -305,7 +305,7 @@ class DemoPair:
             shift = ["eigenshift", str(m / attacked), "--prompts", str(self.harmful_prompts()), "--judge", "compliance"]
             found[prefix + "eigenshift"] = [*shift, "--chat"]  # the paper's k 25 %, alpha 0.9
             # the search on 120 of the prompts (a quarter held out for its figure), its own before/after on 48, batches
-            # of 16: at the defaults (240 prompts, 200 evaluated, batches of 8) the fixed run took 35 min on this CPU
+            # of 16: at the defaults (240 prompts, 200 evaluated, batches of 8) a fixed run took 5 min alone, 35 beside 2 jobs
             fewer = ["--max-samples", "120", "--max-eval-samples", "48", "--batch-size", "16"]
             found[prefix + "eigenshift-auto"] = [*shift, "--chat", *fewer, "--alpha", "auto", "--task", "sst2:builtin"]
         # SafeLoRA projects the attack's own LoRA matrices (the LoRA attack only): its output is an adapter on the
