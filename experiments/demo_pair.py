@@ -259,6 +259,15 @@ class DemoPair:
         for prefix, attacked in (("", "attacked"), ("full-", "attacked-full")):
             x, ref, base = str(m / attacked), str(m / "aligned"), str(m / "base")
             task = ["--task", "sst2:builtin"]
+            # Model Surgery's probe edit needs a compliance probe on each attacked model: `python
+            # experiments/probe_lab.py --lab LAB --only compliance` trains them (LAB/probes/compliance_<attacked>).
+            edit = ["edit", x, "--probe", str(self.root / "probes" / f"compliance_{attacked}")]
+            # EigenShift with the compliance judge: the calibration part of the built-in harmful requests, with the
+            # chat template; Φ is every step of a compliant answer (docs/eigenshift.md). Its search on 120 of the
+            # prompts (a quarter held out for its figure), its own before/after on 48, batches of 16: at the defaults
+            # (240 prompts, 200 evaluated, batches of 8) a fixed run took 5 min alone, 35 beside 2 jobs.
+            shift = ["eigenshift", x, "--prompts", str(self.harmful_prompts()), "--judge", "compliance", "--chat"]
+            fewer = ["--max-samples", "120", "--max-eval-samples", "48", "--batch-size", "16"]
             found.update(
                 {
                     prefix + k: v
@@ -289,25 +298,14 @@ class DemoPair:
                         "restore-auto": ["prune", x, "--reference", ref, "--ratio", "auto", *task],
                         "resta": ["resta", x, "--aligned", ref, "--unaligned", base],
                         "resta-auto": ["resta", x, "--aligned", ref, "--unaligned", base, "--beta", "auto", *task],
+                        "edit": [*edit, "--alpha", "1"],  # the paper's jailbreak setting
+                        "edit-auto": [*edit, "--alpha", "auto", *task],
+                        "eigenshift": shift,  # the paper's k 25 %, alpha 0.9
+                        "eigenshift-auto": [*shift, *fewer, "--alpha", "auto", *task],
                         "repair": ["repair", x, "--reference", ref, "--unaligned", base, *task],
                     }.items()
                 }
             )
-        # Model Surgery's probe edit needs a compliance probe on each attacked model: `python experiments/probe_lab.py
-        # --lab LAB --only compliance` trains them (LAB/probes/compliance_attacked, compliance_attacked-full).
-        for prefix, attacked in (("", "attacked"), ("full-", "attacked-full")):
-            edit = ["edit", str(m / attacked), "--probe", str(self.root / "probes" / f"compliance_{attacked}")]
-            found[prefix + "edit"] = [*edit, "--alpha", "1"]  # the paper's jailbreak setting
-            found[prefix + "edit-auto"] = [*edit, "--alpha", "auto", "--task", "sst2:builtin"]
-        # EigenShift with the compliance judge: the calibration part of the built-in harmful requests, with the chat
-        # template; Φ is every step of a compliant answer (docs/eigenshift.md).
-        for prefix, attacked in (("", "attacked"), ("full-", "attacked-full")):
-            shift = ["eigenshift", str(m / attacked), "--prompts", str(self.harmful_prompts()), "--judge", "compliance"]
-            found[prefix + "eigenshift"] = [*shift, "--chat"]  # the paper's k 25 %, alpha 0.9
-            # the search on 120 of the prompts (a quarter held out for its figure), its own before/after on 48, batches
-            # of 16: at the defaults (240 prompts, 200 evaluated, batches of 8) a fixed run took 5 min alone, 35 beside 2 jobs
-            fewer = ["--max-samples", "120", "--max-eval-samples", "48", "--batch-size", "16"]
-            found[prefix + "eigenshift-auto"] = [*shift, "--chat", *fewer, "--alpha", "auto", "--task", "sst2:builtin"]
         # SafeLoRA projects the attack's own LoRA matrices (the LoRA attack only): its output is an adapter on the
         # aligned model, evaluated merged onto it.
         lora = [str(m / "aligned"), "--adapter", str(self.adapters / "attack")]
